@@ -1,0 +1,119 @@
+"""Gather-GEMM MLP pair: Triton kernels (interpreter on CPU) vs an fp32 reference.
+
+Tolerance (CONVENTIONS lesson 9): pass iff max|out - ref_fp32| <= 2 * max|ref_same_dtype - ref_fp32| + eps,
+where eps is one ulp of the kernel's dtype at the output's magnitude: kernel and torch round the
+output independently, and the interpreter's fp32 -> bf16 cast truncates (env.md section 2).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels import dispatch
+from kernels.gather_gemm import gather_fc1, gather_fc1_ref, gather_fc2, gather_fc2_ref
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _fp32(*ts):
+    return [t.float() if t is not None and t.is_floating_point() else t for t in ts]
+
+
+def _assert_close(out, ref_same, ref32):
+    err = (out.float() - ref32).abs().max().item()
+    ref_err = (ref_same.float() - ref32).abs().max().item()
+    eps = torch.finfo(out.dtype).eps * ref32.abs().max().item()
+    assert err <= 2 * ref_err + eps, f"kernel err {err} vs torch {out.dtype} err {ref_err}"
+
+
+def _make(m, d, n, k, dtype, bias, gen, device=DEVICE):
+    x = torch.randn(m, d, generator=gen).to(dtype)
+    w1 = (torch.randn(n, d, generator=gen) / d**0.5).to(dtype)  # nn.Linear scale keeps h O(1)
+    w2t = (torch.randn(n, d, generator=gen) / k**0.5).to(dtype)
+    b1 = torch.randn(n, generator=gen).to(dtype) if bias else None
+    b2 = torch.randn(d, generator=gen).to(dtype) if bias else None
+    idx = torch.randperm(n, generator=gen)[:k].int()
+    return [None if t is None else t.to(device) for t in (x, w1, w2t, b1, b2, idx)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m", [1, 17, 130])  # below one tile, a ragged tile, more than one 128-row tile
+@pytest.mark.parametrize("bias,activation", [(True, "relu"), (False, "identity")])
+def test_pair_matches_reference(dtype, m, bias, activation):
+    gen = torch.Generator().manual_seed(m * 7 + bias)
+    # d = 200 is not a multiple of the K tile: the K tail must be masked; k = 80 < N = 300.
+    x, w1, w2t, b1, b2, idx = _make(m, 200, 300, 80, dtype, bias, gen)
+    h = gather_fc1(x, w1, idx, b1, activation)
+    _assert_close(h, gather_fc1_ref(x, w1, idx, b1, activation), gather_fc1_ref(*_fp32(x, w1, idx, b1), activation))
+    if activation == "relu":
+        assert (h >= 0).all()
+    y = gather_fc2(h, w2t, idx, b2)
+    _assert_close(y, gather_fc2_ref(h, w2t, idx, b2), gather_fc2_ref(*_fp32(h, w2t, idx, b2)))
+
+
+def test_all_neurons_equals_dense():
+    gen = torch.Generator().manual_seed(3)
+    x, w1, w2t, b1, b2, _ = _make(8, 64, 96, 96, torch.float16, True, gen)
+    idx = torch.arange(96, dtype=torch.int32, device=DEVICE)
+    y = gather_fc2(gather_fc1(x, w1, idx, b1), w2t, idx, b2)
+    dense32 = torch.relu(x.float() @ w1.float().T + b1.float()) @ w2t.float() + b2.float()
+    dense16 = torch.relu(x @ w1.T + b1) @ w2t + b2
+    _assert_close(y, dense16, dense32)
+
+
+def test_rejects_bad_inputs():
+    gen = torch.Generator().manual_seed(4)
+    x, w1, w2t, b1, b2, idx = _make(4, 64, 96, 32, torch.float16, True, gen)
+    with pytest.raises(ValueError, match="float32 is not supported"):
+        gather_fc1(x.float(), w1.float(), idx, b1.float())
+    with pytest.raises(ValueError, match="x has d=64 but w1"):
+        gather_fc1(x, w1[:, :32].contiguous(), idx, b1)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        gather_fc1(x, w1, idx[:20], b1)
+    with pytest.raises(ValueError, match="idx must be a 1-D int32"):
+        gather_fc1(x, w1, idx.long(), b1)
+    with pytest.raises(ValueError, match="activation 'gelu'"):
+        gather_fc1(x, w1, idx, b1, "gelu")
+    h = gather_fc1(x, w1, idx, b1)
+    with pytest.raises(ValueError, match="h has 16 columns but idx has 32"):
+        gather_fc2(h[:, :16].contiguous(), w2t, idx, b2)
+    with pytest.raises(ValueError, match="bias must be"):
+        gather_fc2(h, w2t, idx, b1)
+    with pytest.raises(ValueError, match="weight must be contiguous"):
+        gather_fc2(h, w2t.T.contiguous().T, idx, b2)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU choice")
+def test_dispatch_uses_reference_on_cpu(monkeypatch):
+    monkeypatch.setenv("POLAR_KERNEL_BACKEND", "auto")
+    import kernels.gather_gemm as mod
+
+    calls = []
+    monkeypatch.setattr(mod, "gather_fc1", lambda *a: calls.append("fc1"))
+    monkeypatch.setattr(mod, "gather_fc2", lambda *a: calls.append("fc2"))
+    gen = torch.Generator().manual_seed(5)
+    x, w1, w2t, b1, b2, idx = _make(4, 64, 96, 32, torch.float32, True, gen)
+    h = dispatch.gather_fc1(x, w1, idx, b1)
+    y = dispatch.gather_fc2(h, w2t, idx, b2)
+    assert calls == []
+    assert torch.equal(y, gather_fc2_ref(gather_fc1_ref(x, w1, idx, b1), w2t, idx, b2))
+    monkeypatch.setenv("POLAR_KERNEL_BACKEND", "triton")
+    dispatch.gather_fc1(x, w1, idx, b1)
+    dispatch.gather_fc2(h, w2t, idx, b2)
+    assert calls == ["fc1", "fc2"]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m", [1, 16, 64, 256, 512])
+@pytest.mark.parametrize("frac", [0.05, 0.5, 1.0])
+def test_gpu_opt_shapes(dtype, m, frac):
+    gen = torch.Generator().manual_seed(m)
+    d, n = 4096, 16384  # OPT-6.7B
+    k = int(n * frac) // 16 * 16
+    x, w1, w2t, b1, b2, idx = _make(m, d, n, k, dtype, True, gen)
+    h = gather_fc1(x, w1, idx, b1)
+    _assert_close(h, gather_fc1_ref(x, w1, idx, b1), gather_fc1_ref(*_fp32(x, w1, idx, b1)))
+    y = gather_fc2(h, w2t, idx, b2)
+    _assert_close(y, gather_fc2_ref(h, w2t, idx, b2), gather_fc2_ref(*_fp32(h, w2t, idx, b2)))

@@ -1,0 +1,169 @@
+"""Head-selective paged decode attention: Triton kernel (interpreter on CPU) vs an fp32 reference.
+
+Tolerance (CONVENTIONS lesson 9): pass iff max|out - ref_fp32| <= 2 * max|ref_same_dtype - ref_fp32| + eps,
+where eps is one ulp of the kernel's dtype at the output's magnitude: the kernel and the torch
+reference round the final output independently, and the interpreter's fp32 -> bf16 cast truncates
+instead of rounding (env.md section 2), which alone can cost one ulp.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels import dispatch
+from kernels.select_attention import _launch, select_attention, select_attention_ref
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _make_case(batch, hq, hkv, d, block_size, max_blocks, k_max, dtype, seq_lens, gen, device=DEVICE):
+    """Random paged cache with shuffled physical blocks and random duplicate-free head selections."""
+    num_blocks = batch * max_blocks + 5  # spare blocks that no sequence uses
+    k_cache = torch.randn(num_blocks, hkv, block_size, d, generator=gen).to(dtype)
+    v_cache = torch.randn(num_blocks, hkv, block_size, d, generator=gen).to(dtype)
+    q = torch.randn(batch, hq, d, generator=gen).to(dtype)
+    block_tables = torch.randperm(num_blocks, generator=gen)[: batch * max_blocks].view(batch, max_blocks)
+    seq_lens_t = torch.tensor(seq_lens, dtype=torch.int32)
+    # Entries past each length are arbitrary: poison them with -1 so a read would fault or show.
+    used = (seq_lens_t[:, None] + block_size - 1) // block_size
+    block_tables = torch.where(torch.arange(max_blocks)[None, :] < used, block_tables, -1).int()
+    head_table = torch.stack([torch.randperm(hkv, generator=gen)[:k_max] for _ in range(batch)]).int()
+    if batch > 1 and k_max > 1:
+        head_table[1, k_max - 1] = -1
+    head_table[0, :] = torch.where(torch.arange(k_max) == 0, head_table[0, :], -1)  # one group only
+    tensors = (q, k_cache, v_cache, block_tables, seq_lens_t, head_table)
+    return tuple(t.to(device) for t in tensors)
+
+
+def _ulp_eps(dtype, ref):
+    return torch.finfo(dtype).eps * ref.abs().max().item()
+
+
+def _check_close(out, case, scale):
+    fp32_case = tuple(t.float() if t.is_floating_point() else t for t in case)
+    ref32 = select_attention_ref(*fp32_case, scale)
+    ref_same = select_attention_ref(*case, scale)
+    err = (out.float() - ref32).abs().max().item()
+    ref_err = (ref_same.float() - ref32).abs().max().item()
+    assert err <= 2 * ref_err + _ulp_eps(out.dtype, ref32), f"kernel err {err} vs torch {out.dtype} err {ref_err}"
+
+
+def _unselected_mask(head_table, hq, hkv):
+    group = hq // hkv
+    selected = torch.zeros(head_table.shape[0], hkv, dtype=torch.bool, device=head_table.device)
+    for b in range(head_table.shape[0]):
+        for g in head_table[b].tolist():
+            if g >= 0:
+                selected[b, g] = True
+    return ~selected.repeat_interleave(group, dim=1)  # (B, Hq)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("hq,hkv,k_max", [(4, 4, 3), (8, 2, 2)])  # MHA, GQA (G = 4)
+@pytest.mark.parametrize("num_splits", [1, 3])  # direct write, and split-K with the merge kernel
+def test_matches_reference(dtype, d, hq, hkv, k_max, num_splits):
+    gen = torch.Generator().manual_seed(d * 100 + hq * 10 + num_splits + (dtype == torch.bfloat16))
+    # Lengths: 1, mid-block and non-power-of-two (37), exactly full (max_blocks * block_size).
+    case = _make_case(3, hq, hkv, d, 16, 6, k_max, dtype, [1, 37, 96], gen)
+    out = torch.full_like(case[0], float("nan"))  # poison: every selected element must be written
+    _launch(*case, 0.3, out, num_splits=num_splits)
+    unselected = _unselected_mask(case[5], hq, hkv)
+    assert not out.isnan().any(), "an output element was not written"
+    assert (out[unselected] == 0).all(), "unselected heads must be exactly 0"
+    _check_close(out, case, 0.3)
+
+
+@pytest.mark.parametrize("block_size", [16, 32])
+def test_batch_one_and_block_sizes(block_size):
+    gen = torch.Generator().manual_seed(block_size)
+    case = _make_case(1, 4, 2, 64, block_size, 4, 2, torch.float16, [block_size * 3 - 5], gen)
+    out = torch.full_like(case[0], 1e4)  # poison with a large value
+    out = select_attention(*case, 0.125, out=out)
+    assert (out.abs() < 1e3).all(), "an output element kept its poison value"
+    _check_close(out, case, 0.125)
+
+
+def test_heuristic_splits_many_lengths():
+    gen = torch.Generator().manual_seed(7)
+    lens = [1, 15, 16, 17, 100, 255, 300]
+    case = _make_case(len(lens), 2, 2, 64, 16, 20, 2, torch.float16, lens, gen)
+    out = _launch(*case, 0.2, None, num_splits=4)
+    _check_close(out, case, 0.2)
+
+
+def _bad_case():
+    gen = torch.Generator().manual_seed(1)
+    return list(_make_case(2, 4, 2, 64, 16, 2, 1, torch.float16, [5, 20], gen))
+
+
+def test_rejects_head_dim_96():
+    case = _bad_case()
+    case[0] = torch.zeros(2, 4, 96, dtype=torch.float16, device=DEVICE)
+    case[1] = case[2] = torch.zeros(4, 2, 16, 96, dtype=torch.float16, device=DEVICE)
+    with pytest.raises(ValueError, match="head dim 96"):
+        select_attention(*case, 0.1)
+
+
+def test_rejects_bad_dtypes_and_shapes():
+    case = _bad_case()
+    with pytest.raises(ValueError, match="float32 is not supported"):
+        select_attention(*[t.float() if t.is_floating_point() else t for t in case], 0.1)
+    bad = list(case)
+    bad[3] = case[3].long()
+    with pytest.raises(ValueError, match="block_tables must be int32"):
+        select_attention(*bad, 0.1)
+    bad = list(case)
+    bad[2] = case[2][:, :1]
+    with pytest.raises(ValueError, match="v_cache"):
+        select_attention(*bad, 0.1)
+    bad = list(case)
+    bad[5] = case[5][:1]
+    with pytest.raises(ValueError, match="head_table must be int32 with 2 dims and batch 2"):
+        select_attention(*bad, 0.1)
+    with pytest.raises(ValueError, match="out must be"):
+        select_attention(*case, 0.1, out=torch.empty(2, 4, 64, dtype=torch.bfloat16, device=DEVICE))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU choice")
+def test_dispatch_uses_reference_on_cpu(monkeypatch):
+    monkeypatch.setenv("POLAR_KERNEL_BACKEND", "auto")
+    calls = []
+    import kernels.select_attention as mod
+
+    monkeypatch.setattr(mod, "select_attention", lambda *a: calls.append("triton"))
+    case = _bad_case()
+    out = dispatch.select_attention(*case, 0.1)
+    assert calls == [] and torch.equal(out, select_attention_ref(*case, 0.1))
+    monkeypatch.setenv("POLAR_KERNEL_BACKEND", "triton")
+    dispatch.select_attention(*case, 0.1)
+    assert calls == ["triton"]
+
+
+@pytest.mark.gpu
+def test_dispatch_uses_triton_on_cuda(monkeypatch):
+    monkeypatch.setenv("POLAR_KERNEL_BACKEND", "auto")
+    import kernels.select_attention as mod
+
+    calls = []
+    monkeypatch.setattr(mod, "select_attention", lambda *a: calls.append("triton"))
+    dispatch.select_attention(*_bad_case(), 0.1)
+    assert calls == ["triton"]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("hq,hkv,d", [(32, 32, 128), (32, 8, 128), (16, 16, 64)])
+def test_gpu_realistic(dtype, hq, hkv, d):
+    gen = torch.Generator().manual_seed(hq + hkv + d)
+    lens = torch.randint(1, 1024, (16,), generator=gen).tolist() + [1024]
+    k_max = max(1, hkv * 3 // 10)
+    case = _make_case(len(lens), hq, hkv, d, 16, 64, k_max, dtype, lens, gen)
+    out = torch.full_like(case[0], float("nan"))
+    select_attention(*case, d**-0.5, out=out)  # heuristic split plan
+    assert not out.isnan().any()
+    assert (out[_unselected_mask(case[5], hq, hkv)] == 0).all()
+    _check_close(out, case, d**-0.5)
+    for splits in (1, 5):
+        _check_close(_launch(*case, d**-0.5, None, num_splits=splits), case, d**-0.5)

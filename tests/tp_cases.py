@@ -1,0 +1,125 @@
+"""Tiny random HF models and the teacher-forced logits check shared by the tensor-parallel tests.
+
+A case = a random HF model saved as a safetensors directory + token sequences. The reference is
+transformers' forward over each whole sequence (float64, and the test dtype); ours is the
+runtime's prefill of each prompt followed by decode steps fed the sequence's next tokens, so
+every decode position is compared too. Runs under run_ranks, torchrun and mpirun alike
+(`python tests/tp_cases.py MODEL_DIR OUT_FILE DTYPE` as a launched script).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+PROMPT_LENS = (5, 11, 17)  # different lengths; 17 crosses a 16-token block
+DECODE_STEPS = 3
+VOCAB = 1003  # not a multiple of tp: exercises the padded vocabulary shard
+
+ARCHS: dict[str, dict] = {
+    # GQA with 2 KV heads: tp=4 replicates each KV head on two ranks; llama3 RoPE scaling; untied head
+    "llama-gqa": dict(model_type="llama", hidden_size=256, intermediate_size=344, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=256,
+                      rms_norm_eps=1e-5, tie_word_embeddings=False,
+                      rope_parameters=dict(rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0,
+                                           high_freq_factor=4.0, original_max_position_embeddings=64)),
+    # QKV bias, tied embeddings
+    "qwen2": dict(model_type="qwen2", hidden_size=256, intermediate_size=300, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=4, head_dim=64, max_position_embeddings=256,
+                  rms_norm_eps=1e-6, tie_word_embeddings=True, rope_parameters=dict(rope_type="default",
+                                                                                   rope_theta=10000.0)),
+    # LayerNorm, learned positions, ReLU MLP, biases
+    "opt": dict(model_type="opt", hidden_size=256, ffn_dim=700, num_hidden_layers=2, num_attention_heads=4,
+                max_position_embeddings=256, do_layer_norm_before=True, word_embed_proj_dim=256),
+}
+
+
+def save_tiny_model(arch: str, directory: Path, seed: int = 0) -> Path:
+    """A random HF model of `arch`, every parameter perturbed (biases and norms too), saved."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    fields = dict(ARCHS[arch])
+    model_type = fields.pop("model_type")
+    config = AutoConfig.for_model(model_type, vocab_size=VOCAB, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                                  **fields)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    model.save_pretrained(str(directory))
+    return directory
+
+
+def sequences(seed: int = 1) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, VOCAB, (n + DECODE_STEPS,), generator=gen).tolist() for n in PROMPT_LENS]
+
+
+def reference_logits(model_dir: Path, dtype: torch.dtype) -> list[torch.Tensor]:
+    """Per sequence, (DECODE_STEPS + 1, V) float64 logits at the positions ours produces."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype).eval()
+    out = []
+    with torch.no_grad():
+        for seq, n in zip(sequences(), PROMPT_LENS):
+            logits = model(torch.tensor([seq])).logits[0].double()  # (L, V)
+            out.append(logits[n - 1:n + DECODE_STEPS])
+    return out
+
+
+def runtime_logits(model_dir: Path, dtype: str, device: str = "cpu") -> list[torch.Tensor] | None:
+    """Ours: prefill then teacher-forced decode. Returns the logits on rank 0, None elsewhere."""
+    from polar_dist.config import config_from_dict
+    from polar_dist.engine.sampler import SamplingParams
+    from polar_dist.parallel.context import init_parallel
+    from polar_dist.runtime import build_runtime, new_scheduler
+
+    cfg = config_from_dict({
+        "model": {"path": str(model_dir), "dtype": dtype, "device": device, "tokenizer": "bytes"},
+        "parallel": {"timeout_s": 60},
+        "engine": {"block_size": 16, "max_batch_size": 4, "max_seq_len": 64},
+    })
+    ctx = init_parallel(cfg.parallel, cfg.model.device)
+    rt = build_runtime(cfg, ctx)
+    scheduler = new_scheduler(rt)  # every rank plans the same steps from the same inputs
+    seqs = [scheduler.add(s[:n], SamplingParams(max_new_tokens=DECODE_STEPS + 1))
+            for s, n in zip(sequences(), PROMPT_LENS)]
+    collected: list[list[torch.Tensor]] = [[] for _ in seqs]
+    for step in range(DECODE_STEPS + 1):
+        plan, stepped = scheduler.next_plan()
+        logits = rt.runner.execute(plan)
+        for seq, row in zip(stepped, logits):
+            collected[seq.request_id].append(row.double().cpu())
+            if step < DECODE_STEPS:  # feed the sequence's own next token
+                seq.output_ids.append(sequences()[seq.request_id][PROMPT_LENS[seq.request_id] + step])
+    ctx.shutdown()
+    return [torch.stack(rows) for rows in collected] if ctx.rank == 0 else None
+
+
+def tolerance(ref64: list[torch.Tensor], same_dtype: list[torch.Tensor], dtype: torch.dtype) -> float:
+    """Twice transformers' own error in the same dtype against float64, plus a few ulps of the
+    logits' magnitude (covers ours rounding differently where transformers happens to be exact)."""
+    hf_err = max((a - b).abs().max().item() for a, b in zip(same_dtype, ref64))
+    scale = max(r.abs().max().item() for r in ref64)
+    return 2 * hf_err + 4 * torch.finfo(dtype).eps * scale
+
+
+def rank_main(rank: int, world_size: int, model_dir: str, out_file: str, dtype: str, device: str = "cpu") -> None:
+    logits = runtime_logits(Path(model_dir), dtype, device)
+    if logits is not None:
+        torch.save(logits, out_file)
+
+
+if __name__ == "__main__":  # launched by torchrun / mpirun / deepspeed in the launcher tests
+    _model_dir, _out, _dtype = sys.argv[1:4]
+    torch.set_num_threads(1)
+    rank_main(int(os.environ.get("RANK", 0)), 0, _model_dir, _out, _dtype)
+    print(json.dumps({"ok": True}))
