@@ -34,8 +34,9 @@ def _rank_label() -> str:
 def run_main(main: Callable[[], None]) -> None:
     """Run `main`; on any error print it (with the rank) and exit non-zero at once.
 
-    `os._exit` skips interpreter teardown, where process-group destructors could wait on
-    peers that are gone; the launcher then ends the remaining ranks.
+    On error `os._exit` skips interpreter teardown, where process-group destructors could wait
+    on peers that are gone; the launcher then ends the remaining ranks. A normal return exits
+    normally (mpi4py finalizes MPI at exit, which mpirun requires).
     """
     try:
         main()
@@ -48,6 +49,3 @@ def run_main(main: Callable[[], None]) -> None:
         traceback.print_exc()
         print(f"{_rank_label()}error: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
         os._exit(1)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from kernels import dispatch
-from kernels.gather_gemm import gather_fc1, gather_fc1_ref, gather_fc2, gather_fc2_ref
+from kernels.gather_gemm import GemmConfig, gather_fc1, gather_fc1_ref, gather_fc2, gather_fc2_ref
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -40,15 +40,17 @@ def _make(m, d, n, k, dtype, bias, gen, device=DEVICE):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("m", [1, 17, 130])  # below one tile, a ragged tile, more than one 128-row tile
 @pytest.mark.parametrize("bias,activation", [(True, "relu"), (False, "identity")])
-def test_pair_matches_reference(dtype, m, bias, activation):
-    gen = torch.Generator().manual_seed(m * 7 + bias)
+@pytest.mark.parametrize("split_k", [1, 3])  # split 3 of BLOCK_K 32: slices of d 96/96/8, of k 32/32/16
+def test_pair_matches_reference(dtype, m, bias, activation, split_k):
+    gen = torch.Generator().manual_seed(m * 7 + bias + 100 * split_k)
     # d = 200 is not a multiple of the K tile: the K tail must be masked; k = 80 < N = 300.
     x, w1, w2t, b1, b2, idx = _make(m, 200, 300, 80, dtype, bias, gen)
-    h = gather_fc1(x, w1, idx, b1, activation)
+    config = None if split_k == 1 else GemmConfig(min(128, max(16, 1 << (m - 1).bit_length())), 64, 32, split_k=3)
+    h = gather_fc1(x, w1, idx, b1, activation, config=config)
     _assert_close(h, gather_fc1_ref(x, w1, idx, b1, activation), gather_fc1_ref(*_fp32(x, w1, idx, b1), activation))
     if activation == "relu":
         assert (h >= 0).all()
-    y = gather_fc2(h, w2t, idx, b2)
+    y = gather_fc2(h, w2t, idx, b2, config=config)
     _assert_close(y, gather_fc2_ref(h, w2t, idx, b2), gather_fc2_ref(*_fp32(h, w2t, idx, b2)))
 
 
@@ -116,4 +118,17 @@ def test_gpu_opt_shapes(dtype, m, frac):
     h = gather_fc1(x, w1, idx, b1)
     _assert_close(h, gather_fc1_ref(x, w1, idx, b1), gather_fc1_ref(*_fp32(x, w1, idx, b1)))
     y = gather_fc2(h, w2t, idx, b2)
+    _assert_close(y, gather_fc2_ref(h, w2t, idx, b2), gather_fc2_ref(*_fp32(h, w2t, idx, b2)))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("split_k", [2, 5])
+@pytest.mark.parametrize("m", [1, 64])
+def test_gpu_forced_split_k(split_k, m):
+    gen = torch.Generator().manual_seed(split_k * 10 + m)
+    x, w1, w2t, b1, b2, idx = _make(m, 9216, 8192, 1024, torch.float16, True, gen)
+    cfg = GemmConfig(64, 64, 128, split_k=split_k)
+    h = gather_fc1(x, w1, idx, b1, config=cfg)
+    _assert_close(h, gather_fc1_ref(x, w1, idx, b1), gather_fc1_ref(*_fp32(x, w1, idx, b1)))
+    y = gather_fc2(h, w2t, idx, b2, config=cfg)
     _assert_close(y, gather_fc2_ref(h, w2t, idx, b2), gather_fc2_ref(*_fp32(h, w2t, idx, b2)))

@@ -10,7 +10,6 @@ every decode position is compared too. Runs under run_ranks, torchrun and mpirun
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -119,7 +118,14 @@ def rank_main(rank: int, world_size: int, model_dir: str, out_file: str, dtype: 
 
 
 if __name__ == "__main__":  # launched by torchrun / mpirun / deepspeed in the launcher tests
-    _model_dir, _out, _dtype = sys.argv[1:4]
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("model_dir")
+    parser.add_argument("out_file")
+    parser.add_argument("dtype")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None)  # passed by deepspeed
+    args = parser.parse_args()
     torch.set_num_threads(1)
-    rank_main(int(os.environ.get("RANK", 0)), 0, _model_dir, _out, _dtype)
+    rank_main(-1, -1, args.model_dir, args.out_file, args.dtype)  # the launcher's environment gives the rank
     print(json.dumps({"ok": True}))

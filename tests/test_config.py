@@ -1,0 +1,86 @@
+"""Config loading: typed, strict, with errors that name the field, the value and the fix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from polar_dist.config import load_config
+from polar_dist.models.spec import spec_from_hf_config
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_shipped_configs_load(path: Path) -> None:
+    cfg = load_config(path)
+    assert cfg.model.path or cfg.model.architecture
+    if cfg.model.architecture:  # shape-only configs: the model shape must parse and shard
+        spec = spec_from_hf_config(cfg.model.architecture)
+        for tp in (1, 2, 4, 8):
+            spec.check_tp(tp)
+
+
+def test_overrides_replace_existing_fields(tmp_path: Path) -> None:
+    cfg = load_config(ROOT / "configs/smollm2-135m.yaml", ["model.dtype=bfloat16", "engine.block_size=32"])
+    assert cfg.model.dtype == "bfloat16" and cfg.engine.block_size == 32
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("model: {path: x, colour: red}", "unknown key(s) ['colour']"),
+        ("modle: {path: x}", "unknown key(s) ['modle']"),
+        ("model: {path: x, dtype: float64}", "model.dtype = 'float64' is not one of"),
+        ("model: {path: x}\nengine: {block_size: 12}", "engine.block_size = 12 must be a power of two"),
+        ("model: {path: x}\nengine: {max_batch_size: two}", "engine.max_batch_size = 'two' must be of type int"),
+        ("model: {path: x}\nsparsity: {head_density: 1.5}", "sparsity.head_density = 1.5 must be in (0, 1]"),
+        ("model: {path: x, device: cpu, dtype: float16}", "float16 on model.device = cpu"),
+        ("model: {path: 'embedded:gpt5'}", "is not an embedded model"),
+        ("parallel: {tp: 2}", "missing required section(s) ['model']"),
+    ],
+)
+def test_bad_config_names_field_and_value(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(ValueError) as e:
+        load_config(write(tmp_path, text))
+    assert message in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("model.colour=red", "model has no field 'colour'"),
+        ("gpu.count=2", "unknown section 'gpu'"),
+        ("dtype=float32", "expected section.field=value"),
+        ("model.dtype=float8", "model.dtype = 'float8' is not one of"),
+    ],
+)
+def test_bad_override(override: str, message: str) -> None:
+    with pytest.raises(ValueError) as e:
+        load_config(ROOT / "configs/smollm2-135m.yaml", [override])
+    assert message in str(e.value)
+
+
+def test_impossible_tp_names_heads_and_options() -> None:
+    spec = spec_from_hf_config(dict(model_type="llama", vocab_size=100, hidden_size=64, intermediate_size=128,
+                                    num_hidden_layers=1, num_attention_heads=8, num_key_value_heads=4))
+    with pytest.raises(ValueError, match=r"parallel.tp = 3 does not divide num_heads \(8\).*tp = \[1, 2, 4, 8\]"):
+        spec.check_tp(3)
+    spec.check_tp(8)  # KV heads replicated: 4 KV heads on 8 ranks
+    spec6 = spec_from_hf_config(dict(model_type="llama", vocab_size=100, hidden_size=96, intermediate_size=128,
+                                     num_hidden_layers=1, num_attention_heads=12, num_key_value_heads=4))
+    with pytest.raises(ValueError, match="neither divides num_kv_heads"):
+        spec6.check_tp(6)
+
+
+def test_unsupported_model_type() -> None:
+    with pytest.raises(ValueError, match="model_type 'gpt2' is not supported"):
+        spec_from_hf_config({"model_type": "gpt2"})

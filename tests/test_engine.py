@@ -1,0 +1,92 @@
+"""Engine behaviour on a tiny random Llama at tp=1: batching and preemption change nothing,
+sampling is seeded, and `kernels` does not pass for the HF `kernels` distribution."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import tp_cases
+from polar_dist.config import config_from_dict
+from polar_dist.engine.sampler import SamplingParams, sample
+from polar_dist.parallel.context import init_parallel
+from polar_dist.runtime import Runtime, build_runtime, generate_ids
+
+PROMPTS = [[5, 6, 7], list(range(10, 40)), list(range(100, 117)), [9]]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tp_cases.save_tiny_model("llama-gqa", tmp_path_factory.mktemp("engine") / "model")
+
+
+def runtime(model_dir: Path, **engine: int) -> Runtime:
+    cfg = config_from_dict({"model": {"path": str(model_dir), "tokenizer": "bytes", "device": "cpu"},
+                            "engine": {"max_seq_len": 128, **engine}})
+    return build_runtime(cfg, init_parallel(cfg.parallel, cfg.model.device))
+
+
+def outputs(rt: Runtime, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
+    seqs = generate_ids(rt, prompts, params)
+    assert seqs is not None
+    return [s.output_ids for s in seqs]
+
+
+def test_batched_equals_one_at_a_time(model_dir: Path) -> None:
+    rt = runtime(model_dir, max_batch_size=4)
+    params = SamplingParams(max_new_tokens=20, ignore_eos=True)
+    batched = outputs(rt, PROMPTS, params)
+    alone = [outputs(rt, [p], params)[0] for p in PROMPTS]
+    assert batched == alone
+    assert all(len(o) == 20 for o in batched)
+
+
+def test_preemption_under_a_small_cache_loses_nothing(model_dir: Path) -> None:
+    params = SamplingParams(max_new_tokens=40, ignore_eos=True)
+    roomy = outputs(runtime(model_dir, max_batch_size=4), PROMPTS, params)
+    # 8 blocks of 16 tokens cannot hold the four sequences at once (they end needing 3+5+4+3 = 15)
+    tight_rt = runtime(model_dir, max_batch_size=4, kv_cache_blocks=8)
+    assert outputs(tight_rt, PROMPTS, params) == roomy
+
+
+def test_prompt_that_cannot_fit_the_cache_is_rejected(model_dir: Path) -> None:
+    rt = runtime(model_dir, kv_cache_blocks=1)
+    with pytest.raises(ValueError, match="raise engine.kv_cache_blocks"):
+        generate_ids(rt, [list(range(3, 40))], SamplingParams(max_new_tokens=2))
+
+
+def test_sampling_is_seeded_and_differs_from_greedy(model_dir: Path) -> None:
+    rt = runtime(model_dir, max_batch_size=4)
+    hot = SamplingParams(max_new_tokens=24, temperature=1.5, top_p=0.95, seed=7, ignore_eos=True)
+    first, again = outputs(rt, PROMPTS[:2], hot), outputs(rt, PROMPTS[:2], hot)
+    assert first == again
+    greedy = outputs(rt, PROMPTS[:2], SamplingParams(max_new_tokens=24, ignore_eos=True))
+    assert first != greedy
+    other_seed = outputs(rt, PROMPTS[:2], SamplingParams(**{**hot.__dict__, "seed": 8}))
+    assert other_seed != first
+
+
+def test_sampler_filters() -> None:
+    logits = torch.tensor([0.0, 3.0, 2.9, -1.0])
+    gen = torch.Generator().manual_seed(0)
+    # top_k = 1 and a tiny top_p both leave only the arg-max
+    assert {sample(logits, SamplingParams(temperature=1.0, top_k=1), gen) for _ in range(50)} == {1}
+    assert {sample(logits, SamplingParams(temperature=1.0, top_p=0.01), gen) for _ in range(50)} == {1}
+    # top_k = 2 keeps exactly the two best
+    assert {sample(logits, SamplingParams(temperature=5.0, top_k=2), gen) for _ in range(200)} == {1, 2}
+    with pytest.raises(ValueError, match="top_p = 0"):
+        SamplingParams(top_p=0)
+
+
+def test_kernels_package_is_not_the_hf_kernels_distribution() -> None:
+    # transformers looks for the HF `kernels` distribution; our top-level `kernels` package is
+    # published by polar-dist, whose version is far below the range transformers accepts.
+    code = "from transformers.utils import is_kernels_available; print(is_kernels_available())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"

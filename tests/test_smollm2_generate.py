@@ -1,0 +1,68 @@
+"""The embedded SmolLM2-135M: greedy token ids from launch/generate.py at tp=1 (python) and
+tp=3 (torchrun) equal transformers' greedy generate on the same GGUF, one prompt at a time."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPTS = [
+    "Hi",
+    "The capital of France is",
+    "Once upon a time, in a small village at the edge of a forest, there lived",
+    "Write a short list of three fruits that are red, and explain for each one why people like to eat it "
+    "in summer, especially when the weather is hot and dry, because",
+]
+NEW_TOKENS = 32
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def hf_greedy() -> list[list[int]]:
+    """transformers' greedy continuation of each prompt, generated one prompt at a time."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from polar_dist.models.gguf_cache import locate_embedded
+
+    gguf = locate_embedded("embedded:smollm2-135m")
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    out = []
+    for prompt in PROMPTS:
+        ids = tok(prompt, return_tensors="pt").input_ids
+        gen = model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False)
+        out.append(gen[0, ids.shape[1]:].tolist())
+    return out
+
+
+def run_generate(launcher: list[str]) -> list[dict]:
+    args = [*launcher, str(ROOT / "launch/generate.py"), "--config", str(ROOT / "configs/smollm2-135m.yaml"),
+            "--max-new-tokens", str(NEW_TOKENS), "--temperature", "0"]
+    for p in PROMPTS:
+        args += ["--prompt", p]
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+
+
+@pytest.mark.parametrize("tp", [1, 3])
+def test_greedy_equals_transformers(tp: int, hf_greedy: list[list[int]]) -> None:
+    if tp == 1:
+        launcher = [sys.executable]
+    else:
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(tp),
+                    "--master_addr", "127.0.0.1", "--master_port", str(free_port())]
+    lines = run_generate(launcher)
+    assert [line["prompt"] for line in lines] == PROMPTS
+    for line, expected in zip(lines, hf_greedy):
+        assert line["token_ids"] == expected, f"prompt {line['prompt']!r}"
+        assert isinstance(line["text"], str)
