@@ -41,17 +41,39 @@ D_HEAD = 128
 BLOCK_SIZE = 16
 
 
-def _bench(fn) -> float:
+def _bench(fn, graph: bool = True) -> float:
+    """Median ms of fn. With graph, fn is captured once in a CUDA graph and its replays are
+    timed (as a decode runtime runs it): host launch overhead (~0.1 ms for a few Python-side
+    launches, which v1 measured instead of the kernels at small sizes) drops out, and the
+    capture itself proves the op never syncs with the host."""
     import triton.testing
 
+    fn()  # compile, and let cuBLAS / the caching allocator settle before capture
+    torch.cuda.synchronize()
+    if graph:
+        torch.cuda.empty_cache()  # the graph's private pool cannot reuse the eager run's blocks
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            fn()
+        fn = g.replay
     return float(triton.testing.do_bench(fn, warmup=10, rep=60, return_mode="median"))
+
+
+def _try_bench(fn) -> tuple[float, dict]:
+    """Time fn; a failure (OOM, capture error) becomes a NaN row that carries the error."""
+    try:
+        return _bench(fn), {}
+    except (RuntimeError, ValueError) as e:  # torch.OutOfMemoryError is a RuntimeError
+        print(f"FAILED: {type(e).__name__}: {e}", flush=True)
+        torch.cuda.empty_cache()
+        return float("nan"), {"error": f"{type(e).__name__}: {str(e)[:300]}"}
 
 
 def _copy_tbps() -> float:
     n = 1 << 30  # 2 GiB fp16 source, far beyond L2
     src = torch.randn(n, device="cuda", dtype=torch.float16)
     dst = torch.empty_like(src)
-    ms = _bench(lambda: dst.copy_(src))
+    ms = _bench(lambda: dst.copy_(src), graph=False)
     return 2 * src.numel() * 2 / (ms * 1e-3) / 1e12  # bytes read + written
 
 
@@ -83,12 +105,12 @@ def bench_attention(name, b, hq, hkv, n, densities, bw, rows, sweep_configs=()):
     scale = D_HEAD**-0.5
     shape = {"name": name, "B": b, "Hq": hq, "Hkv": hkv, "N": n, "D": D_HEAD, "block_size": BLOCK_SIZE}
 
-    def add(variant, density, ms, **extra):
+    def add(variant, density, ms, extra=None, **more):
         rows.append({"op": "attention", "shape": shape, "dtype": "float16", "density": density,
-                     "variant": variant, "ms": ms, **extra})
+                     "variant": variant, "ms": ms, **(extra or {}), **more})
 
     q4 = q.view(b, hq, 1, D_HEAD)
-    add("sdpa_dense", 1.0, _bench(lambda: F.scaled_dot_product_attention(q4, k, v, scale=scale, enable_gqa=g > 1)))
+    add("sdpa_dense", 1.0, *_try_bench(lambda: F.scaled_dot_product_attention(q4, k, v, scale=scale, enable_gqa=g > 1)))
     out = torch.empty_like(q)
     bidx = torch.arange(b, device="cuda")[:, None]
     for dens in densities:
@@ -96,7 +118,7 @@ def bench_attention(name, b, hq, hkv, n, densities, bw, rows, sweep_configs=()):
         ht = _head_table(b, hkv, kmax, gen)
         real = kmax / hkv
         add("floor", real, b * kmax * n * D_HEAD * 2 * 2 / (bw * 1e12) * 1e3)
-        add("ours", real, _bench(lambda: select_attention(q, kc, vc, bt, seq_lens, ht, scale, out=out)))
+        add("ours", real, *_try_bench(lambda: select_attention(q, kc, vc, bt, seq_lens, ht, scale, out=out)))
         if kmax == hkv:  # all groups selected: must equal dense SDPA (a GPU-side check of ours)
             dense_out = F.scaled_dot_product_attention(q4, k, v, scale=scale, enable_gqa=g > 1).view(b, hq, D_HEAD)
             rows[-1]["max_err_vs_sdpa"] = (out.float() - dense_out.float()).abs().max().item()
@@ -107,12 +129,15 @@ def bench_attention(name, b, hq, hkv, n, densities, bw, rows, sweep_configs=()):
             return F.scaled_dot_product_attention(qs, ks, vs, scale=scale, enable_gqa=g > 1)
 
         if b * kmax * n * D_HEAD * 4 < 24e9:  # the copies must fit beside the two caches
-            add("gather_sdpa", real, _bench(gather_sdpa))
-        for cfg, splits in sweep_configs if dens in (0.3, 1.0) else ():
+            add("gather_sdpa", real, *_try_bench(gather_sdpa))
+        for label, cfg, splits in sweep_configs if dens in (0.3, 1.0) else ():
             c = AttentionConfig(*cfg)
-            ms = _bench(lambda: _launch(q, kc, vc, bt, seq_lens, ht, scale, out, num_splits=splits, config=c))
-            add("sweep", real, ms, config={"block_n": cfg[0], "num_warps": cfg[1], "num_stages": cfg[2],
-                                           "num_splits": splits})
+            if splits == "v1":  # v1's plan: cdiv(4 * SMs, B * k_max) splits of >= 256 tokens
+                sms = torch.cuda.get_device_properties(0).multi_processor_count
+                splits = max(1, min(-(-4 * sms // (b * kmax)), -(-n // 256), 64))
+            ms, err = _try_bench(lambda: _launch(q, kc, vc, bt, seq_lens, ht, scale, out, num_splits=splits, config=c))
+            add("sweep", real, ms, err, config={"label": label, "block_n": cfg[0], "num_warps": cfg[1],
+                                                "num_stages": cfg[2], "num_splits": splits})
     del k, v, kc, vc
     torch.cuda.empty_cache()
 
@@ -130,27 +155,28 @@ def bench_mlp(name, d, n, ms_list, fracs, bw, rows, sweep_configs=()):
         x = torch.randn(m, d, device="cuda", dtype=torch.float16, generator=gen)
         shape = {"name": name, "M": m, "d": d, "N": n}
 
-        def add(variant, density, t, **extra):
+        def add(variant, density, t, extra=None, **more):
             rows.append({"op": "mlp", "shape": shape, "dtype": "float16", "density": density,
-                         "variant": variant, "ms": t, **extra})
+                         "variant": variant, "ms": t, **(extra or {}), **more})
 
-        add("cublas_dense", 1.0, _bench(lambda: F.linear(F.relu(F.linear(x, w1, b1)), w2, b2)))
+        add("cublas_dense", 1.0, *_try_bench(lambda: F.linear(F.relu(F.linear(x, w1, b1)), w2, b2)))
         for frac in fracs:
             k = int(n * frac) // 16 * 16
             idx = torch.randperm(n, device="cuda", generator=gen)[:k].int()
             real = k / n
             add("floor", real, 2 * k * d * 2 / (bw * 1e12) * 1e3)
-            add("ours", real, _bench(lambda: gather_fc2(gather_fc1(x, w1, idx, b1), w2t, idx, b2)))
+            add("ours", real, *_try_bench(lambda: gather_fc2(gather_fc1(x, w1, idx, b1), w2t, idx, b2)))
             ii = idx.long()
-            add("gather_cublas", real, _bench(lambda: F.linear(x, w1[ii], b1[ii]).relu_() @ w2t[ii] + b2))
+            add("gather_cublas", real, *_try_bench(lambda: F.linear(x, w1[ii], b1[ii]).relu_() @ w2t[ii] + b2))
+            h = gather_fc1(x, w1, idx, b1)
             for which, cfg in sweep_configs if m == 64 and frac in (0.1, 1.0) else ():
-                c = GemmConfig(*cfg)
+                c = None if cfg is None else GemmConfig(*cfg)
                 if which == "fc1":
                     fn = lambda: gather_fc1(x, w1, idx, b1, config=c)  # noqa: E731
                 else:
-                    h = gather_fc1(x, w1, idx, b1)
                     fn = lambda: gather_fc2(h, w2t, idx, b2, config=c)  # noqa: E731
-                add("sweep", real, _bench(fn), config={"kernel": which, "cfg": list(cfg)})
+                t, err = _try_bench(fn)
+                add("sweep", real, t, err, config={"kernel": which, "cfg": cfg or "default"})
 
 
 def _slug(name: str) -> str:
@@ -184,6 +210,7 @@ def _print_table(data: dict) -> None:
         print("\nsweep")
         for r in sweeps:
             print(f"{r['op']:9} {r['shape']['name']:14} {r['shape'].get('M', r['shape'].get('B'))} "
+                  f"{r.get('error', '')}"
                   f"d={r['density']:.3f} {r['config']} {r['ms']:.4f}")
 
 
@@ -237,19 +264,19 @@ def main() -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     bw = _copy_tbps()
     rows: list = []
-    # (block_n, num_warps, num_stages), num_splits (None: the heuristic's)
-    attn_sweep = [((64, 4, 2), None), ((64, 4, 4), None), ((32, 4, 3), None), ((128, 8, 3), None),
-                  ((64, 8, 3), None), ((64, 4, 3), 2), ((64, 4, 3), 4)] if args.sweep else []
+    # label, (block_n, num_warps, num_stages), num_splits (None: the heuristic's; "v1": v1's plan)
+    attn_sweep = [("v1_plan", (64, 4, 3), "v1"), ("bn32", (32, 4, 3), None), ("bn128_w8", (128, 8, 3), None),
+                  ("stages4", (64, 4, 4), None)] if args.sweep else []
     for name, b, hq, hkv, n in ATTN_SHAPES:
         bench_attention(name, b, hq, hkv, n, ATTN_DENSITIES, bw, rows, attn_sweep)
         print(f"attention {name} done", flush=True)
     for b in BATCH_SWEEP:
         bench_attention("llama2-7b", b, 32, 32, 3968, BATCH_DENSITIES, bw, rows)
     print("batch sweep done", flush=True)
-    mlp_sweep = ([("fc1", c) for c in ((64, 32, 128), (64, 64, 128, 4, 3), (64, 16, 256), (64, 32, 256, 4, 3),
-                                        (64, 64, 64, 4, 5))]
-                 + [("fc2", c) for c in ((64, 32, 128), (64, 64, 128, 4, 3), (64, 128, 64), (64, 64, 64, 4, 5),
-                                         (64, 32, 256))]) if args.sweep else []
+    # kernel, GemmConfig fields (block_m, block_n, block_k, num_warps, num_stages, split_k); None = default
+    mlp_sweep = [(kern, c) for kern in ("fc1", "fc2") for c in (
+        None, (64, 16, 128, 4, 4, 1), (64, 128, 64, 4, 4, 1), (64, 64, 128, 4, 4, 1), (64, 64, 128, 4, 4, 2), (64, 64, 128, 4, 4, 4), (64, 32, 256, 4, 3, 1),
+        (64, 32, 128, 4, 4, 2), (64, 64, 64, 4, 5, 1), (64, 128, 64, 4, 4, 2))] if args.sweep else []
     for name, d, n in MLP_SHAPES:
         bench_mlp(name, d, n, MLP_MS, MLP_FRACS, bw, rows, mlp_sweep)
         print(f"mlp {name} done", flush=True)

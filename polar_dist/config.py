@@ -65,6 +65,7 @@ class EngineConfig:
     max_seq_len: int = 0  # 0: the model's max_position_embeddings
     kv_cache_blocks: int = 0  # 0: enough for max_batch_size sequences of max_seq_len
     max_new_tokens: int = 64
+    max_prefill_tokens: int = 8192  # prompt tokens per prefill step (a longer prompt still runs, alone)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -202,7 +203,7 @@ def _validate(cfg: RunConfig) -> None:
         )
     if e.block_size < 1 or e.block_size & (e.block_size - 1):
         raise ValueError(f"engine.block_size = {e.block_size} must be a power of two (16 is typical)")
-    for name in ("max_batch_size", "max_new_tokens"):
+    for name in ("max_batch_size", "max_new_tokens", "max_prefill_tokens"):
         if getattr(e, name) < 1:
             raise ValueError(f"engine.{name} = {getattr(e, name)} must be >= 1")
     for name in ("max_seq_len", "kv_cache_blocks"):

@@ -74,7 +74,7 @@ def build_runtime(cfg: RunConfig, ctx: ParallelContext) -> Runtime:
 def new_scheduler(rt: Runtime) -> Scheduler:
     e = rt.cfg.engine
     return Scheduler(BlockAllocator(rt.runner.num_blocks), e.block_size, e.max_batch_size, rt.max_seq_len,
-                     rt.tokenizer.eos_token_ids)
+                     rt.tokenizer.eos_token_ids, e.max_prefill_tokens)
 
 
 def generate_ids(rt: Runtime, prompts: list[list[int]], params: SamplingParams) -> list[Sequence] | None:

@@ -61,20 +61,20 @@ def sequences(seed: int = 1) -> list[list[int]]:
     return [torch.randint(3, VOCAB, (n + DECODE_STEPS,), generator=gen).tolist() for n in PROMPT_LENS]
 
 
-def reference_logits(model_dir: Path, dtype: torch.dtype) -> list[torch.Tensor]:
+def reference_logits(model_dir: Path, dtype: torch.dtype, device: str = "cpu") -> list[torch.Tensor]:
     """Per sequence, (DECODE_STEPS + 1, V) float64 logits at the positions ours produces."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype).eval()
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype).to(device).eval()
     out = []
     with torch.no_grad():
         for seq, n in zip(sequences(), PROMPT_LENS):
-            logits = model(torch.tensor([seq])).logits[0].double()  # (L, V)
+            logits = model(torch.tensor([seq], device=device)).logits[0].double().cpu()  # (L, V)
             out.append(logits[n - 1:n + DECODE_STEPS])
     return out
 
 
-def runtime_logits(model_dir: Path, dtype: str, device: str = "cpu") -> list[torch.Tensor] | None:
+def runtime_logits(model_dir: Path, dtype: str, device: str = "cpu", backend: str = "auto") -> list[torch.Tensor] | None:
     """Ours: prefill then teacher-forced decode. Returns the logits on rank 0, None elsewhere."""
     from polar_dist.config import config_from_dict
     from polar_dist.engine.sampler import SamplingParams
@@ -83,7 +83,7 @@ def runtime_logits(model_dir: Path, dtype: str, device: str = "cpu") -> list[tor
 
     cfg = config_from_dict({
         "model": {"path": str(model_dir), "dtype": dtype, "device": device, "tokenizer": "bytes"},
-        "parallel": {"timeout_s": 60},
+        "parallel": {"timeout_s": 60, "backend": backend},
         "engine": {"block_size": 16, "max_batch_size": 4, "max_seq_len": 64},
     })
     ctx = init_parallel(cfg.parallel, cfg.model.device)
@@ -111,8 +111,9 @@ def tolerance(ref64: list[torch.Tensor], same_dtype: list[torch.Tensor], dtype: 
     return 2 * hf_err + 4 * torch.finfo(dtype).eps * scale
 
 
-def rank_main(rank: int, world_size: int, model_dir: str, out_file: str, dtype: str, device: str = "cpu") -> None:
-    logits = runtime_logits(Path(model_dir), dtype, device)
+def rank_main(rank: int, world_size: int, model_dir: str, out_file: str, dtype: str, device: str = "cpu",
+              backend: str = "auto") -> None:
+    logits = runtime_logits(Path(model_dir), dtype, device, backend)
     if logits is not None:
         torch.save(logits, out_file)
 
@@ -124,8 +125,10 @@ if __name__ == "__main__":  # launched by torchrun / mpirun / deepspeed in the l
     parser.add_argument("model_dir")
     parser.add_argument("out_file")
     parser.add_argument("dtype")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--backend", default="auto")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None)  # passed by deepspeed
     args = parser.parse_args()
     torch.set_num_threads(1)
-    rank_main(-1, -1, args.model_dir, args.out_file, args.dtype)  # the launcher's environment gives the rank
+    rank_main(-1, -1, args.model_dir, args.out_file, args.dtype, args.device, args.backend)  # the launcher's environment gives the rank
     print(json.dumps({"ok": True}))

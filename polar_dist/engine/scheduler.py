@@ -34,11 +34,12 @@ class Sequence:
 
 class Scheduler:
     def __init__(self, allocator: BlockAllocator, block_size: int, max_batch_size: int, max_seq_len: int,
-                 eos_token_ids: tuple[int, ...]) -> None:
+                 eos_token_ids: tuple[int, ...], max_prefill_tokens: int = 8192) -> None:
         self.allocator = allocator
         self.block_size = block_size
         self.max_batch_size = max_batch_size
         self.max_seq_len = max_seq_len
+        self.max_prefill_tokens = max_prefill_tokens
         self.eos_token_ids = set(eos_token_ids)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -66,11 +67,15 @@ class Scheduler:
     def next_plan(self) -> tuple[StepPlan, list[Sequence]]:
         """Prefill newly admitted sequences if any fit, else decode every running sequence."""
         admitted: list[Sequence] = []
+        prefill_tokens = 0
         while self.waiting and len(self.running) + len(admitted) < self.max_batch_size:
             seq = self.waiting[0]
             need = blocks_needed(len(seq.all_ids), self.block_size)
             if need > self.allocator.num_free:
                 break
+            if admitted and prefill_tokens + len(seq.all_ids) > self.max_prefill_tokens:
+                break  # bounds the activations of one prefill step
+            prefill_tokens += len(seq.all_ids)
             seq.blocks = self.allocator.allocate(need)
             admitted.append(self.waiting.popleft())
         if admitted:

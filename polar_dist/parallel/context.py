@@ -87,7 +87,7 @@ class ParallelContext:
         return self.info.rank
 
     @property
-    def world_size(self) -> int:
+    def world_size(self) -> int:  # 1 with a process group when parallel.backend is named
         return self.info.world_size
 
     @property
@@ -105,7 +105,7 @@ class ParallelContext:
         return box[0]
 
     def shutdown(self) -> None:
-        if self.world_size > 1:
+        if not isinstance(self.tp_comm, SingleRank):
             import torch.distributed as dist
 
             if dist.is_initialized():
@@ -130,8 +130,12 @@ def init_parallel(cfg: ParallelConfig, device_pref: str) -> ParallelContext:
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
-    if info.world_size == 1:
+    if info.world_size == 1 and cfg.backend == "auto":
         return ParallelContext(info, device, SingleRank(), None, cfg.timeout_s)
+    # From here on a process group exists, also at world size 1 when a backend is named
+    # (this runs the collective code path on one device).
+    if info.init_method is None:
+        info = LaunchInfo(info.launcher, 0, 1, 0, f"tcp://127.0.0.1:{_free_port('127.0.0.1')}")
 
     import torch.distributed as dist
 

@@ -1,0 +1,144 @@
+"""Dense decode throughput of the runtime per tensor-parallel size.
+
+    torchrun --nproc_per_node N benchmarks/decode_throughput.py --config configs/llama-3.1-8b.yaml \
+        --batch 1 16 64 --context 1024 4096
+
+For each (batch, context) the KV cache of every sequence is filled with random values up to
+`context` tokens (prefill is not what is measured), then decode steps run exactly as the
+engine runs them (rank 0 broadcasts each step plan; every rank executes it). Reported per
+case: median step time, tokens/s (batch / step), the bandwidth floor (this rank's weights +
+the KV it reads, over the copy bandwidth measured in the same run) and, for tp > 1, the share
+of GPU time spent in NCCL kernels (from a profiled step). Rank 0 prints a table and writes
+JSON under benchmarks/results/<gpu>x<tp>/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from polar_dist.cli import add_config_args, config_from_args, run_main  # noqa: E402
+from polar_dist.engine.kv_cache import BlockAllocator, blocks_needed  # noqa: E402
+from polar_dist.engine.plan import StepKind, StepPlan  # noqa: E402
+from polar_dist.runtime import Runtime  # noqa: E402
+
+
+def copy_bandwidth_tbps(device: torch.device) -> float:
+    """Device-to-device copy, bytes read + written per second, in TB/s."""
+    src = torch.empty(1 << 30, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(10):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return 2 * src.numel() / statistics.median(times) / 1e12
+
+
+def decode_plans(rt: Runtime, batch: int, context: int, steps: int) -> list[StepPlan]:
+    bs = rt.cfg.engine.block_size
+    allocator = BlockAllocator(rt.runner.num_blocks)
+    tables = [allocator.allocate(blocks_needed(context + steps, bs)) for _ in range(batch)]
+    return [StepPlan(kind=StepKind.DECODE, token_ids=[(7 * i + s) % 256 for i in range(batch)],
+                     positions=[context + s] * batch, query_lens=[1] * batch, seq_lens=[context + s + 1] * batch,
+                     block_tables=tables) for s in range(steps)]
+
+
+def nccl_share(rt: Runtime, plan: StepPlan) -> float:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        rt.runner.execute(rt.ctx.broadcast_object(plan))
+        torch.cuda.synchronize()
+    total = nccl = 0.0
+    for evt in prof.key_averages():  # self time: each kernel counted once, not again under its CPU op
+        t = evt.self_device_time_total
+        total += t
+        if "nccl" in evt.key.lower():
+            nccl += t
+    return nccl / total if total else 0.0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_config_args(parser)
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 16, 64])
+    parser.add_argument("--context", type=int, nargs="+", default=[1024, 4096])
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--out", default=None, help="directory for the JSON (default benchmarks/results/<gpu>x<tp>)")
+    args = parser.parse_args()
+    max_b, max_n = max(args.batch), max(args.context)
+    bs = 16
+    args.overrides += [f"engine.max_batch_size={max_b}", f"engine.max_seq_len={max_n + args.steps + bs}",
+                       f"engine.kv_cache_blocks={max_b * blocks_needed(max_n + args.steps, bs)}",
+                       f"engine.block_size={bs}"]
+    cfg = config_from_args(args)
+
+    from polar_dist.log import configure_logging
+    from polar_dist.parallel.context import init_parallel
+    from polar_dist.runtime import build_runtime
+
+    ctx = init_parallel(cfg.parallel, cfg.model.device)
+    configure_logging(ctx.rank, ctx.world_size)
+    rt = build_runtime(cfg, ctx)
+    for k, v in rt.runner.kv_caches:  # random K/V: attention reads real-looking data
+        k.normal_()
+        v.normal_()
+    bw = copy_bandwidth_tbps(ctx.device)
+    spec = rt.spec
+    weight_bytes = sum(p.numel() * p.element_size() for p in rt.runner.model.parameters())
+    kv_bytes_per_token = 2 * spec.num_layers * rt.runner.kv_caches[0][0].shape[1] * spec.head_dim * \
+        rt.runner.kv_caches[0][0].element_size()
+    rows = []
+    for n in args.context:
+        for b in args.batch:
+            plans = decode_plans(rt, b, n, args.steps + 3)
+            times = []
+            for i, plan in enumerate(plans):
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                rt.runner.execute(ctx.broadcast_object(plan))
+                torch.cuda.synchronize()
+                if i >= 3:  # warm-up steps excluded
+                    times.append(time.perf_counter() - t0)
+            step_ms = statistics.median(times) * 1e3
+            floor_ms = (weight_bytes + b * (n + 1) * kv_bytes_per_token) / (bw * 1e12) * 1e3
+            share = nccl_share(rt, plans[-1]) if ctx.world_size > 1 else 0.0
+            rows.append({"batch": b, "context": n, "step_ms": step_ms, "tokens_per_s": b / step_ms * 1e3,
+                         "floor_ms": floor_ms, "floor_over_step": floor_ms / step_ms, "nccl_share": share})
+    if ctx.is_driver:
+        gpu = torch.cuda.get_device_name(ctx.device)
+        result = {"device": gpu, "tp": ctx.world_size, "model": spec.model_type, "config": args.config,
+                  "dtype": cfg.model.dtype, "versions": {"torch": torch.__version__, "cuda": torch.version.cuda},
+                  "copy_TBps": bw, "weight_bytes_per_rank": weight_bytes, "rows": rows}
+        slug = gpu.replace(" ", "-").replace("/", "-")
+        out = Path(args.out) if args.out else Path(__file__).parent / "results" / f"{slug}x{ctx.world_size}"
+        out.mkdir(parents=True, exist_ok=True)
+        name = f"decode_throughput_{Path(args.config).stem}.json"
+        (out / name).write_text(json.dumps(result, indent=2))
+        print(f"{gpu} tp={ctx.world_size} {Path(args.config).stem} {cfg.model.dtype}; copy {bw:.2f} TB/s")
+        print(f"{'batch':>6} {'context':>8} {'step ms':>9} {'tokens/s':>10} {'floor ms':>9} {'floor/step':>10} "
+              f"{'nccl':>6}")
+        for r in rows:
+            print(f"{r['batch']:>6} {r['context']:>8} {r['step_ms']:>9.2f} {r['tokens_per_s']:>10.0f} "
+                  f"{r['floor_ms']:>9.2f} {r['floor_over_step']:>10.2f} {r['nccl_share']:>6.1%}")
+        print(f"wrote {out / name}")
+    ctx.shutdown()
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    run_main(main)
