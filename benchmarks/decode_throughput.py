@@ -72,12 +72,23 @@ def nccl_share(rt: Runtime, plan: StepPlan) -> float:
     return nccl / total if total else 0.0
 
 
+def print_profile(rt: Runtime, plan: StepPlan) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        rt.runner.execute(rt.ctx.broadcast_object(plan))
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+    print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=12))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_config_args(parser)
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 16, 64])
     parser.add_argument("--context", type=int, nargs="+", default=[1024, 4096])
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--profile", action="store_true", help="print a torch.profiler table of one step per case")
     parser.add_argument("--out", default=None, help="directory for the JSON (default benchmarks/results/<gpu>x<tp>)")
     args = parser.parse_args()
     max_b, max_n = max(args.batch), max(args.context)
@@ -117,6 +128,8 @@ def main() -> None:
             step_ms = statistics.median(times) * 1e3
             floor_ms = (weight_bytes + b * (n + 1) * kv_bytes_per_token) / (bw * 1e12) * 1e3
             share = nccl_share(rt, plans[-1]) if ctx.world_size > 1 else 0.0
+            if args.profile and ctx.is_driver:
+                print_profile(rt, plans[-1])
             rows.append({"batch": b, "context": n, "step_ms": step_ms, "tokens_per_s": b / step_ms * 1e3,
                          "floor_ms": floor_ms, "floor_over_step": floor_ms / step_ms, "nccl_share": share})
     if ctx.is_driver:

@@ -167,3 +167,20 @@ def test_gpu_realistic(dtype, hq, hkv, d):
     _check_close(out, case, d**-0.5)
     for splits in (1, 5):
         _check_close(_launch(*case, d**-0.5, None, num_splits=splits), case, d**-0.5)
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_graph_capture():
+    """The op never syncs with the host: it captures, and replays give the eager result."""
+    gen = torch.Generator().manual_seed(11)
+    case = _make_case(4, 32, 8, 128, 16, 64, 3, torch.float16, [1, 300, 777, 1024], gen)
+    out = torch.empty_like(case[0])
+    eager = select_attention(*case, 0.1)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        select_attention(*case, 0.1, out=out)
+    out.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, eager)
