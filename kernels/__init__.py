@@ -1,8 +1,6 @@
 """Polar Sparsity kernels: head-selective paged decode attention and the gather-GEMM MLP pair.
 
-Import from here; `kernels.dispatch` picks Triton (CUDA tensors) or the PyTorch reference.
+Call them through `kernels.dispatch` (Triton for CUDA tensors, the PyTorch reference
+otherwise). The ops are not re-exported here: `kernels.select_attention` is the module of
+that name, and a re-exported function would be replaced by it once the module is imported.
 """
-
-from kernels.dispatch import gather_fc1, gather_fc2, select_attention
-
-__all__ = ["gather_fc1", "gather_fc2", "select_attention"]

@@ -227,7 +227,9 @@ def _check_common(name: str, a: torch.Tensor, w: torch.Tensor, idx: torch.Tensor
 
 def _check_bias(name: str, bias: torch.Tensor | None, length: int, a: torch.Tensor) -> None:
     if bias is not None and (bias.shape != (length,) or bias.dtype != a.dtype or bias.device != a.device):
-        raise ValueError(f"{name}: bias must be [{length}] {a.dtype} on {a.device}, got {tuple(bias.shape)} {bias.dtype}")
+        raise ValueError(
+            f"{name}: bias must be [{length}] {a.dtype} on {a.device}, got {tuple(bias.shape)} {bias.dtype}"
+        )
 
 
 def _check_fc1(x, w1, idx, b1, activation, kernel: bool) -> None:

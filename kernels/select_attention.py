@@ -35,8 +35,9 @@ _MAX_SPLITS = 64
 # Programs wanted per SM. Only ~2 programs fit on an SM at once (3 stages x 32 KiB of K/V
 # tiles each), so the grid runs in waves and the last, partial wave idles most of HBM: with
 # ~8 waves the tail costs < 1/8. v1 measured this: 640 programs (2.4 waves) reached 83% of
-# the floor, the same work as 2560 programs 95%. The extra partials cost 4 B per head and
-# split against 4 B per token read: negligible.
+# the floor, the same work as 2560 programs 95%. The partials a split adds (fp32 acc, max,
+# sum: ~(D + 2) x 4 B per head, written and read once) are < 1% of the >= 256 tokens of K/V
+# the split reads.
 _PROGRAMS_PER_SM = 16
 
 
@@ -53,7 +54,7 @@ _INTERPRETER_CONFIG = AttentionConfig(block_n=64, num_warps=4, num_stages=1)
 
 @triton.jit
 def _select_attention_kernel(
-    q_ptr, k_ptr, v_ptr, bt_ptr, seq_lens_ptr, ht_ptr, out_ptr,  # noqa: E131
+    q_ptr, k_ptr, v_ptr, bt_ptr, seq_lens_ptr, ht_ptr, out_ptr,
     o_part_ptr, m_part_ptr, l_part_ptr,
     scale_log2, k_max, num_splits, split_tokens,
     stride_qb, stride_qh,

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import tp_cases
+from conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.gpu
@@ -39,7 +40,7 @@ def test_logits_match_transformers_cuda(arch: str, dtype: str, model_dirs: dict[
 def test_nccl_path_at_world_size_one(model_dirs: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "logits.pt"
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_port", "0",
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_port", str(free_port()),
          str(ROOT / "tests/tp_cases.py"), str(model_dirs["llama-gqa"]), str(out), "bfloat16", "--device", "cuda",
          "--backend", "nccl"], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
