@@ -66,6 +66,7 @@ class EngineConfig:
     kv_cache_blocks: int = 0  # 0: enough for max_batch_size sequences of max_seq_len
     max_new_tokens: int = 64
     max_prefill_tokens: int = 8192  # prompt tokens per prefill step (a longer prompt still runs, alone)
+    cuda_graphs: bool = True  # replay decode steps as CUDA graphs (CUDA only)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -60,7 +60,8 @@ def build_runtime(cfg: RunConfig, ctx: ParallelContext) -> Runtime:
     e = cfg.engine
     num_blocks = e.kv_cache_blocks or e.max_batch_size * blocks_needed(max_seq_len, e.block_size)
     runner = ModelRunner(model, spec, plan, num_blocks=num_blocks, block_size=e.block_size, dtype=dtype,
-                         device=ctx.device)
+                         device=ctx.device, max_batch_size=e.max_batch_size, max_seq_len=max_seq_len,
+                         cuda_graphs=e.cuda_graphs)
     tokenizer: Tokenizer
     if cfg.model.tokenizer == "bytes":
         tokenizer = ByteTokenizer()

@@ -1,6 +1,7 @@
 """CUDA checks, run on a GPU machine with `pytest -m gpu`: the tiny-model logits match
-transformers in fp16 and bf16 (decode through the Triton kernels), also through the NCCL
-code path at world size 1, and launch/generate.py runs a random Llama-3.1-8B-shape model."""
+transformers in fp16 and bf16 (decode through the Triton kernels, eager and CUDA graphs), also
+through the NCCL code path at world size 1, and launch/generate.py runs a random
+Llama-3.1-8B-shape model."""
 
 from __future__ import annotations
 
@@ -28,8 +29,10 @@ def model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 @pytest.mark.parametrize("arch", list(tp_cases.ARCHS))
 @pytest.mark.parametrize("dtype", list(DTYPES))
-def test_logits_match_transformers_cuda(arch: str, dtype: str, model_dirs: dict[str, Path]) -> None:
-    ours = tp_cases.runtime_logits(model_dirs[arch], dtype, device="cuda")
+@pytest.mark.parametrize("cuda_graphs", [True, False], ids=["graphs", "eager"])
+def test_logits_match_transformers_cuda(arch: str, dtype: str, cuda_graphs: bool, model_dirs: dict[str, Path]) -> None:
+    # 3 sequences decode in the batch-4 graph: one padding row writes the scratch block
+    ours = tp_cases.runtime_logits(model_dirs[arch], dtype, device="cuda", cuda_graphs=cuda_graphs)
     ref64 = tp_cases.reference_logits(model_dirs[arch], torch.float64, device="cuda")
     same = tp_cases.reference_logits(model_dirs[arch], DTYPES[dtype], device="cuda")
     tol = tp_cases.tolerance(ref64, same, DTYPES[dtype])

@@ -74,7 +74,8 @@ def reference_logits(model_dir: Path, dtype: torch.dtype, device: str = "cpu") -
     return out
 
 
-def runtime_logits(model_dir: Path, dtype: str, device: str = "cpu", backend: str = "auto") -> list[torch.Tensor] | None:
+def runtime_logits(model_dir: Path, dtype: str, device: str = "cpu", backend: str = "auto",
+                   cuda_graphs: bool = True) -> list[torch.Tensor] | None:
     """Ours: prefill then teacher-forced decode. Returns the logits on rank 0, None elsewhere."""
     from polar_dist.config import config_from_dict
     from polar_dist.engine.sampler import SamplingParams
@@ -84,7 +85,7 @@ def runtime_logits(model_dir: Path, dtype: str, device: str = "cpu", backend: st
     cfg = config_from_dict({
         "model": {"path": str(model_dir), "dtype": dtype, "device": device, "tokenizer": "bytes"},
         "parallel": {"timeout_s": 60, "backend": backend},
-        "engine": {"block_size": 16, "max_batch_size": 4, "max_seq_len": 64},
+        "engine": {"block_size": 16, "max_batch_size": 4, "max_seq_len": 64, "cuda_graphs": cuda_graphs},
     })
     ctx = init_parallel(cfg.parallel, cfg.model.device)
     rt = build_runtime(cfg, ctx)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from polar_dist.engine.kv_cache import allocate_kv_caches
+from polar_dist.engine.cuda_graphs import DecodeGraphs
+from polar_dist.engine.kv_cache import allocate_kv_caches, blocks_needed
 from polar_dist.engine.plan import StepKind, StepPlan
 from polar_dist.models.attention import AttentionBatch
 from polar_dist.models.spec import ModelSpec
@@ -13,16 +14,24 @@ from polar_dist.parallel.plan import ShardPlan
 
 
 class ModelRunner:
+    """`num_blocks` KV blocks are for sequences (the scheduler's allocator hands them out); one
+    more, the scratch block, takes the writes of CUDA-graph padding rows."""
+
     def __init__(self, model: nn.Module, spec: ModelSpec, plan: ShardPlan, *, num_blocks: int, block_size: int,
-                 dtype: torch.dtype, device: torch.device) -> None:
+                 dtype: torch.dtype, device: torch.device, max_batch_size: int, max_seq_len: int,
+                 cuda_graphs: bool) -> None:
         self.model = model
         self.device = device
         self.block_size = block_size
         self.num_blocks = num_blocks
-        self.kv_caches = allocate_kv_caches(spec.num_layers, num_blocks, plan.num_kv_heads_local, block_size,
+        self.kv_caches = allocate_kv_caches(spec.num_layers, num_blocks + 1, plan.num_kv_heads_local, block_size,
                                             spec.head_dim, dtype, device)
         self._num_kv_heads_local = plan.num_kv_heads_local
         self._dense_heads: dict[int, torch.Tensor] = {}
+        self.graphs = DecodeGraphs(
+            model, self.kv_caches, max_batch_size=max_batch_size, max_blocks=blocks_needed(max_seq_len, block_size),
+            block_size=block_size, scratch_block=num_blocks, num_kv_heads_local=plan.num_kv_heads_local,
+            device=device) if cuda_graphs and device.type == "cuda" else None
 
     def dense_head_table(self, batch_size: int) -> torch.Tensor:
         """(B, Hkv_local) int32: every sequence reads every local KV group (density 1.0)."""
@@ -37,6 +46,8 @@ class ModelRunner:
         """Run the plan's tokens through the model; returns (B, vocab) float32 logits of each
         sequence's last new token."""
         assert plan.kind is not StepKind.STOP
+        if plan.kind is StepKind.DECODE and self.graphs is not None and self.graphs.bucket(plan.batch_size):
+            return self.graphs.run(plan)
         dev, bs = self.device, self.block_size
         max_blocks = max(len(t) for t in plan.block_tables)
         tables = [t + [0] * (max_blocks - len(t)) for t in plan.block_tables]

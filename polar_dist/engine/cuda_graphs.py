@@ -1,0 +1,95 @@
+"""CUDA graphs for decode steps: one captured graph per batch-size bucket.
+
+An eager decode step of a 32-layer model launches ~1500 kernels, and at small batch the
+host spends longer launching them than the GPU spends running them. A graph replays the
+whole step with one launch. Shapes must be static, so a step of B sequences runs in the
+smallest bucket >= B: block tables are padded to the longest sequence the engine allows,
+and padding rows attend to one token of a scratch block that no sequence owns. Everything
+the kernels read (ids, positions, lengths, block tables, slots, head table) lives in
+buffers the graph captured; a step only copies its plan into them and replays.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from polar_dist.engine.plan import StepPlan
+from polar_dist.models.attention import AttentionBatch
+
+
+def batch_buckets(max_batch_size: int) -> list[int]:
+    """1, 2, 4, then multiples of 8, then max_batch_size: padding wastes fewer than 8 rows past 8."""
+    buckets = [b for b in (1, 2, 4) if b < max_batch_size] + list(range(8, max_batch_size, 8))
+    return buckets + [max_batch_size]
+
+
+class DecodeGraphs:
+    def __init__(self, model: nn.Module, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], *, max_batch_size: int,
+                 max_blocks: int, block_size: int, scratch_block: int, num_kv_heads_local: int,
+                 device: torch.device) -> None:
+        self.model = model
+        self.kv_caches = kv_caches
+        self.block_size = block_size
+        self.scratch_block = scratch_block
+        self.buckets = batch_buckets(max_batch_size)
+        n, dev = self.buckets[-1], device
+        self.ids = torch.zeros(n, dtype=torch.int64, device=dev)
+        self.positions = torch.zeros(n, dtype=torch.int64, device=dev)
+        self.seq_lens = torch.ones(n, dtype=torch.int32, device=dev)
+        self.block_tables = torch.full((n, max_blocks), scratch_block, dtype=torch.int32, device=dev)
+        self.slots = torch.full((n,), scratch_block * block_size, dtype=torch.int64, device=dev)
+        self.head_table = torch.arange(num_kv_heads_local, dtype=torch.int32, device=dev).expand(n, -1).contiguous()
+        self.max_blocks = max_blocks
+        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._pool = torch.cuda.graph_pool_handle()
+
+    def bucket(self, batch_size: int) -> int | None:
+        return next((b for b in self.buckets if b >= batch_size), None)
+
+    def _batch(self, n: int) -> AttentionBatch:
+        return AttentionBatch(is_decode=True, seq_lens=self.seq_lens[:n], block_tables=self.block_tables[:n],
+                              slot_mapping=self.slots[:n], head_table=self.head_table[:n], query_lens=(),
+                              seq_lens_host=())
+
+    def _forward(self, n: int) -> torch.Tensor:
+        hidden = self.model(self.ids[:n], self.positions[:n], self._batch(n), self.kv_caches)  # (n, d)
+        return self.model.logits(hidden)  # (n, V)
+
+    def _capture(self, n: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        # Warm up on a side stream first: Triton compiles and cuBLAS picks its kernels outside the capture.
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self._forward(n)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            logits = self._forward(n)
+        return graph, logits
+
+    @torch.inference_mode()
+    def run(self, plan: StepPlan) -> torch.Tensor:
+        """Copy the decode plan into the captured buffers and replay; (B, V) float32 logits."""
+        b, n = plan.batch_size, self.bucket(plan.batch_size)
+        assert n is not None, "batch larger than the largest captured bucket"
+        bs, scratch = self.block_size, self.scratch_block
+        tables = [t + [scratch] * (self.max_blocks - len(t)) for t in plan.block_tables]
+        tables += [[scratch] * self.max_blocks] * (n - b)
+        pad = n - b
+        slots = [t[p // bs] * bs + p % bs for t, p in zip(plan.block_tables, plan.positions)] + [scratch * bs] * pad
+        host = {
+            self.ids: plan.token_ids + [0] * pad,
+            self.positions: plan.positions + [0] * pad,
+            self.seq_lens: plan.seq_lens + [1] * pad,
+            self.slots: slots,
+        }
+        for buf, values in host.items():
+            buf[:n].copy_(torch.tensor(values, dtype=buf.dtype), non_blocking=True)
+        self.block_tables[:n].copy_(torch.tensor(tables, dtype=torch.int32), non_blocking=True)
+        if n not in self._graphs:
+            self._graphs[n] = self._capture(n)
+        graph, logits = self._graphs[n]
+        graph.replay()
+        return logits[:b].clone()
