@@ -137,7 +137,7 @@ def main() -> None:
         result = {"device": gpu, "tp": ctx.world_size, "model": spec.model_type, "config": args.config,
                   "dtype": cfg.model.dtype, "versions": {"torch": torch.__version__, "cuda": torch.version.cuda},
                   "copy_TBps": bw, "weight_bytes_per_rank": weight_bytes, "rows": rows}
-        slug = gpu.replace(" ", "-").replace("/", "-")
+        slug = gpu.lower().replace(" ", "-").replace("/", "-")
         out = Path(args.out) if args.out else Path(__file__).parent / "results" / f"{slug}x{ctx.world_size}"
         out.mkdir(parents=True, exist_ok=True)
         name = f"decode_throughput_{Path(args.config).stem}.json"

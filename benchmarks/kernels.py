@@ -5,12 +5,14 @@
 
 Writes <out>/kernels.json: {"device", "versions", "copy_TBps", "rows": [{op, shape, dtype, density,
 variant, ms}]} and prints a table (with --sweep, rows of variant "sweep" time other block configs).
+Target rows (B = 64 attention at density 0.3; M = 64 MLP at 10%) are timed twice ("ours_rerun":
+the run-to-run spread) and with the previous version's split plan ("v2_plan": the A/B).
 Every variant is captured in a CUDA graph and its replays are timed (median of
 triton.testing.do_bench, which flushes L2 before every repetition); inputs are random, never
 zeros. The floor is the bytes the op must read (selected KV, or selected weights) over the copy
 bandwidth measured in the same run. The exact command of the recorded run:
 
-    python3 benchmarks/kernels.py --sweep --out $OUT
+    python3 benchmarks/kernels.py --out $OUT
 
 """
 
@@ -125,7 +127,15 @@ def bench_attention(name, b, hq, hkv, n, densities, bw, rows, sweep_configs=()):
         add("ours", real, *_try_bench(lambda: select_attention(q, kc, vc, bt, seq_lens, ht, scale, out=out)))
         if kmax == hkv:  # all groups selected: must equal dense SDPA (a GPU-side check of ours)
             dense_out = F.scaled_dot_product_attention(q4, k, v, scale=scale, enable_gqa=g > 1).view(b, hq, D_HEAD)
-            rows[-1]["max_err_vs_sdpa"] = (out.float() - dense_out.float()).abs().max().item()
+            diff = out.float() - dense_out.float()
+            rows[-1]["max_err_vs_sdpa"] = diff.abs().max().item()
+            rows[-1]["rel_err_vs_sdpa"] = (diff.norm() / dense_out.float().norm()).item()
+        if b == 64 and dens == 0.3:  # a target row: time it again (spread) and with v2's plan (A/B)
+            add("ours_rerun", real, *_try_bench(lambda: select_attention(q, kc, vc, bt, seq_lens, ht, scale, out=out)))
+            sms = torch.cuda.get_device_properties(0).multi_processor_count
+            v2_splits = max(1, min(-(-16 * sms // (b * kmax)), -(-n // 256), 64))  # v2: 16 programs per SM
+            add("v2_plan", real, *_try_bench(lambda: _launch(q, kc, vc, bt, seq_lens, ht, scale, out, num_splits=v2_splits)),
+                num_splits=v2_splits)
 
         def gather_sdpa():
             ks, vs = k[bidx, ht], v[bidx, ht]  # (B, kmax, N, D) copies
@@ -145,7 +155,7 @@ def bench_attention(name, b, hq, hkv, n, densities, bw, rows, sweep_configs=()):
 
 
 def bench_mlp(name, d, n, ms_list, fracs, bw, rows, sweep_configs=()):
-    from kernels.gather_gemm import GemmConfig, gather_fc1, gather_fc2
+    from kernels.gather_gemm import GemmConfig, _gpu_config, gather_fc1, gather_fc2
 
     gen = torch.Generator(device="cuda").manual_seed(1)
     w1 = torch.randn(n, d, device="cuda", dtype=torch.float16, generator=gen) / d**0.5
@@ -168,6 +178,12 @@ def bench_mlp(name, d, n, ms_list, fracs, bw, rows, sweep_configs=()):
             real = k / n
             add("floor", real, 2 * k * d * 2 / (bw * 1e12) * 1e3)
             add("ours", real, *_try_bench(lambda: gather_fc2(gather_fc1(x, w1, idx, b1), w2t, idx, b2)))
+            if m == 64 and frac == 0.1:  # a target row: time it again (spread) and with v2's fc1 plan (A/B)
+                add("ours_rerun", real, *_try_bench(lambda: gather_fc2(gather_fc1(x, w1, idx, b1), w2t, idx, b2)))
+                sms = torch.cuda.get_device_properties(0).multi_processor_count
+                c1 = _gpu_config(m, k, d, sms, programs_per_sm=2)  # v2 split rule for fc1
+                add("v2_plan", real, *_try_bench(lambda: gather_fc2(gather_fc1(x, w1, idx, b1, config=c1), w2t, idx, b2)),
+                    fc1_split_k=c1.split_k)
             ii = idx.long()
             add("gather_cublas", real, *_try_bench(lambda: F.linear(x, w1[ii], b1[ii]).relu_() @ w2t[ii] + b2))
             h = gather_fc1(x, w1, idx, b1)
@@ -197,7 +213,8 @@ def _print_table(data: dict) -> None:
         dense = [r["ms"] for r in rs if r["variant"] in ("sdpa_dense", "cublas_dense")][0]
         s = json.loads(shape)
         print(f"\n{op} {s}  dense {dense:.4f} ms")
-        print(f"{'density':>8} {'ours':>8} {'floor':>8} {'gather':>8} {'dense/ours':>10} {'floor/ours':>10}")
+        print(f"{'density':>8} {'ours':>8} {'floor':>8} {'gather':>8} {'dense/ours':>10} {'floor/ours':>10}"
+              f" {'rerun':>8} {'v2_plan':>8}")
         by_d: dict = {}
         for r in rs:
             by_d.setdefault(round(r["density"], 4), {})[r["variant"]] = r["ms"]
@@ -206,7 +223,12 @@ def _print_table(data: dict) -> None:
                 continue
             gather = vs.get("gather_sdpa", vs.get("gather_cublas", float("nan")))
             print(f"{dens:8.3f} {vs['ours']:8.4f} {vs['floor']:8.4f} {gather:8.4f} "
-                  f"{dense / vs['ours']:10.2f} {vs['floor'] / vs['ours']:10.2f}")
+                  f"{dense / vs['ours']:10.2f} {vs['floor'] / vs['ours']:10.2f}"
+                  f" {vs.get('ours_rerun', float('nan')):8.4f} {vs.get('v2_plan', float('nan')):8.4f}")
+        for r in rs:
+            if "max_err_vs_sdpa" in r:
+                print(f"  ours vs SDPA dense at density 1: max abs err {r['max_err_vs_sdpa']:.3g}, "
+                      f"rel (L2) err {r['rel_err_vs_sdpa']:.3g}")
     sweeps = [r for r in data["rows"] if r["variant"] == "sweep"]
     if sweeps:
         print("\nsweep")

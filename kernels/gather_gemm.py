@@ -160,12 +160,14 @@ def _block_m(m: int) -> int:
     return min(128, max(16, triton.next_power_of_2(m)))
 
 
-def _gpu_config(m: int, n_out: int, k_loop: int, num_sms: int) -> GemmConfig:
+def _gpu_config(m: int, n_out: int, k_loop: int, num_sms: int, programs_per_sm: int = 2) -> GemmConfig:
     """Weight-streaming config for an [m, n_out] output summed over k_loop.
 
-    The weight stream needs about 2 programs per SM, each with 4 tiles in flight, to reach
-    HBM bandwidth (v1 sweep: 115-230 programs of 1 split reached only ~half of it). When the
-    output has too few tiles, split K: the fp32 partials cost 8 * s * m * n_out bytes against
+    When the output has too few tiles, split K until the grid has programs_per_sm programs
+    per SM: fc2 (w2t row gather, 128 B segments) needs about 2 to reach HBM bandwidth (run 3,
+    OPT-66B M 64 10%: 144 programs 0.0549 ms, 288 0.0457); fc1 (w1 rows, 256 B segments)
+    passes 1 (v3: run 3 timed it at 0.0430 ms with 116 programs, 0.0493 with 290; unsplit at
+    256 tiles beat 2 splits). The fp32 partials cost 8 * s * m * n_out bytes against
     2 * n_out * k_loop bytes of weights, so s is capped to keep that ratio (4 s m / k_loop)
     under 15%, and every split keeps >= 4 K tiles.
     """
@@ -176,7 +178,11 @@ def _gpu_config(m: int, n_out: int, k_loop: int, num_sms: int) -> GemmConfig:
         block_n, block_k, warps, stages = 64, 128, 4, 4
     tiles = triton.cdiv(m, block_m) * triton.cdiv(n_out, block_n)
     split = 1
-    while (tiles * split < 2 * num_sms and split < 8 and 4 * (split + 1) * m <= 0.15 * k_loop
+    target = programs_per_sm * num_sms
+    # fc2 (2 per SM) splits until the grid reaches the target, overshooting it if need be;
+    # fc1 (1 per SM) only while the grid stays within it: its 4 and 5 split grids (232, 290
+    # programs, past one per SM) were slower than 2 (116).
+    while ((tiles * split < target if programs_per_sm > 1 else tiles * (split + 1) <= target) and split < 8 and 4 * (split + 1) * m <= 0.15 * k_loop
            and k_loop // (split + 1) >= 4 * block_k):
         split += 1
     return GemmConfig(block_m, block_n, block_k, num_warps=warps, num_stages=stages, split_k=split)
@@ -256,7 +262,7 @@ def gather_fc1(x: torch.Tensor, w1: torch.Tensor, idx: torch.Tensor, b1: torch.T
     k = idx.shape[0]
     interpret = x.device.type != "cuda"
     if config is None:
-        config = _interpreter_config(m) if interpret else _gpu_config(m, k, d, _num_sms(x.device))
+        config = _interpreter_config(m) if interpret else _gpu_config(m, k, d, _num_sms(x.device), programs_per_sm=1)
     h = torch.empty(m, k, device=x.device, dtype=x.dtype)
     if m == 0 or k == 0:
         return h

@@ -148,3 +148,15 @@ def test_gpu_cuda_graph_capture():
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(y, eager)
+
+
+def test_split_heuristic_opt66b():
+    """Split counts the v3 rule gives on an H100 (132 SMs), from run 3's sweep (KERNELS_NOTES.md)."""
+    from kernels.gather_gemm import _gpu_config, _split_plan
+
+    m, d, k = 64, 9216, 3680  # OPT-66B, 10% of 36864 neurons
+    fc1 = _gpu_config(m, k, d, 132, programs_per_sm=1)
+    fc2 = _gpu_config(m, d, k, 132)
+    assert _split_plan(fc1, d)[0] == 2  # 58 tiles -> 116 programs (5 splits, 290, were slower)
+    assert _split_plan(fc2, k)[0] == 2  # 144 tiles -> 288 programs
+    assert _gpu_config(64, 16384, 4096, 132, programs_per_sm=1).split_k == 1  # 256 tiles: no split

@@ -184,3 +184,12 @@ def test_gpu_cuda_graph_capture():
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(out, eager)
+
+
+def test_split_plan_skips_split_for_long_grids():
+    """v3: no split at >= 8 programs per SM; below that, 16 per SM (132 SMs, block_n 64)."""
+    from kernels.select_attention import _split_plan
+
+    assert _split_plan(64, 22, 1920, 132, 64)[0] == 1  # opt-66b d 0.31: 1408 programs
+    assert _split_plan(64, 10, 3968, 132, 64)[0] == 4  # llama2-7b d 0.31: 640 programs
+    assert _split_plan(64, 2, 8192, 132, 64)[0] == 16  # llama3-8b GQA d 0.25

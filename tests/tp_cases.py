@@ -33,14 +33,20 @@ ARCHS: dict[str, dict] = {
                   num_attention_heads=4, num_key_value_heads=4, head_dim=64, max_position_embeddings=256,
                   rms_norm_eps=1e-6, tie_word_embeddings=True, rope_parameters=dict(rope_type="default",
                                                                                    rope_theta=10000.0)),
+    # Mistral: GQA, sliding window (longer than the test's max_seq_len)
+    "mistral": dict(model_type="mistral", hidden_size=256, intermediate_size=320, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=256,
+                    sliding_window=128, tie_word_embeddings=False,
+                    rope_parameters=dict(rope_type="default", rope_theta=10000.0)),
     # LayerNorm, learned positions, ReLU MLP, biases
     "opt": dict(model_type="opt", hidden_size=256, ffn_dim=700, num_hidden_layers=2, num_attention_heads=4,
                 max_position_embeddings=256, do_layer_norm_before=True, word_embed_proj_dim=256),
 }
 
 
-def save_tiny_model(arch: str, directory: Path, seed: int = 0) -> Path:
-    """A random HF model of `arch`, every parameter perturbed (biases and norms too), saved."""
+def save_tiny_model(arch: str, directory: Path, seed: int = 0, max_shard_size: str | None = None) -> Path:
+    """A random HF model of `arch`, every parameter perturbed (biases and norms too), saved
+    (as several safetensors files plus an index when max_shard_size is given)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     fields = dict(ARCHS[arch])
@@ -52,7 +58,7 @@ def save_tiny_model(arch: str, directory: Path, seed: int = 0) -> Path:
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)
-    model.save_pretrained(str(directory))
+    model.save_pretrained(str(directory), **({"max_shard_size": max_shard_size} if max_shard_size else {}))
     return directory
 
 
