@@ -80,16 +80,26 @@ def reference_logits(model_dir: Path, dtype: torch.dtype, device: str = "cpu") -
     return out
 
 
+def model_section(source: Path) -> dict:
+    """The config `model` section for a HF directory, or the one of a run-config YAML."""
+    if source.suffix == ".yaml":
+        import yaml
+
+        return dict(yaml.safe_load(source.read_text())["model"])
+    return {"path": str(source), "tokenizer": "bytes"}
+
+
 def runtime_logits(model_dir: Path, dtype: str, device: str = "cpu", backend: str = "auto",
                    cuda_graphs: bool = True) -> list[torch.Tensor] | None:
-    """Ours: prefill then teacher-forced decode. Returns the logits on rank 0, None elsewhere."""
+    """Ours: prefill then teacher-forced decode. Returns the logits on rank 0, None elsewhere.
+    `model_dir` is a HF directory or a run-config YAML (e.g. a random-weight shape config)."""
     from polar_dist.config import config_from_dict
     from polar_dist.engine.sampler import SamplingParams
     from polar_dist.parallel.context import init_parallel
     from polar_dist.runtime import build_runtime, new_scheduler
 
     cfg = config_from_dict({
-        "model": {"path": str(model_dir), "dtype": dtype, "device": device, "tokenizer": "bytes"},
+        "model": {**model_section(model_dir), "dtype": dtype, "device": device},
         "parallel": {"timeout_s": 60, "backend": backend},
         "engine": {"block_size": 16, "max_batch_size": 4, "max_seq_len": 64, "cuda_graphs": cuda_graphs},
     })
