@@ -74,20 +74,15 @@ class DecodeGraphs:
         """Copy the decode plan into the captured buffers and replay; (B, V) float32 logits."""
         b, n = plan.batch_size, self.bucket(plan.batch_size)
         assert n is not None, "batch larger than the largest captured bucket"
-        bs, scratch = self.block_size, self.scratch_block
-        tables = [t + [scratch] * (self.max_blocks - len(t)) for t in plan.block_tables]
-        tables += [[scratch] * self.max_blocks] * (n - b)
-        pad = n - b
-        slots = [t[p // bs] * bs + p % bs for t, p in zip(plan.block_tables, plan.positions)] + [scratch * bs] * pad
-        host = {
-            self.ids: plan.token_ids + [0] * pad,
-            self.positions: plan.positions + [0] * pad,
-            self.seq_lens: plan.seq_lens + [1] * pad,
-            self.slots: slots,
-        }
-        for buf, values in host.items():
+        pad, bs, scratch = n - b, self.block_size, self.scratch_block
+        # Padding rows: one token at position 0 of the scratch block.
+        tables = [t + [scratch] * (self.max_blocks - len(t)) for t in plan.block_tables] + [[scratch] * self.max_blocks] * pad
+        for buf, values in ((self.ids, plan.token_ids + [0] * pad),
+                            (self.positions, plan.positions + [0] * pad),
+                            (self.seq_lens, plan.seq_lens + [1] * pad),
+                            (self.slots, plan.cache_slots(bs) + [scratch * bs] * pad),
+                            (self.block_tables, tables)):
             buf[:n].copy_(torch.tensor(values, dtype=buf.dtype), non_blocking=True)
-        self.block_tables[:n].copy_(torch.tensor(tables, dtype=torch.int32), non_blocking=True)
         if n not in self._graphs:
             self._graphs[n] = self._capture(n)
         graph, logits = self._graphs[n]

@@ -26,5 +26,14 @@ class StepPlan:
     def batch_size(self) -> int:
         return len(self.seq_lens)
 
+    def cache_slots(self, block_size: int) -> list[int]:
+        """(T,) cache slot of each new token: its sequence's block for that position, and the offset in it."""
+        slots: list[int] = []
+        start = 0
+        for table, n in zip(self.block_tables, self.query_lens):
+            slots.extend(table[p // block_size] * block_size + p % block_size for p in self.positions[start:start + n])
+            start += n
+        return slots
+
 
 STOP = StepPlan(kind=StepKind.STOP)

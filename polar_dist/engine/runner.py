@@ -48,23 +48,17 @@ class ModelRunner:
         assert plan.kind is not StepKind.STOP
         if plan.kind is StepKind.DECODE and self.graphs is not None and self.graphs.bucket(plan.batch_size):
             return self.graphs.run(plan)
-        dev, bs = self.device, self.block_size
+        dev = self.device
         max_blocks = max(len(t) for t in plan.block_tables)
         tables = [t + [0] * (max_blocks - len(t)) for t in plan.block_tables]
         block_tables = torch.tensor(tables, dtype=torch.int32, device=dev)  # (B, max_blocks)
         positions = torch.tensor(plan.positions, dtype=torch.int64, device=dev)  # (T,)
-        # Each new token's cache slot: its sequence's block for that position, and the offset in it.
-        slots: list[int] = []
-        start = 0
-        for table, n in zip(plan.block_tables, plan.query_lens):
-            slots.extend(table[p // bs] * bs + p % bs for p in plan.positions[start:start + n])
-            start += n
         is_decode = plan.kind is StepKind.DECODE
         batch = AttentionBatch(
             is_decode=is_decode,
             seq_lens=torch.tensor(plan.seq_lens, dtype=torch.int32, device=dev),
             block_tables=block_tables,
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
+            slot_mapping=torch.tensor(plan.cache_slots(self.block_size), dtype=torch.int64, device=dev),
             head_table=self.dense_head_table(plan.batch_size) if is_decode else None,
             query_lens=tuple(plan.query_lens),
             seq_lens_host=tuple(plan.seq_lens),
