@@ -4,15 +4,18 @@
     PYTHONPATH=. python3 benchmarks/kernels.py --plot-from benchmarks/results/<gpu>/kernels.json
 
 Writes <out>/kernels.json: {"device", "versions", "copy_TBps", "rows": [{op, shape, dtype, density,
-variant, ms}]} and prints a table (with --sweep, rows of variant "sweep" time other block configs).
-Target rows (B = 64 attention at density 0.3; M = 64 MLP at 10%) are timed twice ("ours_rerun":
-the run-to-run spread) and with the previous version's split plan ("v2_plan": the A/B).
+variant, ms}]} and prints a table. With --sweep, attention rows of >= 512 unsplit programs are also
+timed at split counts 1, 2, 3, 4, 6 and (target and previously regressed rows) other block configs, each
+checked against SDPA on the gathered selected groups, plus v3's exact launch ("v3_exact": v3's
+split count and memset of out; the A/B); --mlp-sweep times other gather-GEMM configs. Target rows
+(B = 64 attention at density 0.3; M = 64 MLP at 10%) are timed twice ("ours_rerun": the
+run-to-run spread); the MLP target row also with v2's fc1 plan ("v2_plan").
 Every variant is captured in a CUDA graph and its replays are timed (median of
 triton.testing.do_bench, which flushes L2 before every repetition); inputs are random, never
 zeros. The floor is the bytes the op must read (selected KV, or selected weights) over the copy
 bandwidth measured in the same run. The exact command of the recorded run:
 
-    python3 benchmarks/kernels.py --out $OUT
+    python3 benchmarks/kernels.py --out $OUT --sweep
 
 """
 
@@ -68,7 +71,7 @@ def _try_bench(fn) -> tuple[float, dict]:
     """Time fn; a failure (OOM, capture error) becomes a NaN row that carries the error."""
     try:
         return _bench(fn), {}
-    except (RuntimeError, ValueError) as e:  # torch.OutOfMemoryError is a RuntimeError
+    except Exception as e:  # noqa: BLE001 - OOM, capture error, a sweep config Triton cannot build: kept in the row
         print(f"FAILED: {type(e).__name__}: {e}", flush=True)
         torch.cuda.empty_cache()
         return float("nan"), {"error": f"{type(e).__name__}: {str(e)[:300]}"}
@@ -96,11 +99,33 @@ def _head_table(b: int, hkv: int, k: int, gen: torch.Generator) -> torch.Tensor:
     return torch.stack([torch.randperm(hkv, generator=gen)[:k] for _ in range(b)]).int().cuda()
 
 
-def bench_attention(name, b, hq, hkv, n, densities, bw, rows, sweep_configs=()):
+# Attention sweep (--sweep). SPLIT_SWEEP: split counts timed at the default block config on every
+# row whose unsplit grid has >= SWEEP_MIN_PAIRS programs (the rows a split rule can move).
+# CONFIG_SWEEP: other block configs at the target rows and the rows v3's rule made slower.
+SWEEP_MIN_PAIRS = 512
+SPLIT_SWEEP = (1, 2, 3, 4, 6)
+CONFIG_SWEEP = [  # label, (block_n, num_warps, num_stages, maxnreg)
+    ("st2", (64, 4, 2, None)), ("w8", (64, 8, 3, None)), ("bn128_w8", (128, 8, 3, None)),
+    ("r168", (64, 4, 3, 168)), ("r128", (64, 4, 3, 128)), ("bn32_r128", (32, 4, 3, 128)),
+]
+CONFIG_ROWS = {  # (name, B, k_max): split counts to time each CONFIG_SWEEP config at
+    ("opt-66b", 64, 22): (1, 2, 3, 4, 6), ("llama2-7b", 64, 10): (1, 2, 3, 4, 6),  # targets (d 0.3)
+    ("llama2-7b", 64, 19): (1, 2, 3), ("llama2-7b", 64, 29): (1, 2, 3), ("llama2-7b", 128, 10): (1, 2, 3),
+}
+
+
+def _v3_splits(b: int, kmax: int, n: int, sms: int) -> int:
+    """Version 3's split count (no split at >= 8 programs per SM, else 16 per SM)."""
+    want = 1 if b * kmax >= 8 * sms else -(-16 * sms // (b * kmax))
+    return max(1, min(want, -(-n // 256), 64))
+
+
+def bench_attention(name, b, hq, hkv, n, densities, bw, rows, sweep=False):
     from kernels.select_attention import AttentionConfig, _launch, select_attention
 
     gen = torch.Generator().manual_seed(0)
     g = hq // hkv
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
     q = torch.randn(b, hq, D_HEAD, device="cuda", dtype=torch.float16)
     k = torch.randn(b, hkv, n, D_HEAD, device="cuda", dtype=torch.float16)
     v = torch.randn(b, hkv, n, D_HEAD, device="cuda", dtype=torch.float16)
@@ -130,12 +155,9 @@ def bench_attention(name, b, hq, hkv, n, densities, bw, rows, sweep_configs=()):
             diff = out.float() - dense_out.float()
             rows[-1]["max_err_vs_sdpa"] = diff.abs().max().item()
             rows[-1]["rel_err_vs_sdpa"] = (diff.norm() / dense_out.float().norm()).item()
-        if b == 64 and dens == 0.3:  # a target row: time it again (spread) and with v2's plan (A/B)
+        v3 = _v3_splits(b, kmax, n, sms)
+        if b == 64 and dens == 0.3:  # a target row: time it again (spread)
             add("ours_rerun", real, *_try_bench(lambda: select_attention(q, kc, vc, bt, seq_lens, ht, scale, out=out)))
-            sms = torch.cuda.get_device_properties(0).multi_processor_count
-            v2_splits = max(1, min(-(-16 * sms // (b * kmax)), -(-n // 256), 64))  # v2: 16 programs per SM
-            add("v2_plan", real, *_try_bench(lambda: _launch(q, kc, vc, bt, seq_lens, ht, scale, out, num_splits=v2_splits)),
-                num_splits=v2_splits)
 
         def gather_sdpa():
             ks, vs = k[bidx, ht], v[bidx, ht]  # (B, kmax, N, D) copies
@@ -144,14 +166,36 @@ def bench_attention(name, b, hq, hkv, n, densities, bw, rows, sweep_configs=()):
 
         if b * kmax * n * D_HEAD * 4 < 24e9:  # the copies must fit beside the two caches
             add("gather_sdpa", real, *_try_bench(gather_sdpa))
-        for label, cfg, splits in sweep_configs if dens in (0.3, 1.0) else ():
+        if not sweep or b * kmax < SWEEP_MIN_PAIRS:
+            continue
+        # Reference for the sweep's checks: SDPA on the gathered selected groups (B, kmax * G, D).
+        ref = gather_sdpa().view(b, kmax * g, D_HEAD).float()
+        qheads = (ht.long()[:, :, None] * g + torch.arange(g, device="cuda")).reshape(b, kmax * g)
+        unsel = torch.ones(b, hq, dtype=torch.bool, device="cuda")
+        unsel[bidx, qheads] = False
+
+        def timed_check(fn):
+            """Time fn (which writes out), then check what its last graph replay left in out."""
+            out.fill_(float("nan"))
+            ms, err = _try_bench(fn)
+            err["max_err"] = (out[bidx, qheads].float() - ref).abs().max().item()  # NaN if unwritten
+            err["unselected_zero"] = bool((out[unsel] == 0).all().item())
+            return ms, err
+
+        add("v3_exact", real, *timed_check(  # run 4's plan with run 4's memset: the A/B of this version
+            lambda: _launch(q, kc, vc, bt, seq_lens, ht, scale, out, num_splits=v3, zero_in_kernel=False)),
+            num_splits=v3)
+        cfg_splits = CONFIG_ROWS.get((name, b, kmax), ())
+        for label, cfg in [("default", (64, 4, 3, None))] + (CONFIG_SWEEP if cfg_splits else []):
             c = AttentionConfig(*cfg)
-            if splits == "v1":  # v1's plan: cdiv(4 * SMs, B * k_max) splits of >= 256 tokens
-                sms = torch.cuda.get_device_properties(0).multi_processor_count
-                splits = max(1, min(-(-4 * sms // (b * kmax)), -(-n // 256), 64))
-            ms, err = _try_bench(lambda: _launch(q, kc, vc, bt, seq_lens, ht, scale, out, num_splits=splits, config=c))
-            add("sweep", real, ms, err, config={"label": label, "block_n": cfg[0], "num_warps": cfg[1],
-                                                "num_stages": cfg[2], "num_splits": splits})
+            for splits in SPLIT_SWEEP if label == "default" else cfg_splits:
+                if splits > -(-n // 256):
+                    continue
+                ms, extra = timed_check(
+                    lambda: _launch(q, kc, vc, bt, seq_lens, ht, scale, out, num_splits=splits, config=c))
+                add("sweep", real, ms, extra, config={"label": label, "block_n": cfg[0], "num_warps": cfg[1],
+                                                      "num_stages": cfg[2], "maxnreg": cfg[3], "num_splits": splits},
+                    pairs=b * kmax, v3_splits=v3)
 
 
 def bench_mlp(name, d, n, ms_list, fracs, bw, rows, sweep_configs=()):
@@ -213,8 +257,9 @@ def _print_table(data: dict) -> None:
         dense = [r["ms"] for r in rs if r["variant"] in ("sdpa_dense", "cublas_dense")][0]
         s = json.loads(shape)
         print(f"\n{op} {s}  dense {dense:.4f} ms")
+        ab = "v3_exact" if op == "attention" else "v2_plan"
         print(f"{'density':>8} {'ours':>8} {'floor':>8} {'gather':>8} {'dense/ours':>10} {'floor/ours':>10}"
-              f" {'rerun':>8} {'v2_plan':>8}")
+              f" {'rerun':>8} {ab:>8}")
         by_d: dict = {}
         for r in rs:
             by_d.setdefault(round(r["density"], 4), {})[r["variant"]] = r["ms"]
@@ -224,17 +269,33 @@ def _print_table(data: dict) -> None:
             gather = vs.get("gather_sdpa", vs.get("gather_cublas", float("nan")))
             print(f"{dens:8.3f} {vs['ours']:8.4f} {vs['floor']:8.4f} {gather:8.4f} "
                   f"{dense / vs['ours']:10.2f} {vs['floor'] / vs['ours']:10.2f}"
-                  f" {vs.get('ours_rerun', float('nan')):8.4f} {vs.get('v2_plan', float('nan')):8.4f}")
+                  f" {vs.get('ours_rerun', float('nan')):8.4f} {vs.get(ab, float('nan')):8.4f}")
         for r in rs:
             if "max_err_vs_sdpa" in r:
                 print(f"  ours vs SDPA dense at density 1: max abs err {r['max_err_vs_sdpa']:.3g}, "
                       f"rel (L2) err {r['rel_err_vs_sdpa']:.3g}")
     sweeps = [r for r in data["rows"] if r["variant"] == "sweep"]
-    if sweeps:
-        print("\nsweep")
+    checked = [r for r in data["rows"] if "max_err" in r]
+    if checked:
+        worst = max(r["max_err"] for r in checked)  # NaN compares False: count those separately
+        bad = [r for r in checked if not (r["max_err"] <= 5e-3 and r["unselected_zero"])]
+        print(f"\nsweep checks vs gathered SDPA: {len(checked)} launches, worst max abs err {worst:.3g}, "
+              f"{len(bad)} failed (err > 5e-3, NaN, or an unselected head not 0)")
+    if any(r["op"] == "attention" for r in sweeps):
+        print("\nattention sweep: ms by split count (* = v3's split count)")
+        line: dict = {}
         for r in sweeps:
-            print(f"{r['op']:9} {r['shape']['name']:14} {r['shape'].get('M', r['shape'].get('B'))} "
-                  f"{r.get('error', '')}"
+            if r["op"] != "attention":
+                continue
+            s = r["shape"]
+            key = (s["name"], s["B"], round(r["density"], 3), r["pairs"], r["config"]["label"])
+            line.setdefault(key, []).append(
+                f"{r['config']['num_splits']}{'*' if r['config']['num_splits'] == r['v3_splits'] else ''}:{r['ms']:.4f}")
+        for (nm, b, dens, pairs, label), cells in line.items():
+            print(f"{nm:14} B {b:3} d {dens:5.3f} pairs {pairs:5} {label:10} " + " ".join(cells))
+    for r in sweeps:
+        if r["op"] == "mlp":
+            print(f"{r['op']:9} {r['shape']['name']:14} {r['shape'].get('M')} {r.get('error', '')}"
                   f"d={r['density']:.3f} {r['config']} {r['ms']:.4f}")
 
 
@@ -274,7 +335,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, help="folder for kernels.json (default benchmarks/results/<gpu>)")
     ap.add_argument("--plot-from", type=Path, help="only print the table and plot this kernels.json")
-    ap.add_argument("--sweep", action="store_true", help="also time alternative block configs")
+    ap.add_argument("--sweep", action="store_true", help="also time attention split counts and block configs")
+    ap.add_argument("--mlp-sweep", action="store_true", help="also time alternative gather-GEMM configs")
     args = ap.parse_args()
     if args.plot_from:
         data = json.loads(args.plot_from.read_text())
@@ -290,21 +352,18 @@ def main() -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     bw = _copy_tbps()
     rows: list = []
-    # label, (block_n, num_warps, num_stages), num_splits (None: the heuristic's; "v1": v1's plan)
-    attn_sweep = [("v1_plan", (64, 4, 3), "v1"), ("bn32", (32, 4, 3), None), ("bn128_w8", (128, 8, 3), None),
-                  ("stages4", (64, 4, 4), None)] if args.sweep else []
     for name, b, hq, hkv, n in ATTN_SHAPES:
-        bench_attention(name, b, hq, hkv, n, ATTN_DENSITIES, bw, rows, attn_sweep)
+        bench_attention(name, b, hq, hkv, n, ATTN_DENSITIES, bw, rows, args.sweep)
         torch.cuda.empty_cache()  # hand the caches of this shape back before the next one
         print(f"attention {name} done", flush=True)
     for b in BATCH_SWEEP:
-        bench_attention("llama2-7b", b, 32, 32, 3968, BATCH_DENSITIES, bw, rows)
+        bench_attention("llama2-7b", b, 32, 32, 3968, BATCH_DENSITIES, bw, rows, args.sweep)
         torch.cuda.empty_cache()
     print("batch sweep done", flush=True)
     # kernel, GemmConfig fields (block_m, block_n, block_k, num_warps, num_stages, split_k); None = default
     mlp_sweep = [(kern, c) for kern in ("fc1", "fc2") for c in (
         None, (64, 16, 128, 4, 4, 1), (64, 128, 64, 4, 4, 1), (64, 64, 128, 4, 4, 1), (64, 64, 128, 4, 4, 2),
-        (64, 64, 128, 4, 4, 4), (64, 32, 256, 4, 3, 1), (64, 32, 128, 4, 4, 2), (64, 64, 64, 4, 5, 1), (64, 128, 64, 4, 4, 2))] if args.sweep else []
+        (64, 64, 128, 4, 4, 4), (64, 32, 256, 4, 3, 1), (64, 32, 128, 4, 4, 2), (64, 64, 64, 4, 5, 1), (64, 128, 64, 4, 4, 2))] if args.mlp_sweep else []
     for name, d, n in MLP_SHAPES:
         bench_mlp(name, d, n, MLP_MS, MLP_FRACS, bw, rows, mlp_sweep)
         print(f"mlp {name} done", flush=True)

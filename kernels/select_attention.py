@@ -7,9 +7,10 @@ listed in ``head_table[b]``; every other query head's output is exactly 0. With
 Work split: one program per (sequence, selected group, split of the sequence). A program
 loads each K/V tile of its group once and uses it for all G = Hq // Hkv query heads of the
 group (rows of a tl.dot, padded to 16). Splits are merged by a second kernel with a
-log-sum-exp merge. The split count comes from static shapes only (B, k_max, max_blocks,
-SM count), never from seq_lens values, so a call never syncs with the host and its grid is
-fixed for a fixed k_max (CUDA-graph capturable). Programs whose split lies past their
+log-sum-exp merge. B more programs of the same launch write the zeros of each sequence's
+unselected heads (no memset of out first). The split count comes from static shapes only
+(B, k_max, max_blocks, SM count), never from seq_lens values, so a call never syncs with the
+host and its grid is fixed for a fixed k_max (CUDA-graph capturable). Programs whose split lies past their
 sequence's length, or whose head_table entry is -1, exit at once.
 
     out = select_attention(q, k_cache, v_cache, block_tables, seq_lens, head_table, scale)
@@ -32,24 +33,38 @@ _KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 _MIN_SPLIT_TOKENS = 256
 # The merge kernel loads all splits of a head as one [SPLITS_PAD, D] fp32 tile.
 _MAX_SPLITS = 64
-# Programs wanted per SM. Only ~2 programs fit on an SM at once (3 stages x 32 KiB of K/V
-# tiles each), so the grid runs in waves and the last, partial wave idles most of HBM: with
-# ~8 waves the tail costs < 1/8. v1 measured this: 640 programs (2.4 waves) reached 83% of
-# the floor, the same work as 2560 programs 95%. The partials a split adds (fp32 acc, max,
-# sum: ~(D + 2) x 4 B per head, written and read once) are < 1% of the >= 256 tokens of K/V
-# the split reads.
+# Programs wanted per SM when the unsplit grid is short (< 8 per SM). The kernel holds 255
+# registers x 128 threads, so 2 programs run per SM and the grid runs in waves; a short grid
+# leaves a long idle tail: v1 measured 640 programs (2.4 waves) at 83% of the floor, the same
+# work as 2560 programs at 95%. The partials a split adds (fp32 acc, max, sum: ~(D + 2) x 4 B
+# per head, written and read once) are < 1% of the >= 256 tokens of K/V the split reads.
 _PROGRAMS_PER_SM = 16
-# ...but only when the unsplit grid is short. At >= 8 programs per SM (4 waves) the idle tail
-# is small and a split's merge launch and partials cost more than it saves: run 3 timed
-# opt-66b at d 0.31 (1408 programs) at 0.4823 ms unsplit vs 0.4920 with 2 splits.
-_NO_SPLIT_PROGRAMS_PER_SM = 8
+_SHORT_GRID_PROGRAMS_PER_SM = 8
+# From 8 programs per SM up, no wave model predicted the best split count (run 5 swept 1-6
+# splits at 26 rows; docs: benchmarks/KERNELS_NOTES.md, version 4). The measured rule:
+# * programs longer than _LONG_TOKENS tokens, < 15 programs per SM: split into pieces of
+#   _LONG_SPLIT_TOKENS (llama2-7b N 3968 at 9.2-14.1 programs per SM: 4 splits, 0-6% faster
+#   than unsplit; unsplit wins again at 15.5 per SM);
+# * shorter programs at 14-24 programs per SM: 2 splits (opt-66b N 1920 at 14.1-20.8 per SM:
+#   1-3% faster; unsplit wins at 10.7 and 24.2 per SM).
+_LONG_TOKENS = 2048
+_LONG_SPLIT_TOKENS = 1024
+_LONG_MAX_PROGRAMS_PER_SM = 15
+_SHORT_BAND_PROGRAMS_PER_SM = (14, 24)
 
 
 @dataclass(frozen=True)
 class AttentionConfig:
     block_n: int = 64  # tokens per K/V tile; 64 x 128 fp16 = 16 KiB per tile and stage
     num_warps: int = 4
-    num_stages: int = 3  # cp.async pipeline depth: ~3 tiles of K and V in flight per program
+    # Pipeline depth asked of Triton. The K/V loads are pointer gathers through the block
+    # table, which Triton 3.7 does not multi-buffer (ptxas: the same 22.5 KiB of shared memory,
+    # dot operands only, and 255 registers at 2, 3 and 4 stages). On the H100's Triton 3.6,
+    # run 5 timed 2 stages 0-2% faster at 5 rows; 3 stays until the whole table is re-timed.
+    num_stages: int = 3
+    # ptxas register cap (None: Triton's, which lands at 255 with ~0.6 KiB of spills at 64 x 4
+    # warps: 2 programs per SM). 168 fits 3 programs, 128 fits 4, at the cost of more spills.
+    maxnreg: int | None = None
 
 
 # The interpreter runs one numpy pass per program and tile: larger tiles keep CPU tests fast.
@@ -57,19 +72,47 @@ _INTERPRETER_CONFIG = AttentionConfig(block_n=64, num_warps=4, num_stages=1)
 
 
 @triton.jit
+def _zero_unselected(ht_ptr, out_ptr, b, k_max, hq, stride_htb, stride_ob, stride_oh,
+                     G: tl.constexpr, D: tl.constexpr):
+    """out[b, h, :] = 0 for every query head h whose KV group is not in head_table[b]. Done in
+    the attention launch instead of a memset of all of out first: one graph node less (~2 us
+    at decode sizes). Heads and slots go in chunks of 16 with runtime bounds, so Hq and k_max
+    are not constexprs (no recompile per density)."""
+    b64 = b.to(tl.int64)
+    cols = tl.arange(0, D)
+    for h0 in range(0, hq, 16):
+        heads = h0 + tl.arange(0, 16)
+        hit = tl.zeros([16], tl.int32)
+        for s0 in range(0, k_max, 16):
+            slots = s0 + tl.arange(0, 16)
+            ht = tl.load(ht_ptr + b64 * stride_htb + slots, mask=slots < k_max, other=-1)  # [16]
+            hit = tl.maximum(hit, tl.max((ht[None, :] == (heads // G)[:, None]).to(tl.int32), 1))
+        o_ptrs = out_ptr + b64 * stride_ob + heads[:, None].to(tl.int64) * stride_oh + cols[None, :]
+        tl.store(o_ptrs, tl.zeros([16, D], out_ptr.dtype.element_ty), mask=((hit == 0) & (heads < hq))[:, None])
+
+
+@triton.jit
 def _select_attention_kernel(
     q_ptr, k_ptr, v_ptr, bt_ptr, seq_lens_ptr, ht_ptr, out_ptr,
     o_part_ptr, m_part_ptr, l_part_ptr,
-    scale_log2, k_max, num_splits, split_tokens,
+    scale_log2, k_max, num_splits, split_tokens, hq,
     stride_qb, stride_qh,
     stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt,
     stride_btb, stride_htb, stride_ob, stride_oh,
     G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr, DIRECT: tl.constexpr, UPCAST: tl.constexpr,
+    ZERO: tl.constexpr,
 ):
-    pair = tl.program_id(0)  # b * k_max + slot
+    pair = tl.program_id(0)  # b * k_max + slot; with ZERO, pairs B * k_max + b zero sequence b
     split = tl.program_id(1)
+    if ZERO:
+        n_pairs = tl.num_programs(0) - tl.num_programs(0) // (k_max + 1)  # B * k_max
+        if pair >= n_pairs:  # one program per sequence writes the 0s of its unselected heads
+            if split == 0:
+                _zero_unselected(ht_ptr, out_ptr, pair - n_pairs, k_max, hq, stride_htb, stride_ob,
+                                 stride_oh, G, D)
+            return
     b = pair // k_max
     slot = pair % k_max
     grp = tl.load(ht_ptr + b.to(tl.int64) * stride_htb + slot)
@@ -103,10 +146,10 @@ def _select_attention_kernel(
         # Page of each token; entries past the sequence are never read (masked).
         page = tl.load(bt_row + pos // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
         tok = (pos % BLOCK_SIZE).to(tl.int64)
-        k = tl.load(k_base + page[:, None] * stride_kb + tok[:, None] * stride_kt + cols[None, :],
-                    mask=valid[:, None], other=0.0)  # [BLOCK_N, D], each row D contiguous
-        v = tl.load(v_base + page[:, None] * stride_vb + tok[:, None] * stride_vt + cols[None, :],
-                    mask=valid[:, None], other=0.0)  # [BLOCK_N, D]
+        k_rows = k_base + page * stride_kb + tok * stride_kt  # [BLOCK_N] row pointers
+        v_rows = v_base + page * stride_vb + tok * stride_vt
+        k = tl.load(k_rows[:, None] + cols[None, :], mask=valid[:, None], other=0.0)  # [BLOCK_N, D], rows contiguous
+        v = tl.load(v_rows[:, None] + cols[None, :], mask=valid[:, None], other=0.0)  # [BLOCK_N, D]
         if UPCAST:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
@@ -165,12 +208,18 @@ def _num_sms(device: torch.device) -> int:
 
 
 def _split_plan(batch: int, k_max: int, max_tokens: int, num_sms: int, block_n: int) -> tuple[int, int]:
-    """(num_splits, split_tokens) from static shapes only: enough programs to fill the GPU."""
+    """(num_splits, split_tokens) from static shapes only (B, k_max, the block table's width,
+    the SM count): never from seq_lens, so no host sync and a fixed grid per k_max."""
     pairs = max(batch * k_max, 1)  # programs of the unsplit grid
-    if pairs >= _NO_SPLIT_PROGRAMS_PER_SM * num_sms:
-        want = 1
-    else:
+    lo, hi = _SHORT_BAND_PROGRAMS_PER_SM
+    if pairs < _SHORT_GRID_PROGRAMS_PER_SM * num_sms:
         want = triton.cdiv(_PROGRAMS_PER_SM * num_sms, pairs)
+    elif max_tokens > _LONG_TOKENS and pairs < _LONG_MAX_PROGRAMS_PER_SM * num_sms:
+        want = triton.cdiv(max_tokens, _LONG_SPLIT_TOKENS)
+    elif max_tokens <= _LONG_TOKENS and lo * num_sms <= pairs < hi * num_sms:
+        want = 2
+    else:
+        want = 1
     splits = max(1, min(want, triton.cdiv(max_tokens, _MIN_SPLIT_TOKENS), _MAX_SPLITS))
     split_tokens = triton.cdiv(triton.cdiv(max_tokens, splits), block_n) * block_n
     return triton.cdiv(max_tokens, split_tokens), split_tokens
@@ -220,8 +269,10 @@ def _check(q, k_cache, v_cache, block_tables, seq_lens, head_table, out, kernel:
 
 
 def _launch(q, k_cache, v_cache, block_tables, seq_lens, head_table, scale, out,
-            num_splits: int | None = None, config: AttentionConfig | None = None) -> torch.Tensor:
-    """The kernel launch; tests and benchmarks pass num_splits / config to pin them."""
+            num_splits: int | None = None, config: AttentionConfig | None = None,
+            zero_in_kernel: bool = True) -> torch.Tensor:
+    """The kernel launch; tests and benchmarks pass num_splits / config to pin them, and
+    zero_in_kernel=False for v3's memset of out before the kernel (the A/B)."""
     _check(q, k_cache, v_cache, block_tables, seq_lens, head_table, out, kernel=True)
     batch, hq, d = q.shape
     _, hkv, block_size, _ = k_cache.shape
@@ -237,9 +288,10 @@ def _launch(q, k_cache, v_cache, block_tables, seq_lens, head_table, scale, out,
     else:
         split_tokens = triton.cdiv(triton.cdiv(max_tokens, num_splits), config.block_n) * config.block_n
         num_splits = triton.cdiv(max_tokens, split_tokens)
+    zero = zero_in_kernel and k_max > 0
     if out is None:
-        out = torch.zeros_like(q)
-    else:
+        out = torch.empty_like(q) if zero else torch.zeros_like(q)
+    elif not zero:
         out.zero_()  # unselected heads must read exactly 0
     if batch == 0 or k_max == 0:
         return out
@@ -251,17 +303,20 @@ def _launch(q, k_cache, v_cache, block_tables, seq_lens, head_table, scale, out,
         o_part = torch.empty(rows * num_splits, d, device=q.device, dtype=torch.float32)
         m_part = torch.empty(rows * num_splits, device=q.device, dtype=torch.float32)
         l_part = torch.empty_like(m_part)
-    _select_attention_kernel[(batch * k_max, num_splits)](
+    # With ZERO the grid has B more programs along dim 0 (one per sequence, split 0 only).
+    _select_attention_kernel[(batch * k_max + (batch if zero else 0), num_splits)](
         q, k_cache, v_cache, block_tables, seq_lens, head_table, out,
         o_part, m_part, l_part,
-        scale * math.log2(math.e), k_max, num_splits, split_tokens,
+        scale * math.log2(math.e), k_max, num_splits, split_tokens, hq,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_tables.stride(0), head_table.stride(0), out.stride(0), out.stride(1),
         G=group, G_PAD=max(16, triton.next_power_of_2(group)), D=d, BLOCK_SIZE=block_size,
         BLOCK_N=config.block_n, DIRECT=direct, UPCAST=interpret,
+        ZERO=zero,
         num_warps=config.num_warps, num_stages=config.num_stages,
+        **({} if config.maxnreg is None else {"maxnreg": config.maxnreg}),
     )
     if not direct:
         _merge_splits_kernel[(rows,)](

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from kernels import dispatch
-from kernels.select_attention import _launch, select_attention, select_attention_ref
+from kernels.select_attention import AttentionConfig, _launch, select_attention, select_attention_ref
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -73,6 +73,16 @@ def test_matches_reference(dtype, d, hq, hkv, k_max, num_splits):
     assert not out.isnan().any(), "an output element was not written"
     assert (out[unselected] == 0).all(), "unselected heads must be exactly 0"
     _check_close(out, case, 0.3)
+
+
+def test_memset_path_matches_fused_zero():
+    """zero_in_kernel=False (v3's memset of out, kept for the benchmark's A/B) gives the same out."""
+    gen = torch.Generator().manual_seed(5)
+    case = _make_case(3, 8, 2, 64, 16, 6, 1, torch.float16, [1, 37, 96], gen)
+    fused = _launch(*case, 0.3, torch.full_like(case[0], float("nan")), num_splits=2)
+    memset = _launch(*case, 0.3, torch.full_like(case[0], float("nan")), num_splits=2, zero_in_kernel=False)
+    assert torch.equal(fused, memset)
+    _check_close(fused, case, 0.3)
 
 
 @pytest.mark.parametrize("block_size", [16, 32])
@@ -170,6 +180,23 @@ def test_gpu_realistic(dtype, hq, hkv, d):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("cfg", [  # (block_n, num_warps, num_stages, maxnreg): every config the v4 sweep times
+    (64, 4, 3, None), (64, 4, 2, None), (64, 8, 3, None), (128, 8, 3, None),
+    (64, 4, 3, 168), (64, 4, 3, 128), (32, 4, 3, 128),
+])
+def test_gpu_block_configs(cfg):
+    gen = torch.Generator().manual_seed(3)
+    lens = torch.randint(1, 1024, (16,), generator=gen).tolist() + [1024]
+    case = _make_case(len(lens), 32, 32, 128, 16, 64, 10, torch.float16, lens, gen)
+    for splits in (1, 3):
+        out = torch.full_like(case[0], float("nan"))
+        _launch(*case, 128**-0.5, out, num_splits=splits, config=AttentionConfig(*cfg))
+        assert not out.isnan().any()
+        assert (out[_unselected_mask(case[5], 32, 32)] == 0).all()
+        _check_close(out, case, 128**-0.5)
+
+
+@pytest.mark.gpu
 def test_gpu_cuda_graph_capture():
     """The op never syncs with the host: it captures, and replays give the eager result."""
     gen = torch.Generator().manual_seed(11)
@@ -186,10 +213,16 @@ def test_gpu_cuda_graph_capture():
     assert torch.equal(out, eager)
 
 
-def test_split_plan_skips_split_for_long_grids():
-    """v3: no split at >= 8 programs per SM; below that, 16 per SM (132 SMs, block_n 64)."""
+def test_split_plan_v4():
+    """v4 rule (132 SMs, block_n 64), each case a row of run 5's split sweep."""
     from kernels.select_attention import _split_plan
 
-    assert _split_plan(64, 22, 1920, 132, 64)[0] == 1  # opt-66b d 0.31: 1408 programs
-    assert _split_plan(64, 10, 3968, 132, 64)[0] == 4  # llama2-7b d 0.31: 640 programs
+    assert _split_plan(64, 10, 3968, 132, 64)[0] == 4  # llama2-7b d 0.31: 640 programs (< 8 per SM)
     assert _split_plan(64, 2, 8192, 132, 64)[0] == 16  # llama3-8b GQA d 0.25
+    assert _split_plan(64, 22, 1920, 132, 64)[0] == 1  # opt-66b d 0.31: 10.7 per SM, short programs
+    assert _split_plan(64, 29, 1920, 132, 64)[0] == 2  # opt-66b d 0.40: 14.1 per SM
+    assert _split_plan(64, 50, 1920, 132, 64)[0] == 1  # opt-66b d 0.69: 24.2 per SM
+    assert _split_plan(64, 19, 3968, 132, 64)[0] == 4  # llama2-7b d 0.59: 9.2 per SM, long programs
+    assert _split_plan(128, 10, 3968, 132, 64)[0] == 4  # llama2-7b B 128 d 0.31
+    assert _split_plan(64, 29, 3968, 132, 64)[0] == 4  # llama2-7b d 0.91: 14.1 per SM
+    assert _split_plan(64, 32, 3968, 132, 64)[0] == 1  # llama2-7b d 1.0: 15.5 per SM
