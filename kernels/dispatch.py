@@ -1,8 +1,9 @@
 """The one dispatch point the runtime calls for the Polar Sparsity kernels.
 
-Each op runs its Triton kernel when the tensors are on CUDA and its pure-PyTorch `_ref`
-otherwise; `POLAR_KERNEL_BACKEND` (polar_dist.envs.KERNEL_BACKEND: auto | triton | torch)
-overrides the choice. The op modules are imported only when first called, so importing
+Each op runs its Triton kernel when the tensors are fp16/bf16 on CUDA and its pure-PyTorch
+`_ref` otherwise (the kernels are written for 16-bit data; float32 runs, e.g. reference runs
+on a GPU, take the torch path); `POLAR_KERNEL_BACKEND` (polar_dist.envs.KERNEL_BACKEND:
+auto | triton | torch) overrides the choice. The op modules are imported only when first called, so importing
 `kernels` never imports triton (the op modules import it at the top, for @triton.jit, and
 also hold the references).
 """
@@ -20,7 +21,7 @@ from polar_dist import envs
 def _use_triton(t: torch.Tensor) -> bool:
     backend = envs.KERNEL_BACKEND.get()
     if backend == "auto":
-        return t.is_cuda
+        return t.is_cuda and t.dtype in (torch.float16, torch.bfloat16)
     return backend == "triton"  # "triton" on CPU tensors runs the Triton interpreter
 
 
@@ -67,3 +68,23 @@ def gather_fc2(
     mod = _module("gather_gemm")
     fn = mod.gather_fc2 if _use_triton(h) else mod.gather_fc2_ref
     return fn(h, w2t, idx, b2)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:  # [T, d] -> [T, d]
+    """weight * x / rms(x); see kernels/rms_norm.py."""
+    mod = _module("rms_norm")
+    return (mod.rms_norm if _use_triton(x) else mod.rms_norm_ref)(x, weight, eps)
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:  # [T, d] x 2 -> ([T, d], [T, d])
+    """(rms_norm(x + residual), x + residual); see kernels/rms_norm.py."""
+    mod = _module("rms_norm")
+    return (mod.add_rms_norm if _use_triton(x) else mod.add_rms_norm_ref)(x, residual, weight, eps)
+
+
+def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+           positions: torch.Tensor) -> torch.Tensor:  # [T, H, D] -> [T, H, D]
+    """Rotary position embedding, half-split layout; see kernels/rotary.py."""
+    mod = _module("rotary")
+    return (mod.rotary if _use_triton(x) else mod.rotary_ref)(x, cos, sin, positions)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from kernels import dispatch as kernel_ops
 from polar_dist.models.attention import AttentionBatch, paged_attention, write_kv
 from polar_dist.models.checkpoint import Source
 from polar_dist.models.rope import Rotary
@@ -26,9 +27,11 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.empty(dim, dtype=dtype, device=device), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        return kernel_ops.rms_norm(x, self.weight, self.eps)
+
+    def add_forward(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(x + residual), x + residual): the residual add fused into the norm."""
+        return kernel_ops.add_rms_norm(x, residual, self.weight, self.eps)
 
 
 class LlamaAttention(nn.Module):
@@ -80,10 +83,16 @@ class LlamaBlock(nn.Module):
         self.post_attn_norm = RMSNorm(spec.hidden_size, spec.norm_eps, dtype, device)
         self.mlp = SwiGLU(spec, plan, comm, dtype, device)
 
-    def forward(self, h: torch.Tensor, positions: torch.Tensor, batch: AttentionBatch,
-                kv_cache: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        h = h + self.attn(self.input_norm(h), positions, batch, kv_cache)
-        return h + self.mlp(self.post_attn_norm(h))
+    def forward(self, h: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor,
+                batch: AttentionBatch, kv_cache: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """h: the previous sublayer's output (the embedding for layer 0); residual: the running
+        residual stream before adding h (None for layer 0). Returns (MLP output, residual)."""
+        if residual is None:
+            x, residual = self.input_norm(h), h
+        else:
+            x, residual = self.input_norm.add_forward(h, residual)
+        x, residual = self.post_attn_norm.add_forward(self.attn(x, positions, batch, kv_cache), residual)
+        return self.mlp(x), residual
 
 
 class LlamaModel(nn.Module):
@@ -104,10 +113,10 @@ class LlamaModel(nn.Module):
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, batch: AttentionBatch,
                 kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-        h = self.embed(ids)  # (T, d)
+        h, residual = self.embed(ids), None  # (T, d)
         for layer, kv in zip(self.layers, kv_caches):
-            h = layer(h, positions, batch, kv)
-        return self.norm(h)
+            h, residual = layer(h, residual, positions, batch, kv)
+        return self.norm.add_forward(h, residual)[0]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)  # (B, V) float32

@@ -6,6 +6,7 @@ import math
 
 import torch
 
+from kernels import dispatch as kernel_ops
 from polar_dist.models.spec import RopeSpec
 
 
@@ -41,9 +42,5 @@ class Rotary(torch.nn.Module):
         self.register_buffer("sin", angles.sin(), persistent=False)  # (P, D/2)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        # x: (T, H, D), positions: (T,)
-        cos = self.cos[positions].unsqueeze(1)  # (T, 1, D/2)
-        sin = self.sin[positions].unsqueeze(1)
-        x1, x2 = x.float().chunk(2, dim=-1)  # (T, H, D/2) each
-        out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
-        return out.to(x.dtype)
+        """x: (T, H, D), positions: (T,) -> (T, H, D), computed in float32 and rounded once."""
+        return kernel_ops.rotary(x, self.cos, self.sin, positions)
