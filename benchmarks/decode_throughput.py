@@ -88,6 +88,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 16, 64])
     parser.add_argument("--context", type=int, nargs="+", default=[1024, 4096])
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--hf", action="store_true", help="also time transformers generate on the same shape (tp 1)")
     parser.add_argument("--profile", action="store_true", help="print a torch.profiler table of one step per case")
     parser.add_argument("--out", default=None, help="directory for the JSON (default benchmarks/results/<gpu>x<tp>)")
     args = parser.parse_args()
@@ -132,6 +133,19 @@ def main() -> None:
                 print_profile(rt, plans[-1])
             rows.append({"batch": b, "context": n, "step_ms": step_ms, "tokens_per_s": b / step_ms * 1e3,
                          "floor_ms": floor_ms, "floor_over_step": floor_ms / step_ms, "nccl_share": share})
+    if args.hf and ctx.world_size == 1:
+        from benchmarks.hf_baseline import hf_decode_step_ms
+        from polar_dist.models.loader import DTYPES
+
+        hf_config = dict(rt.cfg.model.architecture)
+        del rt  # free our weights and cache before transformers allocates its own
+        torch.cuda.empty_cache()
+        for r in rows:
+            try:
+                r["hf_step_ms"] = hf_decode_step_ms(hf_config, DTYPES[cfg.model.dtype], r["batch"], r["context"])
+                r["speedup_vs_hf"] = r["hf_step_ms"] / r["step_ms"]
+            except torch.OutOfMemoryError:
+                r["hf_step_ms"] = None  # transformers' static cache and activations do not fit
     if ctx.is_driver:
         gpu = torch.cuda.get_device_name(ctx.device)
         result = {"device": gpu, "tp": ctx.world_size, "model": spec.model_type, "config": args.config,
@@ -144,10 +158,12 @@ def main() -> None:
         (out / name).write_text(json.dumps(result, indent=2))
         print(f"{gpu} tp={ctx.world_size} {Path(args.config).stem} {cfg.model.dtype}; copy {bw:.2f} TB/s")
         print(f"{'batch':>6} {'context':>8} {'step ms':>9} {'tokens/s':>10} {'floor ms':>9} {'floor/step':>10} "
-              f"{'nccl':>6}")
+              f"{'nccl':>6} {'HF ms':>8} {'vs HF':>6}")
         for r in rows:
+            hf = r.get("hf_step_ms")
+            hf_cols = f"{hf:>8.2f} {r['speedup_vs_hf']:>5.2f}x" if hf else f"{'-':>8} {'-':>6}"
             print(f"{r['batch']:>6} {r['context']:>8} {r['step_ms']:>9.2f} {r['tokens_per_s']:>10.0f} "
-                  f"{r['floor_ms']:>9.2f} {r['floor_over_step']:>10.2f} {r['nccl_share']:>6.1%}")
+                  f"{r['floor_ms']:>9.2f} {r['floor_over_step']:>10.2f} {r['nccl_share']:>6.1%} {hf_cols}")
         print(f"wrote {out / name}")
     ctx.shutdown()
 
