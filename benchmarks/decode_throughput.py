@@ -15,6 +15,7 @@ JSON under benchmarks/results/<gpu>x<tp>/.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import statistics
@@ -82,33 +83,12 @@ def print_profile(rt: Runtime, plan: StepPlan) -> None:
     print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=12))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_config_args(parser)
-    parser.add_argument("--batch", type=int, nargs="+", default=[1, 16, 64])
-    parser.add_argument("--context", type=int, nargs="+", default=[1024, 4096])
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--hf", action="store_true", help="also time transformers generate on the same shape (tp 1)")
-    parser.add_argument("--profile", action="store_true", help="print a torch.profiler table of one step per case")
-    parser.add_argument("--out", default=None, help="directory for the JSON (default benchmarks/results/<gpu>x<tp>)")
-    args = parser.parse_args()
-    max_b, max_n = max(args.batch), max(args.context)
-    bs = 16
-    args.overrides += [f"engine.max_batch_size={max_b}", f"engine.max_seq_len={max_n + args.steps + bs}",
-                       f"engine.kv_cache_blocks={max_b * blocks_needed(max_n + args.steps, bs)}",
-                       f"engine.block_size={bs}"]
-    cfg = config_from_args(args)
-
-    from polar_dist.log import configure_logging
-    from polar_dist.parallel.context import init_parallel
-    from polar_dist.runtime import build_runtime
-
-    ctx = init_parallel(cfg.parallel, cfg.model.device)
-    configure_logging(ctx.rank, ctx.world_size)
-    rt = build_runtime(cfg, ctx)
-    for k, v in rt.runner.kv_caches:  # random K/V: attention reads real-looking data
-        k.normal_()
-        v.normal_()
+def measure(rt: Runtime, args: argparse.Namespace) -> tuple[list[dict], dict]:
+    """Time decode steps for every (batch, context); returns the rows and run-wide figures."""
+    ctx = rt.ctx
+    for k_cache, v_cache in rt.runner.kv_caches:  # random K/V: attention reads real-looking data
+        k_cache.normal_()
+        v_cache.normal_()
     bw = copy_bandwidth_tbps(ctx.device)
     spec = rt.spec
     weight_bytes = sum(p.numel() * p.element_size() for p in rt.runner.model.parameters())
@@ -133,24 +113,57 @@ def main() -> None:
                 print_profile(rt, plans[-1])
             rows.append({"batch": b, "context": n, "step_ms": step_ms, "tokens_per_s": b / step_ms * 1e3,
                          "floor_ms": floor_ms, "floor_over_step": floor_ms / step_ms, "nccl_share": share})
+    meta = {"copy_TBps": bw, "weight_bytes_per_rank": weight_bytes, "model": spec.model_type,
+            "architecture": dict(rt.cfg.model.architecture)}
+    return rows, meta
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_config_args(parser)
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 16, 64])
+    parser.add_argument("--context", type=int, nargs="+", default=[1024, 4096])
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--hf", action="store_true", help="also time transformers generate on the same shape (tp 1)")
+    parser.add_argument("--profile", action="store_true", help="print a torch.profiler table of one step per case")
+    parser.add_argument("--out", default=None, help="directory for the JSON (default benchmarks/results/<gpu>x<tp>)")
+    args = parser.parse_args()
+    max_b, max_n = max(args.batch), max(args.context)
+    bs = 16
+    args.overrides += [f"engine.max_batch_size={max_b}", f"engine.max_seq_len={max_n + args.steps + bs}",
+                       f"engine.kv_cache_blocks={max_b * blocks_needed(max_n + args.steps, bs)}",
+                       f"engine.block_size={bs}"]
+    cfg = config_from_args(args)
+
+    from polar_dist.log import configure_logging
+    from polar_dist.parallel.context import init_parallel
+    from polar_dist.runtime import build_runtime
+
+    ctx = init_parallel(cfg.parallel, cfg.model.device)
+    configure_logging(ctx.rank, ctx.world_size)
+    rows, meta = measure(build_runtime(cfg, ctx), args)
+    gc.collect()  # our weights, cache and graph pools go before transformers allocates its own
+    torch.cuda.empty_cache()
     if args.hf and ctx.world_size == 1:
         from benchmarks.hf_baseline import hf_decode_step_ms
         from polar_dist.models.loader import DTYPES
 
-        hf_config = dict(rt.cfg.model.architecture)
-        del rt  # free our weights and cache before transformers allocates its own
-        torch.cuda.empty_cache()
+        print(f"GPU memory still allocated before transformers loads: {torch.cuda.memory_allocated() / 2**30:.2f} GiB")
         for r in rows:
             try:
-                r["hf_step_ms"] = hf_decode_step_ms(hf_config, DTYPES[cfg.model.dtype], r["batch"], r["context"])
+                r["hf_step_ms"] = hf_decode_step_ms(meta["architecture"], DTYPES[cfg.model.dtype], r["batch"],
+                                                    r["context"])
                 r["speedup_vs_hf"] = r["hf_step_ms"] / r["step_ms"]
             except torch.OutOfMemoryError:
                 r["hf_step_ms"] = None  # transformers' static cache and activations do not fit
     if ctx.is_driver:
         gpu = torch.cuda.get_device_name(ctx.device)
-        result = {"device": gpu, "tp": ctx.world_size, "model": spec.model_type, "config": args.config,
+        bw = meta["copy_TBps"]
+        result = {"device": gpu, "tp": ctx.world_size, "model": meta["model"], "config": args.config,
                   "dtype": cfg.model.dtype, "versions": {"torch": torch.__version__, "cuda": torch.version.cuda},
-                  "copy_TBps": bw, "weight_bytes_per_rank": weight_bytes, "rows": rows}
+                  "copy_TBps": bw, "weight_bytes_per_rank": meta["weight_bytes_per_rank"],
+                  "hf_method": "transformers generate, static cache, SDPA: (t(33 tokens) - t(1 token)) / 32"
+                  if args.hf else None, "rows": rows}
         slug = gpu.lower().replace(" ", "-").replace("/", "-")
         out = Path(args.out) if args.out else Path(__file__).parent / "results" / f"{slug}x{ctx.world_size}"
         out.mkdir(parents=True, exist_ok=True)
