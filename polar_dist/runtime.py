@@ -20,7 +20,7 @@ from polar_dist.engine.runner import ModelRunner
 from polar_dist.engine.sampler import SamplingParams
 from polar_dist.engine.scheduler import Scheduler, Sequence, run_to_completion
 from polar_dist.log import get_logger
-from polar_dist.models.loader import DTYPES, build_model, resolve_source
+from polar_dist.models.loader import DTYPES, ModelSource, build_model, resolve_source
 from polar_dist.models.spec import ModelSpec
 from polar_dist.models.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer
 from polar_dist.parallel.context import ParallelContext
@@ -39,10 +39,29 @@ class Runtime:
     max_seq_len: int
 
 
+def resolve_source_once(cfg: RunConfig, ctx: ParallelContext) -> ModelSource:
+    """Rank 0 resolves the model first, so a GGUF file is converted once and the other ranks
+    read its cache; a user error on rank 0 is raised on every rank with the same message."""
+    if ctx.world_size == 1:
+        return resolve_source(cfg.model)
+    source, error = None, None
+    if ctx.is_driver:
+        try:
+            source = resolve_source(cfg.model)
+        except ValueError as e:
+            error = str(e)
+        ctx.broadcast_object(error)
+    else:
+        error = ctx.broadcast_object()
+    if error is not None:
+        raise ValueError(error)
+    return source if source is not None else resolve_source(cfg.model)
+
+
 def build_runtime(cfg: RunConfig, ctx: ParallelContext) -> Runtime:
-    source = resolve_source(cfg.model)
+    source = resolve_source_once(cfg, ctx)
     spec = source.spec
-    make_shard_plan(spec, 0, ctx.world_size)  # validates tp against the heads before any weight is read
+    plan = make_shard_plan(spec, ctx.rank, ctx.world_size)  # checks tp against the heads before any weight
     max_seq_len = cfg.engine.max_seq_len or spec.max_position_embeddings
     if max_seq_len > spec.max_position_embeddings:
         raise ValueError(f"engine.max_seq_len = {max_seq_len} exceeds the model's max_position_embeddings "
@@ -51,7 +70,6 @@ def build_runtime(cfg: RunConfig, ctx: ParallelContext) -> Runtime:
     if window and source.hf_config.get("use_sliding_window", True) and max_seq_len > window:
         raise ValueError(f"engine.max_seq_len = {max_seq_len} exceeds the model's sliding_window ({window}), which "
                          f"this runtime does not implement; set engine.max_seq_len <= {window}")
-    plan = make_shard_plan(spec, ctx.rank, ctx.world_size)
     dtype = DTYPES[cfg.model.dtype]
     t0 = time.perf_counter()
     model = build_model(source, plan, ctx.tp_comm, dtype, ctx.device, max_seq_len)
