@@ -74,20 +74,18 @@ def _free_port(addr: str) -> int:
 class ParallelContext:
     """This process's place in the job: rank, world size, device, the TP comm and the control group."""
 
-    def __init__(self, info: LaunchInfo, device: torch.device, tp_comm: TPComm, control_group: Any,
-                 timeout_s: float) -> None:
+    def __init__(self, info: LaunchInfo, device: torch.device, tp_comm: TPComm, control_group: Any) -> None:
         self.info = info
         self.device = device
         self.tp_comm = tp_comm
-        self._control = control_group
-        self.timeout_s = timeout_s
+        self._control = control_group  # gloo: step plans travel on the CPU, beside NCCL traffic
 
     @property
     def rank(self) -> int:
         return self.info.rank
 
     @property
-    def world_size(self) -> int:  # 1 with a process group when parallel.backend is named
+    def world_size(self) -> int:
         return self.info.world_size
 
     @property
@@ -131,7 +129,7 @@ def init_parallel(cfg: ParallelConfig, device_pref: str) -> ParallelContext:
     else:
         device = torch.device("cpu")
     if info.world_size == 1 and cfg.backend == "auto":
-        return ParallelContext(info, device, SingleRank(), None, cfg.timeout_s)
+        return ParallelContext(info, device, SingleRank(), None)
     # From here on a process group exists, also at world size 1 when a backend is named
     # (this runs the collective code path on one device).
     if info.init_method is None:
@@ -147,4 +145,4 @@ def init_parallel(cfg: ParallelConfig, device_pref: str) -> ParallelContext:
     dist.init_process_group(backend, init_method=info.init_method, rank=info.rank, world_size=info.world_size,
                             timeout=timeout, **kwargs)
     control = dist.new_group(backend="gloo", timeout=timeout) if backend != "gloo" else dist.group.WORLD
-    return ParallelContext(info, device, GroupComm(dist.group.WORLD), control, cfg.timeout_s)
+    return ParallelContext(info, device, GroupComm(dist.group.WORLD), control)
