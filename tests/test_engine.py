@@ -59,6 +59,16 @@ def test_prompt_that_cannot_fit_the_cache_is_rejected(model_dir: Path) -> None:
         generate_ids(rt, [list(range(3, 40))], SamplingParams(max_new_tokens=2))
 
 
+def test_sequences_longer_than_the_cache_stop_at_its_capacity(model_dir: Path) -> None:
+    # 3 blocks of 16 tokens: each sequence alone may grow to 48 tokens, then stops with "length";
+    # together they preempt each other and still all finish.
+    rt = runtime(model_dir, max_batch_size=4, kv_cache_blocks=3)
+    seqs = generate_ids(rt, [[5, 6, 7], list(range(10, 30))], SamplingParams(max_new_tokens=100, ignore_eos=True))
+    assert seqs is not None
+    assert [len(s.all_ids) for s in seqs] == [48, 48]
+    assert [s.finish_reason for s in seqs] == ["length", "length"]
+
+
 def test_sampling_is_seeded_and_differs_from_greedy(model_dir: Path) -> None:
     rt = runtime(model_dir, max_batch_size=4)
     hot = SamplingParams(max_new_tokens=24, temperature=1.5, top_p=0.95, seed=7, ignore_eos=True)

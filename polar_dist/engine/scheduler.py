@@ -38,7 +38,10 @@ class Scheduler:
         self.allocator = allocator
         self.block_size = block_size
         self.max_batch_size = max_batch_size
-        self.max_seq_len = max_seq_len
+        # A sequence never outgrows the cache: alone it can always be given every block, so
+        # preempting the newer sequences always makes room for the oldest one.
+        self.max_seq_len = min(max_seq_len, allocator.num_blocks * block_size)
+        self._limited_by_cache = self.max_seq_len < max_seq_len
         self.max_prefill_tokens = max_prefill_tokens
         self.eos_token_ids = set(eos_token_ids)
         self.waiting: deque[Sequence] = deque()
@@ -49,13 +52,12 @@ class Scheduler:
         if not prompt_ids:
             raise ValueError("the prompt is empty; give at least one token")
         if len(prompt_ids) >= self.max_seq_len:
+            fix = ("raise engine.kv_cache_blocks (the KV cache holds only this many tokens)" if self._limited_by_cache
+                   else "shorten the prompt or raise engine.max_seq_len")
             raise ValueError(
                 f"the prompt has {len(prompt_ids)} tokens but the maximum sequence length is {self.max_seq_len} "
-                "(prompt + at least one new token); shorten the prompt or raise engine.max_seq_len"
+                f"(prompt + at least one new token); {fix}"
             )
-        if blocks_needed(len(prompt_ids) + 1, self.block_size) > self.allocator.num_blocks:
-            raise ValueError(f"the prompt needs more KV blocks than the cache has ({self.allocator.num_blocks}); "
-                             "raise engine.kv_cache_blocks")
         seq = Sequence(self._next_id, list(prompt_ids), params, make_generator(params))
         self._next_id += 1
         self.waiting.append(seq)
