@@ -32,6 +32,8 @@ from polar_dist.engine.kv_cache import BlockAllocator, blocks_needed  # noqa: E4
 from polar_dist.engine.plan import StepKind, StepPlan  # noqa: E402
 from polar_dist.runtime import Runtime  # noqa: E402
 
+WARMUP_STEPS = 3  # first steps of each case (graph capture, first launches) are not timed
+
 
 def copy_bandwidth_tbps(device: torch.device) -> float:
     """Device-to-device copy, bytes read + written per second, in TB/s."""
@@ -79,6 +81,8 @@ def print_profile(rt: Runtime, plan: StepPlan) -> None:
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         rt.runner.execute(rt.ctx.broadcast_object(plan))
         torch.cuda.synchronize()
+    if not rt.ctx.is_driver:
+        return
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
     print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=12))
 
@@ -97,19 +101,19 @@ def measure(rt: Runtime, args: argparse.Namespace) -> tuple[list[dict], dict]:
     rows = []
     for n in args.context:
         for b in args.batch:
-            plans = decode_plans(rt, b, n, args.steps + 3)
+            plans = decode_plans(rt, b, n, args.steps + WARMUP_STEPS)
             times = []
             for i, plan in enumerate(plans):
                 torch.cuda.synchronize()
                 t0 = time.perf_counter()
                 rt.runner.execute(ctx.broadcast_object(plan))
                 torch.cuda.synchronize()
-                if i >= 3:  # warm-up steps excluded
+                if i >= WARMUP_STEPS:
                     times.append(time.perf_counter() - t0)
             step_ms = statistics.median(times) * 1e3
             floor_ms = (weight_bytes + b * (n + 1) * kv_bytes_per_token) / (bw * 1e12) * 1e3
             share = nccl_share(rt, plans[-1]) if ctx.world_size > 1 else 0.0
-            if args.profile and ctx.is_driver:
+            if args.profile:  # every rank runs the step (its collectives need all ranks); rank 0 prints
                 print_profile(rt, plans[-1])
             rows.append({"batch": b, "context": n, "step_ms": step_ms, "tokens_per_s": b / step_ms * 1e3,
                          "floor_ms": floor_ms, "floor_over_step": floor_ms / step_ms, "nccl_share": share})
@@ -130,8 +134,9 @@ def main() -> None:
     args = parser.parse_args()
     max_b, max_n = max(args.batch), max(args.context)
     bs = 16
-    args.overrides += [f"engine.max_batch_size={max_b}", f"engine.max_seq_len={max_n + args.steps + bs}",
-                       f"engine.kv_cache_blocks={max_b * blocks_needed(max_n + args.steps, bs)}",
+    steps = args.steps + WARMUP_STEPS
+    args.overrides += [f"engine.max_batch_size={max_b}", f"engine.max_seq_len={max_n + steps + bs}",
+                       f"engine.kv_cache_blocks={max_b * blocks_needed(max_n + steps, bs)}",
                        f"engine.block_size={bs}"]
     cfg = config_from_args(args)
 

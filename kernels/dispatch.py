@@ -11,6 +11,7 @@ also hold the references).
 from __future__ import annotations
 
 import importlib
+import os
 from types import ModuleType
 
 import torch
@@ -22,7 +23,10 @@ def _use_triton(t: torch.Tensor) -> bool:
     backend = envs.KERNEL_BACKEND.get()
     if backend == "auto":
         return t.is_cuda and t.dtype in (torch.float16, torch.bfloat16)
-    return backend == "triton"  # "triton" on CPU tensors runs the Triton interpreter
+    if backend == "triton" and not t.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError("POLAR_KERNEL_BACKEND=triton with CPU tensors needs the Triton interpreter: set "
+                         "TRITON_INTERPRET=1 before the process starts, or use POLAR_KERNEL_BACKEND=auto")
+    return backend == "triton"
 
 
 def _module(name: str) -> ModuleType:

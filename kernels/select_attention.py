@@ -237,8 +237,9 @@ def _check(q, k_cache, v_cache, block_tables, seq_lens, head_table, out, kernel:
     _, hkv, block_size, d_cache = k_cache.shape
     if d_cache != d:
         raise ValueError(f"q head dim ({d}) != cache head dim ({d_cache})")
-    if d not in _HEAD_DIMS:
-        raise ValueError(f"head dim {d} is not supported; use one of {_HEAD_DIMS} (pad the head dim)")
+    if kernel and d not in _HEAD_DIMS:  # the torch reference takes any head dim
+        raise ValueError(f"head dim {d} is not supported by the kernel; use one of {_HEAD_DIMS}, or float32 / the "
+                         "CPU, where the torch reference runs")
     if hq % hkv:
         raise ValueError(f"Hq ({hq}) must be a multiple of Hkv ({hkv})")
     if block_size < 16 or block_size & (block_size - 1):

@@ -39,7 +39,8 @@ def main() -> None:
     from polar_dist.parallel.context import init_parallel
     from polar_dist.runtime import build_runtime, generate
 
-    params = SamplingParams(max_new_tokens=args.max_new_tokens or cfg.engine.max_new_tokens,
+    max_new_tokens = cfg.engine.max_new_tokens if args.max_new_tokens is None else args.max_new_tokens
+    params = SamplingParams(max_new_tokens=max_new_tokens,
                             temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
                             ignore_eos=args.ignore_eos)
     ctx = init_parallel(cfg.parallel, cfg.model.device)

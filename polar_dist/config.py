@@ -202,8 +202,9 @@ def _validate(cfg: RunConfig) -> None:
             f"sparsity.head_density = {s.head_density} needs calibrated head routers, which this version cannot "
             "load yet; use sparsity.head_density = 1.0 (dense decode)"
         )
-    if e.block_size < 1 or e.block_size & (e.block_size - 1):
-        raise ValueError(f"engine.block_size = {e.block_size} must be a power of two (16 is typical)")
+    if e.block_size < 16 or e.block_size & (e.block_size - 1):
+        raise ValueError(f"engine.block_size = {e.block_size} must be a power of two >= 16 (the decode kernel's "
+                         "smallest tile); 16 is typical")
     for name in ("max_batch_size", "max_new_tokens", "max_prefill_tokens"):
         if getattr(e, name) < 1:
             raise ValueError(f"engine.{name} = {getattr(e, name)} must be >= 1")

@@ -27,6 +27,7 @@ from polar_dist.parallel.context import ParallelContext
 from polar_dist.parallel.plan import make_shard_plan
 
 log = get_logger(__name__)
+KERNEL_HEAD_DIMS = (64, 128)  # what kernels/select_attention.py and kernels/rotary.py compile for
 
 
 @dataclass
@@ -44,18 +45,23 @@ def resolve_source_once(cfg: RunConfig, ctx: ParallelContext) -> ModelSource:
     read its cache; a user error on rank 0 is raised on every rank with the same message."""
     if ctx.world_size == 1:
         return resolve_source(cfg.model)
-    source, error = None, None
+    source, failure = None, None
     if ctx.is_driver:
         try:
             source = resolve_source(cfg.model)
-        except ValueError as e:
-            error = str(e)
-        ctx.broadcast_object(error)
-    else:
-        error = ctx.broadcast_object()
-    if error is not None:
-        raise ValueError(error)
-    return source if source is not None else resolve_source(cfg.model)
+        except Exception as e:  # told to every rank, then raised here unchanged
+            failure = (isinstance(e, ValueError), str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}")
+            ctx.broadcast_object(failure)
+            raise
+        ctx.broadcast_object(failure)
+        return source
+    failure = ctx.broadcast_object()
+    if failure is not None:
+        user_error, message = failure
+        if user_error:
+            raise ValueError(message)
+        raise RuntimeError(f"rank 0 could not load the model: {message}")
+    return resolve_source(cfg.model)
 
 
 def build_runtime(cfg: RunConfig, ctx: ParallelContext) -> Runtime:
@@ -70,7 +76,20 @@ def build_runtime(cfg: RunConfig, ctx: ParallelContext) -> Runtime:
     if window and source.hf_config.get("use_sliding_window", True) and max_seq_len > window:
         raise ValueError(f"engine.max_seq_len = {max_seq_len} exceeds the model's sliding_window ({window}), which "
                          f"this runtime does not implement; set engine.max_seq_len <= {window}")
+    tokenizer: Tokenizer
+    if cfg.model.tokenizer == "bytes":
+        if spec.vocab_size < 256:
+            raise ValueError(f"model.tokenizer = bytes needs a vocabulary of at least 256 ids, this model has "
+                             f"{spec.vocab_size}; use the model's own tokenizer (model.tokenizer = auto)")
+        tokenizer = ByteTokenizer()
+    else:
+        if source.directory is None or not any(source.directory.glob("tokenizer*")):
+            raise ValueError("this model has no tokenizer files; set model.tokenizer = bytes")
+        tokenizer = HFTokenizer(source.directory, spec.eos_token_ids)
     dtype = DTYPES[cfg.model.dtype]
+    if ctx.device.type == "cuda" and dtype != torch.float32 and spec.head_dim not in KERNEL_HEAD_DIMS:
+        raise ValueError(f"head_dim {spec.head_dim} of this model has no GPU decode kernel (head dims "
+                         f"{KERNEL_HEAD_DIMS}); run it with model.dtype = float32 or on the CPU")
     t0 = time.perf_counter()
     model = build_model(source, plan, ctx.tp_comm, dtype, ctx.device, max_seq_len)
     log.info("loaded %s (%d layers, tp=%d) in %.1f s on %s", spec.model_type, spec.num_layers, ctx.world_size,
@@ -80,20 +99,13 @@ def build_runtime(cfg: RunConfig, ctx: ParallelContext) -> Runtime:
     runner = ModelRunner(model, spec, plan, num_blocks=num_blocks, block_size=e.block_size, dtype=dtype,
                          device=ctx.device, max_batch_size=e.max_batch_size, max_seq_len=max_seq_len,
                          cuda_graphs=e.cuda_graphs)
-    tokenizer: Tokenizer
-    if cfg.model.tokenizer == "bytes":
-        tokenizer = ByteTokenizer()
-    else:
-        if source.directory is None or not any(source.directory.glob("tokenizer*")):
-            raise ValueError("this model has no tokenizer files; set model.tokenizer = bytes")
-        tokenizer = HFTokenizer(source.directory, spec.eos_token_ids)
     return Runtime(cfg, ctx, spec, runner, tokenizer, max_seq_len)
 
 
 def new_scheduler(rt: Runtime) -> Scheduler:
     e = rt.cfg.engine
     return Scheduler(BlockAllocator(rt.runner.num_blocks), e.block_size, e.max_batch_size, rt.max_seq_len,
-                     rt.tokenizer.eos_token_ids, e.max_prefill_tokens)
+                     rt.tokenizer.eos_token_ids, rt.spec.vocab_size, e.max_prefill_tokens)
 
 
 def generate_ids(rt: Runtime, prompts: list[list[int]], params: SamplingParams) -> list[Sequence] | None:
@@ -108,10 +120,11 @@ def generate_ids(rt: Runtime, prompts: list[list[int]], params: SamplingParams) 
     def execute(plan: StepPlan) -> torch.Tensor:
         return rt.runner.execute(rt.ctx.broadcast_object(plan))
 
-    try:
-        run_to_completion(scheduler, execute)
-    finally:
-        rt.ctx.broadcast_object(STOP)
+    # STOP goes out only after a clean run. If rank 0 fails mid-step, the others may be inside a
+    # collective of that step, and a STOP broadcast would pair with it; rank 0 exits instead, and
+    # the others see the closed connection (or the timeout) and exit too.
+    run_to_completion(scheduler, execute)
+    rt.ctx.broadcast_object(STOP)
     return seqs
 
 

@@ -41,6 +41,7 @@ def test_overrides_replace_existing_fields(tmp_path: Path) -> None:
         ("modle: {path: x}", "unknown key(s) ['modle']"),
         ("model: {path: x, dtype: float64}", "model.dtype = 'float64' is not one of"),
         ("model: {path: x}\nengine: {block_size: 12}", "engine.block_size = 12 must be a power of two"),
+        ("model: {path: x}\nengine: {block_size: 8}", "engine.block_size = 8 must be a power of two >= 16"),
         ("model: {path: x}\nengine: {max_batch_size: two}", "engine.max_batch_size = 'two' must be of type int"),
         ("model: {path: x}\nsparsity: {head_density: 1.5}", "sparsity.head_density = 1.5 must be in (0, 1]"),
         ("model: {path: x, device: cpu, dtype: float16}", "float16 on model.device = cpu"),
@@ -79,6 +80,12 @@ def test_impossible_tp_names_heads_and_options() -> None:
                                      num_hidden_layers=1, num_attention_heads=12, num_key_value_heads=4))
     with pytest.raises(ValueError, match="neither divides num_kv_heads"):
         spec6.check_tp(6)
+
+
+def test_heads_must_group_evenly() -> None:
+    with pytest.raises(ValueError, match=r"num_attention_heads \(6\) must be a multiple of num_key_value_heads \(4\)"):
+        spec_from_hf_config(dict(model_type="llama", vocab_size=100, hidden_size=96, intermediate_size=128,
+                                 num_hidden_layers=1, num_attention_heads=6, num_key_value_heads=4))
 
 
 def test_unsupported_model_type() -> None:

@@ -80,6 +80,13 @@ def test_sampling_is_seeded_and_differs_from_greedy(model_dir: Path) -> None:
     assert other_seed != first
 
 
+def test_prompt_ids_outside_the_vocabulary_are_rejected(model_dir: Path) -> None:
+    rt = runtime(model_dir)
+    for bad in (tp_cases.VOCAB, -1):
+        with pytest.raises(ValueError, match=f"prompt token id {bad} is outside the vocabulary"):
+            generate_ids(rt, [[5, bad, 6]], SamplingParams(max_new_tokens=2))
+
+
 def test_sampler_filters() -> None:
     logits = torch.tensor([0.0, 3.0, 2.9, -1.0])
     gen = torch.Generator().manual_seed(0)
@@ -88,6 +95,11 @@ def test_sampler_filters() -> None:
     assert {sample(logits, SamplingParams(temperature=1.0, top_p=0.01), gen) for _ in range(50)} == {1}
     # top_k = 2 keeps exactly the two best
     assert {sample(logits, SamplingParams(temperature=5.0, top_k=2), gen) for _ in range(200)} == {1, 2}
+    # top_k = 1 keeps exactly one token even when several share the best logit
+    tied = torch.tensor([1.0, 1.0, 1.0, 0.0])
+    assert len({sample(tied, SamplingParams(temperature=1.0, top_k=1), gen) for _ in range(50)}) == 1
+    # a tiny temperature is greedy, not an overflow
+    assert sample(logits, SamplingParams(temperature=1e-38), gen) == 1
     with pytest.raises(ValueError, match="top_p = 0"):
         SamplingParams(top_p=0)
 

@@ -56,3 +56,14 @@ def test_random_weights_are_the_same_model_at_every_tp(tp: int, tmp_path: Path) 
     one, many = torch.load(tmp_path / "tp1.pt"), torch.load(tmp_path / "tpn.pt")
     assert one.abs().max() > 0
     torch.testing.assert_close(many, one, rtol=0, atol=1e-5)  # float32 sums in another order
+
+
+def test_checkpoint_tensors_the_config_does_not_declare_stop_loading(tmp_path: Path) -> None:
+    import json
+
+    model_dir = tp_cases.save_tiny_model("llama-bias", tmp_path / "model")
+    config = json.loads((model_dir / "config.json").read_text())
+    config["attention_bias"] = False  # the checkpoint still holds q/k/v/o biases
+    (model_dir / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"self_attn\.o_proj\.bias.*not used by this model"):
+        tp_cases.runtime_logits(model_dir, "float32")

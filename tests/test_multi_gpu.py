@@ -7,6 +7,7 @@ whether the difference is within tolerance."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -90,5 +91,6 @@ def test_greedy_tokens_tp_equal_tp1(dtype: str) -> None:
                               cwd=ROOT)
         assert proc.returncode == 0, proc.stderr[-4000:]
         outs[tp] = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert len(outs[1]) == 2 and all(len(json.loads(x)["token_ids"]) == 32 for x in outs[1])
     for tp, lines in outs.items():
         assert lines == outs[1], f"tp={tp} tokens differ from tp=1 (check the logits test for near-ties)"

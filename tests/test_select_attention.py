@@ -95,7 +95,7 @@ def test_batch_one_and_block_sizes(block_size):
     _check_close(out, case, 0.125)
 
 
-def test_heuristic_splits_many_lengths():
+def test_four_splits_many_lengths():
     gen = torch.Generator().manual_seed(7)
     lens = [1, 15, 16, 17, 100, 255, 300]
     case = _make_case(len(lens), 2, 2, 64, 16, 20, 2, torch.float16, lens, gen)

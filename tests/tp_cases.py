@@ -28,8 +28,12 @@ ARCHS: dict[str, dict] = {
                       rms_norm_eps=1e-5, tie_word_embeddings=False,
                       rope_parameters=dict(rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0,
                                            high_freq_factor=4.0, original_max_position_embeddings=64)),
-    # QKV bias, tied embeddings
-    "qwen2": dict(model_type="qwen2", hidden_size=256, intermediate_size=300, num_hidden_layers=2,
+    # Llama with every optional bias (attention_bias: q, k, v and o; mlp_bias: gate, up, down)
+    "llama-bias": dict(model_type="llama", hidden_size=256, intermediate_size=256, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=256,
+                       attention_bias=True, mlp_bias=True, tie_word_embeddings=False),
+    # QKV bias, tied embeddings; an intermediate size tp=4 splits unevenly (76, 76, 75, 75)
+    "qwen2": dict(model_type="qwen2", hidden_size=256, intermediate_size=302, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=4, head_dim=64, max_position_embeddings=256,
                   rms_norm_eps=1e-6, tie_word_embeddings=True, rope_parameters=dict(rope_type="default",
                                                                                    rope_theta=10000.0)),
@@ -39,7 +43,7 @@ ARCHS: dict[str, dict] = {
                     sliding_window=128, tie_word_embeddings=False,
                     rope_parameters=dict(rope_type="default", rope_theta=10000.0)),
     # LayerNorm, learned positions, ReLU MLP, biases
-    "opt": dict(model_type="opt", hidden_size=256, ffn_dim=700, num_hidden_layers=2, num_attention_heads=4,
+    "opt": dict(model_type="opt", hidden_size=256, ffn_dim=701, num_hidden_layers=2, num_attention_heads=4,
                 max_position_embeddings=256, do_layer_norm_before=True, word_embed_proj_dim=256),
 }
 

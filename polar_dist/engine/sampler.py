@@ -42,10 +42,14 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     """logits: (V,) float32 of one sequence -> the next token id."""
     if params.temperature == 0:
         return int(torch.argmax(logits).item())
-    logits = logits.float().cpu() / params.temperature
+    # Shift by the max first: the best token's logit becomes 0, so a tiny temperature sends the
+    # others to -inf instead of overflowing to inf.
+    logits = logits.float().cpu()
+    logits = (logits - logits.max()) / params.temperature
     if params.top_k:
-        kth = torch.topk(logits, min(params.top_k, logits.numel())).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+        keep = torch.zeros_like(logits, dtype=torch.bool)
+        keep[torch.topk(logits, min(params.top_k, logits.numel())).indices] = True  # exactly k, ties or not
+        logits = logits.masked_fill(~keep, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
     if params.top_p < 1.0:
         sorted_probs, order = torch.sort(probs, descending=True)

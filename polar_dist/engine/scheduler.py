@@ -34,7 +34,7 @@ class Sequence:
 
 class Scheduler:
     def __init__(self, allocator: BlockAllocator, block_size: int, max_batch_size: int, max_seq_len: int,
-                 eos_token_ids: tuple[int, ...], max_prefill_tokens: int = 8192) -> None:
+                 eos_token_ids: tuple[int, ...], vocab_size: int, max_prefill_tokens: int = 8192) -> None:
         self.allocator = allocator
         self.block_size = block_size
         self.max_batch_size = max_batch_size
@@ -43,6 +43,7 @@ class Scheduler:
         self.max_seq_len = min(max_seq_len, allocator.num_blocks * block_size)
         self._limited_by_cache = self.max_seq_len < max_seq_len
         self.max_prefill_tokens = max_prefill_tokens
+        self.vocab_size = vocab_size
         self.eos_token_ids = set(eos_token_ids)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -51,6 +52,10 @@ class Scheduler:
     def add(self, prompt_ids: list[int], params: SamplingParams) -> Sequence:
         if not prompt_ids:
             raise ValueError("the prompt is empty; give at least one token")
+        outside = [t for t in prompt_ids if not 0 <= t < self.vocab_size]
+        if outside:
+            raise ValueError(f"prompt token id {outside[0]} is outside the vocabulary [0, {self.vocab_size}); "
+                             "use ids the model's tokenizer produces")
         if len(prompt_ids) >= self.max_seq_len:
             fix = ("raise engine.kv_cache_blocks (the KV cache holds only this many tokens)" if self._limited_by_cache
                    else "shorten the prompt or raise engine.max_seq_len")

@@ -3,6 +3,8 @@
 A parameter is the concatenation, along dim 0, of one or more `Source` slices (QKV and
 gate/up are fused); a vocabulary shard past the real vocabulary is zero-padded. Readers
 return exactly the requested slice, so a rank never materialises another rank's weights.
+Every checkpoint tensor must be used by some parameter: one that is not means the model
+config does not describe the checkpoint (a bias it does not declare, say), and loading stops.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ class Source:
     name: str  # tensor name in the HF checkpoint
     rows: tuple[int, int] | None = None  # [start, stop) along dim 0; None = all
     cols: tuple[int, int] | None = None  # [start, stop) along dim 1; None = all
+    pad_rows: bool = False  # rows past the tensor's end are zeros (the padded vocabulary shard)
 
 
 class CheckpointReader(Protocol):
@@ -93,6 +96,11 @@ class RandomReader:
         return t[rows] if t.dim() == 1 else t[rows, _clip(source.cols, t.shape[1])]
 
 
+# Tensors some checkpoints carry that no model parameter needs: precomputed RoPE frequencies,
+# and a copy of the embedding stored as the LM head of a tied model.
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "lm_head.weight")
+
+
 def load_parameters(model: torch.nn.Module, sources: dict[str, list[Source]], reader: CheckpointReader) -> None:
     """Fill every parameter of `model` named in `sources` from `reader`."""
     params = dict(model.named_parameters())
@@ -100,6 +108,12 @@ def load_parameters(model: torch.nn.Module, sources: dict[str, list[Source]], re
     if missing_params:
         raise AssertionError(f"parameters without a checkpoint source: {missing_params}")
     available = reader.names()
+    used = {s.name for parts in sources.values() for s in parts}
+    unused = sorted(n for n in available - used if not n.endswith(_IGNORED_SUFFIXES))
+    if unused:
+        raise ValueError(f"checkpoint tensors {unused[:6]}{' ...' if len(unused) > 6 else ''} are not used by this "
+                         "model: its config.json does not describe this checkpoint (e.g. biases it does not "
+                         "declare); fix the config or report the architecture as unsupported")
     for pname, parts in sources.items():
         absent = [s.name for s in parts if s.name not in available]
         if absent:
@@ -108,7 +122,8 @@ def load_parameters(model: torch.nn.Module, sources: dict[str, list[Source]], re
         pieces = [reader.read(s, param.dtype, param.device) for s in parts]
         value = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=0)
         if value.shape != param.shape:
-            if value.shape[1:] != param.shape[1:] or value.shape[0] > param.shape[0]:
+            padded = all(s.pad_rows for s in parts)
+            if not padded or value.shape[1:] != param.shape[1:] or value.shape[0] > param.shape[0]:
                 raise ValueError(f"{pname}: checkpoint slice has shape {tuple(value.shape)}, expected {tuple(param.shape)}")
             param.data.zero_()  # vocabulary padding rows stay zero
         param.data[: value.shape[0]].copy_(value)

@@ -44,7 +44,7 @@ class LlamaAttention(nn.Module):
         self.rotary = rotary
         qkv_local = (plan.num_heads_local + 2 * plan.num_kv_heads_local) * spec.head_dim
         self.qkv = ColumnParallelLinear(spec.hidden_size, qkv_local, bias=spec.qkv_bias, dtype=dtype, device=device)
-        self.o_proj = RowParallelLinear(plan.num_heads_local * spec.head_dim, spec.hidden_size, bias=False,
+        self.o_proj = RowParallelLinear(plan.num_heads_local * spec.head_dim, spec.hidden_size, bias=spec.o_bias,
                                         comm=comm, dtype=dtype, device=device)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, batch: AttentionBatch,
@@ -64,9 +64,9 @@ class SwiGLU(nn.Module):
     def __init__(self, spec: ModelSpec, plan: ShardPlan, comm: TPComm, dtype: torch.dtype,
                  device: torch.device | str) -> None:
         super().__init__()
-        self.gate_up = ColumnParallelLinear(spec.hidden_size, 2 * plan.intermediate_size_local, bias=False,
+        self.gate_up = ColumnParallelLinear(spec.hidden_size, 2 * plan.intermediate_size_local, bias=spec.mlp_bias,
                                             dtype=dtype, device=device)
-        self.down = RowParallelLinear(plan.intermediate_size_local, spec.hidden_size, bias=False, comm=comm,
+        self.down = RowParallelLinear(plan.intermediate_size_local, spec.hidden_size, bias=spec.mlp_bias, comm=comm,
                                       dtype=dtype, device=device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -127,10 +127,10 @@ class LlamaModel(nn.Module):
         kv_rows = (plan.kv_head_start * D, (plan.kv_head_start + plan.num_kv_heads_local) * D)
         mlp_rows, mlp_cols = (plan.mlp_start, plan.mlp_end), (plan.mlp_start, plan.mlp_end)
         vocab_rows = (plan.vocab_start, plan.vocab_start + plan.vocab_size_local)
-        out = {"embed.weight": [Source("model.embed_tokens.weight", rows=vocab_rows)],
+        out = {"embed.weight": [Source("model.embed_tokens.weight", rows=vocab_rows, pad_rows=True)],
                "norm.weight": [Source("model.norm.weight")]}
         if not spec.tie_word_embeddings:
-            out["lm_head.weight"] = [Source("lm_head.weight", rows=vocab_rows)]
+            out["lm_head.weight"] = [Source("lm_head.weight", rows=vocab_rows, pad_rows=True)]
         for i in range(spec.num_layers):
             hf, ours = f"model.layers.{i}", f"layers.{i}"
             out[f"{ours}.input_norm.weight"] = [Source(f"{hf}.input_layernorm.weight")]
@@ -142,9 +142,14 @@ class LlamaModel(nn.Module):
                     Source(f"{hf}.self_attn.v_proj.{kind}", rows=kv_rows),
                 ]
             out[f"{ours}.attn.o_proj.weight"] = [Source(f"{hf}.self_attn.o_proj.weight", cols=q_rows)]
-            out[f"{ours}.mlp.gate_up.weight"] = [Source(f"{hf}.mlp.gate_proj.weight", rows=mlp_rows),
-                                                  Source(f"{hf}.mlp.up_proj.weight", rows=mlp_rows)]
+            if spec.o_bias:  # added once, after the all-reduce: every rank holds all of it
+                out[f"{ours}.attn.o_proj.bias"] = [Source(f"{hf}.self_attn.o_proj.bias")]
+            for kind in ("weight", "bias") if spec.mlp_bias else ("weight",):
+                out[f"{ours}.mlp.gate_up.{kind}"] = [Source(f"{hf}.mlp.gate_proj.{kind}", rows=mlp_rows),
+                                                      Source(f"{hf}.mlp.up_proj.{kind}", rows=mlp_rows)]
             out[f"{ours}.mlp.down.weight"] = [Source(f"{hf}.mlp.down_proj.weight", cols=mlp_cols)]
+            if spec.mlp_bias:
+                out[f"{ours}.mlp.down.bias"] = [Source(f"{hf}.mlp.down_proj.bias")]
         return out
 
     @staticmethod
@@ -167,4 +172,10 @@ class LlamaModel(nn.Module):
             shapes[f"{hf}.mlp.gate_proj.weight"] = (I, d)
             shapes[f"{hf}.mlp.up_proj.weight"] = (I, d)
             shapes[f"{hf}.mlp.down_proj.weight"] = (d, I)
+            if spec.o_bias:
+                shapes[f"{hf}.self_attn.o_proj.bias"] = (d,)
+            if spec.mlp_bias:
+                shapes[f"{hf}.mlp.gate_proj.bias"] = (I,)
+                shapes[f"{hf}.mlp.up_proj.bias"] = (I,)
+                shapes[f"{hf}.mlp.down_proj.bias"] = (d,)
         return shapes

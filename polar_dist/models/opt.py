@@ -92,12 +92,12 @@ class OPTModel(nn.Module):
         mlp = (plan.mlp_start, plan.mlp_end)
         vocab_rows = (plan.vocab_start, plan.vocab_start + plan.vocab_size_local)
         p = "model.decoder"
-        out = {"embed.weight": [Source(f"{p}.embed_tokens.weight", rows=vocab_rows)],
+        out = {"embed.weight": [Source(f"{p}.embed_tokens.weight", rows=vocab_rows, pad_rows=True)],
                "positions.weight": [Source(f"{p}.embed_positions.weight")],
                "norm.weight": [Source(f"{p}.final_layer_norm.weight")],
                "norm.bias": [Source(f"{p}.final_layer_norm.bias")]}
         if not spec.tie_word_embeddings:
-            out["lm_head.weight"] = [Source("lm_head.weight", rows=vocab_rows)]
+            out["lm_head.weight"] = [Source("lm_head.weight", rows=vocab_rows, pad_rows=True)]
         for i in range(spec.num_layers):
             hf, ours = f"{p}.layers.{i}", f"layers.{i}"
             for kind in ("weight", "bias"):

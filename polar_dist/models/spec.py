@@ -48,7 +48,9 @@ class ModelSpec:
     max_position_embeddings: int
     norm_eps: float
     tie_word_embeddings: bool
-    qkv_bias: bool  # Qwen2 and OPT
+    qkv_bias: bool  # Qwen2, OPT, Llama with attention_bias
+    o_bias: bool = False  # Llama with attention_bias (Qwen2 has no out-projection bias)
+    mlp_bias: bool = False  # Llama with mlp_bias: gate, up and down projections
     rope: RopeSpec | None  # None for OPT (learned positions)
     activation: str  # "silu" (gated) or "relu"
     bos_token_id: int | None = None
@@ -92,6 +94,8 @@ def spec_from_hf_config(cfg: dict[str, Any]) -> ModelSpec:
         return _opt_spec(cfg, eos_ids)
     num_heads = cfg["num_attention_heads"]
     hidden = cfg["hidden_size"]
+    num_kv_heads = cfg.get("num_key_value_heads") or num_heads
+    _check_heads(num_heads, num_kv_heads)
     if cfg.get("hidden_act", "silu") != "silu":
         raise ValueError(f"hidden_act {cfg.get('hidden_act')!r} is not supported for {model_type}; only silu (SwiGLU)")
     return ModelSpec(
@@ -102,17 +106,28 @@ def spec_from_hf_config(cfg: dict[str, Any]) -> ModelSpec:
         intermediate_size=cfg["intermediate_size"],
         num_layers=cfg["num_hidden_layers"],
         num_heads=num_heads,
-        num_kv_heads=cfg.get("num_key_value_heads") or num_heads,
+        num_kv_heads=num_kv_heads,
         head_dim=cfg.get("head_dim") or hidden // num_heads,
         max_position_embeddings=cfg.get("max_position_embeddings", 2048),
         norm_eps=cfg.get("rms_norm_eps", 1e-6),
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         qkv_bias=model_type == "qwen2" or bool(cfg.get("attention_bias", False)),
+        o_bias=model_type != "qwen2" and bool(cfg.get("attention_bias", False)),
+        mlp_bias=bool(cfg.get("mlp_bias", False)),
         rope=_rope_spec(cfg),
         activation="silu",
         bos_token_id=cfg.get("bos_token_id"),
         eos_token_ids=eos_ids,
     )
+
+
+def _check_heads(num_heads: Any, num_kv_heads: Any) -> None:
+    for name, value in (("num_attention_heads", num_heads), ("num_key_value_heads", num_kv_heads)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"model config {name} = {value!r} must be a positive integer")
+    if num_heads % num_kv_heads:
+        raise ValueError(f"model config num_attention_heads ({num_heads}) must be a multiple of "
+                         f"num_key_value_heads ({num_kv_heads}): each KV head serves a whole group of query heads")
 
 
 def _rope_spec(cfg: dict[str, Any]) -> RopeSpec:
@@ -142,6 +157,7 @@ def _opt_spec(cfg: dict[str, Any], eos_ids: tuple[int, ...]) -> ModelSpec:
     if cfg.get("activation_function", "relu") != "relu":
         raise ValueError(f"OPT activation {cfg.get('activation_function')!r} is not supported; only relu")
     num_heads = cfg["num_attention_heads"]
+    _check_heads(num_heads, num_heads)
     return ModelSpec(
         family=Family.OPT,
         model_type="opt",
