@@ -78,7 +78,9 @@ class Scheduler:
         while self.waiting and len(self.running) + len(admitted) < self.max_batch_size:
             seq = self.waiting[0]
             need = blocks_needed(len(seq.all_ids), self.block_size)
-            if need > self.allocator.num_free:
+            # Keep one free block per running sequence, so admitting this one does not force the
+            # next decode step to preempt it again (a prefill recomputed over and over).
+            if need + len(self.running) + len(admitted) > self.allocator.num_free:
                 break
             if admitted and prefill_tokens + len(seq.all_ids) > self.max_prefill_tokens:
                 break  # bounds the activations of one prefill step
