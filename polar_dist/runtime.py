@@ -92,8 +92,8 @@ def build_runtime(cfg: RunConfig, ctx: ParallelContext) -> Runtime:
                          f"{KERNEL_HEAD_DIMS}); run it with model.dtype = float32 or on the CPU")
     t0 = time.perf_counter()
     model = build_model(source, plan, ctx.tp_comm, dtype, ctx.device, max_seq_len)
-    log.info("loaded %s (%d layers, tp=%d) in %.1f s on %s", spec.model_type, spec.num_layers, ctx.world_size,
-             time.perf_counter() - t0, ctx.device)
+    log.info("loaded %s (%d layers, tp=%d, launched by %s) in %.1f s on %s", spec.model_type, spec.num_layers,
+             ctx.world_size, ctx.info.launcher.value, time.perf_counter() - t0, ctx.device)
     e = cfg.engine
     num_blocks = e.kv_cache_blocks or e.max_batch_size * blocks_needed(max_seq_len, e.block_size)
     runner = ModelRunner(model, spec, plan, num_blocks=num_blocks, block_size=e.block_size, dtype=dtype,

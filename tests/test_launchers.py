@@ -85,6 +85,7 @@ def test_generate_under_mpirun_equals_single_process(model_dir: Path, tmp_path: 
     single = subprocess.run([sys.executable, *args], env=env(), capture_output=True, text=True, timeout=300)
     multi = subprocess.run([*mpirun(), sys.executable, *args], env=env(), capture_output=True, text=True, timeout=300)
     assert single.returncode == 0 and multi.returncode == 0, (single.stderr[-2000:], multi.stderr[-2000:])
+    assert "launched by python" in single.stderr and "launched by mpirun" in multi.stderr
     lines = [[json.loads(x) for x in p.stdout.splitlines() if x.startswith("{")] for p in (single, multi)]
     assert len(lines[0]) == 2 and lines[0] == lines[1]
     assert all(len(x["token_ids"]) == 12 for x in lines[0])

@@ -7,16 +7,16 @@ import math
 import torch
 
 from kernels import dispatch as kernel_ops
-from polar_dist.models.spec import RopeSpec
+from polar_dist.models.spec import RopeKind, RopeSpec
 
 
 def inv_frequencies(rope: RopeSpec, head_dim: int) -> torch.Tensor:
     """[head_dim // 2] float32 inverse frequencies after the spec's scaling."""
     # float32 throughout, as the reference implementation computes it, so angles agree bit for bit.
     inv_freq = 1.0 / (rope.theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
-    if rope.kind == "linear":
+    if rope.kind is RopeKind.LINEAR:
         inv_freq = inv_freq / rope.factor
-    elif rope.kind == "llama3":
+    elif rope.kind is RopeKind.LLAMA3:
         # Long wavelengths are slowed by `factor`, short ones kept, the band between interpolated.
         low_freq_wavelen = rope.original_max_position / rope.low_freq_factor
         high_freq_wavelen = rope.original_max_position / rope.high_freq_factor

@@ -24,10 +24,16 @@ _FAMILY_OF_MODEL_TYPE = {
 }
 
 
+class RopeKind(Enum):
+    DEFAULT = "default"
+    LINEAR = "linear"  # positions divided by `factor`
+    LLAMA3 = "llama3"  # long wavelengths slowed by `factor`, short ones kept, a smooth band between
+
+
 @dataclass(frozen=True, kw_only=True)
 class RopeSpec:
     theta: float
-    kind: str = "default"  # default | linear | llama3
+    kind: RopeKind = RopeKind.DEFAULT
     factor: float = 1.0
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
@@ -51,8 +57,7 @@ class ModelSpec:
     qkv_bias: bool  # Qwen2, OPT, Llama with attention_bias
     o_bias: bool = False  # Llama with attention_bias (Qwen2 has no out-projection bias)
     mlp_bias: bool = False  # Llama with mlp_bias: gate, up and down projections
-    rope: RopeSpec | None  # None for OPT (learned positions)
-    activation: str  # "silu" (gated) or "relu"
+    rope: RopeSpec | None  # None for OPT (learned positions); the MLP is SwiGLU for LLAMA, ReLU for OPT
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
 
@@ -115,7 +120,6 @@ def spec_from_hf_config(cfg: dict[str, Any]) -> ModelSpec:
         o_bias=model_type != "qwen2" and bool(cfg.get("attention_bias", False)),
         mlp_bias=bool(cfg.get("mlp_bias", False)),
         rope=_rope_spec(cfg),
-        activation="silu",
         bos_token_id=cfg.get("bos_token_id"),
         eos_token_ids=eos_ids,
     )
@@ -136,11 +140,11 @@ def _rope_spec(cfg: dict[str, Any]) -> RopeSpec:
     theta = cfg.get("rope_theta") or params.get("rope_theta") or 10000.0
     merged = {**params, **scaling}
     kind = merged.get("rope_type", merged.get("type", "default"))
-    if kind not in ("default", "linear", "llama3"):
-        raise ValueError(f"rope scaling type {kind!r} is not supported; supported: default, linear, llama3")
+    if kind not in {k.value for k in RopeKind}:
+        raise ValueError(f"rope scaling type {kind!r} is not supported; supported: {[k.value for k in RopeKind]}")
     return RopeSpec(
         theta=float(theta),
-        kind=kind,
+        kind=RopeKind(kind),
         factor=float(merged.get("factor", 1.0)),
         low_freq_factor=float(merged.get("low_freq_factor", 1.0)),
         high_freq_factor=float(merged.get("high_freq_factor", 4.0)),
@@ -173,7 +177,6 @@ def _opt_spec(cfg: dict[str, Any], eos_ids: tuple[int, ...]) -> ModelSpec:
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", True)),
         qkv_bias=bool(cfg.get("enable_bias", True)),
         rope=None,
-        activation="relu",
         bos_token_id=cfg.get("bos_token_id"),
         eos_token_ids=eos_ids,
     )

@@ -18,6 +18,7 @@ import os
 import socket
 from dataclasses import dataclass
 from datetime import timedelta
+from enum import Enum
 from typing import Any
 
 import torch
@@ -26,9 +27,16 @@ from polar_dist.config import ParallelConfig
 from polar_dist.parallel.comm import GroupComm, SingleRank, TPComm
 
 
+class Launcher(Enum):
+    SINGLE = "python"
+    TORCHRUN = "torchrun"
+    DEEPSPEED = "deepspeed"
+    MPIRUN = "mpirun"
+
+
 @dataclass(frozen=True)
 class LaunchInfo:
-    launcher: str  # "single" | "torchrun" | "deepspeed" | "mpirun"
+    launcher: Launcher
     rank: int
     world_size: int
     local_rank: int
@@ -38,13 +46,15 @@ class LaunchInfo:
 def detect_launch() -> LaunchInfo:
     env = os.environ
     if "RANK" in env and "WORLD_SIZE" in env:
-        launcher = "deepspeed" if "LOCAL_SIZE" in env and "TORCHELASTIC_RUN_ID" not in env else "torchrun"
+        # both set RANK/WORLD_SIZE; only the deepspeed launcher sets LOCAL_SIZE without torchelastic
+        launcher = Launcher.DEEPSPEED if "LOCAL_SIZE" in env and "TORCHELASTIC_RUN_ID" not in env \
+            else Launcher.TORCHRUN
         addr, port = env.get("MASTER_ADDR", "127.0.0.1"), env.get("MASTER_PORT", "29500")
         return LaunchInfo(launcher, int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)),
                           f"tcp://{addr}:{port}")
     if any(k in env for k in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK")):
         return _mpi_launch()
-    return LaunchInfo("single", 0, 1, 0, None)
+    return LaunchInfo(Launcher.SINGLE, 0, 1, 0, None)
 
 
 def _mpi_launch() -> LaunchInfo:
@@ -62,7 +72,7 @@ def _mpi_launch() -> LaunchInfo:
             "127.0.0.1" if single_node else socket.gethostbyname(socket.gethostname()))
         endpoint = (addr, _free_port(addr))
     addr, port = comm.bcast(endpoint, root=0)
-    return LaunchInfo("mpirun", rank, size, local_rank, f"tcp://{addr}:{port}")
+    return LaunchInfo(Launcher.MPIRUN, rank, size, local_rank, f"tcp://{addr}:{port}")
 
 
 def _free_port(addr: str) -> int:
