@@ -112,3 +112,32 @@ def test_kernels_package_is_not_the_hf_kernels_distribution() -> None:
                          cwd=Path(__file__).resolve().parents[1])
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
+
+
+class _EagerReplay:
+    """Stands in for a captured CUDA graph on CPU: replay() runs the same forward over the same buffers."""
+
+    def __init__(self, graphs: "DecodeGraphs", n: int) -> None:
+        self.graphs, self.n = graphs, n
+        self.logits = graphs._forward(n)
+
+    def replay(self) -> None:
+        self.logits.copy_(self.graphs._forward(self.n))
+
+
+def test_graph_buffers_and_padding_rows_give_eager_results(model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CUDA-graph decode path (plan copied into static buffers, batch padded to a bucket with
+    rows on the scratch block, block tables padded to max_seq_len) gives the eager path's tokens."""
+    from polar_dist.engine import cuda_graphs
+    from polar_dist.engine.cuda_graphs import DecodeGraphs
+
+    params = SamplingParams(max_new_tokens=20, ignore_eos=True)
+    rt = runtime(model_dir, max_batch_size=8)
+    eager = outputs(rt, PROMPTS[:3], params)  # 3 sequences: the bucket of 4 has a padding row
+    monkeypatch.setattr(cuda_graphs.torch.cuda, "graph_pool_handle", lambda: None)
+    monkeypatch.setattr(DecodeGraphs, "_capture", lambda self, n: ((r := _EagerReplay(self, n)), r.logits))
+    runner = rt.runner
+    runner.graphs = DecodeGraphs(runner.model, runner.kv_caches, runner.head_table, max_blocks=128 // 16,
+                                 block_size=16, scratch_block=runner.num_blocks, device=runner.device)
+    assert outputs(rt, PROMPTS[:3], params) == eager
+    assert sorted(runner.graphs._graphs) == [4]

@@ -25,21 +25,22 @@ def batch_buckets(max_batch_size: int) -> list[int]:
 
 
 class DecodeGraphs:
-    def __init__(self, model: nn.Module, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], *, max_batch_size: int,
-                 max_blocks: int, block_size: int, scratch_block: int, num_kv_heads_local: int,
+    def __init__(self, model: nn.Module, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+                 head_table: torch.Tensor, *, max_blocks: int, block_size: int, scratch_block: int,
                  device: torch.device) -> None:
+        """head_table: (max_batch_size, k_max) int32 KV groups each row reads; the graphs read it in place."""
         self.model = model
         self.kv_caches = kv_caches
         self.block_size = block_size
         self.scratch_block = scratch_block
-        self.buckets = batch_buckets(max_batch_size)
+        self.buckets = batch_buckets(head_table.shape[0])
         n, dev = self.buckets[-1], device
         self.ids = torch.zeros(n, dtype=torch.int64, device=dev)
         self.positions = torch.zeros(n, dtype=torch.int64, device=dev)
         self.seq_lens = torch.ones(n, dtype=torch.int32, device=dev)
         self.block_tables = torch.full((n, max_blocks), scratch_block, dtype=torch.int32, device=dev)
         self.slots = torch.full((n,), scratch_block * block_size, dtype=torch.int64, device=dev)
-        self.head_table = torch.arange(num_kv_heads_local, dtype=torch.int32, device=dev).expand(n, -1).contiguous()
+        self.head_table = head_table
         self.max_blocks = max_blocks
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._pool = torch.cuda.graph_pool_handle()

@@ -26,20 +26,14 @@ class ModelRunner:
         self.num_blocks = num_blocks
         self.kv_caches = allocate_kv_caches(spec.num_layers, num_blocks + 1, plan.num_kv_heads_local, block_size,
                                             spec.head_dim, dtype, device)
-        self._num_kv_heads_local = plan.num_kv_heads_local
-        self._dense_heads: dict[int, torch.Tensor] = {}
+        # (max_batch_size, Hkv_local) int32: every sequence reads every local KV group (density 1.0);
+        # decode steps use its first B rows, eager or captured.
+        self.head_table = torch.arange(plan.num_kv_heads_local, dtype=torch.int32, device=device).expand(
+            max_batch_size, -1).contiguous()
         self.graphs = DecodeGraphs(
-            model, self.kv_caches, max_batch_size=max_batch_size, max_blocks=blocks_needed(max_seq_len, block_size),
-            block_size=block_size, scratch_block=num_blocks, num_kv_heads_local=plan.num_kv_heads_local,
-            device=device) if cuda_graphs and device.type == "cuda" else None
-
-    def dense_head_table(self, batch_size: int) -> torch.Tensor:
-        """(B, Hkv_local) int32: every sequence reads every local KV group (density 1.0)."""
-        table = self._dense_heads.get(batch_size)
-        if table is None:
-            row = torch.arange(self._num_kv_heads_local, dtype=torch.int32, device=self.device)
-            table = self._dense_heads[batch_size] = row.expand(batch_size, -1).contiguous()
-        return table
+            model, self.kv_caches, self.head_table, max_blocks=blocks_needed(max_seq_len, block_size),
+            block_size=block_size, scratch_block=num_blocks, device=device) \
+            if cuda_graphs and device.type == "cuda" else None
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> torch.Tensor:
@@ -59,7 +53,7 @@ class ModelRunner:
             seq_lens=torch.tensor(plan.seq_lens, dtype=torch.int32, device=dev),
             block_tables=block_tables,
             slot_mapping=torch.tensor(plan.cache_slots(self.block_size), dtype=torch.int64, device=dev),
-            head_table=self.dense_head_table(plan.batch_size) if is_decode else None,
+            head_table=self.head_table[:plan.batch_size] if is_decode else None,
             query_lens=tuple(plan.query_lens),
             seq_lens_host=tuple(plan.seq_lens),
         )
