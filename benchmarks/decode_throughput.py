@@ -5,7 +5,7 @@
 
 For each (batch, context) the KV cache of every sequence is filled with random values up to
 `context` tokens (prefill is not what is measured), then decode steps run exactly as the
-engine runs them (rank 0 broadcasts each step plan; every rank executes it). Reported per
+engine runs them (rank 0 broadcasts each step; every rank executes it). Reported per
 case: median step time, tokens/s (batch / step), the bandwidth floor (this rank's weights +
 the KV it reads, over the copy bandwidth measured in the same run) and, for tp > 1, the share
 of GPU time spent in NCCL kernels (from a profiled step). Rank 0 prints a table and writes
@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from polar_dist.cli import add_config_args, config_from_args, run_main  # noqa: E402
 from polar_dist.engine.kv_cache import BlockAllocator, blocks_needed  # noqa: E402
-from polar_dist.engine.plan import StepKind, StepPlan  # noqa: E402
+from polar_dist.engine.step import StepKind, Step  # noqa: E402
 from polar_dist.runtime import Runtime  # noqa: E402
 
 WARMUP_STEPS = 3  # first steps of each case (graph capture, first launches) are not timed
@@ -51,20 +51,20 @@ def copy_bandwidth_tbps(device: torch.device) -> float:
     return 2 * src.numel() / statistics.median(times) / 1e12
 
 
-def decode_plans(rt: Runtime, batch: int, context: int, steps: int) -> list[StepPlan]:
+def decode_steps(rt: Runtime, batch: int, context: int, steps: int) -> list[Step]:
     bs = rt.cfg.engine.block_size
     allocator = BlockAllocator(rt.runner.num_blocks)
     tables = [allocator.allocate(blocks_needed(context + steps, bs)) for _ in range(batch)]
-    return [StepPlan(kind=StepKind.DECODE, token_ids=[(7 * i + s) % 256 for i in range(batch)],
+    return [Step(kind=StepKind.DECODE, token_ids=[(7 * i + s) % 256 for i in range(batch)],
                      positions=[context + s] * batch, query_lens=[1] * batch, seq_lens=[context + s + 1] * batch,
                      block_tables=tables) for s in range(steps)]
 
 
-def nccl_share(rt: Runtime, plan: StepPlan) -> float:
+def nccl_share(rt: Runtime, step: Step) -> float:
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        rt.runner.execute(rt.ctx.broadcast_object(plan))
+        rt.runner.execute(rt.ctx.broadcast_object(step))
         torch.cuda.synchronize()
     total = nccl = 0.0
     for evt in prof.key_averages():  # self time: each kernel counted once, not again under its CPU op
@@ -75,11 +75,11 @@ def nccl_share(rt: Runtime, plan: StepPlan) -> float:
     return nccl / total if total else 0.0
 
 
-def print_profile(rt: Runtime, plan: StepPlan) -> None:
+def print_profile(rt: Runtime, step: Step) -> None:
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        rt.runner.execute(rt.ctx.broadcast_object(plan))
+        rt.runner.execute(rt.ctx.broadcast_object(step))
         torch.cuda.synchronize()
     if not rt.ctx.is_driver:
         return
@@ -101,20 +101,20 @@ def measure(rt: Runtime, args: argparse.Namespace) -> tuple[list[dict], dict]:
     rows = []
     for n in args.context:
         for b in args.batch:
-            plans = decode_plans(rt, b, n, args.steps + WARMUP_STEPS)
+            steps = decode_steps(rt, b, n, args.steps + WARMUP_STEPS)
             times = []
-            for i, plan in enumerate(plans):
+            for i, step in enumerate(steps):
                 torch.cuda.synchronize()
                 t0 = time.perf_counter()
-                rt.runner.execute(ctx.broadcast_object(plan))
+                rt.runner.execute(ctx.broadcast_object(step))
                 torch.cuda.synchronize()
                 if i >= WARMUP_STEPS:
                     times.append(time.perf_counter() - t0)
             step_ms = statistics.median(times) * 1e3
             floor_ms = (weight_bytes + b * (n + 1) * kv_bytes_per_token) / (bw * 1e12) * 1e3
-            share = nccl_share(rt, plans[-1]) if ctx.world_size > 1 else 0.0
+            share = nccl_share(rt, steps[-1]) if ctx.world_size > 1 else 0.0
             if args.profile:  # every rank runs the step (its collectives need all ranks); rank 0 prints
-                print_profile(rt, plans[-1])
+                print_profile(rt, steps[-1])
             rows.append({"batch": b, "context": n, "step_ms": step_ms, "tokens_per_s": b / step_ms * 1e3,
                          "floor_ms": floor_ms, "floor_over_step": floor_ms / step_ms, "nccl_share": share})
     meta = {"copy_TBps": bw, "weight_bytes_per_rank": weight_bytes, "model": spec.model_type,

@@ -1,94 +1,109 @@
-"""The one dispatch point the runtime calls for the Polar Sparsity kernels.
+"""The one entry point the runtime calls for its kernels: `KernelOps`, bound to one backend.
 
-Each op runs its Triton kernel when the tensors are fp16/bf16 on CUDA and its pure-PyTorch
-`_ref` otherwise (the kernels are written for 16-bit data; float32 runs, e.g. reference runs
-on a GPU, take the torch path); `POLAR_KERNEL_BACKEND` (polar_dist.envs.KERNEL_BACKEND:
-auto | triton | torch) overrides the choice. The op modules are imported only when first called, so importing
-`kernels` never imports triton (the op modules import it at the top, for @triton.jit, and
-also hold the references).
+The backend is chosen once, when a model is built (`choose_backend`), and every layer that
+calls a kernel is handed the same `KernelOps`:
+- `Backend.TRITON`: the Triton kernels (fp16/bf16 on CUDA; on CPU only under TRITON_INTERPRET=1,
+  which the tests use to run the kernels in the interpreter);
+- `Backend.TORCH`: each op's pure-PyTorch `_ref` (any device and dtype; what float32 models
+  and CPU runs use).
+The op modules are imported only when first called, so importing `kernels` never imports
+triton (the op modules import it at the top, for @triton.jit, and also hold the references).
+This package imports nothing from polar_dist: the caller passes the choice in.
 """
 
 from __future__ import annotations
 
 import importlib
 import os
+from enum import Enum
 from types import ModuleType
 
 import torch
 
-from polar_dist import envs
+KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 
 
-def _use_triton(t: torch.Tensor) -> bool:
-    backend = envs.KERNEL_BACKEND.get()
-    if backend == "auto":
-        return t.is_cuda and t.dtype in (torch.float16, torch.bfloat16)
-    if backend == "triton" and not t.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError("POLAR_KERNEL_BACKEND=triton with CPU tensors needs the Triton interpreter: set "
-                         "TRITON_INTERPRET=1 before the process starts, or use POLAR_KERNEL_BACKEND=auto")
-    return backend == "triton"
+class Backend(Enum):
+    TRITON = "triton"
+    TORCH = "torch"
+
+
+def choose_backend(requested: str, device: torch.device, dtype: torch.dtype) -> Backend:
+    """`requested` is "auto" (Triton for fp16/bf16 on CUDA, the torch references otherwise),
+    "triton" or "torch"."""
+    if requested == "auto":
+        return Backend.TRITON if device.type == "cuda" and dtype in KERNEL_DTYPES else Backend.TORCH
+    backend = Backend(requested)
+    if backend is Backend.TRITON and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError("the triton kernel backend on CPU needs the Triton interpreter: set TRITON_INTERPRET=1 "
+                         "before the process starts, or choose the auto backend")
+    return backend
 
 
 def _module(name: str) -> ModuleType:
     return importlib.import_module(f"kernels.{name}")
 
 
-def select_attention(
-    q: torch.Tensor,  # [B, Hq, D]
-    k_cache: torch.Tensor,  # [num_blocks, Hkv, block_size, D]
-    v_cache: torch.Tensor,  # [num_blocks, Hkv, block_size, D]
-    block_tables: torch.Tensor,  # [B, max_blocks] int32
-    seq_lens: torch.Tensor,  # [B] int32
-    head_table: torch.Tensor,  # [B, k_max] int32, -1 = none
-    scale: float,
-    out: torch.Tensor | None = None,  # [B, Hq, D]
-) -> torch.Tensor:  # [B, Hq, D]; heads of unselected KV groups are exactly 0
-    """Head-selective paged decode attention; see kernels/select_attention.py."""
-    mod = _module("select_attention")
-    fn = mod.select_attention if _use_triton(q) else mod.select_attention_ref
-    return fn(q, k_cache, v_cache, block_tables, seq_lens, head_table, scale, out)
+class KernelOps:
+    """The kernels of one backend; the models call these and nothing below them."""
 
+    def __init__(self, backend: Backend) -> None:
+        self.backend = backend
+        self._triton = backend is Backend.TRITON
 
-def gather_fc1(
-    x: torch.Tensor,  # [M, d]
-    w1: torch.Tensor,  # [N, d]
-    idx: torch.Tensor,  # [k] int32
-    b1: torch.Tensor | None,  # [N]
-    activation: str = "relu",
-) -> torch.Tensor:  # [M, k]
-    """h = act(x @ w1[idx].T + b1[idx]); see kernels/gather_gemm.py."""
-    mod = _module("gather_gemm")
-    fn = mod.gather_fc1 if _use_triton(x) else mod.gather_fc1_ref
-    return fn(x, w1, idx, b1, activation)
+    def __repr__(self) -> str:
+        return f"KernelOps({self.backend.value})"
 
+    def _pick(self, module: str, op: str):  # noqa: ANN202 - the op's function
+        mod = _module(module)
+        return getattr(mod, op if self._triton else f"{op}_ref")
 
-def gather_fc2(
-    h: torch.Tensor,  # [M, k]
-    w2t: torch.Tensor,  # [N, d]
-    idx: torch.Tensor,  # [k] int32
-    b2: torch.Tensor | None,  # [d]
-) -> torch.Tensor:  # [M, d]
-    """y = h @ w2t[idx] + b2; see kernels/gather_gemm.py."""
-    mod = _module("gather_gemm")
-    fn = mod.gather_fc2 if _use_triton(h) else mod.gather_fc2_ref
-    return fn(h, w2t, idx, b2)
+    def select_attention(
+        self,
+        q: torch.Tensor,  # [B, Hq, D]
+        k_cache: torch.Tensor,  # [num_blocks, Hkv, block_size, D]
+        v_cache: torch.Tensor,  # [num_blocks, Hkv, block_size, D]
+        block_tables: torch.Tensor,  # [B, max_blocks] int32
+        seq_lens: torch.Tensor,  # [B] int32
+        head_table: torch.Tensor,  # [B, k_max] int32, -1 = none
+        scale: float,
+        out: torch.Tensor | None = None,  # [B, Hq, D]
+    ) -> torch.Tensor:  # [B, Hq, D]; heads of unselected KV groups are exactly 0
+        """Head-selective paged decode attention; see kernels/select_attention.py."""
+        fn = self._pick("select_attention", "select_attention")
+        return fn(q, k_cache, v_cache, block_tables, seq_lens, head_table, scale, out)
 
+    def gather_fc1(
+        self,
+        x: torch.Tensor,  # [M, d]
+        w1: torch.Tensor,  # [N, d]
+        idx: torch.Tensor,  # [k] int32
+        b1: torch.Tensor | None,  # [N]
+        activation: str = "relu",
+    ) -> torch.Tensor:  # [M, k]
+        """h = act(x @ w1[idx].T + b1[idx]); see kernels/gather_gemm.py."""
+        return self._pick("gather_gemm", "gather_fc1")(x, w1, idx, b1, activation)
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:  # [T, d] -> [T, d]
-    """weight * x / rms(x); see kernels/rms_norm.py."""
-    mod = _module("rms_norm")
-    return (mod.rms_norm if _use_triton(x) else mod.rms_norm_ref)(x, weight, eps)
+    def gather_fc2(
+        self,
+        h: torch.Tensor,  # [M, k]
+        w2t: torch.Tensor,  # [N, d]
+        idx: torch.Tensor,  # [k] int32
+        b2: torch.Tensor | None,  # [d]
+    ) -> torch.Tensor:  # [M, d]
+        """y = h @ w2t[idx] + b2; see kernels/gather_gemm.py."""
+        return self._pick("gather_gemm", "gather_fc2")(h, w2t, idx, b2)
 
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:  # [T, d] -> [T, d]
+        """weight * x / rms(x); see kernels/rms_norm.py."""
+        return self._pick("rms_norm", "rms_norm")(x, weight, eps)
 
-def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
-                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:  # [T, d] x 2 -> ([T, d], [T, d])
-    """(rms_norm(x + residual), x + residual); see kernels/rms_norm.py."""
-    mod = _module("rms_norm")
-    return (mod.add_rms_norm if _use_triton(x) else mod.add_rms_norm_ref)(x, residual, weight, eps)
+    def add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                     eps: float) -> tuple[torch.Tensor, torch.Tensor]:  # [T, d] x 2 -> ([T, d], [T, d])
+        """(rms_norm(x + residual), x + residual); see kernels/rms_norm.py."""
+        return self._pick("rms_norm", "add_rms_norm")(x, residual, weight, eps)
 
-
-def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-           positions: torch.Tensor) -> torch.Tensor:  # [T, H, D] -> [T, H, D]
-    """Rotary position embedding, half-split layout; see kernels/rotary.py."""
-    mod = _module("rotary")
-    return (mod.rotary if _use_triton(x) else mod.rotary_ref)(x, cos, sin, positions)
+    def rotary(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+               positions: torch.Tensor) -> torch.Tensor:  # [T, H, D] -> [T, H, D]
+        """Rotary position embedding, half-split layout; see kernels/rotary.py."""
+        return self._pick("rotary", "rotary")(x, cos, sin, positions)

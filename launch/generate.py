@@ -2,7 +2,7 @@
 
     python launch/generate.py --config configs/smollm2-135m.yaml --prompt "Once upon a time" --max-new-tokens 32
     torchrun --nproc_per_node 3 launch/generate.py --config configs/smollm2-135m.yaml --prompt "Hi" --prompt "Bye"
-    mpirun -np 2 python launch/generate.py --config configs/tiny-llama.yaml --prompt "Hi"
+    mpirun --allow-run-as-root --oversubscribe -np 3 python launch/generate.py --config configs/smollm2-135m.yaml --prompt "Hi"
 
 Output line: {"prompt": ..., "text": ..., "token_ids": [generated ids only]}
 """

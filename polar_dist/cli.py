@@ -9,6 +9,7 @@ import traceback
 from typing import Callable
 
 from polar_dist.config import RunConfig, load_config
+from polar_dist.errors import UserError
 
 
 def add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -42,7 +43,7 @@ def run_main(main: Callable[[], None]) -> None:
         main()
     except SystemExit:
         raise
-    except ValueError as e:  # a user error: the message says what to change
+    except UserError as e:  # the message says what to change; a traceback would only hide it
         print(f"{_rank_label()}error: {e}", file=sys.stderr, flush=True)
         os._exit(2)
     except BaseException as e:  # noqa: BLE001 - the process ends here; the traceback is printed

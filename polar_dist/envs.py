@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Generic, TypeVar
 
+from polar_dist.errors import UserError
+
 T = TypeVar("T")
 
 
@@ -20,7 +22,7 @@ def parse_bool(name: str, raw: str) -> bool:
         return True
     if value in ("0", "false", "no", "off", ""):
         return False
-    raise ValueError(f"{name}={raw!r} is not a boolean; use 1/0, true/false, yes/no or on/off")
+    raise UserError(f"{name}={raw!r} is not a boolean; use 1/0, true/false, yes/no or on/off")
 
 
 @dataclass(frozen=True)
@@ -38,7 +40,7 @@ class EnvVar(Generic[T]):
 def _parse_choice(*choices: str) -> Callable[[str, str], str]:
     def parse(name: str, raw: str) -> str:
         if raw not in choices:
-            raise ValueError(f"{name}={raw!r} is not one of {', '.join(choices)}")
+            raise UserError(f"{name}={raw!r} is not one of {', '.join(choices)}")
         return raw
 
     return parse
@@ -58,10 +60,9 @@ KERNEL_BACKEND: EnvVar[str] = EnvVar(
     "POLAR_KERNEL_BACKEND",
     "auto",
     _parse_choice("auto", "triton", "torch"),
-    "auto: Triton on CUDA tensors, torch reference on CPU; triton/torch force one",
+    "kernel backend, chosen once per model: auto (Triton for fp16/bf16 on CUDA, torch references otherwise), "
+    "triton or torch",
 )
 LOG_ALL_RANKS: EnvVar[bool] = EnvVar(
     "POLAR_LOG_ALL_RANKS", False, parse_bool, "log from every rank, not rank 0 only"
 )
-
-ALL: tuple[EnvVar, ...] = (CACHE_DIR, KERNEL_BACKEND, LOG_ALL_RANKS)

@@ -1,5 +1,5 @@
 """Runtime: one rank's model shard, KV cache and tokenizer, built from a RunConfig, and the
-generation loop - rank 0 schedules and samples, the other ranks execute its step plans.
+generation loop - rank 0 schedules and samples, the other ranks execute its steps.
 
     ctx = init_parallel(cfg.parallel, cfg.model.device)
     rt = build_runtime(cfg, ctx)
@@ -13,21 +13,24 @@ from dataclasses import dataclass
 
 import torch
 
+from kernels.dispatch import Backend, KernelOps, choose_backend
+from polar_dist import envs
 from polar_dist.config import RunConfig
 from polar_dist.engine.kv_cache import BlockAllocator, blocks_needed
-from polar_dist.engine.plan import STOP, StepKind, StepPlan
+from polar_dist.engine.step import STOP, StepKind, Step
 from polar_dist.engine.runner import ModelRunner
 from polar_dist.engine.sampler import SamplingParams
 from polar_dist.engine.scheduler import Scheduler, Sequence, run_to_completion
+from polar_dist.errors import UserError
 from polar_dist.log import get_logger
+from polar_dist.models.build import BuildContext
 from polar_dist.models.loader import DTYPES, ModelSource, build_model, resolve_source
-from polar_dist.models.spec import ModelSpec
+from polar_dist.model_spec import ModelSpec
 from polar_dist.models.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer
 from polar_dist.parallel.context import ParallelContext
 from polar_dist.parallel.plan import make_shard_plan
 
 log = get_logger(__name__)
-KERNEL_HEAD_DIMS = (64, 128)  # what kernels/select_attention.py and kernels/rotary.py compile for
 
 
 @dataclass
@@ -50,7 +53,7 @@ def resolve_source_once(cfg: RunConfig, ctx: ParallelContext) -> ModelSource:
         try:
             source = resolve_source(cfg.model)
         except Exception as e:  # told to every rank, then raised here unchanged
-            failure = (isinstance(e, ValueError), str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}")
+            failure = (isinstance(e, UserError), str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}")
             ctx.broadcast_object(failure)
             raise
         ctx.broadcast_object(failure)
@@ -59,7 +62,7 @@ def resolve_source_once(cfg: RunConfig, ctx: ParallelContext) -> ModelSource:
     if failure is not None:
         user_error, message = failure
         if user_error:
-            raise ValueError(message)
+            raise UserError(message)
         raise RuntimeError(f"rank 0 could not load the model: {message}")
     return resolve_source(cfg.model)
 
@@ -70,30 +73,36 @@ def build_runtime(cfg: RunConfig, ctx: ParallelContext) -> Runtime:
     plan = make_shard_plan(spec, ctx.rank, ctx.world_size)  # checks tp against the heads before any weight
     max_seq_len = cfg.engine.max_seq_len or spec.max_position_embeddings
     if max_seq_len > spec.max_position_embeddings:
-        raise ValueError(f"engine.max_seq_len = {max_seq_len} exceeds the model's max_position_embeddings "
-                         f"({spec.max_position_embeddings}); lower engine.max_seq_len")
+        raise UserError(f"engine.max_seq_len = {max_seq_len} exceeds the model's max_position_embeddings "
+                        f"({spec.max_position_embeddings}); lower engine.max_seq_len")
     window = source.hf_config.get("sliding_window")
     if window and source.hf_config.get("use_sliding_window", True) and max_seq_len > window:
-        raise ValueError(f"engine.max_seq_len = {max_seq_len} exceeds the model's sliding_window ({window}), which "
-                         f"this runtime does not implement; set engine.max_seq_len <= {window}")
+        raise UserError(f"engine.max_seq_len = {max_seq_len} exceeds the model's sliding_window ({window}), which "
+                        f"this runtime does not implement; set engine.max_seq_len <= {window}")
     tokenizer: Tokenizer
     if cfg.model.tokenizer == "bytes":
         if spec.vocab_size < 256:
-            raise ValueError(f"model.tokenizer = bytes needs a vocabulary of at least 256 ids, this model has "
-                             f"{spec.vocab_size}; use the model's own tokenizer (model.tokenizer = auto)")
+            raise UserError(f"model.tokenizer = bytes needs a vocabulary of at least 256 ids, this model has "
+                            f"{spec.vocab_size}; use the model's own tokenizer (model.tokenizer = auto)")
         tokenizer = ByteTokenizer()
     else:
         if source.directory is None or not any(source.directory.glob("tokenizer*")):
-            raise ValueError("this model has no tokenizer files; set model.tokenizer = bytes")
+            raise UserError("this model has no tokenizer files; set model.tokenizer = bytes")
         tokenizer = HFTokenizer(source.directory, spec.eos_token_ids)
     dtype = DTYPES[cfg.model.dtype]
-    if ctx.device.type == "cuda" and dtype != torch.float32 and spec.head_dim not in KERNEL_HEAD_DIMS:
-        raise ValueError(f"head_dim {spec.head_dim} of this model has no GPU decode kernel (head dims "
-                         f"{KERNEL_HEAD_DIMS}); run it with model.dtype = float32 or on the CPU")
+    ops = KernelOps(choose_backend(envs.KERNEL_BACKEND.get(), ctx.device, dtype))
+    if ops.backend is Backend.TRITON:
+        from kernels.select_attention import HEAD_DIMS  # imports triton: only when its kernels will run
+
+        if spec.head_dim not in HEAD_DIMS:
+            raise UserError(f"head_dim {spec.head_dim} of this model has no Triton decode kernel (head dims "
+                            f"{HEAD_DIMS}); run it with model.dtype = float32, on the CPU, or with "
+                            f"{envs.KERNEL_BACKEND.name}=torch")
     t0 = time.perf_counter()
-    model = build_model(source, plan, ctx.tp_comm, dtype, ctx.device, max_seq_len)
-    log.info("loaded %s (%d layers, tp=%d, launched by %s) in %.1f s on %s", spec.model_type, spec.num_layers,
-             ctx.world_size, ctx.info.launcher.value, time.perf_counter() - t0, ctx.device)
+    model = build_model(source, BuildContext(spec, plan, ctx.tp_comm, ops, dtype, ctx.device), max_seq_len)
+    log.info("loaded %s (%d layers, tp=%d, launched by %s, %s kernels) in %.1f s on %s", spec.model_type,
+             spec.num_layers, ctx.world_size, ctx.info.launcher.value, ops.backend.value, time.perf_counter() - t0,
+             ctx.device)
     e = cfg.engine
     num_blocks = e.kv_cache_blocks or e.max_batch_size * blocks_needed(max_seq_len, e.block_size)
     runner = ModelRunner(model, spec, plan, num_blocks=num_blocks, block_size=e.block_size, dtype=dtype,
@@ -117,8 +126,8 @@ def generate_ids(rt: Runtime, prompts: list[list[int]], params: SamplingParams) 
         worker_loop(rt)
         return None
 
-    def execute(plan: StepPlan) -> torch.Tensor:
-        return rt.runner.execute(rt.ctx.broadcast_object(plan))
+    def execute(step: Step) -> torch.Tensor:
+        return rt.runner.execute(rt.ctx.broadcast_object(step))
 
     # STOP goes out only after a clean run. If rank 0 fails mid-step, the others may be inside a
     # collective of that step, and a STOP broadcast would pair with it; rank 0 exits instead, and
@@ -133,6 +142,6 @@ def generate(rt: Runtime, prompts: list[str], params: SamplingParams) -> list[Se
 
 
 def worker_loop(rt: Runtime) -> None:
-    """Non-driver ranks: execute rank 0's plans until it says stop."""
-    while (plan := rt.ctx.broadcast_object()).kind is not StepKind.STOP:
-        rt.runner.execute(plan)
+    """Non-driver ranks: execute rank 0's steps until it says stop."""
+    while (step := rt.ctx.broadcast_object()).kind is not StepKind.STOP:
+        rt.runner.execute(step)

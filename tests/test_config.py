@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from polar_dist.config import load_config
-from polar_dist.models.spec import spec_from_hf_config
+from polar_dist.model_spec import spec_from_hf_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))

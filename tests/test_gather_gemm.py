@@ -10,7 +10,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import dispatch
 from kernels.gather_gemm import GemmConfig, gather_fc1, gather_fc1_ref, gather_fc2, gather_fc2_ref
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -84,26 +83,6 @@ def test_rejects_bad_inputs():
         gather_fc2(h, w2t, idx, b1)
     with pytest.raises(ValueError, match="weight must be contiguous"):
         gather_fc2(h, w2t.T.contiguous().T, idx, b2)
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU choice")
-def test_dispatch_uses_reference_on_cpu(monkeypatch):
-    monkeypatch.setenv("POLAR_KERNEL_BACKEND", "auto")
-    import kernels.gather_gemm as mod
-
-    calls = []
-    monkeypatch.setattr(mod, "gather_fc1", lambda *a: calls.append("fc1"))
-    monkeypatch.setattr(mod, "gather_fc2", lambda *a: calls.append("fc2"))
-    gen = torch.Generator().manual_seed(5)
-    x, w1, w2t, b1, b2, idx = _make(4, 64, 96, 32, torch.float32, True, gen)
-    h = dispatch.gather_fc1(x, w1, idx, b1)
-    y = dispatch.gather_fc2(h, w2t, idx, b2)
-    assert calls == []
-    assert torch.equal(y, gather_fc2_ref(gather_fc1_ref(x, w1, idx, b1), w2t, idx, b2))
-    monkeypatch.setenv("POLAR_KERNEL_BACKEND", "triton")
-    dispatch.gather_fc1(x, w1, idx, b1)
-    dispatch.gather_fc2(h, w2t, idx, b2)
-    assert calls == ["fc1", "fc2"]
 
 
 @pytest.mark.gpu

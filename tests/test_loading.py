@@ -42,8 +42,8 @@ def random_logits(rank: int, world_size: int, out: str) -> None:
 
     scheduler = new_scheduler(rt)
     scheduler.add(list(range(3, 20)), SamplingParams(max_new_tokens=1))
-    plan, _ = scheduler.next_plan()
-    logits = rt.runner.execute(plan)
+    step, _ = scheduler.next_step()
+    logits = rt.runner.execute(step)
     ctx.shutdown()
     if ctx.rank == 0:
         torch.save(logits, out)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import dispatch
 from kernels.select_attention import AttentionConfig, _launch, select_attention, select_attention_ref
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -134,32 +133,6 @@ def test_rejects_bad_dtypes_and_shapes():
         select_attention(*bad, 0.1)
     with pytest.raises(ValueError, match="out must be"):
         select_attention(*case, 0.1, out=torch.empty(2, 4, 64, dtype=torch.bfloat16, device=DEVICE))
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU choice")
-def test_dispatch_uses_reference_on_cpu(monkeypatch):
-    monkeypatch.setenv("POLAR_KERNEL_BACKEND", "auto")
-    calls = []
-    import kernels.select_attention as mod
-
-    monkeypatch.setattr(mod, "select_attention", lambda *a: calls.append("triton"))
-    case = _bad_case()
-    out = dispatch.select_attention(*case, 0.1)
-    assert calls == [] and torch.equal(out, select_attention_ref(*case, 0.1))
-    monkeypatch.setenv("POLAR_KERNEL_BACKEND", "triton")
-    dispatch.select_attention(*case, 0.1)
-    assert calls == ["triton"]
-
-
-@pytest.mark.gpu
-def test_dispatch_uses_triton_on_cuda(monkeypatch):
-    monkeypatch.setenv("POLAR_KERNEL_BACKEND", "auto")
-    import kernels.select_attention as mod
-
-    calls = []
-    monkeypatch.setattr(mod, "select_attention", lambda *a: calls.append("triton"))
-    dispatch.select_attention(*_bad_case(), 0.1)
-    assert calls == ["triton"]
 
 
 @pytest.mark.gpu

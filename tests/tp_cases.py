@@ -113,13 +113,13 @@ def runtime_logits(model_dir: Path, dtype: str, device: str = "cpu", backend: st
     seqs = [scheduler.add(s[:n], SamplingParams(max_new_tokens=DECODE_STEPS + 1))
             for s, n in zip(sequences(), PROMPT_LENS)]
     collected: list[list[torch.Tensor]] = [[] for _ in seqs]
-    for step in range(DECODE_STEPS + 1):
-        plan, stepped = scheduler.next_plan()
-        logits = rt.runner.execute(plan)
+    for i in range(DECODE_STEPS + 1):
+        step, stepped = scheduler.next_step()
+        logits = rt.runner.execute(step)
         for seq, row in zip(stepped, logits):
             collected[seq.request_id].append(row.double().cpu())
-            if step < DECODE_STEPS:  # feed the sequence's own next token
-                seq.output_ids.append(sequences()[seq.request_id][PROMPT_LENS[seq.request_id] + step])
+            if i < DECODE_STEPS:  # feed the sequence's own next token
+                seq.output_ids.append(sequences()[seq.request_id][PROMPT_LENS[seq.request_id] + i])
     ctx.shutdown()
     return [torch.stack(rows) for rows in collected] if ctx.rank == 0 else None
 

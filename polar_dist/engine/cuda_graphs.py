@@ -6,7 +6,7 @@ whole step with one launch. Shapes must be static, so a step of B sequences runs
 smallest bucket >= B: block tables are padded to the longest sequence the engine allows,
 and padding rows attend to one token of a scratch block that no sequence owns. Everything
 the kernels read (ids, positions, lengths, block tables, slots, head table) lives in
-buffers the graph captured; a step only copies its plan into them and replays.
+buffers the graph captured; a step only copies its step into them and replays.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from polar_dist.engine.plan import StepPlan
+from polar_dist.engine.step import Step
 from polar_dist.models.attention import AttentionBatch
 
 
@@ -71,17 +71,17 @@ class DecodeGraphs:
         return graph, logits
 
     @torch.inference_mode()
-    def run(self, plan: StepPlan) -> torch.Tensor:
-        """Copy the decode plan into the captured buffers and replay; (B, V) float32 logits."""
-        b, n = plan.batch_size, self.bucket(plan.batch_size)
+    def run(self, step: Step) -> torch.Tensor:
+        """Copy the decode step into the captured buffers and replay; (B, V) float32 logits."""
+        b, n = step.batch_size, self.bucket(step.batch_size)
         assert n is not None, "batch larger than the largest captured bucket"
         pad, bs, scratch = n - b, self.block_size, self.scratch_block
         # Padding rows: one token at position 0 of the scratch block.
-        tables = [t + [scratch] * (self.max_blocks - len(t)) for t in plan.block_tables] + [[scratch] * self.max_blocks] * pad
-        for buf, values in ((self.ids, plan.token_ids + [0] * pad),
-                            (self.positions, plan.positions + [0] * pad),
-                            (self.seq_lens, plan.seq_lens + [1] * pad),
-                            (self.slots, plan.cache_slots(bs) + [scratch * bs] * pad),
+        tables = [t + [scratch] * (self.max_blocks - len(t)) for t in step.block_tables] + [[scratch] * self.max_blocks] * pad
+        for buf, values in ((self.ids, step.token_ids + [0] * pad),
+                            (self.positions, step.positions + [0] * pad),
+                            (self.seq_lens, step.seq_lens + [1] * pad),
+                            (self.slots, step.cache_slots(bs) + [scratch * bs] * pad),
                             (self.block_tables, tables)):
             buf[:n].copy_(torch.tensor(values, dtype=buf.dtype), non_blocking=True)
         if n not in self._graphs:

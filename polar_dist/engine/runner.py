@@ -1,4 +1,4 @@
-"""ModelRunner: runs one StepPlan on this rank's shard and returns next-token logits."""
+"""ModelRunner: runs one Step on this rank's shard and returns next-token logits."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ from torch import nn
 
 from polar_dist.engine.cuda_graphs import DecodeGraphs
 from polar_dist.engine.kv_cache import allocate_kv_caches, blocks_needed
-from polar_dist.engine.plan import StepKind, StepPlan
+from polar_dist.engine.step import StepKind, Step
 from polar_dist.models.attention import AttentionBatch
-from polar_dist.models.spec import ModelSpec
+from polar_dist.model_spec import ModelSpec
 from polar_dist.parallel.plan import ShardPlan
 
 
@@ -36,28 +36,28 @@ class ModelRunner:
             if cuda_graphs and device.type == "cuda" else None
 
     @torch.inference_mode()
-    def execute(self, plan: StepPlan) -> torch.Tensor:
-        """Run the plan's tokens through the model; returns (B, vocab) float32 logits of each
+    def execute(self, step: Step) -> torch.Tensor:
+        """Run the step's tokens through the model; returns (B, vocab) float32 logits of each
         sequence's last new token."""
-        assert plan.kind is not StepKind.STOP
-        if plan.kind is StepKind.DECODE and self.graphs is not None and self.graphs.bucket(plan.batch_size):
-            return self.graphs.run(plan)
+        assert step.kind is not StepKind.STOP
+        if step.kind is StepKind.DECODE and self.graphs is not None and self.graphs.bucket(step.batch_size):
+            return self.graphs.run(step)
         dev = self.device
-        max_blocks = max(len(t) for t in plan.block_tables)
-        tables = [t + [0] * (max_blocks - len(t)) for t in plan.block_tables]
+        max_blocks = max(len(t) for t in step.block_tables)
+        tables = [t + [0] * (max_blocks - len(t)) for t in step.block_tables]
         block_tables = torch.tensor(tables, dtype=torch.int32, device=dev)  # (B, max_blocks)
-        positions = torch.tensor(plan.positions, dtype=torch.int64, device=dev)  # (T,)
-        is_decode = plan.kind is StepKind.DECODE
+        positions = torch.tensor(step.positions, dtype=torch.int64, device=dev)  # (T,)
+        is_decode = step.kind is StepKind.DECODE
         batch = AttentionBatch(
             is_decode=is_decode,
-            seq_lens=torch.tensor(plan.seq_lens, dtype=torch.int32, device=dev),
+            seq_lens=torch.tensor(step.seq_lens, dtype=torch.int32, device=dev),
             block_tables=block_tables,
-            slot_mapping=torch.tensor(plan.cache_slots(self.block_size), dtype=torch.int64, device=dev),
-            head_table=self.head_table[:plan.batch_size] if is_decode else None,
-            query_lens=tuple(plan.query_lens),
-            seq_lens_host=tuple(plan.seq_lens),
+            slot_mapping=torch.tensor(step.cache_slots(self.block_size), dtype=torch.int64, device=dev),
+            head_table=self.head_table[:step.batch_size] if is_decode else None,
+            query_lens=tuple(step.query_lens),
+            seq_lens_host=tuple(step.seq_lens),
         )
-        ids = torch.tensor(plan.token_ids, dtype=torch.int64, device=dev)  # (T,)
+        ids = torch.tensor(step.token_ids, dtype=torch.int64, device=dev)  # (T,)
         hidden = self.model(ids, positions, batch, self.kv_caches)  # (T, d)
-        last = torch.tensor(plan.query_lens, device=dev).cumsum(0) - 1  # (B,) index of each last token
+        last = torch.tensor(step.query_lens, device=dev).cumsum(0) - 1  # (B,) index of each last token
         return self.model.logits(hidden[last])  # (B, V)

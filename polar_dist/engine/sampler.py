@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from polar_dist.errors import UserError
+
 
 @dataclass(frozen=True, kw_only=True)
 class SamplingParams:
@@ -18,13 +20,13 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens = {self.max_new_tokens} must be >= 1")
+            raise UserError(f"max_new_tokens = {self.max_new_tokens} must be >= 1")
         if self.temperature < 0:
-            raise ValueError(f"temperature = {self.temperature} must be >= 0 (0 is greedy)")
+            raise UserError(f"temperature = {self.temperature} must be >= 0 (0 is greedy)")
         if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p = {self.top_p} must be in (0, 1]")
+            raise UserError(f"top_p = {self.top_p} must be in (0, 1]")
         if self.top_k < 0:
-            raise ValueError(f"top_k = {self.top_k} must be >= 0 (0 disables it)")
+            raise UserError(f"top_k = {self.top_k} must be >= 0 (0 disables it)")
 
 
 def make_generator(params: SamplingParams) -> torch.Generator | None:

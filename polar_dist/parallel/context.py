@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from polar_dist.config import ParallelConfig
+from polar_dist.errors import UserError
 from polar_dist.parallel.comm import GroupComm, SingleRank, TPComm
 
 
@@ -125,13 +126,13 @@ def init_parallel(cfg: ParallelConfig, device_pref: str) -> ParallelContext:
     info = detect_launch()
     tp = cfg.tp or info.world_size
     if tp != info.world_size:
-        raise ValueError(
+        raise UserError(
             f"parallel.tp = {tp} but the launcher started {info.world_size} process(es); start "
             f"--nproc_per_node {tp} (or mpirun -np {tp}), or set parallel.tp to 0 to follow the launcher"
         )
     use_cuda = device_pref == "cuda" or (device_pref == "auto" and torch.cuda.is_available())
     if use_cuda and not torch.cuda.is_available():
-        raise ValueError("model.device = cuda but no CUDA device is visible; use model.device = cpu or auto")
+        raise UserError("model.device = cuda but no CUDA device is visible; use model.device = cpu or auto")
     if use_cuda:
         n = torch.cuda.device_count()
         device = torch.device("cuda", info.local_rank % n)
@@ -149,7 +150,7 @@ def init_parallel(cfg: ParallelConfig, device_pref: str) -> ParallelContext:
 
     backend = cfg.backend if cfg.backend != "auto" else ("nccl" if use_cuda else "gloo")
     if backend == "nccl" and not use_cuda:
-        raise ValueError("parallel.backend = nccl needs CUDA devices; use gloo (or auto) on CPU")
+        raise UserError("parallel.backend = nccl needs CUDA devices; use gloo (or auto) on CPU")
     timeout = timedelta(seconds=cfg.timeout_s)
     kwargs: dict[str, Any] = {"device_id": device} if backend == "nccl" else {}
     dist.init_process_group(backend, init_method=info.init_method, rank=info.rank, world_size=info.world_size,

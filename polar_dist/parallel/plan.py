@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from polar_dist.models.spec import ModelSpec
+from polar_dist.model_spec import ModelSpec
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -1,4 +1,4 @@
-"""StepPlan: everything a rank needs to run one forward step, built by rank 0's scheduler
+"""Step: everything a rank needs to run one forward step, built by rank 0's scheduler
 and broadcast to the other ranks (plain Python lists: cheap to pickle, device-independent)."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ class StepKind(Enum):
 
 
 @dataclass(frozen=True, kw_only=True)
-class StepPlan:
+class Step:
     kind: StepKind
     token_ids: list[int] = field(default_factory=list)  # (T,) packed new tokens
     positions: list[int] = field(default_factory=list)  # (T,)
@@ -36,4 +36,4 @@ class StepPlan:
         return slots
 
 
-STOP = StepPlan(kind=StepKind.STOP)
+STOP = Step(kind=StepKind.STOP)

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
+from polar_dist.errors import UserError
+
 
 class Family(Enum):
     LLAMA = "llama"  # Llama 2/3, Mistral, Qwen2, SmolLM2: RMSNorm, RoPE, SwiGLU, GQA
@@ -67,10 +69,10 @@ class ModelSpec:
         return self.num_heads // self.num_kv_heads
 
     def check_tp(self, tp: int) -> None:
-        """Raise a ValueError naming the fix if `tp` cannot shard this model."""
+        """Raise a UserError naming the fix if `tp` cannot shard this model."""
         if self.num_heads % tp:
             options = [t for t in range(1, self.num_heads + 1) if self.num_heads % t == 0 and t <= 16]
-            raise ValueError(
+            raise UserError(
                 f"parallel.tp = {tp} does not divide num_heads ({self.num_heads}) of this {self.model_type} model; "
                 f"use one of tp = {options}"
             )
@@ -79,7 +81,7 @@ class ModelSpec:
                 t for t in range(1, self.num_heads + 1)
                 if self.num_heads % t == 0 and (self.num_kv_heads % t == 0 or t % self.num_kv_heads == 0) and t <= 16
             ]
-            raise ValueError(
+            raise UserError(
                 f"parallel.tp = {tp} neither divides num_kv_heads ({self.num_kv_heads}) nor is a multiple of it "
                 f"(needed to replicate KV heads); use one of tp = {options}"
             )
@@ -90,7 +92,7 @@ def spec_from_hf_config(cfg: dict[str, Any]) -> ModelSpec:
     model_type = cfg.get("model_type", "")
     family = _FAMILY_OF_MODEL_TYPE.get(model_type)
     if family is None:
-        raise ValueError(
+        raise UserError(
             f"model_type {model_type!r} is not supported; supported: {sorted(_FAMILY_OF_MODEL_TYPE)}"
         )
     eos = cfg.get("eos_token_id")
@@ -102,7 +104,7 @@ def spec_from_hf_config(cfg: dict[str, Any]) -> ModelSpec:
     num_kv_heads = cfg.get("num_key_value_heads") or num_heads
     _check_heads(num_heads, num_kv_heads)
     if cfg.get("hidden_act", "silu") != "silu":
-        raise ValueError(f"hidden_act {cfg.get('hidden_act')!r} is not supported for {model_type}; only silu (SwiGLU)")
+        raise UserError(f"hidden_act {cfg.get('hidden_act')!r} is not supported for {model_type}; only silu (SwiGLU)")
     return ModelSpec(
         family=family,
         model_type=model_type,
@@ -128,10 +130,10 @@ def spec_from_hf_config(cfg: dict[str, Any]) -> ModelSpec:
 def _check_heads(num_heads: Any, num_kv_heads: Any) -> None:
     for name, value in (("num_attention_heads", num_heads), ("num_key_value_heads", num_kv_heads)):
         if not isinstance(value, int) or value < 1:
-            raise ValueError(f"model config {name} = {value!r} must be a positive integer")
+            raise UserError(f"model config {name} = {value!r} must be a positive integer")
     if num_heads % num_kv_heads:
-        raise ValueError(f"model config num_attention_heads ({num_heads}) must be a multiple of "
-                         f"num_key_value_heads ({num_kv_heads}): each KV head serves a whole group of query heads")
+        raise UserError(f"model config num_attention_heads ({num_heads}) must be a multiple of "
+                        f"num_key_value_heads ({num_kv_heads}): each KV head serves a whole group of query heads")
 
 
 def _rope_spec(cfg: dict[str, Any]) -> RopeSpec:
@@ -141,7 +143,7 @@ def _rope_spec(cfg: dict[str, Any]) -> RopeSpec:
     merged = {**params, **scaling}
     kind = merged.get("rope_type", merged.get("type", "default"))
     if kind not in {k.value for k in RopeKind}:
-        raise ValueError(f"rope scaling type {kind!r} is not supported; supported: {[k.value for k in RopeKind]}")
+        raise UserError(f"rope scaling type {kind!r} is not supported; supported: {[k.value for k in RopeKind]}")
     return RopeSpec(
         theta=float(theta),
         kind=RopeKind(kind),
@@ -155,11 +157,11 @@ def _rope_spec(cfg: dict[str, Any]) -> RopeSpec:
 def _opt_spec(cfg: dict[str, Any], eos_ids: tuple[int, ...]) -> ModelSpec:
     hidden = cfg["hidden_size"]
     if cfg.get("word_embed_proj_dim", hidden) != hidden:
-        raise ValueError("OPT with word_embed_proj_dim != hidden_size (opt-350m) is not supported")
+        raise UserError("OPT with word_embed_proj_dim != hidden_size (opt-350m) is not supported")
     if not cfg.get("do_layer_norm_before", True):
-        raise ValueError("OPT with do_layer_norm_before = False (opt-350m) is not supported")
+        raise UserError("OPT with do_layer_norm_before = False (opt-350m) is not supported")
     if cfg.get("activation_function", "relu") != "relu":
-        raise ValueError(f"OPT activation {cfg.get('activation_function')!r} is not supported; only relu")
+        raise UserError(f"OPT activation {cfg.get('activation_function')!r} is not supported; only relu")
     num_heads = cfg["num_attention_heads"]
     _check_heads(num_heads, num_heads)
     return ModelSpec(
