@@ -57,10 +57,32 @@ class ParallelConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class SparsityConfig:
-    """Decode-time contextual sparsity. head_density 1.0 is the dense model."""
+    """Decode-time contextual sparsity (Polar Sparsity); prefill and layer 0 stay dense.
+
+    `head_density` is the fraction of attention each sequence reads in a sparse layer, in units
+    of KV groups: for a GQA model a unit is one KV head with all the query heads that share it
+    (SmolLM2: 3 groups of 3 heads), for an MHA model one head. 1.0 is the dense model.
+    `head_allocation`: `uniform` gives every sparse layer the same k (the paper); `per_layer`
+    spends the same mean density where the router artifact's measured recall curves need it.
+    `head_scope` under tensor parallelism: `global` picks top-k over all groups of the model
+    (any tp); `local` picks top-k of each rank's own groups (needs >= 2 groups per rank).
+    `routing`: `router` (the calibrated routers) or `oracle` (true top-k by output norm, for
+    accuracy studies: it reads every head first). `routers`: a router artifact directory made
+    by launch/calibrate.py (relative paths are relative to the config file), or `random` for
+    random routers (speed measurements: the selection count is what costs). `mlp`: batch-union
+    neuron sparsity for ReLU (OPT) models, k per batch bucket from the artifact (with random
+    routers, `mlp_density` of the neurons); a layer whose k passes `mlp_dense_above` of its
+    neurons runs dense.
+    """
 
     head_density: float = 1.0
+    head_allocation: Literal["uniform", "per_layer"] = "uniform"
     head_scope: Literal["local", "global"] = "global"
+    routing: Literal["router", "oracle"] = "router"
+    routers: str = ""
+    mlp: bool = False
+    mlp_density: float = 0.5
+    mlp_dense_above: float = 0.8
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -101,6 +123,11 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     for item in overrides:
         _apply_override(raw, item)
     cfg = _build(RunConfig, raw, where=str(path))
+    routers = cfg.sparsity.routers
+    if routers and routers != "random" and not Path(routers).expanduser().is_absolute():
+        # a router artifact lives next to its config: relative to the file, not the working directory
+        cfg = dataclasses.replace(cfg, sparsity=dataclasses.replace(
+            cfg.sparsity, routers=str((path.parent / routers).resolve())))
     _validate(cfg)
     return cfg
 
@@ -202,11 +229,11 @@ def _validate(cfg: RunConfig) -> None:
         raise UserError(f"parallel.timeout_s = {p.timeout_s} must be > 0 seconds")
     if not 0.0 < s.head_density <= 1.0:
         raise UserError(f"sparsity.head_density = {s.head_density} must be in (0, 1]; 1.0 is dense")
-    if s.head_density < 1.0:
-        raise UserError(
-            f"sparsity.head_density = {s.head_density} needs calibrated head routers, which this version cannot "
-            "load yet; use sparsity.head_density = 1.0 (dense decode)"
-        )
+    for name in ("mlp_density", "mlp_dense_above"):
+        if not 0.0 < getattr(s, name) <= 1.0:
+            raise UserError(f"sparsity.{name} = {getattr(s, name)} must be in (0, 1]")
+    if s.routing == "oracle" and s.mlp:
+        raise UserError("sparsity.routing = oracle studies attention only; set sparsity.mlp = false")
     if e.block_size < 16 or e.block_size & (e.block_size - 1):
         raise UserError(f"engine.block_size = {e.block_size} must be a power of two >= 16 (the decode kernel's "
                         "smallest tile); 16 is typical")

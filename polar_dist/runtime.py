@@ -24,11 +24,14 @@ from polar_dist.engine.scheduler import Scheduler, Sequence, run_to_completion
 from polar_dist.errors import UserError
 from polar_dist.log import get_logger
 from polar_dist.models.build import BuildContext
+from polar_dist.models.checkpoint import TensorDictReader
 from polar_dist.models.loader import DTYPES, ModelSource, build_model, resolve_source
 from polar_dist.model_spec import ModelSpec
 from polar_dist.models.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer
 from polar_dist.parallel.context import ParallelContext
 from polar_dist.parallel.plan import make_shard_plan
+from polar_dist.sparsity.artifact import load_artifact
+from polar_dist.sparsity.policy import SparsityPolicy, make_policy, model_identity
 
 log = get_logger(__name__)
 
@@ -67,6 +70,16 @@ def resolve_source_once(cfg: RunConfig, ctx: ParallelContext) -> ModelSource:
     return resolve_source(cfg.model)
 
 
+def load_sparsity(cfg: RunConfig, spec: ModelSpec, tp: int) -> tuple[SparsityPolicy, TensorDictReader | None]:
+    """The run's sparsity policy and its router weights (None: dense, or random routers)."""
+    s = cfg.sparsity
+    meta, routers = None, None
+    if s.routers and s.routers != "random":
+        weights, meta = load_artifact(s.routers, expect=model_identity(spec))
+        routers = TensorDictReader(weights)
+    return make_policy(s, spec, meta, tp, cfg.engine.max_batch_size), routers
+
+
 def build_runtime(cfg: RunConfig, ctx: ParallelContext) -> Runtime:
     source = resolve_source_once(cfg, ctx)
     spec = source.spec
@@ -98,11 +111,17 @@ def build_runtime(cfg: RunConfig, ctx: ParallelContext) -> Runtime:
             raise UserError(f"head_dim {spec.head_dim} of this model has no Triton decode kernel (head dims "
                             f"{HEAD_DIMS}); run it with model.dtype = float32, on the CPU, or with "
                             f"{envs.KERNEL_BACKEND.name}=torch")
+    policy, routers = load_sparsity(cfg, spec, ctx.world_size)
     t0 = time.perf_counter()
-    model = build_model(source, BuildContext(spec, plan, ctx.tp_comm, ops, dtype, ctx.device), max_seq_len)
+    model = build_model(source, BuildContext(spec, plan, ctx.tp_comm, ops, dtype, ctx.device, policy), max_seq_len,
+                        routers)
     log.info("loaded %s (%d layers, tp=%d, launched by %s, %s kernels) in %.1f s on %s", spec.model_type,
              spec.num_layers, ctx.world_size, ctx.info.launcher.value, ops.backend.value, time.perf_counter() - t0,
              ctx.device)
+    if not policy.is_dense:
+        log.info("sparse decode: %s routing, %s scope, KV groups per layer %s of %d%s", policy.routing.value,
+                 policy.scope.value, list(policy.head_k), policy.num_groups,
+                 "" if policy.neuron_k is None else ", batch-union MLP neurons")
     e = cfg.engine
     num_blocks = e.kv_cache_blocks or e.max_batch_size * blocks_needed(max_seq_len, e.block_size)
     runner = ModelRunner(model, spec, plan, num_blocks=num_blocks, block_size=e.block_size, dtype=dtype,

@@ -13,6 +13,7 @@ from polar_dist.models import llama, opt
 from polar_dist.models.checkpoint import RandomReader, TensorSlice
 from polar_dist.models.weights import Dim, Origin, Transform, Weight, HFTensor, full_shapes, load_weights, weight
 from polar_dist.parallel.plan import make_shard_plan
+from polar_dist.sparsity.policy import dense_policy
 
 SPEC = spec_from_hf_config(dict(model_type="llama", vocab_size=101, hidden_size=32, intermediate_size=24,
                                 num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, head_dim=8))
@@ -80,7 +81,7 @@ def test_full_shapes_cover_every_hf_tensor_once(family) -> None:  # noqa: ANN001
     spec = SPEC if family is llama else spec_from_hf_config(dict(
         model_type="opt", vocab_size=101, hidden_size=32, ffn_dim=24, num_hidden_layers=2, num_attention_heads=4,
         max_position_embeddings=64))
-    table = family.weight_table(spec)
+    table = family.weight_table(spec, dense_policy(spec))
     assert len({w.param for w in table}) == len(table)
     shapes = full_shapes(table, spec)
     names = [t.name for w in table for t in w.parts]

@@ -41,6 +41,7 @@ class DecodeGraphs:
         self.block_tables = torch.full((n, max_blocks), scratch_block, dtype=torch.int32, device=dev)
         self.slots = torch.full((n,), scratch_block * block_size, dtype=torch.int64, device=dev)
         self.head_table = head_table
+        self.num_rows = torch.zeros((), dtype=torch.int32, device=dev)
         self.max_blocks = max_blocks
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._pool = torch.cuda.graph_pool_handle()
@@ -50,8 +51,8 @@ class DecodeGraphs:
 
     def _batch(self, n: int) -> AttentionBatch:
         return AttentionBatch(is_decode=True, seq_lens=self.seq_lens[:n], block_tables=self.block_tables[:n],
-                              slot_mapping=self.slots[:n], head_table=self.head_table[:n], query_lens=(),
-                              seq_lens_host=())
+                              slot_mapping=self.slots[:n], head_table=self.head_table[:n], num_rows=self.num_rows,
+                              query_lens=(), seq_lens_host=())
 
     def _forward(self, n: int) -> torch.Tensor:
         hidden = self.model(self.ids[:n], self.positions[:n], self._batch(n), self.kv_caches)  # (n, d)
@@ -84,6 +85,7 @@ class DecodeGraphs:
                             (self.slots, step.cache_slots(bs) + [scratch * bs] * pad),
                             (self.block_tables, tables)):
             buf[:n].copy_(torch.tensor(values, dtype=buf.dtype), non_blocking=True)
+        self.num_rows.fill_(b)
         if n not in self._graphs:
             self._graphs[n] = self._capture(n)
         graph, logits = self._graphs[n]

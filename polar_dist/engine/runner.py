@@ -54,6 +54,7 @@ class ModelRunner:
             block_tables=block_tables,
             slot_mapping=torch.tensor(step.cache_slots(self.block_size), dtype=torch.int64, device=dev),
             head_table=self.head_table[:step.batch_size] if is_decode else None,
+            num_rows=step.batch_size,
             query_lens=tuple(step.query_lens),
             seq_lens_host=tuple(step.seq_lens),
         )

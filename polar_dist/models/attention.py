@@ -29,7 +29,10 @@ class AttentionBatch:
     seq_lens: torch.Tensor  # (B,) int32, on the device
     block_tables: torch.Tensor  # (B, max_blocks) int32
     slot_mapping: torch.Tensor  # (T,) int64: cache slot (block * block_size + offset) of each new token
-    head_table: torch.Tensor | None  # (B, k_max) int32 local KV groups to read in decode, -1 = none
+    head_table: torch.Tensor | None  # (B, Hkv_local) int32: every local KV group (dense decode); layers with
+    # a head router replace it with their own (B, k) table, -1 = none
+    num_rows: int | torch.Tensor  # sequences in the step; a 0-d device tensor in CUDA graphs, whose
+    # batch holds padding rows past it (a batch-union selection must not count them)
     query_lens: tuple[int, ...]  # host copy: new tokens per sequence (prefill loop bounds)
     seq_lens_host: tuple[int, ...]  # host copy of seq_lens (prefill loop bounds)
 
@@ -44,12 +47,12 @@ def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: t
 
 
 def paged_attention(ops: KernelOps, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                    batch: AttentionBatch, scale: float) -> torch.Tensor:
-    """q: (T, Hq_local, D) -> (T, Hq_local, D)."""
+                    batch: AttentionBatch, scale: float, head_table: torch.Tensor | None = None) -> torch.Tensor:
+    """q: (T, Hq_local, D) -> (T, Hq_local, D). head_table: (B, k) local KV groups each decode
+    sequence reads (-1 = none); None reads every group."""
     if batch.is_decode:
-        return ops.select_attention(
-            q, k_cache, v_cache, batch.block_tables, batch.seq_lens, batch.head_table, scale
-        )
+        table = batch.head_table if head_table is None else head_table
+        return ops.select_attention(q, k_cache, v_cache, batch.block_tables, batch.seq_lens, table, scale)
     return _prefill_attention(q, k_cache, v_cache, batch, scale)
 
 

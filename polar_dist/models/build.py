@@ -10,6 +10,7 @@ from kernels.dispatch import KernelOps
 from polar_dist.model_spec import ModelSpec
 from polar_dist.parallel.comm import TPComm
 from polar_dist.parallel.plan import ShardPlan
+from polar_dist.sparsity.policy import SparsityPolicy
 
 
 @dataclass(frozen=True)
@@ -20,3 +21,4 @@ class BuildContext:
     ops: KernelOps  # the kernels, bound to the backend chosen for this model
     dtype: torch.dtype
     device: torch.device
+    policy: SparsityPolicy  # what each layer's decode computes (dense_policy(spec) for the dense model)

@@ -101,3 +101,17 @@ class RandomReader:
     def read(self, piece: TensorSlice, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
         t = self.full(piece.name, dtype, device)
         return t[_index(piece, t.shape)]
+
+
+class TensorDictReader:
+    """Tensors already in memory (a router artifact's weights, checked when it was loaded)."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
+        self._tensors = tensors
+
+    def names(self) -> set[str]:
+        return set(self._tensors)
+
+    def read(self, piece: TensorSlice, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+        t = self._tensors[piece.name]
+        return t[_index(piece, t.shape)].to(device=device, dtype=dtype)

@@ -15,8 +15,11 @@ from polar_dist.model_spec import ModelSpec
 from polar_dist.models.attention import AttentionBatch, paged_attention, write_kv
 from polar_dist.models.build import BuildContext
 from polar_dist.models.checkpoint import Init
+from polar_dist.models.head_selection import make_head_selection
 from polar_dist.models.rope import Rotary
-from polar_dist.models.weights import Dim, HFTensor, Weight, weight
+from polar_dist.models.tap import Tap
+from polar_dist.models.weights import Dim, HFTensor, Weight, router_weights, weight
+from polar_dist.sparsity.policy import SparsityPolicy
 from polar_dist.parallel.layers import ColumnParallelLinear, ParallelLMHead, RowParallelLinear, VocabParallelEmbedding
 
 
@@ -36,10 +39,13 @@ class RMSNorm(nn.Module):
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, ctx: BuildContext, rotary: Rotary) -> None:
+    def __init__(self, ctx: BuildContext, rotary: Rotary, layer: int) -> None:
         super().__init__()
         spec, plan = ctx.spec, ctx.plan
         self.ops = ctx.ops
+        self.router_input = Tap()  # (T, d): what the head router reads
+        self.head_output = Tap()  # (T, Hq_local, D): per-head attention output, before the out-projection
+        self.heads = make_head_selection(ctx, layer)
         self.head_dim = spec.head_dim
         self.num_heads_local = plan.num_heads_local
         self.num_kv_heads_local = plan.num_kv_heads_local
@@ -54,13 +60,17 @@ class LlamaAttention(nn.Module):
                 kv_cache: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         T, D = x.shape[0], self.head_dim
         q_size, kv_size = self.num_heads_local * D, self.num_kv_heads_local * D
+        x = self.router_input(x)
+        head_table = self.heads.table(x, batch.head_table) if batch.is_decode else None
         q, k, v = self.qkv(x).split([q_size, kv_size, kv_size], dim=-1)
         q = self.rotary(q.view(T, self.num_heads_local, D), positions)  # (T, Hq_local, D)
         k = self.rotary(k.view(T, self.num_kv_heads_local, D), positions)  # (T, Hkv_local, D)
         v = v.view(T, self.num_kv_heads_local, D)  # (T, Hkv_local, D)
         write_kv(kv_cache[0], kv_cache[1], k, v, batch.slot_mapping)
-        o = paged_attention(self.ops, q, kv_cache[0], kv_cache[1], batch, scale=D**-0.5)  # (T, Hq_local, D)
-        return self.o_proj(o.reshape(T, q_size))
+        o = paged_attention(self.ops, q, kv_cache[0], kv_cache[1], batch, D**-0.5, head_table)  # (T, Hq_local, D)
+        if batch.is_decode:
+            o = self.heads.mask_output(o)
+        return self.o_proj(self.head_output(o).reshape(T, q_size))
 
 
 class SwiGLU(nn.Module):
@@ -78,11 +88,11 @@ class SwiGLU(nn.Module):
 
 
 class LlamaBlock(nn.Module):
-    def __init__(self, ctx: BuildContext, rotary: Rotary) -> None:
+    def __init__(self, ctx: BuildContext, rotary: Rotary, layer: int) -> None:
         super().__init__()
         d, eps = ctx.spec.hidden_size, ctx.spec.norm_eps
         self.input_norm = RMSNorm(d, eps, ctx.ops, ctx.dtype, ctx.device)
-        self.attn = LlamaAttention(ctx, rotary)
+        self.attn = LlamaAttention(ctx, rotary, layer)
         self.post_attn_norm = RMSNorm(d, eps, ctx.ops, ctx.dtype, ctx.device)
         self.mlp = SwiGLU(ctx)
 
@@ -105,7 +115,7 @@ class LlamaModel(nn.Module):
         self.rotary = Rotary(spec.rope, spec.head_dim, max_positions, ctx.ops, ctx.device)
         self.embed = VocabParallelEmbedding(plan.vocab_size_local, plan.vocab_start, spec.hidden_size, comm=ctx.comm,
                                             dtype=ctx.dtype, device=ctx.device)
-        self.layers = nn.ModuleList(LlamaBlock(ctx, self.rotary) for _ in range(spec.num_layers))
+        self.layers = nn.ModuleList(LlamaBlock(ctx, self.rotary, i) for i in range(spec.num_layers))
         self.norm = RMSNorm(spec.hidden_size, spec.norm_eps, ctx.ops, ctx.dtype, ctx.device)
         head_weight = self.embed.weight if spec.tie_word_embeddings else nn.Parameter(
             torch.empty_like(self.embed.weight), requires_grad=False)
@@ -122,10 +132,11 @@ class LlamaModel(nn.Module):
         return self.lm_head(hidden)  # (B, V) float32
 
 
-def weight_table(spec: ModelSpec) -> list[Weight]:
-    """Our parameters from a Hugging Face Llama-family checkpoint. Biases exist where the
-    config declares them (Qwen2: q/k/v; attention_bias: q/k/v/o; mlp_bias: gate/up/down); the
-    o/down biases are added once, after the all-reduce, so every rank holds all of them."""
+def weight_table(spec: ModelSpec, policy: SparsityPolicy) -> list[Weight]:
+    """Our parameters from a Hugging Face Llama-family checkpoint (and head routers from a
+    router artifact where the policy routes). Biases exist where the config declares them
+    (Qwen2: q/k/v; attention_bias: q/k/v/o; mlp_bias: gate/up/down); the o/down biases are
+    added once, after the all-reduce, so every rank holds all of them."""
     H, Q, KV, MLP, V = Dim.HIDDEN, Dim.Q, Dim.KV, Dim.MLP, Dim.VOCAB
     table = [weight("embed.weight", "model.embed_tokens.weight", V, H),
              weight("norm.weight", "model.norm.weight", H, init=Init.NEAR_ONE)]
@@ -155,4 +166,5 @@ def weight_table(spec: ModelSpec) -> list[Weight]:
             table += [Weight(f"{ours}.mlp.gate_up.bias", (HFTensor(f"{mlp}.gate_proj.bias", (MLP,)),
                                                           HFTensor(f"{mlp}.up_proj.bias", (MLP,)))),
                       weight(f"{ours}.mlp.down.bias", f"{mlp}.down_proj.bias", H)]
+        table += router_weights(i, policy, spec)
     return table

@@ -23,9 +23,11 @@ from polar_dist.models.build import BuildContext
 from polar_dist.models.checkpoint import CheckpointReader, RandomReader, SafetensorsReader
 from polar_dist.models.gguf_cache import cached_hf_dir, locate_embedded
 from polar_dist.models.weights import Origin, Weight, full_shapes, load_weights
+from polar_dist.sparsity.policy import SparsityPolicy
 
 # Per family: the compute code (built from a BuildContext and the longest position) and its weight table.
-FAMILIES: dict[Family, tuple[Callable[[BuildContext, int], nn.Module], Callable[[ModelSpec], list[Weight]]]] = {
+FAMILIES: dict[Family, tuple[Callable[[BuildContext, int], nn.Module],
+                            Callable[[ModelSpec, SparsityPolicy], list[Weight]]]] = {
     Family.LLAMA: (llama.LlamaModel, llama.weight_table),
     Family.OPT: (opt.OPTModel, opt.weight_table),
 }
@@ -76,15 +78,21 @@ def _hf_directory(path: str) -> Path:
     return p
 
 
-def build_model(source: ModelSource, ctx: BuildContext, max_positions: int) -> nn.Module:
+def build_model(source: ModelSource, ctx: BuildContext, max_positions: int,
+                routers: CheckpointReader | None = None) -> nn.Module:
+    """routers: the router artifact's weights, when ctx.policy routes (None: random routers)."""
     model_cls, table_of = FAMILIES[source.spec.family]
     model = model_cls(ctx, max_positions)
-    table = table_of(source.spec)
+    table = table_of(source.spec, ctx.policy)
     reader: CheckpointReader
     if source.random_seed is not None:
         reader = RandomReader(full_shapes(table, source.spec), source.random_seed)
     else:
         assert source.directory is not None
         reader = SafetensorsReader(source.directory)
-    load_weights(model, table, source.spec, ctx.plan, {Origin.CHECKPOINT: reader})
+    readers = {Origin.CHECKPOINT: reader}
+    if any(w.origin is Origin.ROUTERS for w in table):
+        readers[Origin.ROUTERS] = routers or RandomReader(full_shapes(table, source.spec, Origin.ROUTERS),
+                                                          source.random_seed or 0)
+    load_weights(model, table, source.spec, ctx.plan, readers)
     return model.eval()

@@ -12,7 +12,12 @@ from polar_dist.model_spec import ModelSpec
 from polar_dist.models.attention import AttentionBatch, paged_attention, write_kv
 from polar_dist.models.build import BuildContext
 from polar_dist.models.checkpoint import Init
-from polar_dist.models.weights import Dim, HFTensor, Weight, weight
+from polar_dist.models.head_selection import make_head_selection
+from polar_dist.models.relu_mlp import NeuronSparseMLP, ReluMLP
+from polar_dist.models.tap import Tap
+from polar_dist.models.weights import Dim, HFTensor, Transform, Weight, router_weights, weight
+from polar_dist.sparsity.policy import SparsityPolicy
+from polar_dist.sparsity.routers import NeuronRouter
 from polar_dist.parallel.layers import ColumnParallelLinear, ParallelLMHead, RowParallelLinear, VocabParallelEmbedding
 
 POSITION_OFFSET = 2  # OPT's learned position table reserves its first two rows
@@ -25,10 +30,13 @@ def _layer_norm(dim: int, dtype: torch.dtype, device: torch.device | str) -> nn.
 
 
 class OPTAttention(nn.Module):
-    def __init__(self, ctx: BuildContext) -> None:
+    def __init__(self, ctx: BuildContext, layer: int) -> None:
         super().__init__()
         spec, plan = ctx.spec, ctx.plan
         self.ops = ctx.ops
+        self.router_input = Tap()  # (T, d): what the head and neuron routers read
+        self.head_output = Tap()  # (T, H_local, D): per-head attention output, before the out-projection
+        self.heads = make_head_selection(ctx, layer)
         self.head_dim = spec.head_dim
         self.num_heads_local = plan.num_heads_local
         self.qkv = ColumnParallelLinear(spec.hidden_size, 3 * plan.num_heads_local * spec.head_dim, bias=True,
@@ -38,26 +46,35 @@ class OPTAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, batch: AttentionBatch, kv_cache: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         T, D, H = x.shape[0], self.head_dim, self.num_heads_local
+        x = self.router_input(x)
+        head_table = self.heads.table(x, batch.head_table) if batch.is_decode else None
         q, k, v = self.qkv(x).view(T, 3, H, D).unbind(1)  # (T, H_local, D) each
         write_kv(kv_cache[0], kv_cache[1], k, v, batch.slot_mapping)
-        o = paged_attention(self.ops, q.contiguous(), kv_cache[0], kv_cache[1], batch, scale=D**-0.5)
-        return self.out_proj(o.reshape(T, H * D))
+        o = paged_attention(self.ops, q.contiguous(), kv_cache[0], kv_cache[1], batch, D**-0.5, head_table)
+        if batch.is_decode:
+            o = self.heads.mask_output(o)
+        return self.out_proj(self.head_output(o).reshape(T, H * D))
 
 
 class OPTBlock(nn.Module):
-    def __init__(self, ctx: BuildContext) -> None:
+    def __init__(self, ctx: BuildContext, layer: int) -> None:
         super().__init__()
-        d, n_local, dtype, device = ctx.spec.hidden_size, ctx.plan.intermediate_size_local, ctx.dtype, ctx.device
+        d, dtype, device, policy = ctx.spec.hidden_size, ctx.dtype, ctx.device, ctx.policy
         self.attn_norm = _layer_norm(d, dtype, device)
-        self.attn = OPTAttention(ctx)
+        self.attn = OPTAttention(ctx, layer)
         self.mlp_norm = _layer_norm(d, dtype, device)
-        self.fc1 = ColumnParallelLinear(d, n_local, bias=True, dtype=dtype, device=device)
-        self.fc2 = RowParallelLinear(n_local, d, bias=True, comm=ctx.comm, dtype=dtype, device=device)
+        self.mlp: ReluMLP | NeuronSparseMLP
+        if policy.neuron_k is None:
+            self.mlp = ReluMLP(ctx)
+        else:
+            router = NeuronRouter(d, ctx.plan.intermediate_size_local, dtype=dtype, device=device)
+            self.mlp = NeuronSparseMLP(ctx, router, policy.neuron_k[layer], policy.mlp_dense_above)
 
     def forward(self, h: torch.Tensor, positions: torch.Tensor, batch: AttentionBatch,
                 kv_cache: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        h = h + self.attn(self.attn_norm(h), batch, kv_cache)
-        return h + self.fc2(torch.relu(self.fc1(self.mlp_norm(h))))
+        a = self.attn_norm(h)  # (T, d): the attention input, which both routers read
+        h = h + self.attn(a, batch, kv_cache)
+        return h + self.mlp(self.mlp_norm(h), batch, a)
 
 
 class OPTModel(nn.Module):
@@ -69,7 +86,7 @@ class OPTModel(nn.Module):
                                             device=device)
         self.positions = nn.Embedding(spec.max_position_embeddings + POSITION_OFFSET, d, dtype=dtype, device=device)
         self.positions.requires_grad_(False)
-        self.layers = nn.ModuleList(OPTBlock(ctx) for _ in range(spec.num_layers))
+        self.layers = nn.ModuleList(OPTBlock(ctx, i) for i in range(spec.num_layers))
         self.norm = _layer_norm(d, dtype, device)
         head_weight = self.embed.weight if spec.tie_word_embeddings else nn.Parameter(
             torch.empty_like(self.embed.weight), requires_grad=False)
@@ -86,9 +103,11 @@ class OPTModel(nn.Module):
         return self.lm_head(hidden)
 
 
-def weight_table(spec: ModelSpec) -> list[Weight]:
+def weight_table(spec: ModelSpec, policy: SparsityPolicy) -> list[Weight]:
     """Our parameters from a Hugging Face OPT checkpoint (biases everywhere; the out-proj and
-    fc2 biases are added once, after the all-reduce, so every rank holds all of them)."""
+    fc2 biases are added once, after the all-reduce, so every rank holds all of them), and the
+    routers from a router artifact where the policy uses them. With neuron sparsity fc2 is
+    held transposed (its rows gathered by gather_fc2), once."""
     H, Q, MLP, V, P, p = Dim.HIDDEN, Dim.Q, Dim.MLP, Dim.VOCAB, Dim.POSITIONS, "model.decoder"
     table = [weight("embed.weight", f"{p}.embed_tokens.weight", V, H),
              weight("positions.weight", f"{p}.embed_positions.weight", P, H),
@@ -107,9 +126,14 @@ def weight_table(spec: ModelSpec) -> list[Weight]:
             Weight(f"{ours}.attn.qkv.bias", tuple(HFTensor(f"{hf}.self_attn.{n}_proj.bias", (Q,)) for n in "qkv")),
             weight(f"{ours}.attn.out_proj.weight", f"{hf}.self_attn.out_proj.weight", H, Q),
             weight(f"{ours}.attn.out_proj.bias", f"{hf}.self_attn.out_proj.bias", H),
-            weight(f"{ours}.fc1.weight", f"{hf}.fc1.weight", MLP, H),
-            weight(f"{ours}.fc1.bias", f"{hf}.fc1.bias", MLP),
-            weight(f"{ours}.fc2.weight", f"{hf}.fc2.weight", H, MLP),
-            weight(f"{ours}.fc2.bias", f"{hf}.fc2.bias", H),
+            weight(f"{ours}.mlp.fc1.weight", f"{hf}.fc1.weight", MLP, H),
+            weight(f"{ours}.mlp.fc1.bias", f"{hf}.fc1.bias", MLP),
         ]
+        if policy.neuron_k is None:
+            table += [weight(f"{ours}.mlp.fc2.weight", f"{hf}.fc2.weight", H, MLP),
+                      weight(f"{ours}.mlp.fc2.bias", f"{hf}.fc2.bias", H)]
+        else:
+            table += [Weight(f"{ours}.mlp.fc2_t", (HFTensor(f"{hf}.fc2.weight", (H, MLP)),), transform=Transform.TRANSPOSE),
+                      weight(f"{ours}.mlp.fc2_bias", f"{hf}.fc2.bias", H)]
+        table += router_weights(i, policy, spec)
     return table

@@ -25,6 +25,8 @@ from polar_dist.errors import UserError
 from polar_dist.model_spec import ModelSpec
 from polar_dist.models.checkpoint import CheckpointReader, Init, TensorSlice
 from polar_dist.parallel.plan import ShardPlan
+from polar_dist.sparsity.policy import HeadRouting, SparsityPolicy
+from polar_dist.sparsity.routers import NEURON_ROUTER_RANK
 
 
 class Dim(Enum):
@@ -34,6 +36,8 @@ class Dim(Enum):
     MLP = "mlp"  # intermediate_size, split into near-equal contiguous ranges
     VOCAB = "vocab"  # vocab_size, split into equal ranges; the last is zero-padded
     POSITIONS = "positions"  # OPT's learned position table (max positions + 2); never split
+    GROUPS = "groups"  # KV groups (num_kv_heads): a head router's outputs; replicated
+    ROUTER_RANK = "router_rank"  # a neuron router's bottleneck; replicated
 
 
 SHARDED_DIMS = frozenset({Dim.Q, Dim.KV, Dim.MLP, Dim.VOCAB})
@@ -77,6 +81,8 @@ def full_size(dim: Dim, spec: ModelSpec) -> int:
         Dim.MLP: spec.intermediate_size,
         Dim.VOCAB: spec.vocab_size,
         Dim.POSITIONS: spec.max_position_embeddings + 2,
+        Dim.GROUPS: spec.num_kv_heads,
+        Dim.ROUTER_RANK: NEURON_ROUTER_RANK,
     }[dim]
 
 
@@ -102,6 +108,22 @@ def tensor_slice(tensor: HFTensor, spec: ModelSpec, plan: ShardPlan) -> TensorSl
     axis = sharded[0]
     dim = tensor.shape[axis]
     return TensorSlice(tensor.name, axis=axis, span=local_range(dim, spec, plan), pad=dim is Dim.VOCAB)
+
+
+def router_weights(layer: int, policy: SparsityPolicy, spec: ModelSpec) -> list[Weight]:
+    """Layer `layer`'s router parameters (attn.heads.router, mlp.router) from a router artifact."""
+    H, G, R, MLP, src, ours = Dim.HIDDEN, Dim.GROUPS, Dim.ROUTER_RANK, Dim.MLP, f"layers.{layer}", f"layers.{layer}"
+    table = []
+    if policy.routing is HeadRouting.ROUTER and policy.head_routed(layer):
+        table += [Weight(f"{ours}.attn.heads.router.weight", (HFTensor(f"{src}.head.weight", (G, H)),),
+                         origin=Origin.ROUTERS),
+                  Weight(f"{ours}.attn.heads.router.bias", (HFTensor(f"{src}.head.bias", (G,)),), origin=Origin.ROUTERS)]
+    if policy.neuron_k is not None:
+        table += [Weight(f"{ours}.mlp.router.fc1.weight", (HFTensor(f"{src}.neuron.fc1.weight", (R, H)),),
+                         origin=Origin.ROUTERS),
+                  Weight(f"{ours}.mlp.router.fc2.weight", (HFTensor(f"{src}.neuron.fc2.weight", (MLP, R)),),
+                         origin=Origin.ROUTERS)]
+    return table
 
 
 def full_shapes(table: list[Weight], spec: ModelSpec,

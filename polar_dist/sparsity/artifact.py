@@ -102,6 +102,9 @@ class LayerMetrics:
     head_precision: float | None
     neuron_recall: float | None
     neuron_precision: float | None
+    # Held-out recall of the true top-(head_label_k) groups within the router's top-k, for
+    # k = 1..G: what a per-layer allocation of a density budget reads (any budget, no recalibration).
+    head_recall_at_k: tuple[float, ...] | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -267,6 +270,10 @@ def _check_meta(meta: ArtifactMeta, where: str) -> None:
         raise bad("head_label_k", meta.head_label_k, f"a value in [1, {num_groups}]")
     if len(meta.layer_metrics) != m.num_layers:
         raise bad("layer_metrics", f"{len(meta.layer_metrics)} entries", f"{m.num_layers} (one per layer)")
+    for i, metrics in enumerate(meta.layer_metrics):
+        curve = metrics.head_recall_at_k
+        if curve is not None and (len(curve) != num_groups or not all(0.0 <= r <= 1.0 for r in curve)):
+            raise bad(f"layer_metrics[{i}].head_recall_at_k", list(curve), f"{num_groups} recalls in [0, 1]")
     table = meta.neuron_k
     if table is not None:
         if not table.buckets or any(b < 1 for b in table.buckets) or list(table.buckets) != sorted(set(table.buckets)):

@@ -1,0 +1,105 @@
+"""Which KV groups each sequence's decode attention reads, per layer.
+
+The attention layer asks its `HeadSelection` for a head table (B, k) int32 of local KV groups
+(-1 = none) before the selective kernel runs, and may let it mask the output after. The
+choice is made per layer, on the device, from that layer's router input, so a captured decode
+graph recomputes it at every replay. Chosen once at load:
+- `AllGroups`: every local group (the dense model; layer 0 and prefill always read all);
+- `RoutedGroups`: the layer's head router scores every group of the model from the replicated
+  residual stream; `global` scope takes each sequence's top-k over all groups and this rank
+  reads those it holds (no communication: every rank computes the same choice), `local` scope
+  takes top-k of this rank's own groups (the paper's scheme);
+- `OracleGroups`: for accuracy studies only: reads every group, then keeps each sequence's
+  top-k groups by their true output norm (the label the routers were trained on).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+from torch import nn
+
+from polar_dist.models.build import BuildContext
+from polar_dist.parallel.comm import TPComm
+from polar_dist.sparsity.artifact import RoutingScope
+from polar_dist.sparsity.policy import HeadRouting
+from polar_dist.sparsity.routers import HeadRouter
+from polar_dist.sparsity.selection import head_table_global, head_table_local, topk_groups
+
+
+class HeadSelection(nn.Module, ABC):
+    @abstractmethod
+    def table(self, x: torch.Tensor, dense_table: torch.Tensor) -> torch.Tensor:
+        """x: (B, d) router input of the decode tokens; dense_table: (B, Hkv_local) every local
+        group. Returns (B, k) int32 local groups to read, -1 = none."""
+
+    def mask_output(self, o: torch.Tensor) -> torch.Tensor:
+        """o: (B, Hq_local, D) attention output; heads of unselected groups are already 0."""
+        return o
+
+
+class AllGroups(HeadSelection):
+    def table(self, x: torch.Tensor, dense_table: torch.Tensor) -> torch.Tensor:
+        return dense_table
+
+
+class RoutedGroups(HeadSelection):
+    def __init__(self, router: HeadRouter, k: int, scope: RoutingScope, group_start: int,
+                 num_groups_local: int) -> None:
+        """k: groups per sequence (of all G for `global`, of this rank's for `local`)."""
+        super().__init__()
+        self.router = router
+        self.k = k
+        self.scope = scope
+        self.group_start = group_start
+        self.num_groups_local = num_groups_local
+
+    def table(self, x: torch.Tensor, dense_table: torch.Tensor) -> torch.Tensor:
+        scores = self.router(x)  # (B, G) float32
+        if self.scope is RoutingScope.GLOBAL:
+            return head_table_global(topk_groups(scores, self.k), self.group_start, self.num_groups_local)
+        local = scores[:, self.group_start:self.group_start + self.num_groups_local]  # (B, G_local)
+        return head_table_local(local, self.k)
+
+    def extra_repr(self) -> str:
+        return f"k={self.k}, scope={self.scope.value}"
+
+
+class OracleGroups(HeadSelection):
+    """Top-k groups by output L2 norm (group score = max over its heads), over all groups of the
+    model: each rank's group scores are all-gathered (ranks hold contiguous, distinct groups)."""
+
+    def __init__(self, k: int, group_size: int, comm: TPComm) -> None:
+        super().__init__()
+        self.k = k
+        self.group_size = group_size
+        self.comm = comm
+
+    def table(self, x: torch.Tensor, dense_table: torch.Tensor) -> torch.Tensor:
+        return dense_table
+
+    def mask_output(self, o: torch.Tensor) -> torch.Tensor:
+        B, H_local, _ = o.shape
+        norms = o.float().norm(dim=-1)  # (B, Hq_local)
+        scores_local = norms.view(B, H_local // self.group_size, self.group_size).amax(-1)  # (B, G_local)
+        scores = self.comm.all_gather_last_dim(scores_local)  # (B, G)
+        start = self.comm.rank * scores_local.shape[1]
+        keep = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, topk_groups(scores, self.k), True)
+        keep_local = keep[:, start:start + scores_local.shape[1]].repeat_interleave(self.group_size, dim=1)
+        return o * keep_local.unsqueeze(-1).to(o.dtype)  # (B, Hq_local, D)
+
+
+def make_head_selection(ctx: BuildContext, layer: int) -> HeadSelection:
+    """Layer `layer`'s selection under the run's policy (routers are filled in by the loader)."""
+    policy, spec, plan = ctx.policy, ctx.spec, ctx.plan
+    if not policy.head_routed(layer):
+        return AllGroups()
+    k = policy.head_k[layer]
+    if policy.routing is HeadRouting.ORACLE:
+        return OracleGroups(k, spec.group_size, ctx.comm)
+    groups_local = plan.num_kv_heads_local
+    if policy.scope is RoutingScope.LOCAL:
+        k = policy.head_k_local(layer, groups_local)
+    router = HeadRouter(spec.hidden_size, spec.num_kv_heads, dtype=ctx.dtype, device=ctx.device)
+    return RoutedGroups(router, k, policy.scope, plan.kv_head_start, groups_local)
