@@ -1,0 +1,153 @@
+"""Sparse decode end to end on tiny random models: density 1.0 is the dense path token for
+token; the global routing scope gives the same tokens at tp = 1, 2 and 3 (real gloo processes);
+the local scope follows its per-rank rule; the policy refuses what a model or layout cannot do;
+the CUDA-graph buffers (padding rows, the row count) leave the sparse tokens unchanged."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import tp_cases
+from conftest import run_ranks
+from polar_dist.config import config_from_dict
+from polar_dist.engine.sampler import SamplingParams
+from polar_dist.errors import UserError
+from polar_dist.models.head_selection import RoutedGroups
+from polar_dist.parallel.context import init_parallel
+from polar_dist.runtime import Runtime, build_runtime, generate_ids
+from polar_dist.sparsity.selection import head_table_local
+
+PROMPTS = [[5, 6, 7], list(range(10, 40)), list(range(100, 117)), [9, 8]]
+PARAMS = SamplingParams(max_new_tokens=12, ignore_eos=True)
+# MHA with 6 heads = 6 KV groups: tp 1, 2, 3 all hold >= 2 groups per rank (the local scope's need)
+MHA6 = dict(model_type="llama", hidden_size=384, intermediate_size=512, num_hidden_layers=3, num_attention_heads=6,
+            num_key_value_heads=6, head_dim=64, max_position_embeddings=256, tie_word_embeddings=False,
+            vocab_size=tp_cases.VOCAB)
+
+
+def _cfg(sparsity: dict, **model) -> dict:
+    return {"model": {"init": "random", "seed": 3, "architecture": MHA6, "tokenizer": "bytes", "device": "cpu",
+                      **model},
+            "parallel": {"timeout_s": 120}, "sparsity": sparsity,
+            "engine": {"max_seq_len": 128, "max_batch_size": 4}}
+
+
+def _tokens(cfg: dict) -> list[list[int]] | None:
+    c = config_from_dict(cfg)
+    rt = build_runtime(c, init_parallel(c.parallel, c.model.device))
+    seqs = generate_ids(rt, PROMPTS, PARAMS)
+    rt.ctx.shutdown()
+    return None if seqs is None else [s.output_ids for s in seqs]
+
+
+def _rank_tokens(rank: int, world_size: int, cfg: dict, out: str) -> None:
+    tokens = _tokens(cfg)
+    if tokens is not None:
+        Path(out).write_text(json.dumps(tokens))
+
+
+def _tp_tokens(cfg: dict, tp: int, tmp_path: Path) -> list[list[int]]:
+    if tp == 1:
+        tokens = _tokens(cfg)
+        assert tokens is not None
+        return tokens
+    out = tmp_path / f"tokens-tp{tp}.json"
+    run_ranks(_rank_tokens, tp, cfg, str(out))
+    return json.loads(out.read_text())
+
+
+def test_density_one_is_the_dense_path() -> None:
+    dense = _tokens(_cfg({}))
+    assert _tokens(_cfg({"head_density": 1.0, "routers": "random"})) == dense
+    # a density whose k is every group (ceil(0.9 * 6) = 6) is dense too: no layer is routed
+    assert _tokens(_cfg({"head_density": 0.9, "routers": "random"})) == dense
+    assert _tokens(_cfg({"head_density": 0.5, "routers": "random"})) != dense
+
+
+@pytest.mark.slow
+def test_global_scope_tokens_equal_across_tp(tmp_path: Path) -> None:
+    cfg = _cfg({"head_density": 0.5, "routers": "random", "head_scope": "global"})
+    single = _tp_tokens(cfg, 1, tmp_path)
+    assert single != _tokens(_cfg({}))  # the routers do change the computation
+    for tp in (2, 3):
+        assert _tp_tokens(cfg, tp, tmp_path) == single, f"tp={tp}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tp", [2, 3])
+def test_local_scope_follows_its_per_rank_rule(tp: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """At tp = N the local scope takes top-k_local of each rank's block of groups. Reference: one
+    process whose routed layers apply exactly that rule over the N blocks."""
+    cfg = _cfg({"head_density": 0.5, "routers": "random", "head_scope": "local"})
+    sharded = _tp_tokens(cfg, tp, tmp_path)
+    groups = MHA6["num_key_value_heads"]
+    per = groups // tp
+    k_local = -(-groups // 2 * per // groups)  # density_to_k(k / G, G_local) with k = ceil(0.5 * G)
+
+    def table(self: RoutedGroups, x: torch.Tensor, dense_table: torch.Tensor) -> torch.Tensor:
+        scores = self.router(x)  # (B, G)
+        parts = [head_table_local(scores[:, b * per:(b + 1) * per], k_local) + b * per for b in range(tp)]
+        return torch.cat(parts, dim=1)  # (B, tp * k_local) global ids, every group local at tp = 1
+
+    monkeypatch.setattr(RoutedGroups, "table", table)
+    reference = _tokens(_cfg({"head_density": 0.5, "routers": "random", "head_scope": "global"}))
+    assert sharded == reference
+
+
+@pytest.mark.parametrize("sparsity, model, match", [
+    ({"head_density": 0.5}, {}, "needs head routers"),
+    ({"head_density": 0.5, "routers": "random", "head_allocation": "per_layer"}, {}, "recall curves"),
+    ({"mlp": True, "routers": "random"}, {}, "needs a ReLU MLP"),
+])
+def test_policy_refuses_what_cannot_run(sparsity: dict, model: dict, match: str) -> None:
+    with pytest.raises(UserError, match=match):
+        _tokens(_cfg(sparsity, **model))
+
+
+def test_local_scope_needs_two_groups_per_rank() -> None:
+    from polar_dist.config import SparsityConfig
+    from polar_dist.model_spec import spec_from_hf_config
+    from polar_dist.sparsity.policy import make_policy
+
+    spec = spec_from_hf_config({**MHA6, "num_key_value_heads": 3, "num_attention_heads": 6})
+    cfg = SparsityConfig(head_density=0.5, routers="random", head_scope="local")
+    assert make_policy(cfg, spec, None, 1, 4).head_k[1] == 2
+    with pytest.raises(UserError, match="local needs >= 2 KV groups per rank.*use sparsity.head_scope = global"):
+        make_policy(cfg, spec, None, 3, 4)
+
+
+def test_graph_buffers_keep_sparse_tokens(monkeypatch: pytest.MonkeyPatch) -> None:
+    """OPT with routed heads and batch-union neurons through the CUDA-graph buffers (replayed
+    eagerly on CPU): padding rows must not enter the neuron union, so the tokens stay the eager ones."""
+    from polar_dist.engine import cuda_graphs
+    from polar_dist.engine.cuda_graphs import DecodeGraphs
+
+    opt = dict(model_type="opt", hidden_size=256, ffn_dim=701, num_hidden_layers=2, num_attention_heads=4,
+               max_position_embeddings=256, do_layer_norm_before=True, word_embed_proj_dim=256,
+               vocab_size=tp_cases.VOCAB)
+    raw = _cfg({"head_density": 0.5, "routers": "random", "mlp": True, "mlp_density": 0.2}, architecture=opt)
+    raw["engine"]["max_batch_size"] = 8
+    c = config_from_dict(raw)
+    rt: Runtime = build_runtime(c, init_parallel(c.parallel, c.model.device))
+    eager = [s.output_ids for s in generate_ids(rt, PROMPTS[:3], PARAMS)]
+
+    class EagerReplay:
+        def __init__(self, graphs: DecodeGraphs, n: int) -> None:
+            self.graphs, self.n = graphs, n
+            self.logits = graphs._forward(n)
+
+        def replay(self) -> None:
+            self.logits.copy_(self.graphs._forward(self.n))
+
+    monkeypatch.setattr(cuda_graphs.torch.cuda, "graph_pool_handle", lambda: None)
+    monkeypatch.setattr(DecodeGraphs, "_capture", lambda self, n: ((r := EagerReplay(self, n)), r.logits))
+    runner = rt.runner
+    runner.graphs = DecodeGraphs(runner.model, runner.kv_caches, runner.head_table, max_blocks=128 // 16,
+                                 block_size=16, scratch_block=runner.num_blocks, device=runner.device)
+    graphed = [s.output_ids for s in generate_ids(rt, PROMPTS[:3], PARAMS)]  # 3 rows in the bucket of 4
+    assert graphed == eager
+    assert sorted(runner.graphs._graphs) == [4]
