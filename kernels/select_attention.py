@@ -102,17 +102,15 @@ def _select_attention_kernel(
     stride_btb, stride_htb, stride_ob, stride_oh,
     G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr, DIRECT: tl.constexpr, UPCAST: tl.constexpr,
-    ZERO: tl.constexpr,
 ):
-    pair = tl.program_id(0)  # b * k_max + slot; with ZERO, pairs B * k_max + b zero sequence b
+    pair = tl.program_id(0)  # b * k_max + slot; pairs B * k_max + b zero sequence b
     split = tl.program_id(1)
-    if ZERO:
-        n_pairs = tl.num_programs(0) - tl.num_programs(0) // (k_max + 1)  # B * k_max
-        if pair >= n_pairs:  # one program per sequence writes the 0s of its unselected heads
-            if split == 0:
-                _zero_unselected(ht_ptr, out_ptr, pair - n_pairs, k_max, hq, stride_htb, stride_ob,
-                                 stride_oh, G, D)
-            return
+    n_pairs = tl.num_programs(0) - tl.num_programs(0) // (k_max + 1)  # B * k_max
+    if pair >= n_pairs:  # one program per sequence writes the 0s of its unselected heads
+        if split == 0:
+            _zero_unselected(ht_ptr, out_ptr, pair - n_pairs, k_max, hq, stride_htb, stride_ob,
+                             stride_oh, G, D)
+        return
     b = pair // k_max
     slot = pair % k_max
     grp = tl.load(ht_ptr + b.to(tl.int64) * stride_htb + slot)
@@ -270,10 +268,8 @@ def _check(q, k_cache, v_cache, block_tables, seq_lens, head_table, out, kernel:
 
 
 def _launch(q, k_cache, v_cache, block_tables, seq_lens, head_table, scale, out,
-            num_splits: int | None = None, config: AttentionConfig | None = None,
-            zero_in_kernel: bool = True) -> torch.Tensor:
-    """The kernel launch; tests and benchmarks pass num_splits / config to pin them, and
-    zero_in_kernel=False for v3's memset of out before the kernel (the A/B)."""
+            num_splits: int | None = None, config: AttentionConfig | None = None) -> torch.Tensor:
+    """The kernel launch; tests and benchmarks pass num_splits / config to pin them."""
     _check(q, k_cache, v_cache, block_tables, seq_lens, head_table, out, kernel=True)
     batch, hq, d = q.shape
     _, hkv, block_size, _ = k_cache.shape
@@ -289,12 +285,11 @@ def _launch(q, k_cache, v_cache, block_tables, seq_lens, head_table, scale, out,
     else:
         split_tokens = triton.cdiv(triton.cdiv(max_tokens, num_splits), config.block_n) * config.block_n
         num_splits = triton.cdiv(max_tokens, split_tokens)
-    zero = zero_in_kernel and k_max > 0
+    if k_max == 0:  # no group selected: every head reads exactly 0, and nothing to launch
+        return torch.zeros_like(q) if out is None else out.zero_()
     if out is None:
-        out = torch.empty_like(q) if zero else torch.zeros_like(q)
-    elif not zero:
-        out.zero_()  # unselected heads must read exactly 0
-    if batch == 0 or k_max == 0:
+        out = torch.empty_like(q)  # the launch writes every element, the 0s included
+    if batch == 0:
         return out
     direct = num_splits == 1
     rows = batch * k_max * group
@@ -304,8 +299,8 @@ def _launch(q, k_cache, v_cache, block_tables, seq_lens, head_table, scale, out,
         o_part = torch.empty(rows * num_splits, d, device=q.device, dtype=torch.float32)
         m_part = torch.empty(rows * num_splits, device=q.device, dtype=torch.float32)
         l_part = torch.empty_like(m_part)
-    # With ZERO the grid has B more programs along dim 0 (one per sequence, split 0 only).
-    _select_attention_kernel[(batch * k_max + (batch if zero else 0), num_splits)](
+    # B more programs along dim 0 than pairs: one per sequence (split 0 only) writes its 0s.
+    _select_attention_kernel[(batch * k_max + batch, num_splits)](
         q, k_cache, v_cache, block_tables, seq_lens, head_table, out,
         o_part, m_part, l_part,
         scale * math.log2(math.e), k_max, num_splits, split_tokens, hq,
@@ -315,7 +310,6 @@ def _launch(q, k_cache, v_cache, block_tables, seq_lens, head_table, scale, out,
         block_tables.stride(0), head_table.stride(0), out.stride(0), out.stride(1),
         G=group, G_PAD=max(16, triton.next_power_of_2(group)), D=d, BLOCK_SIZE=block_size,
         BLOCK_N=config.block_n, DIRECT=direct, UPCAST=interpret,
-        ZERO=zero,
         num_warps=config.num_warps, num_stages=config.num_stages,
         **({} if config.maxnreg is None else {"maxnreg": config.maxnreg}),
     )
