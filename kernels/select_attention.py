@@ -26,7 +26,9 @@ import torch
 import triton
 import triton.language as tl
 
-_HEAD_DIMS = (64, 128)
+# Head dims the kernel is tested for (D is a tl.arange length, so a power of two). Public: the
+# runtime checks a model's head dim against it; the torch reference takes any head dim.
+HEAD_DIMS = (64, 128)
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 # At least this many tokens per split: shorter splits spend more on the merge than they
 # gain in parallelism.
@@ -235,8 +237,8 @@ def _check(q, k_cache, v_cache, block_tables, seq_lens, head_table, out, kernel:
     _, hkv, block_size, d_cache = k_cache.shape
     if d_cache != d:
         raise ValueError(f"q head dim ({d}) != cache head dim ({d_cache})")
-    if kernel and d not in _HEAD_DIMS:  # the torch reference takes any head dim
-        raise ValueError(f"head dim {d} is not supported by the kernel; use one of {_HEAD_DIMS}, or float32 / the "
+    if kernel and d not in HEAD_DIMS:  # the torch reference takes any head dim
+        raise ValueError(f"head dim {d} is not supported by the kernel; use one of {HEAD_DIMS}, or float32 / the "
                          "CPU, where the torch reference runs")
     if hq % hkv:
         raise ValueError(f"Hq ({hq}) must be a multiple of Hkv ({hkv})")
