@@ -163,13 +163,16 @@ def _block_m(m: int) -> int:
 def _gpu_config(m: int, n_out: int, k_loop: int, num_sms: int, programs_per_sm: int = 2) -> GemmConfig:
     """Weight-streaming config for an [m, n_out] output summed over k_loop.
 
-    When the output has too few tiles, split K until the grid has programs_per_sm programs
-    per SM: fc2 (w2t row gather, 128 B segments) needs about 2 to reach HBM bandwidth (run 3,
-    OPT-66B M 64 10%: 144 programs 0.0549 ms, 288 0.0457); fc1 (w1 rows, 256 B segments)
-    passes 1 (v3: run 3 timed it at 0.0430 ms with 116 programs, 0.0493 with 290; unsplit at
-    256 tiles beat 2 splits). The fp32 partials cost 8 * s * m * n_out bytes against
-    2 * n_out * k_loop bytes of weights, so s is capped to keep that ratio (4 s m / k_loop)
-    under 15%, and every split keeps >= 4 K tiles.
+    When the output has too few tiles, split K into s slices (one program each, fp32 partials
+    summed by an epilogue kernel). How many programs per SM reach HBM bandwidth is measured,
+    not modelled (H100, OPT shapes; benchmarks/KERNELS_NOTES.md, "Rules in the code"):
+    * fc2 (w2t row gather, 128 B segments), programs_per_sm=2: split until the grid reaches 2
+      programs per SM, overshooting if need be (1 per SM is ~20% slower);
+    * fc1 (w1 rows, 256 B segments), programs_per_sm=1: split only while the grid stays within
+      1 program per SM (past it, the extra partials cost more than the programs gain).
+    The fp32 partials cost 8 * s * m * n_out bytes against 2 * n_out * k_loop bytes of weights,
+    so s is capped to keep that ratio (4 s m / k_loop) under 15%, and every split keeps >= 4 K
+    tiles.
     """
     block_m = _block_m(m)
     if block_m >= 128:  # m > 64: enough FLOPs per byte that wider tiles and 8 warps pay
@@ -179,9 +182,6 @@ def _gpu_config(m: int, n_out: int, k_loop: int, num_sms: int, programs_per_sm: 
     tiles = triton.cdiv(m, block_m) * triton.cdiv(n_out, block_n)
     split = 1
     target = programs_per_sm * num_sms
-    # fc2 (2 per SM) splits until the grid reaches the target, overshooting it if need be;
-    # fc1 (1 per SM) only while the grid stays within it: its 4 and 5 split grids (232, 290
-    # programs, past one per SM) were slower than 2 (116).
     while ((tiles * split < target if programs_per_sm > 1 else tiles * (split + 1) <= target) and split < 8 and 4 * (split + 1) * m <= 0.15 * k_loop
            and k_loop // (split + 1) >= 4 * block_k):
         split += 1

@@ -37,18 +37,20 @@ _MIN_SPLIT_TOKENS = 256
 _MAX_SPLITS = 64
 # Programs wanted per SM when the unsplit grid is short (< 8 per SM). The kernel holds 255
 # registers x 128 threads, so 2 programs run per SM and the grid runs in waves; a short grid
-# leaves a long idle tail: v1 measured 640 programs (2.4 waves) at 83% of the floor, the same
-# work as 2560 programs at 95%. The partials a split adds (fp32 acc, max, sum: ~(D + 2) x 4 B
-# per head, written and read once) are < 1% of the >= 256 tokens of K/V the split reads.
+# leaves a long idle tail, which splitting fills (a 2.4-wave grid ran at 83% of the bandwidth
+# floor, the same work split to 9.7 waves at 95%). The partials a split adds (fp32 acc, max,
+# sum: ~(D + 2) x 4 B per head, written and read once) are < 1% of the >= 256 tokens of K/V
+# the split reads.
 _PROGRAMS_PER_SM = 16
 _SHORT_GRID_PROGRAMS_PER_SM = 8
-# From 8 programs per SM up, no wave model predicted the best split count (run 5 swept 1-6
-# splits at 26 rows; docs: benchmarks/KERNELS_NOTES.md, version 4). The measured rule:
+# From 8 programs per SM up, the best split count follows no wave model; the rule is measured
+# (H100, 132 SMs, block 64 x 4 warps, N 1920 and 3968; the band edges and their margins are in
+# benchmarks/KERNELS_NOTES.md, "Rules in the code"):
 # * programs longer than _LONG_TOKENS tokens, < 15 programs per SM: split into pieces of
-#   _LONG_SPLIT_TOKENS (llama2-7b N 3968 at 9.2-14.1 programs per SM: 4 splits, 0-6% faster
-#   than unsplit; unsplit wins again at 15.5 per SM);
-# * shorter programs at 14-24 programs per SM: 2 splits (opt-66b N 1920 at 14.1-20.8 per SM:
-#   1-3% faster; unsplit wins at 10.7 and 24.2 per SM).
+#   _LONG_SPLIT_TOKENS (N 3968: 4 splits, 0-6% faster than unsplit at 9.2-14.1 programs per
+#   SM; unsplit faster at 15.5);
+# * shorter programs at 14-24 programs per SM: 2 splits (N 1920: 1-3% faster at 14.1-20.8 per
+#   SM; unsplit faster at 10.7 and 24.2).
 _LONG_TOKENS = 2048
 _LONG_SPLIT_TOKENS = 1024
 _LONG_MAX_PROGRAMS_PER_SM = 15
@@ -61,8 +63,9 @@ class AttentionConfig:
     num_warps: int = 4
     # Pipeline depth asked of Triton. The K/V loads are pointer gathers through the block
     # table, which Triton 3.7 does not multi-buffer (ptxas: the same 22.5 KiB of shared memory,
-    # dot operands only, and 255 registers at 2, 3 and 4 stages). On the H100's Triton 3.6,
-    # run 5 timed 2 stages 0-2% faster at 5 rows; 3 stays until the whole table is re-timed.
+    # dot operands only, and 255 registers at 2, 3 and 4 stages). On Triton 3.6, 2 stages timed
+    # 0-2% faster at the few rows where it was tried; every recorded time uses 3, which stays
+    # the default until the whole table is timed with 2.
     num_stages: int = 3
     # ptxas register cap (None: Triton's, which lands at 255 with ~0.6 KiB of spills at 64 x 4
     # warps: 2 programs per SM). 168 fits 3 programs, 128 fits 4, at the cost of more spills.
