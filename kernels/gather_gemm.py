@@ -163,13 +163,16 @@ def _block_m(m: int) -> int:
 def _gpu_config(m: int, n_out: int, k_loop: int, num_sms: int, programs_per_sm: int = 2) -> GemmConfig:
     """Weight-streaming config for an [m, n_out] output summed over k_loop.
 
-    When the output has too few tiles, split K until the grid has programs_per_sm programs
-    per SM: fc2 (w2t row gather, 128 B segments) needs about 2 to reach HBM bandwidth (run 3,
-    OPT-66B M 64 10%: 144 programs 0.0549 ms, 288 0.0457); fc1 (w1 rows, 256 B segments)
-    passes 1 (v3: run 3 timed it at 0.0430 ms with 116 programs, 0.0493 with 290; unsplit at
-    256 tiles beat 2 splits). The fp32 partials cost 8 * s * m * n_out bytes against
-    2 * n_out * k_loop bytes of weights, so s is capped to keep that ratio (4 s m / k_loop)
-    under 15%, and every split keeps >= 4 K tiles.
+    When the output has too few tiles, split K into s slices (one program each, fp32 partials
+    summed by an epilogue kernel). How many programs per SM reach HBM bandwidth is measured,
+    not modelled (H100, OPT shapes; benchmarks/KERNELS_NOTES.md, "Rules in the code"):
+    * fc2 (w2t row gather, 128 B segments), programs_per_sm=2: split until the grid reaches 2
+      programs per SM, overshooting if need be (1 per SM is ~20% slower);
+    * fc1 (w1 rows, 256 B segments), programs_per_sm=1: split only while the grid stays within
+      1 program per SM (past it, the extra partials cost more than the programs gain).
+    The fp32 partials cost 8 * s * m * n_out bytes against 2 * n_out * k_loop bytes of weights,
+    so s is capped to keep that ratio (4 s m / k_loop) under 15%, and every split keeps >= 4 K
+    tiles.
     """
     block_m = _block_m(m)
     if block_m >= 128:  # m > 64: enough FLOPs per byte that wider tiles and 8 warps pay
@@ -179,9 +182,6 @@ def _gpu_config(m: int, n_out: int, k_loop: int, num_sms: int, programs_per_sm: 
     tiles = triton.cdiv(m, block_m) * triton.cdiv(n_out, block_n)
     split = 1
     target = programs_per_sm * num_sms
-    # fc2 (2 per SM) splits until the grid reaches the target, overshooting it if need be;
-    # fc1 (1 per SM) only while the grid stays within it: its 4 and 5 split grids (232, 290
-    # programs, past one per SM) were slower than 2 (116).
     while ((tiles * split < target if programs_per_sm > 1 else tiles * (split + 1) <= target) and split < 8 and 4 * (split + 1) * m <= 0.15 * k_loop
            and k_loop // (split + 1) >= 4 * block_k):
         split += 1
@@ -199,15 +199,35 @@ def _split_plan(config: GemmConfig, k_loop: int) -> tuple[int, int]:
     return max(1, triton.cdiv(k_loop, split_len)), split_len
 
 
-def _launch_epilogue(ws, idx, bias, out, splits, bias_by_idx, relu) -> None:
+def _launch(a: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor,
+            k_loop: int, config: GemmConfig | None, fc1: bool, relu: bool = False) -> None:
+    """Launch fc1 or fc2 into out [m, n_out], summing over k_loop (fc1: d; fc2: the k selected
+    neurons), and the split-K epilogue when the config splits K. Both kernels take the same
+    arguments; fc1 also takes its activation, and its bias is indexed by neuron."""
     m, n_out = out.shape
-    grid = (triton.cdiv(n_out, 128), triton.cdiv(m, 16))
-    _split_k_epilogue_kernel[grid](
-        ws, idx, out if bias is None else bias, out,
-        m, n_out, splits, out.stride(0),
-        HAS_BIAS=bias is not None, BIAS_BY_IDX=bias_by_idx, RELU=relu,
-        BLOCK_M=16, BLOCK_N=128, num_warps=4,
+    interpret = a.device.type != "cuda"
+    if config is None:
+        config = (_interpreter_config(m) if interpret
+                  else _gpu_config(m, n_out, k_loop, _num_sms(a.device), programs_per_sm=1 if fc1 else 2))
+    splits, split_len = _split_plan(config, k_loop)
+    ws = torch.empty(splits, m, n_out, device=a.device, dtype=torch.float32) if splits > 1 else out
+    kernel = _gather_fc1_kernel if fc1 else _gather_fc2_kernel
+    kernel[(triton.cdiv(n_out, config.block_n), triton.cdiv(m, config.block_m), splits)](
+        a, w, idx, a if bias is None else bias, out, ws,
+        m, idx.shape[0], w.shape[1], split_len,  # M, K_SEL, d (D_IN of fc1, D_OUT of fc2)
+        a.stride(0), w.stride(0), out.stride(0),
+        HAS_BIAS=bias is not None, UPCAST=interpret, SPLIT=splits > 1,
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+        num_warps=config.num_warps, num_stages=config.num_stages,
+        **({"RELU": relu} if fc1 else {}),
     )
+    if splits > 1:
+        _split_k_epilogue_kernel[(triton.cdiv(n_out, 128), triton.cdiv(m, 16))](
+            ws, idx, out if bias is None else bias, out,
+            m, n_out, splits, out.stride(0),
+            HAS_BIAS=bias is not None, BIAS_BY_IDX=fc1, RELU=relu,  # fc1's columns are the selected neurons
+            BLOCK_M=16, BLOCK_N=128, num_warps=4,
+        )
 
 
 def _check_common(name: str, a: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, kernel: bool) -> None:
@@ -258,27 +278,9 @@ def gather_fc1(x: torch.Tensor, w1: torch.Tensor, idx: torch.Tensor, b1: torch.T
                activation: str = "relu", config: GemmConfig | None = None) -> torch.Tensor:
     """h [M, k] = act(x [M, d] @ w1[idx].T + b1[idx]); w1 [N, d] is the nn.Linear weight."""
     _check_fc1(x, w1, idx, b1, activation, kernel=True)
-    m, d = x.shape
-    k = idx.shape[0]
-    interpret = x.device.type != "cuda"
-    if config is None:
-        config = _interpreter_config(m) if interpret else _gpu_config(m, k, d, _num_sms(x.device), programs_per_sm=1)
-    h = torch.empty(m, k, device=x.device, dtype=x.dtype)
-    if m == 0 or k == 0:
-        return h
-    splits, split_len = _split_plan(config, d)
-    ws = torch.empty(splits, m, k, device=x.device, dtype=torch.float32) if splits > 1 else h
-    grid = (triton.cdiv(k, config.block_n), triton.cdiv(m, config.block_m), splits)
-    _gather_fc1_kernel[grid](
-        x, w1, idx, x if b1 is None else b1, h, ws,
-        m, k, d, split_len,
-        x.stride(0), w1.stride(0), h.stride(0),
-        HAS_BIAS=b1 is not None, RELU=activation == "relu", UPCAST=interpret, SPLIT=splits > 1,
-        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-        num_warps=config.num_warps, num_stages=config.num_stages,
-    )
-    if splits > 1:
-        _launch_epilogue(ws, idx, b1, h, splits, bias_by_idx=True, relu=activation == "relu")
+    h = torch.empty(x.shape[0], idx.shape[0], device=x.device, dtype=x.dtype)
+    if h.numel():
+        _launch(x, w1, idx, b1, h, x.shape[1], config, fc1=True, relu=activation == "relu")
     return h
 
 
@@ -287,28 +289,12 @@ def gather_fc2(h: torch.Tensor, w2t: torch.Tensor, idx: torch.Tensor, b2: torch.
     """y [M, d] = h [M, k] @ w2t[idx] + b2; w2t [N, d] = fc2.weight.T made contiguous once at load."""
     _check_fc2(h, w2t, idx, b2, kernel=True)
     m, k = h.shape
-    d = w2t.shape[1]
-    interpret = h.device.type != "cuda"
-    if config is None:
-        config = _interpreter_config(m) if interpret else _gpu_config(m, d, k, _num_sms(h.device))
-    y = torch.empty(m, d, device=h.device, dtype=h.dtype)
+    y = torch.empty(m, w2t.shape[1], device=h.device, dtype=h.dtype)
     if m == 0:
         return y
     if k == 0:  # no neuron selected: only the bias is left
-        return y.copy_((torch.zeros((), dtype=y.dtype, device=y.device) if b2 is None else b2).expand(m, d))
-    splits, split_len = _split_plan(config, k)
-    ws = torch.empty(splits, m, d, device=h.device, dtype=torch.float32) if splits > 1 else y
-    grid = (triton.cdiv(d, config.block_n), triton.cdiv(m, config.block_m), splits)
-    _gather_fc2_kernel[grid](
-        h, w2t, idx, h if b2 is None else b2, y, ws,
-        m, k, d, split_len,
-        h.stride(0), w2t.stride(0), y.stride(0),
-        HAS_BIAS=b2 is not None, UPCAST=interpret, SPLIT=splits > 1,
-        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-        num_warps=config.num_warps, num_stages=config.num_stages,
-    )
-    if splits > 1:
-        _launch_epilogue(ws, idx, b2, y, splits, bias_by_idx=False, relu=False)
+        return y.copy_((torch.zeros((), dtype=y.dtype, device=y.device) if b2 is None else b2).expand_as(y))
+    _launch(h, w2t, idx, b2, y, k, config, fc1=False)
     return y
 
 

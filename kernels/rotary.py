@@ -6,6 +6,8 @@ With x1, x2 the two halves of each head: out = [x1 cos - x2 sin, x2 cos + x1 sin
 float32 and rounded once. The eager version is ~10 small kernels per call (casts, chunk, four
 products, cat) for a few rows at decode; here one program reads a token's heads once and
 writes them once. x may be a strided view (q or k sliced out of the fused QKV output).
+Head dims: any D whose half is a power of two (a tl.arange length), every dim in
+`select_attention.HEAD_DIMS` among them, so that tuple is the one limit the runtime checks.
 """
 
 from __future__ import annotations

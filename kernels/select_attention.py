@@ -26,7 +26,9 @@ import torch
 import triton
 import triton.language as tl
 
-_HEAD_DIMS = (64, 128)
+# Head dims the kernel is tested for (D is a tl.arange length, so a power of two). Public: the
+# runtime checks a model's head dim against it; the torch reference takes any head dim.
+HEAD_DIMS = (64, 128)
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 # At least this many tokens per split: shorter splits spend more on the merge than they
 # gain in parallelism.
@@ -35,18 +37,20 @@ _MIN_SPLIT_TOKENS = 256
 _MAX_SPLITS = 64
 # Programs wanted per SM when the unsplit grid is short (< 8 per SM). The kernel holds 255
 # registers x 128 threads, so 2 programs run per SM and the grid runs in waves; a short grid
-# leaves a long idle tail: v1 measured 640 programs (2.4 waves) at 83% of the floor, the same
-# work as 2560 programs at 95%. The partials a split adds (fp32 acc, max, sum: ~(D + 2) x 4 B
-# per head, written and read once) are < 1% of the >= 256 tokens of K/V the split reads.
+# leaves a long idle tail, which splitting fills (a 2.4-wave grid ran at 83% of the bandwidth
+# floor, the same work split to 9.7 waves at 95%). The partials a split adds (fp32 acc, max,
+# sum: ~(D + 2) x 4 B per head, written and read once) are < 1% of the >= 256 tokens of K/V
+# the split reads.
 _PROGRAMS_PER_SM = 16
 _SHORT_GRID_PROGRAMS_PER_SM = 8
-# From 8 programs per SM up, no wave model predicted the best split count (run 5 swept 1-6
-# splits at 26 rows; docs: benchmarks/KERNELS_NOTES.md, version 4). The measured rule:
+# From 8 programs per SM up, the best split count follows no wave model; the rule is measured
+# (H100, 132 SMs, block 64 x 4 warps, N 1920 and 3968; the band edges and their margins are in
+# benchmarks/KERNELS_NOTES.md, "Rules in the code"):
 # * programs longer than _LONG_TOKENS tokens, < 15 programs per SM: split into pieces of
-#   _LONG_SPLIT_TOKENS (llama2-7b N 3968 at 9.2-14.1 programs per SM: 4 splits, 0-6% faster
-#   than unsplit; unsplit wins again at 15.5 per SM);
-# * shorter programs at 14-24 programs per SM: 2 splits (opt-66b N 1920 at 14.1-20.8 per SM:
-#   1-3% faster; unsplit wins at 10.7 and 24.2 per SM).
+#   _LONG_SPLIT_TOKENS (N 3968: 4 splits, 0-6% faster than unsplit at 9.2-14.1 programs per
+#   SM; unsplit faster at 15.5);
+# * shorter programs at 14-24 programs per SM: 2 splits (N 1920: 1-3% faster at 14.1-20.8 per
+#   SM; unsplit faster at 10.7 and 24.2).
 _LONG_TOKENS = 2048
 _LONG_SPLIT_TOKENS = 1024
 _LONG_MAX_PROGRAMS_PER_SM = 15
@@ -59,8 +63,9 @@ class AttentionConfig:
     num_warps: int = 4
     # Pipeline depth asked of Triton. The K/V loads are pointer gathers through the block
     # table, which Triton 3.7 does not multi-buffer (ptxas: the same 22.5 KiB of shared memory,
-    # dot operands only, and 255 registers at 2, 3 and 4 stages). On the H100's Triton 3.6,
-    # run 5 timed 2 stages 0-2% faster at 5 rows; 3 stays until the whole table is re-timed.
+    # dot operands only, and 255 registers at 2, 3 and 4 stages). On Triton 3.6, 2 stages timed
+    # 0-2% faster at the few rows where it was tried; every recorded time uses 3, which stays
+    # the default until the whole table is timed with 2.
     num_stages: int = 3
     # ptxas register cap (None: Triton's, which lands at 255 with ~0.6 KiB of spills at 64 x 4
     # warps: 2 programs per SM). 168 fits 3 programs, 128 fits 4, at the cost of more spills.
@@ -102,17 +107,15 @@ def _select_attention_kernel(
     stride_btb, stride_htb, stride_ob, stride_oh,
     G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr, DIRECT: tl.constexpr, UPCAST: tl.constexpr,
-    ZERO: tl.constexpr,
 ):
-    pair = tl.program_id(0)  # b * k_max + slot; with ZERO, pairs B * k_max + b zero sequence b
+    pair = tl.program_id(0)  # b * k_max + slot; pairs B * k_max + b zero sequence b
     split = tl.program_id(1)
-    if ZERO:
-        n_pairs = tl.num_programs(0) - tl.num_programs(0) // (k_max + 1)  # B * k_max
-        if pair >= n_pairs:  # one program per sequence writes the 0s of its unselected heads
-            if split == 0:
-                _zero_unselected(ht_ptr, out_ptr, pair - n_pairs, k_max, hq, stride_htb, stride_ob,
-                                 stride_oh, G, D)
-            return
+    n_pairs = tl.num_programs(0) - tl.num_programs(0) // (k_max + 1)  # B * k_max
+    if pair >= n_pairs:  # one program per sequence writes the 0s of its unselected heads
+        if split == 0:
+            _zero_unselected(ht_ptr, out_ptr, pair - n_pairs, k_max, hq, stride_htb, stride_ob,
+                             stride_oh, G, D)
+        return
     b = pair // k_max
     slot = pair % k_max
     grp = tl.load(ht_ptr + b.to(tl.int64) * stride_htb + slot)
@@ -237,8 +240,8 @@ def _check(q, k_cache, v_cache, block_tables, seq_lens, head_table, out, kernel:
     _, hkv, block_size, d_cache = k_cache.shape
     if d_cache != d:
         raise ValueError(f"q head dim ({d}) != cache head dim ({d_cache})")
-    if kernel and d not in _HEAD_DIMS:  # the torch reference takes any head dim
-        raise ValueError(f"head dim {d} is not supported by the kernel; use one of {_HEAD_DIMS}, or float32 / the "
+    if kernel and d not in HEAD_DIMS:  # the torch reference takes any head dim
+        raise ValueError(f"head dim {d} is not supported by the kernel; use one of {HEAD_DIMS}, or float32 / the "
                          "CPU, where the torch reference runs")
     if hq % hkv:
         raise ValueError(f"Hq ({hq}) must be a multiple of Hkv ({hkv})")
@@ -270,10 +273,8 @@ def _check(q, k_cache, v_cache, block_tables, seq_lens, head_table, out, kernel:
 
 
 def _launch(q, k_cache, v_cache, block_tables, seq_lens, head_table, scale, out,
-            num_splits: int | None = None, config: AttentionConfig | None = None,
-            zero_in_kernel: bool = True) -> torch.Tensor:
-    """The kernel launch; tests and benchmarks pass num_splits / config to pin them, and
-    zero_in_kernel=False for v3's memset of out before the kernel (the A/B)."""
+            num_splits: int | None = None, config: AttentionConfig | None = None) -> torch.Tensor:
+    """The kernel launch; tests and benchmarks pass num_splits / config to pin them."""
     _check(q, k_cache, v_cache, block_tables, seq_lens, head_table, out, kernel=True)
     batch, hq, d = q.shape
     _, hkv, block_size, _ = k_cache.shape
@@ -289,12 +290,11 @@ def _launch(q, k_cache, v_cache, block_tables, seq_lens, head_table, scale, out,
     else:
         split_tokens = triton.cdiv(triton.cdiv(max_tokens, num_splits), config.block_n) * config.block_n
         num_splits = triton.cdiv(max_tokens, split_tokens)
-    zero = zero_in_kernel and k_max > 0
+    if k_max == 0:  # no group selected: every head reads exactly 0, and nothing to launch
+        return torch.zeros_like(q) if out is None else out.zero_()
     if out is None:
-        out = torch.empty_like(q) if zero else torch.zeros_like(q)
-    elif not zero:
-        out.zero_()  # unselected heads must read exactly 0
-    if batch == 0 or k_max == 0:
+        out = torch.empty_like(q)  # the launch writes every element, the 0s included
+    if batch == 0:
         return out
     direct = num_splits == 1
     rows = batch * k_max * group
@@ -304,8 +304,8 @@ def _launch(q, k_cache, v_cache, block_tables, seq_lens, head_table, scale, out,
         o_part = torch.empty(rows * num_splits, d, device=q.device, dtype=torch.float32)
         m_part = torch.empty(rows * num_splits, device=q.device, dtype=torch.float32)
         l_part = torch.empty_like(m_part)
-    # With ZERO the grid has B more programs along dim 0 (one per sequence, split 0 only).
-    _select_attention_kernel[(batch * k_max + (batch if zero else 0), num_splits)](
+    # B more programs along dim 0 than pairs: one per sequence (split 0 only) writes its 0s.
+    _select_attention_kernel[(batch * k_max + batch, num_splits)](
         q, k_cache, v_cache, block_tables, seq_lens, head_table, out,
         o_part, m_part, l_part,
         scale * math.log2(math.e), k_max, num_splits, split_tokens, hq,
@@ -315,7 +315,6 @@ def _launch(q, k_cache, v_cache, block_tables, seq_lens, head_table, scale, out,
         block_tables.stride(0), head_table.stride(0), out.stride(0), out.stride(1),
         G=group, G_PAD=max(16, triton.next_power_of_2(group)), D=d, BLOCK_SIZE=block_size,
         BLOCK_N=config.block_n, DIRECT=direct, UPCAST=interpret,
-        ZERO=zero,
         num_warps=config.num_warps, num_stages=config.num_stages,
         **({} if config.maxnreg is None else {"maxnreg": config.maxnreg}),
     )

@@ -1,21 +1,19 @@
 """Benchmark the Polar Sparsity kernels against dense torch baselines and the bandwidth floor.
 
-    PYTHONPATH=. python3 benchmarks/kernels.py --out benchmarks/results/<gpu>   # on a CUDA GPU
-    PYTHONPATH=. python3 benchmarks/kernels.py --plot-from benchmarks/results/<gpu>/kernels.json
+    python3 benchmarks/kernel_bench.py --out benchmarks/results/<gpu>   # on a CUDA GPU
+    python3 benchmarks/kernel_bench.py --plot-from benchmarks/results/<gpu>/kernels.json
 
 Writes <out>/kernels.json: {"device", "versions", "copy_TBps", "rows": [{op, shape, dtype, density,
 variant, ms}]} and prints a table. With --sweep, attention rows of >= 512 unsplit programs are also
-timed at split counts 1, 2, 3, 4, 6 and (target and previously regressed rows) other block configs, each
-checked against SDPA on the gathered selected groups, plus v3's exact launch ("v3_exact": v3's
-split count and memset of out; the A/B); --mlp-sweep times other gather-GEMM configs. Target rows
+timed at split counts 1, 2, 3, 4, 6 and (CONFIG_ROWS) other block configs, each checked against
+SDPA on the gathered selected groups; --mlp-sweep times other gather-GEMM configs. Target rows
 (B = 64 attention at density 0.3; M = 64 MLP at 10%) are timed twice ("ours_rerun": the
-run-to-run spread); the MLP target row also with v2's fc1 plan ("v2_plan").
-Every variant is captured in a CUDA graph and its replays are timed (median of
-triton.testing.do_bench, which flushes L2 before every repetition); inputs are random, never
+run-to-run spread). Every variant is captured in a CUDA graph and its replays are timed (median
+of triton.testing.do_bench, which flushes L2 before every repetition); inputs are random, never
 zeros. The floor is the bytes the op must read (selected KV, or selected weights) over the copy
 bandwidth measured in the same run. The exact command of the recorded run:
 
-    python3 benchmarks/kernels.py --out $OUT --sweep
+    python3 benchmarks/kernel_bench.py --out $OUT --sweep
 
 """
 
@@ -25,14 +23,11 @@ import argparse
 import json
 import re
 import sys
+from dataclasses import astuple
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-
-# Run as a script, this file's folder comes first on sys.path and its own name, kernels.py,
-# would shadow the kernels package: put the repository root first instead.
-sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 ATTN_SHAPES = [  # (name, B, Hq, Hkv, N)
     ("opt-66b", 64, 72, 72, 1920),
@@ -52,8 +47,8 @@ BLOCK_SIZE = 16
 def _bench(fn, graph: bool = True) -> float:
     """Median ms of fn. With graph, fn is captured once in a CUDA graph and its replays are
     timed (as a decode runtime runs it): host launch overhead (~0.1 ms for a few Python-side
-    launches, which v1 measured instead of the kernels at small sizes) drops out, and the
-    capture itself proves the op never syncs with the host."""
+    launches, more than the kernels take at small sizes) drops out, and the capture itself
+    proves the op never syncs with the host."""
     import triton.testing
 
     fn()  # compile, and let cuBLAS / the caching allocator settle before capture
@@ -101,7 +96,8 @@ def _head_table(b: int, hkv: int, k: int, gen: torch.Generator) -> torch.Tensor:
 
 # Attention sweep (--sweep). SPLIT_SWEEP: split counts timed at the default block config on every
 # row whose unsplit grid has >= SWEEP_MIN_PAIRS programs (the rows a split rule can move).
-# CONFIG_SWEEP: other block configs at the target rows and the rows v3's rule made slower.
+# CONFIG_SWEEP: other block configs at CONFIG_ROWS, the target rows and the llama2-7b rows whose
+# best split count is most sensitive to the plan (3-6% between split counts).
 SWEEP_MIN_PAIRS = 512
 SPLIT_SWEEP = (1, 2, 3, 4, 6)
 CONFIG_SWEEP = [  # label, (block_n, num_warps, num_stages, maxnreg)
@@ -114,10 +110,12 @@ CONFIG_ROWS = {  # (name, B, k_max): split counts to time each CONFIG_SWEEP conf
 }
 
 
-def _v3_splits(b: int, kmax: int, n: int, sms: int) -> int:
-    """Version 3's split count (no split at >= 8 programs per SM, else 16 per SM)."""
-    want = 1 if b * kmax >= 8 * sms else -(-16 * sms // (b * kmax))
-    return max(1, min(want, -(-n // 256), 64))
+def _row_adder(rows: list, op: str, shape: dict):
+    """add(variant, density, ms, extra=None, **more) appends one JSON row of op at shape."""
+    def add(variant: str, density: float, ms: float, extra: dict | None = None, **more) -> None:
+        rows.append({"op": op, "shape": shape, "dtype": "float16", "density": density,
+                     "variant": variant, "ms": ms, **(extra or {}), **more})
+    return add
 
 
 def bench_attention(name, b, hq, hkv, n, densities, bw, rows, sweep=False):
@@ -125,7 +123,6 @@ def bench_attention(name, b, hq, hkv, n, densities, bw, rows, sweep=False):
 
     gen = torch.Generator().manual_seed(0)
     g = hq // hkv
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
     q = torch.randn(b, hq, D_HEAD, device="cuda", dtype=torch.float16)
     k = torch.randn(b, hkv, n, D_HEAD, device="cuda", dtype=torch.float16)
     v = torch.randn(b, hkv, n, D_HEAD, device="cuda", dtype=torch.float16)
@@ -135,11 +132,7 @@ def bench_attention(name, b, hq, hkv, n, densities, bw, rows, sweep=False):
     seq_lens = torch.full((b,), n, device="cuda", dtype=torch.int32)
     scale = D_HEAD**-0.5
     shape = {"name": name, "B": b, "Hq": hq, "Hkv": hkv, "N": n, "D": D_HEAD, "block_size": BLOCK_SIZE}
-
-    def add(variant, density, ms, extra=None, **more):
-        rows.append({"op": "attention", "shape": shape, "dtype": "float16", "density": density,
-                     "variant": variant, "ms": ms, **(extra or {}), **more})
-
+    add = _row_adder(rows, "attention", shape)
     q4 = q.view(b, hq, 1, D_HEAD)
     add("sdpa_dense", 1.0, *_try_bench(lambda: F.scaled_dot_product_attention(q4, k, v, scale=scale, enable_gqa=g > 1)))
     out = torch.empty_like(q)
@@ -155,7 +148,6 @@ def bench_attention(name, b, hq, hkv, n, densities, bw, rows, sweep=False):
             diff = out.float() - dense_out.float()
             rows[-1]["max_err_vs_sdpa"] = diff.abs().max().item()
             rows[-1]["rel_err_vs_sdpa"] = (diff.norm() / dense_out.float().norm()).item()
-        v3 = _v3_splits(b, kmax, n, sms)
         if b == 64 and dens == 0.3:  # a target row: time it again (spread)
             add("ours_rerun", real, *_try_bench(lambda: select_attention(q, kc, vc, bt, seq_lens, ht, scale, out=out)))
 
@@ -182,11 +174,8 @@ def bench_attention(name, b, hq, hkv, n, densities, bw, rows, sweep=False):
             err["unselected_zero"] = bool((out[unsel] == 0).all().item())
             return ms, err
 
-        add("v3_exact", real, *timed_check(  # run 4's plan with run 4's memset: the A/B of this version
-            lambda: _launch(q, kc, vc, bt, seq_lens, ht, scale, out, num_splits=v3, zero_in_kernel=False)),
-            num_splits=v3)
         cfg_splits = CONFIG_ROWS.get((name, b, kmax), ())
-        for label, cfg in [("default", (64, 4, 3, None))] + (CONFIG_SWEEP if cfg_splits else []):
+        for label, cfg in [("default", astuple(AttentionConfig()))] + (CONFIG_SWEEP if cfg_splits else []):
             c = AttentionConfig(*cfg)
             for splits in SPLIT_SWEEP if label == "default" else cfg_splits:
                 if splits > -(-n // 256):
@@ -195,11 +184,11 @@ def bench_attention(name, b, hq, hkv, n, densities, bw, rows, sweep=False):
                     lambda: _launch(q, kc, vc, bt, seq_lens, ht, scale, out, num_splits=splits, config=c))
                 add("sweep", real, ms, extra, config={"label": label, "block_n": cfg[0], "num_warps": cfg[1],
                                                       "num_stages": cfg[2], "maxnreg": cfg[3], "num_splits": splits},
-                    pairs=b * kmax, v3_splits=v3)
+                    pairs=b * kmax)
 
 
 def bench_mlp(name, d, n, ms_list, fracs, bw, rows, sweep_configs=()):
-    from kernels.gather_gemm import GemmConfig, _gpu_config, gather_fc1, gather_fc2
+    from kernels.gather_gemm import GemmConfig, gather_fc1, gather_fc2
 
     gen = torch.Generator(device="cuda").manual_seed(1)
     w1 = torch.randn(n, d, device="cuda", dtype=torch.float16, generator=gen) / d**0.5
@@ -209,12 +198,7 @@ def bench_mlp(name, d, n, ms_list, fracs, bw, rows, sweep_configs=()):
     b2 = torch.randn(d, device="cuda", dtype=torch.float16, generator=gen)
     for m in ms_list:
         x = torch.randn(m, d, device="cuda", dtype=torch.float16, generator=gen)
-        shape = {"name": name, "M": m, "d": d, "N": n}
-
-        def add(variant, density, t, extra=None, **more):
-            rows.append({"op": "mlp", "shape": shape, "dtype": "float16", "density": density,
-                         "variant": variant, "ms": t, **(extra or {}), **more})
-
+        add = _row_adder(rows, "mlp", {"name": name, "M": m, "d": d, "N": n})
         add("cublas_dense", 1.0, *_try_bench(lambda: F.linear(F.relu(F.linear(x, w1, b1)), w2, b2)))
         for frac in fracs:
             k = int(n * frac) // 16 * 16
@@ -222,12 +206,8 @@ def bench_mlp(name, d, n, ms_list, fracs, bw, rows, sweep_configs=()):
             real = k / n
             add("floor", real, 2 * k * d * 2 / (bw * 1e12) * 1e3)
             add("ours", real, *_try_bench(lambda: gather_fc2(gather_fc1(x, w1, idx, b1), w2t, idx, b2)))
-            if m == 64 and frac == 0.1:  # a target row: time it again (spread) and with v2's fc1 plan (A/B)
+            if m == 64 and frac == 0.1:  # a target row: time it again (spread)
                 add("ours_rerun", real, *_try_bench(lambda: gather_fc2(gather_fc1(x, w1, idx, b1), w2t, idx, b2)))
-                sms = torch.cuda.get_device_properties(0).multi_processor_count
-                c1 = _gpu_config(m, k, d, sms, programs_per_sm=2)  # v2 split rule for fc1
-                add("v2_plan", real, *_try_bench(lambda: gather_fc2(gather_fc1(x, w1, idx, b1, config=c1), w2t, idx, b2)),
-                    fc1_split_k=c1.split_k)
             ii = idx.long()
             add("gather_cublas", real, *_try_bench(lambda: F.linear(x, w1[ii], b1[ii]).relu_() @ w2t[ii] + b2))
             h = gather_fc1(x, w1, idx, b1)
@@ -257,9 +237,8 @@ def _print_table(data: dict) -> None:
         dense = [r["ms"] for r in rs if r["variant"] in ("sdpa_dense", "cublas_dense")][0]
         s = json.loads(shape)
         print(f"\n{op} {s}  dense {dense:.4f} ms")
-        ab = "v3_exact" if op == "attention" else "v2_plan"
         print(f"{'density':>8} {'ours':>8} {'floor':>8} {'gather':>8} {'dense/ours':>10} {'floor/ours':>10}"
-              f" {'rerun':>8} {ab:>8}")
+              f" {'rerun':>8}")
         by_d: dict = {}
         for r in rs:
             by_d.setdefault(round(r["density"], 4), {})[r["variant"]] = r["ms"]
@@ -269,7 +248,7 @@ def _print_table(data: dict) -> None:
             gather = vs.get("gather_sdpa", vs.get("gather_cublas", float("nan")))
             print(f"{dens:8.3f} {vs['ours']:8.4f} {vs['floor']:8.4f} {gather:8.4f} "
                   f"{dense / vs['ours']:10.2f} {vs['floor'] / vs['ours']:10.2f}"
-                  f" {vs.get('ours_rerun', float('nan')):8.4f} {vs.get(ab, float('nan')):8.4f}")
+                  f" {vs.get('ours_rerun', float('nan')):8.4f}")
         for r in rs:
             if "max_err_vs_sdpa" in r:
                 print(f"  ours vs SDPA dense at density 1: max abs err {r['max_err_vs_sdpa']:.3g}, "
@@ -282,15 +261,14 @@ def _print_table(data: dict) -> None:
         print(f"\nsweep checks vs gathered SDPA: {len(checked)} launches, worst max abs err {worst:.3g}, "
               f"{len(bad)} failed (err > 5e-3, NaN, or an unselected head not 0)")
     if any(r["op"] == "attention" for r in sweeps):
-        print("\nattention sweep: ms by split count (* = v3's split count)")
+        print("\nattention sweep: ms by split count")
         line: dict = {}
         for r in sweeps:
             if r["op"] != "attention":
                 continue
             s = r["shape"]
             key = (s["name"], s["B"], round(r["density"], 3), r["pairs"], r["config"]["label"])
-            line.setdefault(key, []).append(
-                f"{r['config']['num_splits']}{'*' if r['config']['num_splits'] == r['v3_splits'] else ''}:{r['ms']:.4f}")
+            line.setdefault(key, []).append(f"{r['config']['num_splits']}:{r['ms']:.4f}")
         for (nm, b, dens, pairs, label), cells in line.items():
             print(f"{nm:14} B {b:3} d {dens:5.3f} pairs {pairs:5} {label:10} " + " ".join(cells))
     for r in sweeps:
@@ -344,7 +322,7 @@ def main() -> None:
         plot(data, args.plot_from.with_name("kernels.png"))
         return
     if not torch.cuda.is_available():
-        sys.exit("benchmarks/kernels.py needs a CUDA GPU (use --plot-from to plot saved results)")
+        sys.exit("benchmarks/kernel_bench.py needs a CUDA GPU (use --plot-from to plot saved results)")
     import triton
 
     device = torch.cuda.get_device_name()
@@ -382,4 +360,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the repo's kernels package
     main()
