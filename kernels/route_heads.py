@@ -1,0 +1,133 @@
+"""Head routing for one decode step of one layer, fused: router GEMM, per-sequence top-k, table.
+
+    table = route_heads(x, weight, bias, k, group_start, num_groups_local, local_scope=False)
+
+scores = x @ weight^T + bias gives every KV group of the model a logit per sequence; each
+sequence keeps its top-k groups (ties to the lower index); the result is this rank's head
+table for the selective attention kernel:
+- global scope: (B, G_local) int32, entry j = j if the sequence kept group group_start + j,
+  else -1 (k counts groups of the whole model);
+- local scope: (B, k) int32, the top-k of this rank's own groups only, ascending local ids.
+In eager PyTorch this is ~9 kernels (GEMM, cast, top-k, sort, compare, any, where) of a few
+microseconds each, per layer: at batch 32 on an H100, 31 routed layers cost 1.1 ms, 6% of a
+Llama-2-7B decode step. One program per sequence does it in one launch: the GEMM is
+(G x d) . (d,) per program (weight rows stay in L2 across the B programs), the top-k is a rank
+count over a (G, G) comparison, so no sort and no data-dependent shapes (CUDA-graph safe).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16)
+_MAX_GROUPS = 256  # the (G_PAD, G_PAD) rank tile must stay in registers
+
+
+@triton.jit
+def _route_heads_kernel(
+    x_ptr, w_ptr, b_ptr, out_ptr,
+    D, G, k, group_start, num_local,
+    stride_x, stride_w, stride_out,
+    G_PAD: tl.constexpr, L_PAD: tl.constexpr, BLOCK_D: tl.constexpr, LOCAL_SCOPE: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    groups = tl.arange(0, G_PAD)
+    g_mask = groups < G
+    acc = tl.zeros([G_PAD], tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        cols = d0 + tl.arange(0, BLOCK_D)
+        c_mask = cols < D
+        x = tl.load(x_ptr + row * stride_x + cols, mask=c_mask, other=0.0).to(tl.float32)  # [BLOCK_D]
+        w = tl.load(w_ptr + groups[:, None].to(tl.int64) * stride_w + cols[None, :],
+                    mask=g_mask[:, None] & c_mask[None, :], other=0.0).to(tl.float32)  # [G_PAD, BLOCK_D]
+        acc += tl.sum(w * x[None, :], axis=1)
+    scores = acc + tl.load(b_ptr + groups, mask=g_mask, other=0.0).to(tl.float32)  # [G_PAD]
+    # The candidates: every group (global scope) or this rank's (local scope); others can't win.
+    if LOCAL_SCOPE:
+        candidate = g_mask & (groups >= group_start) & (groups < group_start + num_local)
+    else:
+        candidate = g_mask
+    scores = tl.where(candidate, scores, float("-inf"))
+    # rank[g] = candidates ahead of g: higher score, or equal score and lower index
+    s_row, s_col = scores[:, None], scores[None, :]
+    ahead = (s_col > s_row) | ((s_col == s_row) & (groups[None, :] < groups[:, None]))
+    ahead = ahead & candidate[None, :]
+    rank = tl.sum(ahead.to(tl.int32), axis=1)  # [G_PAD]
+    kept = candidate & (rank < k)  # [G_PAD]
+    # This rank's view: local slot j is global group group_start + j.
+    local = tl.arange(0, L_PAD)
+    l_mask = local < num_local
+    hit = (groups[None, :] == (group_start + local)[:, None]) & kept[None, :]  # [L_PAD, G_PAD]
+    kept_local = tl.max(hit.to(tl.int32), axis=1) > 0  # [L_PAD]
+    if LOCAL_SCOPE:
+        # ascending local ids: the position of j is the number of kept local groups before it
+        pos = tl.cumsum(kept_local.to(tl.int32), axis=0) - 1
+        tl.store(out_ptr + row * stride_out + pos, local, mask=l_mask & kept_local)
+    else:
+        tl.store(out_ptr + row * stride_out + local, tl.where(kept_local, local, -1), mask=l_mask)
+
+
+def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, k: int, group_start: int,
+           num_groups_local: int, local_scope: bool, kernel: bool) -> None:
+    if x.dim() != 2 or weight.dim() != 2 or weight.shape[1] != x.shape[1] or bias.shape != (weight.shape[0],):
+        raise ValueError(f"x [B, d], weight [G, d], bias [G] expected, got {tuple(x.shape)}, {tuple(weight.shape)}, "
+                         f"{tuple(bias.shape)}")
+    G = weight.shape[0]
+    if not (0 <= group_start and 1 <= num_groups_local and group_start + num_groups_local <= G):
+        raise ValueError(f"local groups [{group_start}, {group_start + num_groups_local}) must lie in [0, {G})")
+    if not 1 <= k <= (num_groups_local if local_scope else G):
+        raise ValueError(f"k = {k} must be in [1, {num_groups_local if local_scope else G}]")
+    if kernel:
+        if x.dtype not in _KERNEL_DTYPES or weight.dtype != x.dtype or bias.dtype != x.dtype:
+            raise ValueError(f"the kernel takes fp16/bf16 x, weight and bias of one dtype, got {x.dtype}, "
+                             f"{weight.dtype}, {bias.dtype}; use route_heads_ref")
+        if G > _MAX_GROUPS:
+            raise ValueError(f"{G} groups exceed the kernel's {_MAX_GROUPS}; use route_heads_ref")
+        if x.stride(-1) != 1 or not weight.is_contiguous() or not bias.is_contiguous():
+            raise ValueError("x needs a contiguous last dim, weight and bias must be contiguous")
+
+
+def route_heads(
+    x: torch.Tensor,  # [B, d] router input of the decode tokens
+    weight: torch.Tensor,  # [G, d]
+    bias: torch.Tensor,  # [G]
+    k: int,
+    group_start: int,
+    num_groups_local: int,
+    local_scope: bool = False,
+) -> torch.Tensor:  # [B, G_local] (global scope) or [B, k] (local scope) int32
+    """Triton router + top-k + head table (see the module docstring)."""
+    _check(x, weight, bias, k, group_start, num_groups_local, local_scope, kernel=True)
+    B, D = x.shape
+    G = weight.shape[0]
+    width = k if local_scope else num_groups_local
+    out = torch.empty(B, width, dtype=torch.int32, device=x.device)
+    if B == 0:
+        return out
+    _route_heads_kernel[(B,)](
+        x, weight, bias, out,
+        D, G, k, group_start, num_groups_local,
+        x.stride(0), weight.stride(0), out.stride(0),
+        G_PAD=max(16, triton.next_power_of_2(G)), L_PAD=max(16, triton.next_power_of_2(num_groups_local)),
+        BLOCK_D=128, LOCAL_SCOPE=local_scope, num_warps=4,
+    )
+    return out
+
+
+def route_heads_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, k: int, group_start: int,
+                    num_groups_local: int, local_scope: bool = False) -> torch.Tensor:
+    """Pure-PyTorch reference: the same scores in float32, the same tie rule (lower index first)."""
+    _check(x, weight, bias, k, group_start, num_groups_local, local_scope, kernel=False)
+    scores = x.float() @ weight.float().t() + bias.float()  # (B, G)
+    G = scores.shape[1]
+    local = torch.arange(num_groups_local, device=x.device)
+    if local_scope:
+        scores = scores[:, group_start:group_start + num_groups_local]  # (B, G_local)
+    # a stable descending sort keeps ties in index order, so the first k are the kept ones
+    order = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k]  # (B, k)
+    if local_scope:
+        return torch.sort(order, dim=1).values.to(torch.int32)  # (B, k) ascending local ids
+    kept = torch.zeros(scores.shape[0], G, dtype=torch.bool, device=x.device).scatter_(1, order, True)
+    return torch.where(kept[:, group_start:group_start + num_groups_local], local, -1).to(torch.int32)
