@@ -6,22 +6,23 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
 
-import tp_cases
 from polar_dist.config import config_from_dict
 from polar_dist.engine.sampler import SamplingParams, sample
 from polar_dist.parallel.context import init_parallel
 from polar_dist.runtime import Runtime, build_runtime, generate_ids
+from support.tiny_models import VOCAB
 
 PROMPTS = [[5, 6, 7], list(range(10, 40)), list(range(100, 117)), [9]]
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tp_cases.save_tiny_model("llama-gqa", tmp_path_factory.mktemp("engine") / "model")
+def model_dir(tiny_model: Callable[[str], Path]) -> Path:
+    return tiny_model("llama-gqa")
 
 
 def runtime(model_dir: Path, **engine: int) -> Runtime:
@@ -82,7 +83,7 @@ def test_sampling_is_seeded_and_differs_from_greedy(model_dir: Path) -> None:
 
 def test_prompt_ids_outside_the_vocabulary_are_rejected(model_dir: Path) -> None:
     rt = runtime(model_dir)
-    for bad in (tp_cases.VOCAB, -1):
+    for bad in (VOCAB, -1):
         with pytest.raises(ValueError, match=f"prompt token id {bad} is outside the vocabulary"):
             generate_ids(rt, [[5, bad, 6]], SamplingParams(max_new_tokens=2))
 

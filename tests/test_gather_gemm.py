@@ -1,8 +1,5 @@
-"""Gather-GEMM MLP pair: Triton kernels (interpreter on CPU) vs an fp32 reference.
-
-Tolerance (CONVENTIONS lesson 9): pass iff max|out - ref_fp32| <= 2 * max|ref_same_dtype - ref_fp32| + eps,
-where eps is one ulp of the kernel's dtype at the output's magnitude: kernel and torch round the
-output independently, and the interpreter's fp32 -> bf16 cast truncates (env.md section 2).
+"""Gather-GEMM MLP pair: Triton kernels (interpreter on CPU) vs an fp32 reference, by the rule
+of support/tolerance.py with one ulp of slack (each kernel rounds its output once).
 """
 
 from __future__ import annotations
@@ -11,19 +8,13 @@ import pytest
 import torch
 
 from kernels.gather_gemm import GemmConfig, gather_fc1, gather_fc1_ref, gather_fc2, gather_fc2_ref
+from support.tolerance import assert_close_to_reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _fp32(*ts):
     return [t.float() if t is not None and t.is_floating_point() else t for t in ts]
-
-
-def _assert_close(out, ref_same, ref32):
-    err = (out.float() - ref32).abs().max().item()
-    ref_err = (ref_same.float() - ref32).abs().max().item()
-    eps = torch.finfo(out.dtype).eps * ref32.abs().max().item()
-    assert err <= 2 * ref_err + eps, f"kernel err {err} vs torch {out.dtype} err {ref_err}"
 
 
 def _make(m, d, n, k, dtype, bias, gen, device=DEVICE):
@@ -46,11 +37,12 @@ def test_pair_matches_reference(dtype, m, bias, activation, split_k):
     x, w1, w2t, b1, b2, idx = _make(m, 200, 300, 80, dtype, bias, gen)
     config = None if split_k == 1 else GemmConfig(min(128, max(16, 1 << (m - 1).bit_length())), 64, 32, split_k=3)
     h = gather_fc1(x, w1, idx, b1, activation, config=config)
-    _assert_close(h, gather_fc1_ref(x, w1, idx, b1, activation), gather_fc1_ref(*_fp32(x, w1, idx, b1), activation))
+    assert_close_to_reference(h, gather_fc1_ref(*_fp32(x, w1, idx, b1), activation),
+                              gather_fc1_ref(x, w1, idx, b1, activation))
     if activation == "relu":
         assert (h >= 0).all()
     y = gather_fc2(h, w2t, idx, b2, config=config)
-    _assert_close(y, gather_fc2_ref(h, w2t, idx, b2), gather_fc2_ref(*_fp32(h, w2t, idx, b2)))
+    assert_close_to_reference(y, gather_fc2_ref(*_fp32(h, w2t, idx, b2)), gather_fc2_ref(h, w2t, idx, b2))
 
 
 def test_all_neurons_equals_dense():
@@ -60,7 +52,7 @@ def test_all_neurons_equals_dense():
     y = gather_fc2(gather_fc1(x, w1, idx, b1), w2t, idx, b2)
     dense32 = torch.relu(x.float() @ w1.float().T + b1.float()) @ w2t.float() + b2.float()
     dense16 = torch.relu(x @ w1.T + b1) @ w2t + b2
-    _assert_close(y, dense16, dense32)
+    assert_close_to_reference(y, dense32, dense16)
 
 
 def test_rejects_bad_inputs():
@@ -95,9 +87,9 @@ def test_gpu_opt_shapes(dtype, m, frac):
     k = int(n * frac) // 16 * 16
     x, w1, w2t, b1, b2, idx = _make(m, d, n, k, dtype, True, gen)
     h = gather_fc1(x, w1, idx, b1)
-    _assert_close(h, gather_fc1_ref(x, w1, idx, b1), gather_fc1_ref(*_fp32(x, w1, idx, b1)))
+    assert_close_to_reference(h, gather_fc1_ref(*_fp32(x, w1, idx, b1)), gather_fc1_ref(x, w1, idx, b1))
     y = gather_fc2(h, w2t, idx, b2)
-    _assert_close(y, gather_fc2_ref(h, w2t, idx, b2), gather_fc2_ref(*_fp32(h, w2t, idx, b2)))
+    assert_close_to_reference(y, gather_fc2_ref(*_fp32(h, w2t, idx, b2)), gather_fc2_ref(h, w2t, idx, b2))
 
 
 @pytest.mark.gpu
@@ -108,9 +100,9 @@ def test_gpu_forced_split_k(split_k, m):
     x, w1, w2t, b1, b2, idx = _make(m, 9216, 8192, 1024, torch.float16, True, gen)
     cfg = GemmConfig(64, 64, 128, split_k=split_k)
     h = gather_fc1(x, w1, idx, b1, config=cfg)
-    _assert_close(h, gather_fc1_ref(x, w1, idx, b1), gather_fc1_ref(*_fp32(x, w1, idx, b1)))
+    assert_close_to_reference(h, gather_fc1_ref(*_fp32(x, w1, idx, b1)), gather_fc1_ref(x, w1, idx, b1))
     y = gather_fc2(h, w2t, idx, b2, config=cfg)
-    _assert_close(y, gather_fc2_ref(h, w2t, idx, b2), gather_fc2_ref(*_fp32(h, w2t, idx, b2)))
+    assert_close_to_reference(y, gather_fc2_ref(*_fp32(h, w2t, idx, b2)), gather_fc2_ref(h, w2t, idx, b2))
 
 
 @pytest.mark.gpu

@@ -7,21 +7,18 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import yaml
-
-import tp_cases
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def config(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("cli")
-    model_dir = tp_cases.save_tiny_model("opt", root / "model")
-    path = root / "run.yaml"
-    path.write_text(yaml.safe_dump({"model": {"path": str(model_dir), "tokenizer": "bytes", "device": "cpu"},
+def config(tmp_path_factory: pytest.TempPathFactory, tiny_model: Callable[[str], Path]) -> Path:
+    path = tmp_path_factory.mktemp("cli") / "run.yaml"
+    path.write_text(yaml.safe_dump({"model": {"path": str(tiny_model("opt")), "tokenizer": "bytes", "device": "cpu"},
                                     "engine": {"max_seq_len": 64}}))
     return path
 

@@ -9,49 +9,37 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
 
-import tp_cases
-from conftest import free_port
+from support.ranks import free_port
+from support.tiny_models import ARCHS, check_against_hf, runtime_logits
+from support.tolerance import CUDA_MODEL_ULPS
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.gpu
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-@pytest.fixture(scope="module")
-def model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("tiny-gpu")
-    return {arch: tp_cases.save_tiny_model(arch, root / arch) for arch in tp_cases.ARCHS}
-
-
-@pytest.mark.parametrize("arch", list(tp_cases.ARCHS))
-@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("arch", list(ARCHS))
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 @pytest.mark.parametrize("cuda_graphs", [True, False], ids=["graphs", "eager"])
-def test_logits_match_transformers_cuda(arch: str, dtype: str, cuda_graphs: bool, model_dirs: dict[str, Path]) -> None:
+def test_logits_match_transformers_cuda(arch: str, dtype: str, cuda_graphs: bool,
+                                        tiny_model: Callable[[str], Path]) -> None:
     # 3 sequences decode in the batch-4 graph: one padding row writes the scratch block
-    ours = tp_cases.runtime_logits(model_dirs[arch], dtype, device="cuda", cuda_graphs=cuda_graphs)
-    ref64 = tp_cases.reference_logits(model_dirs[arch], torch.float64, device="cuda")
-    same = tp_cases.reference_logits(model_dirs[arch], DTYPES[dtype], device="cuda")
-    tol = tp_cases.tolerance(ref64, same, DTYPES[dtype])
-    err = max((a - b).abs().max().item() for a, b in zip(ours, ref64))
-    assert err <= tol, f"{arch} {dtype}: max |ours - float64| = {err:.3e} > {tol:.3e}"
+    ours = runtime_logits(tiny_model(arch), dtype, device="cuda", cuda_graphs=cuda_graphs)
+    check_against_hf(tiny_model(arch), ours, dtype, device="cuda", ulps=CUDA_MODEL_ULPS)
 
 
-def test_nccl_path_at_world_size_one(model_dirs: dict[str, Path], tmp_path: Path) -> None:
+def test_nccl_path_at_world_size_one(tiny_model: Callable[[str], Path], tmp_path: Path) -> None:
     out = tmp_path / "logits.pt"
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_port", str(free_port()),
-         str(ROOT / "tests/tp_cases.py"), str(model_dirs["llama-gqa"]), str(out), "bfloat16", "--device", "cuda",
-         "--backend", "nccl"], capture_output=True, text=True, timeout=600)
+         str(ROOT / "tests/support/tp_script.py"), str(tiny_model("llama-gqa")), str(out), "bfloat16",
+         "--device", "cuda", "--backend", "nccl"], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    ours = torch.load(out)
-    ref64 = tp_cases.reference_logits(model_dirs["llama-gqa"], torch.float64, device="cuda")
-    same = tp_cases.reference_logits(model_dirs["llama-gqa"], torch.bfloat16, device="cuda")
-    err = max((a - b).abs().max().item() for a, b in zip(ours, ref64))
-    assert err <= tp_cases.tolerance(ref64, same, torch.bfloat16)
+    check_against_hf(tiny_model("llama-gqa"), torch.load(out), "bfloat16", device="cuda", ulps=CUDA_MODEL_ULPS)
 
 
 def test_generate_llama31_8b_shape_on_gpu() -> None:

@@ -13,12 +13,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import yaml
-from conftest import free_port
 
-import tp_cases
+from support.ranks import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 WORLD = 2
@@ -26,10 +26,8 @@ TIMEOUT_S = 20  # parallel.timeout_s in these runs; every check must end well wi
 
 
 @pytest.fixture(scope="module")
-def tiny_config(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    root = tmp_path_factory.mktemp("errors")
-    model_dir = tp_cases.save_tiny_model("llama-gqa", root / "model")
-    return {"model": {"path": str(model_dir), "tokenizer": "bytes", "device": "cpu"},
+def tiny_config(tiny_model: Callable[[str], Path]) -> dict:
+    return {"model": {"path": str(tiny_model("llama-gqa")), "tokenizer": "bytes", "device": "cpu"},
             "parallel": {"timeout_s": TIMEOUT_S}, "engine": {"max_seq_len": 64, "max_batch_size": 2}}
 
 

@@ -10,23 +10,24 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
 import yaml
-from conftest import free_port
-from test_tp_logits import check_against_hf
 
-import tp_cases
+from support.ranks import free_port
+from support.tiny_models import check_against_hf
 
 ROOT = Path(__file__).resolve().parents[1]
+TP_SCRIPT = str(ROOT / "tests/support/tp_script.py")
 BIN = Path(sys.executable).parent
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tp_cases.save_tiny_model("llama-gqa", tmp_path_factory.mktemp("launch") / "model")
+def model_dir(tiny_model: Callable[[str], Path]) -> Path:
+    return tiny_model("llama-gqa")
 
 
 def env() -> dict[str, str]:
@@ -51,7 +52,7 @@ def test_torchrun_two_nodes(model_dir: Path, tmp_path: Path) -> None:
     nodes = [subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(i), "--nproc_per_node", "1",
          "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "twonode",
-         str(ROOT / "tests/tp_cases.py"), str(model_dir), str(out), "float32"],
+         TP_SCRIPT, str(model_dir), str(out), "float32"],
         env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
     results = [p.communicate(timeout=300) for p in nodes]
     for p, (stdout, stderr) in zip(nodes, results):
@@ -61,8 +62,8 @@ def test_torchrun_two_nodes(model_dir: Path, tmp_path: Path) -> None:
 
 def test_mpirun(model_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "logits.pt"
-    proc = subprocess.run([*mpirun(), sys.executable, str(ROOT / "tests/tp_cases.py"), str(model_dir), str(out),
-                           "float32"], env=env(), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([*mpirun(), sys.executable, TP_SCRIPT, str(model_dir), str(out), "float32"],
+                          env=env(), capture_output=True, text=True, timeout=300)
     check(proc, model_dir, out)
 
 
@@ -71,7 +72,7 @@ def test_deepspeed_launcher(model_dir: Path, tmp_path: Path) -> None:
     exe = shutil.which("deepspeed", path=str(BIN)) or shutil.which("deepspeed")
     if exe is None:
         pytest.fail("the deepspeed launcher is not installed; DS_BUILD_OPS=0 pip install deepspeed")
-    proc = subprocess.run([exe, "--num_gpus", "2", "--master_port", str(free_port()), str(ROOT / "tests/tp_cases.py"),
+    proc = subprocess.run([exe, "--num_gpus", "2", "--master_port", str(free_port()), TP_SCRIPT,
                            str(model_dir), str(out), "float32"], env=env(), capture_output=True, text=True, timeout=300)
     check(proc, model_dir, out)
 

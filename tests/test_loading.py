@@ -7,21 +7,20 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_ranks
-from test_tp_logits import check_against_hf
 
-import tp_cases
 from polar_dist.config import config_from_dict
 from polar_dist.parallel.context import init_parallel
 from polar_dist.runtime import build_runtime
+from support.ranks import run_ranks
+from support.tiny_models import check_against_hf, rank_main, runtime_logits, save_tiny_model
 
 
 def test_sharded_checkpoint_with_index(tmp_path: Path) -> None:
-    model_dir = tp_cases.save_tiny_model("qwen2", tmp_path / "model", max_shard_size="300KB")
+    model_dir = save_tiny_model("qwen2", tmp_path / "model", max_shard_size="300KB")
     assert (model_dir / "model.safetensors.index.json").is_file()
     assert len(list(model_dir.glob("*.safetensors"))) > 2
     out = tmp_path / "logits.pt"
-    run_ranks(tp_cases.rank_main, 2, str(model_dir), str(out), "float32")
+    run_ranks(rank_main, 2, str(model_dir), str(out), "float32")
     check_against_hf(model_dir, torch.load(out), "float32")
 
 
@@ -61,9 +60,9 @@ def test_random_weights_are_the_same_model_at_every_tp(tp: int, tmp_path: Path) 
 def test_checkpoint_tensors_the_config_does_not_declare_stop_loading(tmp_path: Path) -> None:
     import json
 
-    model_dir = tp_cases.save_tiny_model("llama-bias", tmp_path / "model")
+    model_dir = save_tiny_model("llama-bias", tmp_path / "model")
     config = json.loads((model_dir / "config.json").read_text())
     config["attention_bias"] = False  # the checkpoint still holds q/k/v/o biases
     (model_dir / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=r"self_attn\.o_proj\.bias.*not used by this model"):
-        tp_cases.runtime_logits(model_dir, "float32")
+        runtime_logits(model_dir, "float32")

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import free_port
 
-import tp_cases
+from support.ranks import free_port
+from support.tolerance import CUDA_MODEL_ULPS, assert_close_to_reference
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.gpu
@@ -39,7 +39,7 @@ def nccl_env() -> dict[str, str]:
 def logits_at(tp: int, config: Path, dtype: str, out: Path) -> list[torch.Tensor]:
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(tp), "--master_port",
-         str(free_port()), str(ROOT / "tests/tp_cases.py"), str(config), str(out), dtype, "--device", "cuda"],
+         str(free_port()), str(ROOT / "tests/support/tp_script.py"), str(config), str(out), dtype, "--device", "cuda"],
         env=nccl_env(), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return torch.load(out)
@@ -53,10 +53,6 @@ def kv4_config(tmp_path: Path) -> Path:
     return path
 
 
-def max_err(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
-    return max((x - y).abs().max().item() for x, y in zip(a, b))
-
-
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs 2+ GPUs")
 @pytest.mark.parametrize("config", ["llama-2-7b", "llama-3.1-8b", "llama-kv4"])
 @pytest.mark.parametrize("dtype", list(DTYPES))
@@ -65,15 +61,13 @@ def test_logits_tp_equal_tp1(config: str, dtype: str, tmp_path: Path) -> None:
     sizes = [8] if config == "llama-kv4" else tp_sizes()
     if max(sizes) > torch.cuda.device_count():
         pytest.skip(f"needs {max(sizes)} GPUs")
-    # The principle of the kernel tests: tp=N in `dtype` may be off the float32 result by at most
-    # twice what tp=1 in `dtype` is, plus a few ulps of the logits' magnitude.
+    # The rule of the kernel tests, with tp=1 in `dtype` as the same-dtype reference: tp=N in
+    # `dtype` may be off the float32 result by at most twice what tp=1 is, plus the logits' ulps.
     ref32 = logits_at(1, path, "float32", tmp_path / "tp1-fp32.pt")
     one = logits_at(1, path, dtype, tmp_path / "tp1.pt")
-    scale = max(r.abs().max().item() for r in ref32)
-    tol = 2 * max_err(one, ref32) + 4 * torch.finfo(DTYPES[dtype]).eps * scale
     for tp in sizes:
-        err = max_err(logits_at(tp, path, dtype, tmp_path / f"tp{tp}.pt"), ref32)
-        assert err <= tol, f"{config} {dtype} tp={tp}: max |tp{tp} - fp32| = {err:.3e} > {tol:.3e}"
+        assert_close_to_reference(logits_at(tp, path, dtype, tmp_path / f"tp{tp}.pt"), ref32, one,
+                                  dtype=DTYPES[dtype], ulps=CUDA_MODEL_ULPS, what=f"{config} {dtype} tp={tp}")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs 2+ GPUs")

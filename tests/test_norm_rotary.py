@@ -1,8 +1,5 @@
-"""RMSNorm (with fused residual add) and rotary kernels against float32 references.
-
-Tolerance (CONVENTIONS lesson 9): max|kernel - ref_fp32| <= 2 * max|ref_same_dtype - ref_fp32|
-+ eps, eps = one ulp of the dtype at the output's magnitude (the interpreter truncates where
-the GPU rounds, which can cost one ulp where the same-dtype reference happens to be exact).
+"""RMSNorm (with fused residual add) and rotary kernels against float32 references, by the
+rule of support/tolerance.py with one ulp of slack (each kernel rounds its output once).
 """
 
 from __future__ import annotations
@@ -12,19 +9,13 @@ import torch
 
 from kernels.rms_norm import add_rms_norm, add_rms_norm_ref, rms_norm, rms_norm_ref
 from kernels.rotary import rotary, rotary_ref
+from support.tolerance import assert_close_to_reference, ulp
 
 DTYPES = [torch.float16, torch.bfloat16]
 
 
 def device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def assert_close_by_rule(out: torch.Tensor, same: torch.Tensor, ref32: torch.Tensor) -> None:
-    base = (same.float() - ref32).abs().max().item()
-    ulp = torch.finfo(out.dtype).eps * ref32.abs().max().item()
-    err = (out.float() - ref32).abs().max().item()
-    assert err <= 2 * base + ulp, f"max error {err:.3e} > 2 * {base:.3e} + {ulp:.3e}"
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -34,16 +25,15 @@ def test_rms_norm(dtype: torch.dtype, rows: int, dim: int) -> None:
     x = (torch.randn(rows, dim, generator=gen) * 3).to(device(), dtype)
     res = torch.randn(rows, dim, generator=gen).to(device(), dtype)
     w = (1 + 0.2 * torch.randn(dim, generator=gen)).to(device(), dtype)
-    assert_close_by_rule(rms_norm(x, w, 1e-5), rms_norm_ref(x, w, 1e-5),
-                         rms_norm_ref(x.float(), w.float(), 1e-5))
+    assert_close_to_reference(rms_norm(x, w, 1e-5), rms_norm_ref(x.float(), w.float(), 1e-5),
+                              rms_norm_ref(x, w, 1e-5))
     out, h = add_rms_norm(x, res, w, 1e-5)
     same_out, same_h = add_rms_norm_ref(x, res, w, 1e-5)
     # The sum is rounded once, like x + res: bit-exact on a GPU; the interpreter truncates its
     # float32 -> 16-bit casts instead of rounding (env.md section 2), so there one ulp is allowed.
-    ulp = 0.0 if h.is_cuda else torch.finfo(dtype).eps * same_h.abs().max().item()
-    torch.testing.assert_close(h, same_h, rtol=0, atol=ulp)
+    torch.testing.assert_close(h, same_h, rtol=0, atol=0.0 if h.is_cuda else ulp(dtype, same_h))
     ref_out, _ = add_rms_norm_ref(h.float(), torch.zeros_like(h, dtype=torch.float32), w.float(), 1e-5)
-    assert_close_by_rule(out, same_out, ref_out)
+    assert_close_to_reference(out, ref_out, same_out)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -58,7 +48,7 @@ def test_rotary_on_strided_view(dtype: torch.dtype, tokens: int, heads: int, hea
     pos = torch.randint(0, 50, (tokens,), generator=gen).to(device())
     out = rotary(x, cos, sin, pos)
     assert out.is_contiguous()
-    assert_close_by_rule(out, rotary_ref(x, cos, sin, pos), rotary_ref(x.float(), cos, sin, pos))
+    assert_close_to_reference(out, rotary_ref(x.float(), cos, sin, pos), rotary_ref(x, cos, sin, pos))
 
 
 def test_bad_inputs_name_the_problem() -> None:

@@ -1,9 +1,5 @@
-"""Head-selective paged decode attention: Triton kernel (interpreter on CPU) vs an fp32 reference.
-
-Tolerance (CONVENTIONS lesson 9): pass iff max|out - ref_fp32| <= 2 * max|ref_same_dtype - ref_fp32| + eps,
-where eps is one ulp of the kernel's dtype at the output's magnitude: the kernel and the torch
-reference round the final output independently, and the interpreter's fp32 -> bf16 cast truncates
-instead of rounding (env.md section 2), which alone can cost one ulp.
+"""Head-selective paged decode attention: Triton kernel (interpreter on CPU) vs an fp32 reference,
+by the rule of support/tolerance.py with one ulp of slack (the output is rounded once).
 """
 
 from __future__ import annotations
@@ -12,6 +8,7 @@ import pytest
 import torch
 
 from kernels.select_attention import AttentionConfig, _launch, select_attention, select_attention_ref
+from support.tolerance import assert_close_to_reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -35,17 +32,9 @@ def _make_case(batch, hq, hkv, d, block_size, max_blocks, k_max, dtype, seq_lens
     return tuple(t.to(device) for t in tensors)
 
 
-def _ulp_eps(dtype, ref):
-    return torch.finfo(dtype).eps * ref.abs().max().item()
-
-
 def _check_close(out, case, scale):
     fp32_case = tuple(t.float() if t.is_floating_point() else t for t in case)
-    ref32 = select_attention_ref(*fp32_case, scale)
-    ref_same = select_attention_ref(*case, scale)
-    err = (out.float() - ref32).abs().max().item()
-    ref_err = (ref_same.float() - ref32).abs().max().item()
-    assert err <= 2 * ref_err + _ulp_eps(out.dtype, ref32), f"kernel err {err} vs torch {out.dtype} err {ref_err}"
+    assert_close_to_reference(out, select_attention_ref(*fp32_case, scale), select_attention_ref(*case, scale))
 
 
 def _unselected_mask(head_table, hq, hkv):

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import free_port
+
+from support.ranks import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = [

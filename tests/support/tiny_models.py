@@ -3,19 +3,17 @@
 A case = a random HF model saved as a safetensors directory + token sequences. The reference is
 transformers' forward over each whole sequence (float64, and the test dtype); ours is the
 runtime's prefill of each prompt followed by decode steps fed the sequence's next tokens, so
-every decode position is compared too. Runs under run_ranks, torchrun and mpirun alike
-(`python tests/tp_cases.py MODEL_DIR OUT_FILE DTYPE` as a launched script).
+every decode position is compared too. `rank_main` runs under run_ranks, and under torchrun,
+mpirun and the deepspeed launcher through `tests/support/tp_script.py`.
 """
 
 from __future__ import annotations
 
-import json
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from support.tolerance import assert_close_to_reference
 
 PROMPT_LENS = (5, 11, 17)  # different lengths; 17 crosses a 16-token block
 DECODE_STEPS = 3
@@ -67,6 +65,7 @@ def save_tiny_model(arch: str, directory: Path, seed: int = 0, max_shard_size: s
 
 
 def sequences(seed: int = 1) -> list[list[int]]:
+    """The test sequences: prompts of PROMPT_LENS tokens, each followed by DECODE_STEPS more."""
     gen = torch.Generator().manual_seed(seed)
     return [torch.randint(3, VOCAB, (n + DECODE_STEPS,), generator=gen).tolist() for n in PROMPT_LENS]
 
@@ -124,32 +123,25 @@ def runtime_logits(model_dir: Path, dtype: str, device: str = "cpu", backend: st
     return [torch.stack(rows) for rows in collected] if ctx.rank == 0 else None
 
 
-def tolerance(ref64: list[torch.Tensor], same_dtype: list[torch.Tensor], dtype: torch.dtype) -> float:
-    """Twice transformers' own error in the same dtype against float64, plus a few ulps of the
-    logits' magnitude (covers ours rounding differently where transformers happens to be exact)."""
-    hf_err = max((a - b).abs().max().item() for a, b in zip(same_dtype, ref64))
-    scale = max(r.abs().max().item() for r in ref64)
-    return 2 * hf_err + 4 * torch.finfo(dtype).eps * scale
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def check_against_hf(model_dir: Path, ours: list[torch.Tensor], dtype: str, device: str = "cpu",
+                     ulps: float = 1) -> None:
+    """Ours (per sequence, float64 logits computed in `dtype`) against transformers in float64,
+    by the tolerance rule with transformers in `dtype` as the same-dtype reference. On CPU the
+    default 1 ulp holds with room to spare (fp32 and bf16, tp 1, 2 and 4)."""
+    ref64 = reference_logits(model_dir, torch.float64, device)
+    hf_same = reference_logits(model_dir, DTYPES[dtype], device)
+    assert [a.shape for a in ours] == [b.shape for b in ref64]  # every position: prefill + each decode step
+    assert_close_to_reference(ours, ref64, hf_same, dtype=DTYPES[dtype], ulps=ulps, what=f"{model_dir.name} {dtype}")
 
 
 def rank_main(rank: int, world_size: int, model_dir: str, out_file: str, dtype: str, device: str = "cpu",
               backend: str = "auto") -> None:
+    """One rank of the logits check (rank and world size come from the environment); rank 0
+    saves the logits to `out_file` with torch.save."""
     logits = runtime_logits(Path(model_dir), dtype, device, backend)
     if logits is not None:
         torch.save(logits, out_file)
 
-
-if __name__ == "__main__":  # launched by torchrun / mpirun / deepspeed in the launcher tests
-    import argparse
-
-    parser = argparse.ArgumentParser()
-    parser.add_argument("model_dir")
-    parser.add_argument("out_file")
-    parser.add_argument("dtype")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--backend", default="auto")
-    parser.add_argument("--local_rank", "--local-rank", type=int, default=None)  # passed by deepspeed
-    args = parser.parse_args()
-    torch.set_num_threads(1)
-    rank_main(-1, -1, args.model_dir, args.out_file, args.dtype, args.device, args.backend)  # the launcher's environment gives the rank
-    print(json.dumps({"ok": True}))
