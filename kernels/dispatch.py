@@ -94,6 +94,20 @@ class KernelOps:
         """y = h @ w2t[idx] + b2; see kernels/gather_gemm.py."""
         return self._pick("gather_gemm", "gather_fc2")(h, w2t, idx, b2)
 
+    def route_heads(
+        self,
+        x: torch.Tensor,  # [B, d]
+        weight: torch.Tensor,  # [G, d]
+        bias: torch.Tensor,  # [G]
+        k: int,
+        group_start: int,
+        num_groups_local: int,
+        local_scope: bool = False,
+    ) -> torch.Tensor:  # [B, G_local] (global scope) or [B, k] (local scope) int32
+        """Head router + per-sequence top-k + this rank's head table; see kernels/route_heads.py."""
+        fn = self._pick("route_heads", "route_heads")
+        return fn(x, weight, bias, k, group_start, num_groups_local, local_scope)
+
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:  # [T, d] -> [T, d]
         """weight * x / rms(x); see kernels/rms_norm.py."""
         return self._pick("rms_norm", "rms_norm")(x, weight, eps)

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from polar_dist.engine.kv_cache import BlockAllocator, blocks_needed
-from polar_dist.engine.plan import StepKind, StepPlan
+from polar_dist.engine.step import Step, StepKind
 from polar_dist.engine.sampler import SamplingParams
 from polar_dist.engine.scheduler import Scheduler, Sequence
 
@@ -46,7 +46,7 @@ class PretendModel:
         self.next_token = next_token
         self.cache: dict[int, int] = {}  # slot -> token id written there
 
-    def __call__(self, plan: StepPlan) -> torch.Tensor:
+    def __call__(self, plan: Step) -> torch.Tensor:
         """(B, VOCAB) logits: one-hot on the next token of each sequence's context as read from the cache."""
         for slot, token in zip(plan.cache_slots(BLOCK), plan.token_ids):
             self.cache[slot] = token
@@ -57,7 +57,7 @@ class PretendModel:
         return torch.nn.functional.one_hot(torch.tensor(tokens, dtype=torch.long), VOCAB).float()
 
 
-def check_plan(plan: StepPlan, seqs: list[Sequence]) -> None:
+def check_plan(plan: Step, seqs: list[Sequence]) -> None:
     """The plan feeds each sequence its own tokens at its own positions, through its own blocks."""
     assert plan.block_tables == [s.blocks for s in seqs]
     slots = plan.cache_slots(BLOCK)
@@ -82,9 +82,9 @@ def check_blocks(s: Scheduler) -> None:
     assert all(not seq.blocks for seq in s.waiting), "a waiting sequence holds blocks"
 
 
-def step(s: Scheduler, model: PretendModel) -> tuple[StepPlan, list[Sequence], list[Sequence]]:
+def step(s: Scheduler, model: PretendModel) -> tuple[Step, list[Sequence], list[Sequence]]:
     """One checked step: (plan, the sequences it ran, those that finished)."""
-    plan, seqs = s.next_plan()
+    plan, seqs = s.next_step()
     check_plan(plan, seqs)
     check_blocks(s)
     finished = s.accept(seqs, model(plan))
@@ -92,7 +92,7 @@ def step(s: Scheduler, model: PretendModel) -> tuple[StepPlan, list[Sequence], l
     return plan, seqs, finished
 
 
-def run(s: Scheduler, model: PretendModel, max_steps: int = 2000) -> list[tuple[StepPlan, list[Sequence]]]:
+def run(s: Scheduler, model: PretendModel, max_steps: int = 2000) -> list[tuple[Step, list[Sequence]]]:
     steps = []
     while s.has_work():
         assert len(steps) < max_steps, "the scheduler makes no progress"
@@ -184,7 +184,7 @@ def test_preemption_takes_the_newest_and_resumes_it_with_its_tokens() -> None:
     resumed: list[int] = []
     while s.has_work():
         before = list(s.running)
-        plan, seqs = s.next_plan()
+        plan, seqs = s.next_step()
         check_plan(plan, seqs)
         check_blocks(s)
         if plan.kind is StepKind.DECODE:

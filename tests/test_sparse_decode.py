@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import tp_cases
-from conftest import run_ranks
+from support import tiny_models
+from support.ranks import run_ranks
 from polar_dist.config import config_from_dict
 from polar_dist.engine.sampler import SamplingParams
 from polar_dist.errors import UserError
@@ -26,7 +26,7 @@ PARAMS = SamplingParams(max_new_tokens=12, ignore_eos=True)
 # MHA with 6 heads = 6 KV groups: tp 1, 2, 3 all hold >= 2 groups per rank (the local scope's need)
 MHA6 = dict(model_type="llama", hidden_size=384, intermediate_size=512, num_hidden_layers=3, num_attention_heads=6,
             num_key_value_heads=6, head_dim=64, max_position_embeddings=256, tie_word_embeddings=False,
-            vocab_size=tp_cases.VOCAB)
+            vocab_size=tiny_models.VOCAB)
 
 
 def _cfg(sparsity: dict, **model) -> dict:
@@ -128,7 +128,7 @@ def test_graph_buffers_keep_sparse_tokens(monkeypatch: pytest.MonkeyPatch) -> No
 
     opt = dict(model_type="opt", hidden_size=256, ffn_dim=701, num_hidden_layers=2, num_attention_heads=4,
                max_position_embeddings=256, do_layer_norm_before=True, word_embed_proj_dim=256,
-               vocab_size=tp_cases.VOCAB)
+               vocab_size=tiny_models.VOCAB)
     raw = _cfg({"head_density": 0.5, "routers": "random", "mlp": True, "mlp_density": 0.2}, architecture=opt)
     raw["engine"]["max_batch_size"] = 8
     c = config_from_dict(raw)

@@ -20,12 +20,13 @@ from abc import ABC, abstractmethod
 import torch
 from torch import nn
 
+from kernels.dispatch import KernelOps
 from polar_dist.models.build import BuildContext
 from polar_dist.parallel.comm import TPComm
 from polar_dist.sparsity.artifact import RoutingScope
 from polar_dist.sparsity.policy import HeadRouting
 from polar_dist.sparsity.routers import HeadRouter
-from polar_dist.sparsity.selection import head_table_global, head_table_local, topk_groups
+from polar_dist.sparsity.selection import topk_groups
 
 
 class HeadSelection(nn.Module, ABC):
@@ -45,10 +46,14 @@ class AllGroups(HeadSelection):
 
 
 class RoutedGroups(HeadSelection):
+    """Router GEMM, top-k and table in one fused kernel (kernels/route_heads.py): a few
+    microseconds per layer instead of a chain of tiny ops. Ties go to the lower group index."""
+
     def __init__(self, router: HeadRouter, k: int, scope: RoutingScope, group_start: int,
-                 num_groups_local: int) -> None:
+                 num_groups_local: int, ops: KernelOps) -> None:
         """k: groups per sequence (of all G for `global`, of this rank's for `local`)."""
         super().__init__()
+        self.ops = ops
         self.router = router
         self.k = k
         self.scope = scope
@@ -56,11 +61,8 @@ class RoutedGroups(HeadSelection):
         self.num_groups_local = num_groups_local
 
     def table(self, x: torch.Tensor, dense_table: torch.Tensor) -> torch.Tensor:
-        scores = self.router(x)  # (B, G) float32
-        if self.scope is RoutingScope.GLOBAL:
-            return head_table_global(topk_groups(scores, self.k), self.group_start, self.num_groups_local)
-        local = scores[:, self.group_start:self.group_start + self.num_groups_local]  # (B, G_local)
-        return head_table_local(local, self.k)
+        return self.ops.route_heads(x, self.router.weight, self.router.bias, self.k, self.group_start,
+                                    self.num_groups_local, local_scope=self.scope is RoutingScope.LOCAL)
 
     def extra_repr(self) -> str:
         return f"k={self.k}, scope={self.scope.value}"
@@ -102,4 +104,4 @@ def make_head_selection(ctx: BuildContext, layer: int) -> HeadSelection:
     if policy.scope is RoutingScope.LOCAL:
         k = policy.head_k_local(layer, groups_local)
     router = HeadRouter(spec.hidden_size, spec.num_kv_heads, dtype=ctx.dtype, device=ctx.device)
-    return RoutedGroups(router, k, policy.scope, plan.kv_head_start, groups_local)
+    return RoutedGroups(router, k, policy.scope, plan.kv_head_start, groups_local, ctx.ops)
