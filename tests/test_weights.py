@@ -10,29 +10,13 @@ from torch import nn
 from polar_dist.errors import UserError
 from polar_dist.model_spec import spec_from_hf_config
 from polar_dist.models import llama, opt
-from polar_dist.models.checkpoint import RandomReader, TensorSlice
+from polar_dist.models.checkpoint import RandomReader, TensorDictReader
 from polar_dist.models.weights import Dim, Origin, Transform, Weight, HFTensor, full_shapes, load_weights, weight
 from polar_dist.parallel.plan import make_shard_plan
 from polar_dist.sparsity.policy import dense_policy
 
 SPEC = spec_from_hf_config(dict(model_type="llama", vocab_size=101, hidden_size=32, intermediate_size=24,
                                 num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, head_dim=8))
-
-
-class DictReader:
-    """A checkpoint held in memory (the same slicing as the file readers)."""
-
-    def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
-        self.tensors = tensors
-
-    def names(self) -> set[str]:
-        return set(self.tensors)
-
-    def read(self, piece: TensorSlice, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
-        t = self.tensors[piece.name]
-        if piece.axis is not None and piece.span is not None:
-            t = t.narrow(piece.axis, piece.span[0], min(piece.span[1], t.shape[piece.axis]) - piece.span[0])
-        return t.to(dtype=dtype, device=device)
 
 
 class Tiny(nn.Module):
@@ -56,8 +40,8 @@ def test_derived_and_second_file_parameters(rank: int) -> None:
     down = torch.randn(SPEC.hidden_size, SPEC.intermediate_size)
     router = torch.randn(SPEC.num_kv_heads, SPEC.hidden_size)
     model = Tiny(plan.intermediate_size_local)
-    load_weights(model, TABLE, SPEC, plan, {Origin.CHECKPOINT: DictReader({"mlp.down.weight": down}),
-                                            Origin.ROUTERS: DictReader({"layers.0.head.weight": router})})
+    load_weights(model, TABLE, SPEC, plan, {Origin.CHECKPOINT: TensorDictReader({"mlp.down.weight": down}),
+                                            Origin.ROUTERS: TensorDictReader({"layers.0.head.weight": router})})
     cols = down[:, plan.mlp_start:plan.mlp_end]
     assert torch.equal(model.fc2, cols) and torch.equal(model.fc2_t, cols.t())
     assert torch.equal(model.router, router)
@@ -66,14 +50,14 @@ def test_derived_and_second_file_parameters(rank: int) -> None:
 def test_unused_and_missing_tensors_are_user_errors() -> None:
     plan = make_shard_plan(SPEC, 0, 1)
     down = torch.randn(SPEC.hidden_size, SPEC.intermediate_size)
-    routers = DictReader({"layers.0.head.weight": torch.randn(2, 32)})
+    routers = TensorDictReader({"layers.0.head.weight": torch.randn(2, 32)})
     with pytest.raises(UserError, match=r"checkpoint tensors \['mlp.down.bias'\] are not used"):
-        load_weights(Tiny(24), TABLE, SPEC, plan, {Origin.CHECKPOINT: DictReader({"mlp.down.weight": down,
+        load_weights(Tiny(24), TABLE, SPEC, plan, {Origin.CHECKPOINT: TensorDictReader({"mlp.down.weight": down,
                                                                                   "mlp.down.bias": down[0]}),
                                                    Origin.ROUTERS: routers})
     with pytest.raises(UserError, match=r"routers is missing tensor\(s\) \['layers.0.head.weight'\]"):
-        load_weights(Tiny(24), TABLE, SPEC, plan, {Origin.CHECKPOINT: DictReader({"mlp.down.weight": down}),
-                                                   Origin.ROUTERS: DictReader({})})
+        load_weights(Tiny(24), TABLE, SPEC, plan, {Origin.CHECKPOINT: TensorDictReader({"mlp.down.weight": down}),
+                                                   Origin.ROUTERS: TensorDictReader({})})
 
 
 @pytest.mark.parametrize("family", [llama, opt])
