@@ -19,7 +19,7 @@ from polar_dist.errors import UserError
 from polar_dist.models.head_selection import RoutedGroups
 from polar_dist.parallel.context import init_parallel
 from polar_dist.runtime import Runtime, build_runtime, generate_ids
-from polar_dist.sparsity.selection import head_table_local
+from polar_dist.sparsity.selection import density_to_k, head_table_local
 
 PROMPTS = [[5, 6, 7], list(range(10, 40)), list(range(100, 117)), [9, 8]]
 PARAMS = SamplingParams(max_new_tokens=12, ignore_eos=True)
@@ -63,8 +63,8 @@ def _tp_tokens(cfg: dict, tp: int, tmp_path: Path) -> list[list[int]]:
 def test_density_one_is_the_dense_path() -> None:
     dense = _tokens(_cfg({}))
     assert _tokens(_cfg({"head_density": 1.0, "routers": "random"})) == dense
-    # a density whose k is every group (ceil(0.9 * 6) = 6) is dense too: no layer is routed
-    assert _tokens(_cfg({"head_density": 0.9, "routers": "random"})) == dense
+    # a density whose k is every group (0.95 * 6 rounds to 6) is dense too: no layer is routed
+    assert _tokens(_cfg({"head_density": 0.95, "routers": "random"})) == dense
     assert _tokens(_cfg({"head_density": 0.5, "routers": "random"})) != dense
 
 
@@ -86,7 +86,7 @@ def test_local_scope_follows_its_per_rank_rule(tp: int, tmp_path: Path, monkeypa
     sharded = _tp_tokens(cfg, tp, tmp_path)
     groups = MHA6["num_key_value_heads"]
     per = groups // tp
-    k_local = -(-groups // 2 * per // groups)  # density_to_k(k / G, G_local) with k = ceil(0.5 * G)
+    k_local = density_to_k(density_to_k(0.5, groups) / groups, per)  # the policy's rule for the local scope
 
     def table(self: RoutedGroups, x: torch.Tensor, dense_table: torch.Tensor) -> torch.Tensor:
         scores = self.router(x)  # (B, G)

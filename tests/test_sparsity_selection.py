@@ -175,12 +175,16 @@ def test_selection_in_cuda_graph() -> None:
 
 def test_density_to_k_rounding_rule() -> None:
     assert density_to_k(0.3, 10) == 3  # 0.3 * 10 is 3.0000000000000004 in floating point
-    assert density_to_k(0.5, 9) == 5  # rounds up: never below the asked density
+    assert density_to_k(0.5, 9) == 5  # halves round up
+    assert density_to_k(0.15, 10) == 2  # 0.15 * 10 is 1.4999999999999998: still a half
+    assert density_to_k(0.67, 3) == 2 and density_to_k(0.34, 3) == 1  # two decimals name a count
     assert density_to_k(0.625, 8) == 5
     assert density_to_k(1e-6, 64) == 1
     assert density_to_k(1.0, 7) == 7
     for n in range(1, 65):
         assert [density_to_k(k / n, n) for k in range(1, n + 1)] == list(range(1, n + 1))
+        if n <= 50:
+            assert [density_to_k(round(k / n, 2), n) for k in range(1, n + 1)] == list(range(1, n + 1))
     for bad in (0.0, -0.1, 1.5):
         with pytest.raises(UserError, match="density"):
             density_to_k(bad, 8)

@@ -26,22 +26,23 @@ import torch
 
 from polar_dist.errors import UserError
 
-# Keeps float error from rounding an exact product up: 0.3 * 10 = 3.0000000000000004.
+# Keeps float error from rounding an exact half down: 0.15 * 10 = 1.4999999999999998.
 _DENSITY_EPS = 1e-9
 
 
 def density_to_k(density: float, n: int) -> int:
-    """k = ceil(density * n), at least 1 and at most n.
+    """k = density * n rounded to the nearest integer (halves up), at least 1 and at most n.
 
-    Rounding up means the achieved fraction k / n is never below the requested density (so a
-    density is a floor on quality, not a ceiling); the minimum of 1 keeps a tiny density from
-    selecting nothing. density_to_k(k / n, n) == k for every 1 <= k <= n.
+    Nearest, not up: with few groups a density names a count (SmolLM2 has 3 KV groups, and
+    0.67 means 2 of them, not all 3, which rounding up would give); the minimum of 1 keeps a
+    tiny density from selecting nothing. density_to_k(k / n, n) == k for every 1 <= k <= n,
+    and a density written to two decimals (k / n rounded) maps back to k for n <= 50.
     """
     if n < 1:
         raise ValueError(f"density_to_k: n = {n} must be >= 1")
     if not 0.0 < density <= 1.0:
         raise UserError(f"density = {density} must be in (0, 1]; 1.0 is dense")
-    return min(n, max(1, math.ceil(density * n - _DENSITY_EPS)))
+    return min(n, max(1, math.floor(density * n + 0.5 + _DENSITY_EPS)))
 
 
 def _check_k(k: int, n: int, what: str) -> None:
