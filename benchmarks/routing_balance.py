@@ -39,11 +39,19 @@ def rank_of_group(G: int, tp: int) -> list[list[int]]:
     return [[r for r in range(tp) if r // (tp // G) == g] for g in range(G)]
 
 
+def _shards(spec, tp: int) -> bool:  # noqa: ANN001
+    try:
+        spec.check_tp(tp)
+    except ValueError:
+        return False
+    return True
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_config_args(parser)
     parser.add_argument("--text", nargs="+", required=True)
-    parser.add_argument("--tp", type=int, nargs="+", default=[2, 3])
+    parser.add_argument("--tp", type=int, nargs="+", default=None, help="default: every tp in 2..16 the model allows")
     parser.add_argument("--max-tokens", type=int, default=16384)
     parser.add_argument("--segment", type=int, default=256)
     args = parser.parse_args()
@@ -55,6 +63,10 @@ def main() -> None:
     if not layers:
         raise SystemExit("no routed layer: set sparsity.head_density < 1 and sparsity.routers")
     G = rt.spec.num_kv_heads
+    if args.tp is None:
+        args.tp = [tp for tp in range(2, 17) if _shards(rt.spec, tp)]
+    for tp in args.tp:
+        rt.spec.check_tp(tp)  # a UserError naming the valid tp sizes
     counts = {i: torch.zeros(G, dtype=torch.float64) for i, _ in layers}
     captured: dict[int, torch.Tensor] = {}
     hooks = [rt.runner.model.layers[i].attn.router_input.register_forward_hook(
