@@ -44,6 +44,7 @@ class Runtime:
     runner: ModelRunner
     tokenizer: Tokenizer
     max_seq_len: int
+    policy: SparsityPolicy  # what the decode steps compute, per layer
 
 
 def resolve_source_once(cfg: RunConfig, ctx: ParallelContext) -> ModelSource:
@@ -80,6 +81,18 @@ def load_sparsity(cfg: RunConfig, spec: ModelSpec, tp: int) -> tuple[SparsityPol
     return make_policy(s, spec, meta, tp, cfg.engine.max_batch_size), routers
 
 
+def make_tokenizer(cfg: RunConfig, source: ModelSource) -> Tokenizer:
+    """The run's tokenizer: the model directory's own, or bytes (`model.tokenizer`)."""
+    if cfg.model.tokenizer == "bytes":
+        if source.spec.vocab_size < 256:
+            raise UserError(f"model.tokenizer = bytes needs a vocabulary of at least 256 ids, this model has "
+                            f"{source.spec.vocab_size}; use the model's own tokenizer (model.tokenizer = auto)")
+        return ByteTokenizer()
+    if source.directory is None or not any(source.directory.glob("tokenizer*")):
+        raise UserError("this model has no tokenizer files; set model.tokenizer = bytes")
+    return HFTokenizer(source.directory, source.spec.eos_token_ids)
+
+
 def build_runtime(cfg: RunConfig, ctx: ParallelContext) -> Runtime:
     source = resolve_source_once(cfg, ctx)
     spec = source.spec
@@ -92,16 +105,7 @@ def build_runtime(cfg: RunConfig, ctx: ParallelContext) -> Runtime:
     if window and source.hf_config.get("use_sliding_window", True) and max_seq_len > window:
         raise UserError(f"engine.max_seq_len = {max_seq_len} exceeds the model's sliding_window ({window}), which "
                         f"this runtime does not implement; set engine.max_seq_len <= {window}")
-    tokenizer: Tokenizer
-    if cfg.model.tokenizer == "bytes":
-        if spec.vocab_size < 256:
-            raise UserError(f"model.tokenizer = bytes needs a vocabulary of at least 256 ids, this model has "
-                            f"{spec.vocab_size}; use the model's own tokenizer (model.tokenizer = auto)")
-        tokenizer = ByteTokenizer()
-    else:
-        if source.directory is None or not any(source.directory.glob("tokenizer*")):
-            raise UserError("this model has no tokenizer files; set model.tokenizer = bytes")
-        tokenizer = HFTokenizer(source.directory, spec.eos_token_ids)
+    tokenizer = make_tokenizer(cfg, source)
     dtype = DTYPES[cfg.model.dtype]
     ops = KernelOps(choose_backend(envs.KERNEL_BACKEND.get(), ctx.device, dtype))
     if ops.backend is Backend.TRITON:
@@ -127,7 +131,7 @@ def build_runtime(cfg: RunConfig, ctx: ParallelContext) -> Runtime:
     runner = ModelRunner(model, spec, plan, num_blocks=num_blocks, block_size=e.block_size, dtype=dtype,
                          device=ctx.device, max_batch_size=e.max_batch_size, max_seq_len=max_seq_len,
                          cuda_graphs=e.cuda_graphs)
-    return Runtime(cfg, ctx, spec, runner, tokenizer, max_seq_len)
+    return Runtime(cfg, ctx, spec, runner, tokenizer, max_seq_len, policy)
 
 
 def new_scheduler(rt: Runtime) -> Scheduler:

@@ -135,20 +135,22 @@ class Scheduler:
 
     def accept(self, seqs: list[Sequence], logits: torch.Tensor) -> list[Sequence]:
         """Sample one token for each sequence of the step; returns those that finished."""
-        finished = []
-        for seq, row in zip(seqs, logits):
-            token = sample(row, seq.params, seq.generator)
-            seq.output_ids.append(token)
-            if token in self.eos_token_ids and not seq.params.ignore_eos:
-                seq.finish_reason = "stop"
-            elif len(seq.output_ids) >= seq.params.max_new_tokens or len(seq.all_ids) >= self.max_seq_len:
-                seq.finish_reason = "length"
-            if seq.finish_reason:
-                self.running.remove(seq)
-                self.allocator.free(seq.blocks)
-                seq.blocks = []
-                finished.append(seq)
-        return finished
+        return [seq for seq, row in zip(seqs, logits) if self.append(seq, sample(row, seq.params, seq.generator))]
+
+    def append(self, seq: Sequence, token: int) -> bool:
+        """Give a running sequence its next token (sampled, or the text's own token when
+        teacher-forcing); a sequence that finishes leaves the batch. Returns whether it finished."""
+        seq.output_ids.append(token)
+        if token in self.eos_token_ids and not seq.params.ignore_eos:
+            seq.finish_reason = "stop"
+        elif len(seq.output_ids) >= seq.params.max_new_tokens or len(seq.all_ids) >= self.max_seq_len:
+            seq.finish_reason = "length"
+        if seq.finish_reason is None:
+            return False
+        self.running.remove(seq)
+        self.allocator.free(seq.blocks)
+        seq.blocks = []
+        return True
 
 
 def run_to_completion(scheduler: Scheduler, execute: Callable[[Step], torch.Tensor]) -> None:

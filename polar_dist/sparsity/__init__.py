@@ -9,4 +9,7 @@ training   train_router: weighted BCE, holdout, best epoch kept
 search     neuron k per (layer, batch size); head k per layer under a density budget
 artifact   routers.safetensors + metadata.json, checked on load
 text       local calibration text, token segments, a leak-free train/held-out split
+choice_tasks  multiple-choice items (JSONL) and a next-sentence task built from text
+evaluate   teacher-forced NLL, perplexity and multiple-choice scores through a built runtime's decode
+           steps (the one module here that runs the model)
 """
