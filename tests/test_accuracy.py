@@ -19,7 +19,7 @@ top-k choice in the reference must win by a relative margin that float32 roundin
 
 Tolerance (per token NLL): twice transformers' own float32 error against float64, plus 8 float32
 ulps of the largest logit (NLL = logsumexp - logit moves by at most twice a logit error; the
-logits test allows 4 ulps of it, as in tests/tp_cases.py).
+logits test allows 4 ulps of it, as in tests/tiny_models.py).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import tp_cases
+from support import tiny_models
 from polar_dist.config import config_from_dict
 from polar_dist.errors import UserError
 from polar_dist.parallel.context import init_parallel
@@ -51,7 +51,7 @@ MIN_MARGIN = 1e-5  # relative top-k margin; float32 group norms are good to ~1e-
 @pytest.fixture(scope="module")
 def model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("tiny")
-    return {arch: tp_cases.save_tiny_model(arch, root / arch) for arch in ("llama-gqa", "qwen2")}
+    return {arch: tiny_models.save_tiny_model(arch, root / arch) for arch in ("llama-gqa", "qwen2")}
 
 
 def runtime(model_dir: Path, density: float = 1.0, **engine: int) -> Runtime:
@@ -65,7 +65,7 @@ def runtime(model_dir: Path, density: float = 1.0, **engine: int) -> Runtime:
 
 def segments(seed: int = 3) -> list[list[int]]:
     gen = torch.Generator().manual_seed(seed)
-    return torch.randint(3, tp_cases.VOCAB, (NUM_SEGMENTS, SEG_LEN), generator=gen).tolist()
+    return torch.randint(3, tiny_models.VOCAB, (NUM_SEGMENTS, SEG_LEN), generator=gen).tolist()
 
 
 def hf_nll(model_dir: Path, dtype: torch.dtype, tokens: list[list[int]], prefill_lens: list[int],
