@@ -19,7 +19,7 @@ top-k choice in the reference must win by a relative margin that float32 roundin
 
 Tolerance (per token NLL): twice transformers' own float32 error against float64, plus 8 float32
 ulps of the largest logit (NLL = logsumexp - logit moves by at most twice a logit error; the
-logits test allows 4 ulps of it, as in tests/tiny_models.py).
+logits test allows 4 ulps of it, as the CUDA logits tests do: tests/support/tolerance.py).
 """
 
 from __future__ import annotations
