@@ -17,18 +17,19 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from polar_dist.cli import add_config_args, config_from_args, run_main  # noqa: E402
+from polar_dist.cli import (add_config_args, config_from_args, non_negative_float, non_negative_int,  # noqa: E402
+                            positive_int, probability, run_main, seed, utf8_text)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_config_args(parser)
-    parser.add_argument("--prompt", action="append", required=True, help="a prompt (repeatable)")
-    parser.add_argument("--max-new-tokens", type=int, default=None, help="default: engine.max_new_tokens")
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--top-k", type=int, default=0)
-    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--prompt", action="append", required=True, type=utf8_text, help="a prompt (repeatable)")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=None, help="default: engine.max_new_tokens")
+    parser.add_argument("--temperature", type=non_negative_float, default=0.0, help="0 is greedy")
+    parser.add_argument("--top-p", type=probability, default=1.0)
+    parser.add_argument("--top-k", type=non_negative_int, default=0)
+    parser.add_argument("--seed", type=seed, default=None)
     parser.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens tokens")
     parser.add_argument("--stats", action="store_true", help="print throughput to stderr on rank 0")
     args = parser.parse_args()

@@ -3,13 +3,15 @@
     cfg = load_config("configs/smollm2-135m.yaml", overrides=["model.dtype=bfloat16"])
 
 Unknown keys, wrong types and impossible values raise UserError naming the field, the value
-and the fix. Checks that need the model's shape (tp against head counts) live in
+and the fix; so do YAML syntax errors (file, line, column), a key given twice, and a float
+field that is NaN or infinite. Float fields also take `1e-9`, which YAML 1.1 reads as a string. Checks that need the model's shape (tp against head counts) live in
 `polar_dist.model_spec.ModelSpec.check_tp`, called as soon as the shape is known.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -111,13 +113,56 @@ class RunConfig:
     server: ServerConfig = field(default_factory=ServerConfig)
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that rejects a key given twice in one mapping (SafeLoader keeps the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            if isinstance(key, typing.Hashable) and key in seen:
+                raise UserError(f"{key_node.start_mark.name}: line {line}: duplicate key {key!r} (first given on "
+                                f"line {seen[key]}); keep one of them")
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def _parse_yaml(text: str, name: str) -> Any:
+    """YAML text -> Python objects; a syntax error becomes one line with the file, line and column."""
+    loader = _StrictLoader(text)
+    loader.name = name  # marks (and so every message) name the file instead of "<unicode string>"
+    try:
+        return loader.get_single_data()
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f"{name}: line {mark.line + 1}, column {mark.column + 1}" if mark else name
+        raise UserError(f"{where}: invalid YAML: {e.problem or e.context}") from None
+    except yaml.YAMLError as e:
+        raise UserError(f"{name}: invalid YAML: {e}") from None
+    finally:
+        loader.dispose()
+
+
+def _read_config_file(path: Path) -> Any:
+    if path.is_dir():
+        raise UserError(f"config {str(path)!r} is a directory, not a YAML file; pass --config configs/<model>.yaml")
+    if not path.is_file():
+        raise UserError(f"config file {str(path)!r} does not exist; pass --config configs/<model>.yaml")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"config file {str(path)!r} is not UTF-8 text ({e.reason} at byte {e.start}); "
+                        "pass a YAML file") from None
+    except OSError as e:
+        raise UserError(f"config file {str(path)!r} cannot be read: {e.strerror}") from None
+    return _parse_yaml(text, str(path))
+
+
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
     """Read a YAML run config, apply `section.field=value` overrides, validate."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"config file {str(path)!r} does not exist; pass --config configs/<model>.yaml")
-    with path.open() as f:
-        raw = yaml.safe_load(f) or {}
+    raw = _read_config_file(path) or {}
     if not isinstance(raw, dict):
         raise UserError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
     for item in overrides:
@@ -152,7 +197,7 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
     raw.setdefault(section, {})
     if raw[section] is None:
         raw[section] = {}
-    raw[section][name] = yaml.safe_load(value) if value.strip() else ""
+    raw[section][name] = _parse_yaml(value, f"--set {item!r}") if value.strip() else ""
 
 
 def _section_types() -> dict[str, type]:
@@ -200,8 +245,8 @@ def _check_type(value: Any, hint: Any, where: str) -> Any:
             except UserError:
                 continue
         raise UserError(f"{where} = {value!r} does not match {hint}")
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+    if hint is float:
+        return _check_float(value, where)
     if hint is dict and value is None:
         return {}
     if hint is str and value is None:
@@ -209,6 +254,19 @@ def _check_type(value: Any, hint: Any, where: str) -> Any:
     if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
         raise UserError(f"{where} = {value!r} must be of type {hint.__name__}, not {type(value).__name__}")
     return value
+
+
+def _check_float(value: Any, where: str) -> float:
+    if isinstance(value, str):  # PyYAML (YAML 1.1) reads `1e-9`, with no dot, as a string
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise UserError(f"{where} = {value!r} must be a number, not {type(value).__name__}")
+    if not math.isfinite(value):
+        raise UserError(f"{where} = {value!r} must be a finite number")
+    return float(value)
 
 
 def _validate(cfg: RunConfig) -> None:

@@ -1,7 +1,8 @@
 """Every POLAR_* environment variable, declared once with its type, default and meaning.
 
 Library code reads the environment only through this module, and only when a value is
-needed (nothing is read at import time).
+needed (nothing is read at import time). A variable set to the empty string counts as unset
+(`POLAR_CACHE_DIR=` must not mean the current directory).
 """
 
 from __future__ import annotations
@@ -33,8 +34,8 @@ class EnvVar(Generic[T]):
     meaning: str
 
     def get(self) -> T:
-        raw = os.environ.get(self.name)
-        return self.default if raw is None else self.parse(self.name, raw)
+        raw = os.environ.get(self.name, "")
+        return self.default if not raw.strip() else self.parse(self.name, raw)
 
 
 def _parse_choice(*choices: str) -> Callable[[str, str], str]:
@@ -47,7 +48,7 @@ def _parse_choice(*choices: str) -> Callable[[str, str], str]:
 
 
 def _parse_path(name: str, raw: str) -> Path:
-    return Path(raw).expanduser()
+    return Path(raw).expanduser().absolute()  # every rank the same directory, whatever its working directory
 
 
 CACHE_DIR: EnvVar[Path] = EnvVar(

@@ -9,8 +9,20 @@ import sys
 from polar_dist import envs
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at the time of the record (as logging.lastResort does), so
+    a handler made while stderr was redirected (pytest's capture) never writes to a closed stream."""
+
+    def __init__(self) -> None:
+        logging.Handler.__init__(self)
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+
 def configure_logging(rank: int, world_size: int, level: int = logging.INFO) -> None:
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler()
     handler.setFormatter(logging.Formatter(f"[tp {rank}/{world_size}] %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger("polar_dist")
     root.handlers[:] = [handler]
@@ -20,3 +32,8 @@ def configure_logging(rank: int, world_size: int, level: int = logging.INFO) -> 
 
 def get_logger(name: str) -> logging.Logger:
     return logging.getLogger(name)
+
+
+def is_configured() -> bool:
+    """Whether configure_logging has run in this process."""
+    return bool(logging.getLogger("polar_dist").handlers)

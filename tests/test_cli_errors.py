@@ -3,6 +3,7 @@ and keeps its traceback (exit 1)."""
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -29,3 +30,35 @@ def test_other_errors_keep_their_traceback(stmt: str) -> None:
     out = _run(stmt)
     assert out.returncode == 1
     assert "Traceback (most recent call last)" in out.stderr and stmt.split("(")[0].split()[-1] in out.stderr
+
+
+def _start(body: str) -> subprocess.Popen:
+    code = "import sys, time\nfrom polar_dist.cli import run_main\ndef main():\n" + body + "run_main(main)\n"
+    return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=ROOT)
+
+
+def test_ctrl_c_exits_130_with_one_line() -> None:
+    proc = _start("    print('started', flush=True)\n    time.sleep(60)\n")
+    assert proc.stdout.readline() == "started\n"
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130
+    assert err.strip() == "interrupted"
+
+
+def test_closed_stdout_ends_quietly() -> None:
+    proc = _start("    for i in range(1_000_000):\n        print(i, flush=True)\n")
+    assert proc.stdout.readline() == "0\n"
+    proc.stdout.close()  # the reader goes away, as with `| head -1`
+    err = proc.stderr.read()
+    proc.wait(timeout=30)
+    assert proc.returncode == 1
+    assert err == ""
+
+
+def test_broken_pipe_elsewhere_keeps_its_traceback() -> None:
+    proc = _start("    raise BrokenPipeError(32, 'Broken pipe')\n")
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 1
+    assert "Traceback (most recent call last)" in err and "BrokenPipeError" in err

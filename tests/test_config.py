@@ -47,12 +47,45 @@ def test_overrides_replace_existing_fields(tmp_path: Path) -> None:
         ("model: {path: x, device: cpu, dtype: float16}", "float16 on model.device = cpu"),
         ("model: {path: 'embedded:gpt5'}", "is not an embedded model"),
         ("parallel: {tp: 2}", "missing required section(s) ['model']"),
+        ("model: {path: x}\nparallel: {timeout_s: .nan}", "parallel.timeout_s = nan must be a finite number"),
+        ("model: {path: x}\nparallel: {timeout_s: .inf}", "parallel.timeout_s = inf must be a finite number"),
+        ("model: {path: x}\nsparsity: {mlp_density: -.inf}", "sparsity.mlp_density = -inf must be a finite number"),
+        ("model: {path: x}\nparallel: {timeout_s: soon}", "parallel.timeout_s = 'soon' must be a number"),
+        ("model: {path: x}\nengine:\n  block_size: 16\n  block_size: 32",
+         "line 4: duplicate key 'block_size' (first given on line 3)"),
+        ("model: {path: x}\nmodel: {path: y}", "line 2: duplicate key 'model' (first given on line 1)"),
+        ("model: {path: x\nengine: {}", "run.yaml: line 2, column 7: invalid YAML: expected ',' or '}'"),
+        ("model:\n\tpath: x", "run.yaml: line 2, column 1: invalid YAML: found character '\\t'"),
     ],
 )
 def test_bad_config_names_field_and_value(tmp_path: Path, text: str, message: str) -> None:
     with pytest.raises(ValueError) as e:
         load_config(write(tmp_path, text))
     assert message in str(e.value)
+
+
+def test_float_fields_read_exponents_without_a_dot(tmp_path: Path) -> None:
+    # YAML 1.1 (PyYAML) reads 1e-9 as a string; float fields take it as the number it spells
+    cfg = load_config(write(tmp_path, "model: {path: x}\nsparsity: {head_density: 1e-9}\nparallel: {timeout_s: 3e2}"))
+    assert cfg.sparsity.head_density == 1e-9 and cfg.parallel.timeout_s == 300.0
+    assert load_config(ROOT / "configs/smollm2-135m.yaml", ["parallel.timeout_s=5e1"]).parallel.timeout_s == 50.0
+
+
+def test_config_path_errors_say_what_is_wrong(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="is a directory, not a YAML file"):
+        load_config(tmp_path)
+    with pytest.raises(ValueError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+    (tmp_path / "binary.yaml").write_bytes(b"model: {path: \xff}")
+    with pytest.raises(ValueError, match="is not UTF-8 text"):
+        load_config(tmp_path / "binary.yaml")
+
+
+def test_syntax_error_is_one_short_line(tmp_path: Path) -> None:
+    with pytest.raises(ValueError) as e:
+        load_config(write(tmp_path, "model:\n  path: x\n  dtype: [float32\n"))
+    message = str(e.value)
+    assert "\n" not in message and len(message) < 200 and message.startswith(f"{tmp_path / 'run.yaml'}: line ")
 
 
 @pytest.mark.parametrize(
@@ -62,6 +95,8 @@ def test_bad_config_names_field_and_value(tmp_path: Path, text: str, message: st
         ("gpu.count=2", "unknown section 'gpu'"),
         ("dtype=float32", "expected section.field=value"),
         ("model.dtype=float8", "model.dtype = 'float8' is not one of"),
+        ("parallel.timeout_s=nan", "parallel.timeout_s = nan must be a finite number"),
+        ("model.path=[", "--set 'model.path=[': line 1, column 2: invalid YAML"),
     ],
 )
 def test_bad_override(override: str, message: str) -> None:

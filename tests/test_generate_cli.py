@@ -49,3 +49,28 @@ def test_set_overrides_reach_the_run(config: Path) -> None:
                           capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode != 0
     assert "the prompt has 5 tokens but the maximum sequence length is 4" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--temperature", "nan"], "argument --temperature: 'nan' is not a finite number"),
+        (["--temperature", "inf"], "argument --temperature: 'inf' is not a finite number"),
+        (["--temperature", "-0.5"], "argument --temperature: -0.5 must be >= 0"),
+        (["--top-p", "0"], "argument --top-p: 0 must be in (0, 1]"),
+        (["--top-p", "1.01"], "argument --top-p: 1.01 must be in (0, 1]"),
+        (["--max-new-tokens", "-1"], "argument --max-new-tokens: -1 must be >= 1"),
+        (["--top-k", "-2"], "argument --top-k: -2 must be >= 0"),
+        (["--seed", str(1 << 64)], f"argument --seed: {1 << 64} does not fit in 64 bits"),
+        ([b"--prompt", b"caf\xe9"], "argument --prompt: the text is not valid UTF-8 (the byte 0xe9 at character 3)"),
+    ],
+)
+def test_bad_arguments_fail_before_the_model_loads(tmp_path: Path, args: list, message: str) -> None:
+    # the model path does not exist: an argument error must come first, before any loading
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump({"model": {"path": str(tmp_path / "no-model"), "device": "cpu"}}))
+    proc = subprocess.run([sys.executable, str(ROOT / "launch/generate.py"), "--config", str(path), "--prompt", "hi",
+                           *args], capture_output=True, timeout=60, cwd=ROOT)
+    err = proc.stderr.decode("utf-8", "backslashreplace")
+    assert proc.returncode == 2, err
+    assert message in err and "Traceback" not in err

@@ -108,3 +108,25 @@ def test_dead_rank_ends_the_others(tiny_config: dict, tmp_path: Path) -> None:
     assert code0 != 0, "rank 0 finished normally without its peer"
     assert "[rank 0/2] error:" in err0
     assert time.monotonic() - t0 < TIMEOUT_S, "rank 0 should notice the closed connection before the timeout"
+
+
+@pytest.mark.parametrize(
+    "env, message",
+    [
+        ({"RANK": "0", "WORLD_SIZE": "2"}, "RANK=0 and WORLD_SIZE=2 are set in the environment but MASTER_ADDR is not"),
+        ({"RANK": "2", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1"}, "RANK=2 and WORLD_SIZE=2 in the environment are "
+                                                                         "inconsistent"),
+        ({"RANK": "one", "WORLD_SIZE": "2"}, "RANK='one' in the environment is not an integer"),
+    ],
+)
+def test_stray_launcher_variables_fail_at_once(env: dict, message: str, tiny_config: dict, tmp_path: Path) -> None:
+    """Variables a launcher would set, left in a shell: fail before any rendezvous (which would
+    wait parallel.timeout_s for ranks nobody started)."""
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(tiny_config))
+    clean = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, str(ROOT / "launch/generate.py"), "--config", str(path), "--prompt", "hi"],
+                          env={**clean, **env}, capture_output=True, text=True, timeout=3 * TIMEOUT_S, cwd=ROOT)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
+    assert time.monotonic() - t0 < TIMEOUT_S
