@@ -135,15 +135,27 @@ class ParallelContext:
     def is_driver(self) -> bool:
         return self.info.rank == 0
 
-    def broadcast_object(self, obj: Any = None) -> Any:
-        """Rank 0 sends `obj` to every rank over the control (gloo) group; all return it."""
+    def broadcast_object(self, obj: Any = None, group: Any = None) -> Any:
+        """Rank 0 sends `obj` to every rank over the control (gloo) group, or over `group` (from
+        `waiting_group`); all return it."""
         if self.world_size == 1:
             return obj
         import torch.distributed as dist
 
         box = [obj if self.is_driver else None]
-        dist.broadcast_object_list(box, src=0, group=self._control)
+        dist.broadcast_object_list(box, src=0, group=self._control if group is None else group)
         return box[0]
+
+    def waiting_group(self, timeout_s: float) -> Any:
+        """A gloo group whose collectives wait up to `timeout_s`, for the other ranks to wait on
+        while rank 0 works alone for longer than parallel.timeout_s (e.g. training routers);
+        that timeout still bounds every step's collectives. Collective: every rank calls it, in
+        the same order. None at world size 1."""
+        if self.world_size == 1:
+            return None
+        import torch.distributed as dist
+
+        return dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
 
     def shutdown(self) -> None:
         if not isinstance(self.tp_comm, SingleRank):
