@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import free_port, run_ranks
+from support.ranks import free_port, run_ranks
 
-import tp_cases
+from support import tiny_models
 from polar_dist.config import config_from_dict
 from polar_dist.engine.sampler import SamplingParams
 from polar_dist.models.tokenizer import ByteTokenizer
@@ -39,7 +39,7 @@ FAST = dict(seg_len=SEG_LEN, heldout_fraction=0.2, max_train_tokens=4096, max_he
 @pytest.fixture(scope="module")
 def model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("calibrate")
-    return {arch: tp_cases.save_tiny_model(arch, root / arch) for arch in ("llama-gqa", "opt")}
+    return {arch: tiny_models.save_tiny_model(arch, root / arch) for arch in ("llama-gqa", "opt")}
 
 
 def run_config(model_dir: Path, **sparsity) -> dict:  # noqa: ANN003
