@@ -4,7 +4,8 @@
     torchrun --nproc_per_node 3 launch/generate.py --config configs/smollm2-135m.yaml --prompt "Hi" --prompt "Bye"
     mpirun --allow-run-as-root --oversubscribe -np 3 python launch/generate.py --config configs/smollm2-135m.yaml --prompt "Hi"
 
-Output line: {"prompt": ..., "text": ..., "token_ids": [generated ids only]}
+Output line: {"prompt": ..., "text": ..., "token_ids": [generated ids only], "finish_reason": "stop" | "length" | ...}
+(with --logprobs N also "logprobs": [[token id, logprob, [[top id, logprob], ...]], ...])
 """
 
 from __future__ import annotations
@@ -28,21 +29,27 @@ def main() -> None:
     parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--min-p", type=float, default=0.0)
+    parser.add_argument("--repetition-penalty", type=float, default=1.0)
+    parser.add_argument("--frequency-penalty", type=float, default=0.0)
+    parser.add_argument("--presence-penalty", type=float, default=0.0)
+    parser.add_argument("--logprobs", type=int, default=None, help="report each token's logprob and the top N")
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens tokens")
     parser.add_argument("--stats", action="store_true", help="print throughput to stderr on rank 0")
     args = parser.parse_args()
     cfg = config_from_args(args)
 
-    from polar_dist.engine.sampler import SamplingParams
+    from polar_dist.engine.sampling import SamplingParams
     from polar_dist.log import configure_logging
     from polar_dist.parallel.context import init_parallel
     from polar_dist.runtime import build_runtime, generate
 
     max_new_tokens = cfg.engine.max_new_tokens if args.max_new_tokens is None else args.max_new_tokens
-    params = SamplingParams(max_new_tokens=max_new_tokens,
-                            temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
-                            ignore_eos=args.ignore_eos)
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                            top_k=args.top_k, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                            frequency_penalty=args.frequency_penalty, presence_penalty=args.presence_penalty,
+                            seed=args.seed, ignore_eos=args.ignore_eos, logprobs=args.logprobs)
     ctx = init_parallel(cfg.parallel, cfg.model.device)
     configure_logging(ctx.rank, ctx.world_size)
     rt = build_runtime(cfg, ctx)
@@ -51,8 +58,11 @@ def main() -> None:
     elapsed = time.perf_counter() - t0
     if seqs is not None:
         for prompt, seq in zip(args.prompt, seqs):
-            print(json.dumps({"prompt": prompt, "text": rt.tokenizer.decode(seq.output_ids),
-                              "token_ids": seq.output_ids}), flush=True)
+            line = {"prompt": prompt, "text": rt.tokenizer.decode(seq.output_ids), "token_ids": seq.output_ids,
+                    "finish_reason": seq.finish_reason}
+            if seq.logprobs is not None:
+                line["logprobs"] = [[lp.token_id, lp.logprob, [list(t) for t in lp.top]] for lp in seq.logprobs]
+            print(json.dumps(line), flush=True)
         if args.stats:
             n = sum(len(s.output_ids) for s in seqs)
             print(f"generated {n} tokens in {elapsed:.2f} s: {n / elapsed:.1f} tokens/s", file=sys.stderr)
