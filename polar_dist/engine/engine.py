@@ -189,7 +189,12 @@ def worker_loop(rt: Runtime) -> None:
     mirror = BatchMirror(e.max_batch_size, rt.runner.max_blocks_per_seq, e.block_size)
     channel = ControlChannel(rt.ctx, buffer_capacity(e.max_batch_size))
     while True:
-        msg = channel.recv()
+        try:
+            msg = channel.recv()
+        except RuntimeError as e:
+            raise RuntimeError(
+                f"rank {rt.ctx.rank}: rank 0 sent no step or heartbeat within parallel.timeout_s = "
+                f"{rt.cfg.parallel.timeout_s} s, or its connection closed: another rank failed ({e})") from e
         kind = MsgKind(int(msg[0]))
         if kind is MsgKind.STOP:
             return
