@@ -138,19 +138,21 @@ class Scheduler:
         self._reserve_decode_slots()
         delta = StepDelta()
         budget = self.max_num_batched_tokens
-        decoding = [s for s in self.running if s.is_decoding]
-        delta.token_ids = [s.output_ids[-1] if s.output_ids else s.prompt_ids[-1] for s in decoding]
-        for s in decoding:
+        prefilling = []
+        for s in self.running:  # one pass: the hot loop of a large decode batch
+            if s.num_computed < s.prefill_len:
+                prefilling.append(s)
+                continue
+            delta.token_ids.append(s.output_ids[-1])  # a decoding sequence has sampled at least once
             s.num_computed += 1
             if len(s.blocks) > s.blocks_sent:
                 delta.new_blocks += [(s.request_id, b) for b in s.blocks[s.blocks_sent:]]
                 s.blocks_sent = len(s.blocks)
-        budget -= len(decoding)
-        for s in self.running:
+        budget -= len(delta.token_ids)
+        for s in prefilling:  # part-way through their prefill, oldest first
             if budget <= 0:
                 break
-            if not s.is_decoding:  # part-way through its prefill
-                budget -= self._chunk(s, budget, delta)
+            budget -= self._chunk(s, budget, delta)
         while self.waiting and budget > 0 and len(self.running) < self.max_batch_size:
             seq = self.waiting[0]
             need = blocks_needed(seq.num_tokens, self.block_size)
@@ -182,10 +184,13 @@ class Scheduler:
 
     def _reserve_decode_slots(self) -> None:
         """Give every decoding sequence room for one more token, preempting the newest if needed."""
+        bs = self.block_size
         for seq in list(self.running):
-            if seq.status is not Status.RUNNING or not seq.is_decoding:
-                continue  # preempted below while making room for an older sequence, or prefilling
-            while blocks_needed(seq.num_computed + 1, self.block_size) > len(seq.blocks):
+            if seq.num_computed < len(seq.blocks) * bs or seq.num_computed < seq.prefill_len:
+                continue  # room for its next token, or prefilling (its blocks came at admission)
+            if seq.status is not Status.RUNNING:
+                continue  # preempted below while making room for an older sequence
+            while blocks_needed(seq.num_computed + 1, bs) > len(seq.blocks):
                 if self.allocator.num_free:
                     seq.blocks += self.allocator.allocate(1)
                     continue

@@ -133,13 +133,16 @@ class BatchMirror:
         self.free_slots = list(range(max_batch_size - 1, -1, -1))
         self.order: list[int] = []  # running sequence ids, oldest first
         self._order_slots: np.ndarray | None = None  # slots of `order`, rebuilt after a change
+        self._order_ids = np.zeros(0, dtype=np.int64)  # `order` as an array
+        self._ones = np.ones(max_batch_size, dtype=np.int64)
+        self._arange = np.arange(max_batch_size, dtype=np.int64)
 
     def __len__(self) -> int:
         return len(self.order)
 
     def apply(self, msg: np.ndarray) -> Step:
-        assert msg[0] == MsgKind.STEP and msg[1] == len(msg), "not a whole STEP message"
-        n_removed, n_new, new_len, n_blocks, n_prefill, n_tokens = (int(x) for x in msg[2:HEADER])
+        kind, total, n_removed, n_new, new_len, n_blocks, n_prefill, n_tokens = msg[:HEADER].tolist()
+        assert kind == MsgKind.STEP and total == len(msg), "not a whole STEP message"
         off = HEADER
         if n_removed or n_new:
             self._order_slots = None
@@ -162,52 +165,68 @@ class BatchMirror:
             self.order.append(seq_id)
             i += 4 + nb
         off = end
-        for seq_id, block in msg[off:off + 2 * n_blocks].reshape(-1, 2).tolist():
-            slot = self.slot_of[seq_id]
-            self.table[slot, self.num_blocks[slot]] = block
-            self.num_blocks[slot] += 1
+        if n_blocks:
+            pairs = msg[off:off + 2 * n_blocks].reshape(-1, 2).tolist()
+            for seq_id, block in pairs:
+                slot = self.slot_of[seq_id]
+                self.table[slot, self.num_blocks[slot]] = block
+                self.num_blocks[slot] += 1
         off += 2 * n_blocks
         prefill = msg[off:off + 2 * n_prefill].reshape(-1, 2)
         off += 2 * n_prefill
         token_ids = msg[off:off + n_tokens]
 
         if self._order_slots is None:
+            self._order_ids = np.array(self.order, dtype=np.int64)
             self._order_slots = np.array([self.slot_of[s] for s in self.order], dtype=np.int64)
-        order_slots = self._order_slots
-        decoding = self.computed[order_slots] >= self.prefill_len[order_slots]
-        decode_slots = order_slots[decoding]
+        decoding = self.computed[self._order_slots] >= self.prefill_len[self._order_slots]
+        if decoding.all():
+            decode_slots, decode_ids = self._order_slots, self._order_ids
+        else:
+            decode_slots, decode_ids = self._order_slots[decoding], self._order_ids[decoding]
+        nd = len(decode_slots)
+        bs = self.block_size
+        if not n_prefill:  # decode only (the steady state): one token per row, at its cached length
+            assert nd == n_tokens, "the message's tokens do not match its rows"
+            positions = self.computed[decode_slots]  # (B,)
+            seq_lens = positions + 1
+            self.computed[decode_slots] = seq_lens
+            width = int((seq_lens.max() + bs - 1) // bs) if nd else 0
+            return Step(token_ids=token_ids, positions=positions, query_lens=self._ones[:nd], seq_lens=seq_lens,
+                        block_tables=self.table[decode_slots, :width],
+                        slot_mapping=self.table[decode_slots, positions // bs].astype(np.int64) * bs + positions % bs,
+                        num_decode=nd, logit_indices=self._arange[:nd], sample_ids=decode_ids.tolist(),
+                        prompt_spans=[])
         prefill_ids = prefill[:, 0].tolist()
         prefill_slots = np.array([self.slot_of[s] for s in prefill_ids], dtype=np.int64)
         rows = np.concatenate([decode_slots, prefill_slots])  # (B,)
-        query_lens = np.concatenate([np.ones(len(decode_slots), dtype=np.int64), prefill[:, 1]])  # (B,)
-        assert query_lens.sum() == n_tokens, "the message's tokens do not match its rows"
+        query_lens = np.concatenate([self._ones[:nd], prefill[:, 1]])  # (B,)
         starts = self.computed[rows]  # (B,)
         seq_lens = starts + query_lens
         ends = np.cumsum(query_lens)  # (B,) one past each row's last token
+        assert ends[-1] == n_tokens, "the message's tokens do not match its rows"
         token_row = np.repeat(np.arange(len(rows)), query_lens)  # (T,)
         positions = np.arange(n_tokens, dtype=np.int64) - np.repeat(ends - query_lens - starts, query_lens)  # (T,)
-        bs = self.block_size
-        slot_mapping = self.table[rows[token_row], positions // bs].astype(np.int64) * bs + positions % bs
-        width = int((seq_lens.max() + bs - 1) // bs) if len(rows) else 0
+        slot_mapping = self.table[rows[token_row], positions // bs].astype(np.int64) * bs + positions % bs  # (T,)
+        width = int((seq_lens.max() + bs - 1) // bs)
         block_tables = self.table[rows, :width]  # (B, width)
 
-        prefill_end = self.prefill_len[rows]  # (B,)
-        sampled = np.arange(len(rows)) < len(decode_slots)
-        sampled[len(decode_slots):] = seq_lens[len(decode_slots):] == prefill_end[len(decode_slots):]
-        all_ids = np.array(self.order, dtype=np.int64)[decoding].tolist() + prefill_ids
-        sample_ids = [s for s, keep in zip(all_ids, sampled.tolist()) if keep]
-        logit_indices = [ends[sampled] - 1]
+        # Sampled: every decode row, and each prefill row whose chunk ends its prefill.
+        pre_end = self.prefill_len[prefill_slots]
+        done = seq_lens[nd:] == pre_end
+        sample_ids = decode_ids.tolist() + [s for s, d in zip(prefill_ids, done.tolist()) if d]
+        logit_indices = [self._arange[:nd], ends[nd:][done] - 1]
         prompt_spans: list[tuple[int, int, int]] = []
         for j, (seq_id, slot) in enumerate(zip(prefill_ids, prefill_slots.tolist())):
             if self.prompt_logprobs[slot]:
-                r = len(decode_slots) + j
+                r = nd + j
                 first = int(starts[r])
-                count = int(min(seq_lens[r], prefill_end[r] - 1) - first)  # position p predicts token p + 1
+                count = int(min(seq_lens[r], pre_end[j] - 1) - first)  # position p predicts token p + 1
                 if count > 0:
                     prompt_spans.append((seq_id, first, count))
-                    logit_indices.append(np.arange(ends[r] - query_lens[r], ends[r] - query_lens[r] + count))
+                    row_start = int(ends[r] - query_lens[r])
+                    logit_indices.append(np.arange(row_start, row_start + count, dtype=np.int64))
         self.computed[rows] = seq_lens
         return Step(token_ids=token_ids, positions=positions, query_lens=query_lens, seq_lens=seq_lens,
-                    block_tables=block_tables, slot_mapping=slot_mapping, num_decode=len(decode_slots),
-                    logit_indices=np.concatenate(logit_indices).astype(np.int64), sample_ids=sample_ids,
-                    prompt_spans=prompt_spans)
+                    block_tables=block_tables, slot_mapping=slot_mapping, num_decode=nd,
+                    logit_indices=np.concatenate(logit_indices), sample_ids=sample_ids, prompt_spans=prompt_spans)
