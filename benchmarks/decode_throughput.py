@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from polar_dist.cli import add_config_args, config_from_args, run_main  # noqa: E402
 from polar_dist.engine.kv_cache import BlockAllocator, blocks_needed  # noqa: E402
-from polar_dist.engine.step import StepKind, Step  # noqa: E402
+from polar_dist.engine.step import Step  # noqa: E402
 from polar_dist.runtime import Runtime  # noqa: E402
 
 WARMUP_STEPS = 3  # first steps of each case (graph capture, first launches) are not timed
@@ -55,9 +55,8 @@ def decode_steps(rt: Runtime, batch: int, context: int, steps: int) -> list[Step
     bs = rt.cfg.engine.block_size
     allocator = BlockAllocator(rt.runner.num_blocks)
     tables = [allocator.allocate(blocks_needed(context + steps, bs)) for _ in range(batch)]
-    return [Step(kind=StepKind.DECODE, token_ids=[(7 * i + s) % 256 for i in range(batch)],
-                     positions=[context + s] * batch, query_lens=[1] * batch, seq_lens=[context + s + 1] * batch,
-                     block_tables=tables) for s in range(steps)]
+    return [Step.decode([(7 * i + s) % 256 for i in range(batch)], [context + s + 1] * batch, tables, bs)
+            for s in range(steps)]
 
 
 def nccl_share(rt: Runtime, step: Step) -> float:

@@ -24,10 +24,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from polar_dist.cli import add_config_args, config_from_args, run_main  # noqa: E402
-from polar_dist.engine.sampler import SamplingParams  # noqa: E402
+from polar_dist.engine.sampling import SamplingParams  # noqa: E402
 from polar_dist.models.head_selection import RoutedGroups  # noqa: E402
 from polar_dist.parallel.context import init_parallel  # noqa: E402
-from polar_dist.runtime import build_runtime, new_scheduler  # noqa: E402
+from polar_dist.runtime import LocalSteps, build_runtime  # noqa: E402
 from polar_dist.sparsity.text import read_text_files, token_segments  # noqa: E402
 
 
@@ -76,16 +76,17 @@ def main() -> None:
     batch = cfg.engine.max_batch_size
     tokens = 0
     for s in range(0, len(segments), batch):
-        scheduler = new_scheduler(rt)
+        steps = LocalSteps(rt)
         for seg in segments[s:s + batch]:
-            scheduler.add(seg, SamplingParams(max_new_tokens=1))
-        step, _ = scheduler.next_step()
-        rt.runner.execute(step)
-        tokens += len(step.token_ids)
-        for i, heads in layers:
-            scores = heads.router(captured[i])  # (T, G)
-            top = torch.topk(scores, heads.k, dim=1).indices  # (T, k) global scope
-            counts[i] += torch.bincount(top.flatten(), minlength=G).double().cpu()
+            steps.scheduler.add(seg, SamplingParams(max_new_tokens=1, ignore_eos=True), seed=0)
+        while (step := steps.next()) is not None:  # dense prefill, chunked under the step token budget
+            rt.runner.logits(step)
+            steps.feed(step, [0] * len(step.sample_ids))
+            tokens += len(step.token_ids)
+            for i, heads in layers:
+                scores = heads.router(captured[i])  # (T, G)
+                top = torch.topk(scores, heads.k, dim=1).indices  # (T, k) global scope
+                counts[i] += torch.bincount(top.flatten(), minlength=G).double().cpu()
     for h in hooks:
         h.remove()
     rows = []

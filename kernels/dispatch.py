@@ -117,6 +117,19 @@ class KernelOps:
         """(rms_norm(x + residual), x + residual); see kernels/rms_norm.py."""
         return self._pick("rms_norm", "add_rms_norm")(x, residual, weight, eps)
 
+    def sample_tokens(
+        self,
+        logits: torch.Tensor,  # [R, V] float32
+        temperature: torch.Tensor,  # [R] float32, 0 = greedy
+        top_k: torch.Tensor,  # [R] int32, 0 = off
+        top_p: torch.Tensor,  # [R] float32
+        min_p: torch.Tensor,  # [R] float32, 0 = off
+        seeds: torch.Tensor,  # [R] int64
+        counters: torch.Tensor,  # [R] int64
+    ) -> torch.Tensor:  # [R] int64, -1 for a row without a finite logit
+        """Filtered, seeded Gumbel-max draw per row; see kernels/sample_tokens.py."""
+        return self._pick("sample_tokens", "sample_tokens")(logits, temperature, top_k, top_p, min_p, seeds, counters)
+
     def rotary(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                positions: torch.Tensor) -> torch.Tensor:  # [T, H, D] -> [T, H, D]
         """Rotary position embedding, half-split layout; see kernels/rotary.py."""

@@ -4,7 +4,8 @@
     torchrun --nproc_per_node 3 launch/generate.py --config configs/smollm2-135m.yaml --prompt "Hi" --prompt "Bye"
     mpirun --allow-run-as-root --oversubscribe -np 3 python launch/generate.py --config configs/smollm2-135m.yaml --prompt "Hi"
 
-Output line: {"prompt": ..., "text": ..., "token_ids": [generated ids only]}
+Output line: {"prompt": ..., "text": ..., "token_ids": [generated ids only], "finish_reason": "stop" | "length" | ...}
+(with --logprobs N also "logprobs": [[token id, logprob, [[top id, logprob], ...]], ...])
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from polar_dist.cli import (add_config_args, config_from_args, non_negative_float, non_negative_int,  # noqa: E402
-                            positive_int, probability, run_main, seed, utf8_text)
+from polar_dist.cli import (add_config_args, config_from_args, finite_float, non_negative_float,  # noqa: E402
+                            non_negative_int, positive_int, probability, run_main, seed, utf8_text)
 
 
 def main() -> None:
@@ -29,21 +30,28 @@ def main() -> None:
     parser.add_argument("--temperature", type=non_negative_float, default=0.0, help="0 is greedy")
     parser.add_argument("--top-p", type=probability, default=1.0)
     parser.add_argument("--top-k", type=non_negative_int, default=0)
+    parser.add_argument("--min-p", type=non_negative_float, default=0.0, help="in [0, 1]; 0 disables it")
+    parser.add_argument("--repetition-penalty", type=non_negative_float, default=1.0, help="> 0; 1 disables it")
+    parser.add_argument("--frequency-penalty", type=finite_float, default=0.0)
+    parser.add_argument("--presence-penalty", type=finite_float, default=0.0)
+    parser.add_argument("--logprobs", type=non_negative_int, default=None,
+                        help="report each token's logprob and the top N")
     parser.add_argument("--seed", type=seed, default=None)
     parser.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens tokens")
     parser.add_argument("--stats", action="store_true", help="print throughput to stderr on rank 0")
     args = parser.parse_args()
     cfg = config_from_args(args)
 
-    from polar_dist.engine.sampler import SamplingParams
+    from polar_dist.engine.sampling import SamplingParams
     from polar_dist.log import configure_logging
     from polar_dist.parallel.context import init_parallel
     from polar_dist.runtime import build_runtime, generate
 
     max_new_tokens = cfg.engine.max_new_tokens if args.max_new_tokens is None else args.max_new_tokens
-    params = SamplingParams(max_new_tokens=max_new_tokens,
-                            temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
-                            ignore_eos=args.ignore_eos)
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                            top_k=args.top_k, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                            frequency_penalty=args.frequency_penalty, presence_penalty=args.presence_penalty,
+                            seed=args.seed, ignore_eos=args.ignore_eos, logprobs=args.logprobs)
     ctx = init_parallel(cfg.parallel, cfg.model.device)
     configure_logging(ctx.rank, ctx.world_size)
     rt = build_runtime(cfg, ctx)
@@ -52,8 +60,11 @@ def main() -> None:
     elapsed = time.perf_counter() - t0
     if seqs is not None:
         for prompt, seq in zip(args.prompt, seqs):
-            print(json.dumps({"prompt": prompt, "text": rt.tokenizer.decode(seq.output_ids),
-                              "token_ids": seq.output_ids}), flush=True)
+            line = {"prompt": prompt, "text": rt.tokenizer.decode(seq.output_ids), "token_ids": seq.output_ids,
+                    "finish_reason": seq.finish_reason}
+            if seq.logprobs is not None:
+                line["logprobs"] = [[lp.token_id, lp.logprob, [list(t) for t in lp.top]] for lp in seq.logprobs]
+            print(json.dumps(line), flush=True)
         if args.stats:
             n = sum(len(s.output_ids) for s in seqs)
             print(f"generated {n} tokens in {elapsed:.2f} s: {n / elapsed:.1f} tokens/s", file=sys.stderr)

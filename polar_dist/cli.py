@@ -39,6 +39,10 @@ def _number(text: str, kind: type) -> float:
     return value
 
 
+def finite_float(text: str) -> float:
+    return _number(text, float)
+
+
 def non_negative_float(text: str) -> float:
     value = _number(text, float)
     if value < 0:

@@ -89,12 +89,23 @@ class SparsityConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class EngineConfig:
+    """The engine's batch and KV cache.
+
+    KV cache size, first that applies: `kv_cache_blocks` (> 0); on CUDA, what is left of
+    `gpu_memory_utilization` of the GPU after the weights and a profiled peak step; on CPU,
+    `kv_cache_memory_gb` (> 0), else room for `max_batch_size` sequences of `max_seq_len`.
+    `max_num_batched_tokens` bounds the tokens of one step (decode rows + prefill chunks): a
+    longer prompt is prefilled in chunks while the running sequences keep decoding.
+    """
+
     block_size: int = 16  # tokens per KV-cache block
     max_batch_size: int = 8
     max_seq_len: int = 0  # 0: the model's max_position_embeddings
-    kv_cache_blocks: int = 0  # 0: enough for max_batch_size sequences of max_seq_len
+    kv_cache_blocks: int = 0  # 0: sized automatically (see above)
+    gpu_memory_utilization: float = 0.9  # fraction of the GPU's memory this rank may use in all
+    kv_cache_memory_gb: float = 0.0  # CPU: GiB for the KV cache per rank; 0: max_batch_size x max_seq_len
     max_new_tokens: int = 64
-    max_prefill_tokens: int = 8192  # prompt tokens per prefill step (a longer prompt still runs, alone)
+    max_num_batched_tokens: int = 2048  # tokens per step; >= max_batch_size
     cuda_graphs: bool = True  # replay decode steps as CUDA graphs (CUDA only)
 
 
@@ -295,9 +306,16 @@ def _validate(cfg: RunConfig) -> None:
     if e.block_size < 16 or e.block_size & (e.block_size - 1):
         raise UserError(f"engine.block_size = {e.block_size} must be a power of two >= 16 (the decode kernel's "
                         "smallest tile); 16 is typical")
-    for name in ("max_batch_size", "max_new_tokens", "max_prefill_tokens"):
+    for name in ("max_batch_size", "max_new_tokens", "max_num_batched_tokens"):
         if getattr(e, name) < 1:
             raise UserError(f"engine.{name} = {getattr(e, name)} must be >= 1")
+    if e.max_num_batched_tokens < e.max_batch_size:
+        raise UserError(f"engine.max_num_batched_tokens = {e.max_num_batched_tokens} must be >= engine.max_batch_size "
+                        f"({e.max_batch_size}): every running sequence decodes one token each step")
+    if not 0.0 < e.gpu_memory_utilization <= 1.0:
+        raise UserError(f"engine.gpu_memory_utilization = {e.gpu_memory_utilization} must be in (0, 1]")
+    if not e.kv_cache_memory_gb >= 0.0:
+        raise UserError(f"engine.kv_cache_memory_gb = {e.kv_cache_memory_gb} must be >= 0 (0 = automatic)")
     for name in ("max_seq_len", "kv_cache_blocks"):
         if getattr(e, name) < 0:
             raise UserError(f"engine.{name} = {getattr(e, name)} must be >= 0 (0 = automatic)")

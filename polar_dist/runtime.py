@@ -1,5 +1,5 @@
-"""Runtime: one rank's model shard, KV cache and tokenizer, built from a RunConfig, and the
-generation loop - rank 0 schedules and samples, the other ranks execute its steps.
+"""Runtime: one rank's model shard, KV cache and tokenizer, built from a RunConfig, and a
+generation loop over the engine - rank 0 runs the Engine, the other ranks its steps.
 
     ctx = init_parallel(cfg.parallel, cfg.model.device)
     rt = build_runtime(cfg, ctx)
@@ -16,11 +16,13 @@ import torch
 from kernels.dispatch import Backend, KernelOps, choose_backend
 from polar_dist import envs
 from polar_dist.config import RunConfig
-from polar_dist.engine.kv_cache import BlockAllocator, blocks_needed
-from polar_dist.engine.step import STOP, StepKind, Step
+from polar_dist.engine.engine import Engine, worker_loop
+from polar_dist.engine.kv_cache import BlockAllocator
+from polar_dist.engine.memory import kv_bytes_per_block, size_kv_cache
 from polar_dist.engine.runner import ModelRunner
-from polar_dist.engine.sampler import SamplingParams
-from polar_dist.engine.scheduler import Scheduler, Sequence, run_to_completion
+from polar_dist.engine.sampling import SampleOutput, SamplingParams, TokenLogprobs
+from polar_dist.engine.scheduler import Scheduler
+from polar_dist.engine.step import BatchMirror, Step, encode
 from polar_dist.errors import UserError
 from polar_dist.log import get_logger
 from polar_dist.models.build import BuildContext
@@ -44,7 +46,24 @@ class Runtime:
     runner: ModelRunner
     tokenizer: Tokenizer
     max_seq_len: int
+    cache_setting: str  # the config field that sized the KV cache, named in messages
     policy: SparsityPolicy  # what the decode steps compute, per layer
+
+
+@dataclass
+class Completion:
+    """A finished request of `generate`."""
+
+    request_id: int
+    prompt_ids: list[int]
+    output_ids: list[int]
+    finish_reason: str
+    logprobs: list[TokenLogprobs] | None = None
+    prompt_logprobs: list[TokenLogprobs] | None = None
+
+    @property
+    def all_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
 
 
 def resolve_source_once(cfg: RunConfig, ctx: ParallelContext) -> ModelSource:
@@ -127,44 +146,82 @@ def build_runtime(cfg: RunConfig, ctx: ParallelContext) -> Runtime:
                  policy.scope.value, list(policy.head_k), policy.num_groups,
                  "" if policy.neuron_k is None else ", batch-union MLP neurons")
     e = cfg.engine
-    num_blocks = e.kv_cache_blocks or e.max_batch_size * blocks_needed(max_seq_len, e.block_size)
+    sizing = size_kv_cache(e, spec, plan, max_seq_len, dtype, ctx.device, model)
+    num_blocks = ctx.all_reduce_min(sizing.num_blocks)  # the ranks' caches must match
+    per_block = kv_bytes_per_block(spec, plan, e.block_size, dtype)
+    log.info("KV cache: %d blocks of %d tokens = %d tokens (%.2f GiB per rank), %.1f sequences of "
+             "engine.max_seq_len = %d; from %s", num_blocks, e.block_size, num_blocks * e.block_size,
+             num_blocks * per_block / (1 << 30), num_blocks * e.block_size / max_seq_len, max_seq_len, sizing.detail)
+    if num_blocks * e.block_size < max_seq_len:
+        log.warning("the KV cache holds %d tokens, fewer than engine.max_seq_len = %d: sequences stop there "
+                    "(finish reason 'length'); raise %s", num_blocks * e.block_size, max_seq_len, sizing.setting)
     runner = ModelRunner(model, spec, plan, num_blocks=num_blocks, block_size=e.block_size, dtype=dtype,
                          device=ctx.device, max_batch_size=e.max_batch_size, max_seq_len=max_seq_len,
                          cuda_graphs=e.cuda_graphs)
-    return Runtime(cfg, ctx, spec, runner, tokenizer, max_seq_len, policy)
+    return Runtime(cfg, ctx, spec, runner, tokenizer, max_seq_len, sizing.setting, policy)
 
 
 def new_scheduler(rt: Runtime) -> Scheduler:
+    """A scheduler over the runtime's whole cache (the Engine makes its own; tests drive one by hand)."""
     e = rt.cfg.engine
     return Scheduler(BlockAllocator(rt.runner.num_blocks), e.block_size, e.max_batch_size, rt.max_seq_len,
-                     rt.tokenizer.eos_token_ids, rt.spec.vocab_size, e.max_prefill_tokens)
+                     rt.tokenizer.eos_token_ids, rt.spec.vocab_size, e.max_num_batched_tokens, rt.cache_setting)
 
 
-def generate_ids(rt: Runtime, prompts: list[list[int]], params: SamplingParams) -> list[Sequence] | None:
-    """Generate for token-id prompts. Every rank calls it; rank 0 returns the finished
-    sequences in prompt order, the others return None."""
-    scheduler = new_scheduler(rt)
-    seqs = [scheduler.add(p, params) for p in prompts]  # validates on every rank, before any collective
+class LocalSteps:
+    """Steps planned by a scheduler on every rank from the same inputs, each rank turning the
+    delta into its Step locally: no messages. For jobs that feed the tokens themselves (teacher-
+    forced evaluation, calibration prefill), where every rank knows the next inputs; serving goes
+    through the Engine.
+
+        steps = LocalSteps(rt)
+        steps.scheduler.add(prompt_ids, SamplingParams(max_new_tokens=n, ignore_eos=True), seed=0)
+        while (step := steps.next()) is not None:
+            logits = rt.runner.logits(step)          # (rows of step.sample_ids, V)
+            steps.feed(step, next_tokens)            # one token per sampled row
+    """
+
+    def __init__(self, rt: Runtime) -> None:
+        e = rt.cfg.engine
+        self.scheduler = new_scheduler(rt)
+        self.mirror = BatchMirror(e.max_batch_size, rt.runner.max_blocks_per_seq, e.block_size)
+
+    def next(self) -> Step | None:
+        """The next step, or None when nothing is left to run."""
+        delta = self.scheduler.schedule()
+        return None if delta is None else self.mirror.apply(encode(delta))
+
+    def feed(self, step: Step, token_ids: list[int]) -> None:
+        """Give each sampled row of `step` (step.sample_ids, in order) its next token."""
+        self.scheduler.accept(step, SampleOutput(list(token_ids), [None] * len(token_ids), []))
+
+
+def generate_ids(rt: Runtime, prompts: list[list[int]], params: SamplingParams) -> list[Completion] | None:
+    """Generate for token-id prompts. Every rank calls it; rank 0 returns the finished requests
+    in prompt order, the others return None."""
+    check = new_scheduler(rt)
+    for p in prompts:  # validates on every rank, before any collective
+        check.validate(p)
     if not rt.ctx.is_driver:
         worker_loop(rt)
         return None
+    with Engine(rt) as engine:  # an error leaves without STOP (see Engine.shutdown)
+        ids = [engine.add_request(p, params) for p in prompts]
+        done: dict[int, Completion] = {}
+        pending = {i: Completion(i, list(p), [], "") for i, p in zip(ids, prompts)}
+        while engine.has_unfinished():
+            for out in engine.step():
+                c = pending[out.request_id]
+                c.output_ids += out.new_token_ids
+                if out.logprobs is not None:
+                    c.logprobs = (c.logprobs or []) + out.logprobs
+                if out.prompt_logprobs is not None:
+                    c.prompt_logprobs = out.prompt_logprobs
+                if out.finished:
+                    c.finish_reason = out.finish_reason or ""
+                    done[out.request_id] = pending.pop(out.request_id)
+    return [done[i] for i in ids]
 
-    def execute(step: Step) -> torch.Tensor:
-        return rt.runner.execute(rt.ctx.broadcast_object(step))
 
-    # STOP goes out only after a clean run. If rank 0 fails mid-step, the others may be inside a
-    # collective of that step, and a STOP broadcast would pair with it; rank 0 exits instead, and
-    # the others see the closed connection (or the timeout) and exit too.
-    run_to_completion(scheduler, execute)
-    rt.ctx.broadcast_object(STOP)
-    return seqs
-
-
-def generate(rt: Runtime, prompts: list[str], params: SamplingParams) -> list[Sequence] | None:
+def generate(rt: Runtime, prompts: list[str], params: SamplingParams) -> list[Completion] | None:
     return generate_ids(rt, [rt.tokenizer.encode(p) for p in prompts], params)
-
-
-def worker_loop(rt: Runtime) -> None:
-    """Non-driver ranks: execute rank 0's steps until it says stop."""
-    while (step := rt.ctx.broadcast_object()).kind is not StepKind.STOP:
-        rt.runner.execute(step)

@@ -17,7 +17,7 @@ from support.ranks import free_port, run_ranks
 
 from support import tiny_models
 from polar_dist.config import config_from_dict
-from polar_dist.engine.sampler import SamplingParams
+from polar_dist.engine.sampling import SamplingParams
 from polar_dist.models.tokenizer import ByteTokenizer
 from polar_dist.parallel.context import init_parallel
 from polar_dist.runtime import build_runtime, generate

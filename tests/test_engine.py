@@ -1,8 +1,11 @@
-"""Engine behaviour on a tiny random Llama at tp=1: batching and preemption change nothing,
-sampling is seeded, and `kernels` does not pass for the HF `kernels` distribution."""
+"""The engine on a tiny random Llama at tp=1: batching, chunking, arrival order and preemption
+change no token; seeded sampling is the same alone and in a busy batch; abort frees blocks;
+logprobs are the model's; the CUDA-graph buffers give the eager tokens; and `kernels` does not
+pass for the HF `kernels` distribution."""
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -12,12 +15,14 @@ import pytest
 import torch
 
 from polar_dist.config import config_from_dict
-from polar_dist.engine.sampler import SamplingParams, sample
+from polar_dist.engine.engine import Engine, RequestOutput
+from polar_dist.engine.sampling import SamplingParams
 from polar_dist.parallel.context import init_parallel
 from polar_dist.runtime import Runtime, build_runtime, generate_ids
 from support.tiny_models import VOCAB
 
 PROMPTS = [[5, 6, 7], list(range(10, 40)), list(range(100, 117)), [9]]
+GREEDY = SamplingParams(max_new_tokens=20, ignore_eos=True)
 
 
 @pytest.fixture(scope="module")
@@ -32,25 +37,64 @@ def runtime(model_dir: Path, **engine: int) -> Runtime:
 
 
 def outputs(rt: Runtime, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
-    seqs = generate_ids(rt, prompts, params)
-    assert seqs is not None
-    return [s.output_ids for s in seqs]
+    done = generate_ids(rt, prompts, params)
+    assert done is not None
+    return [c.output_ids for c in done]
 
 
-def test_batched_equals_one_at_a_time(model_dir: Path) -> None:
-    rt = runtime(model_dir, max_batch_size=4)
-    params = SamplingParams(max_new_tokens=20, ignore_eos=True)
-    batched = outputs(rt, PROMPTS, params)
-    alone = [outputs(rt, [p], params)[0] for p in PROMPTS]
-    assert batched == alone
-    assert all(len(o) == 20 for o in batched)
+def drive(engine: Engine, arrivals: dict[int, list[tuple[list[int], SamplingParams]]],
+          on_step: Callable[[list[RequestOutput]], None] | None = None) -> dict[int, list[int]]:
+    """Step the engine, adding arrivals[i] before step i; returns {request id: tokens}, ids in arrival order."""
+    tokens: dict[int, list[int]] = {}
+    i = 0
+    while engine.has_unfinished() or i <= max(arrivals):
+        for prompt, params in arrivals.get(i, []):
+            tokens[engine.add_request(prompt, params)] = []
+        outs = engine.step()
+        for out in outs:
+            tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
+        if on_step:
+            on_step(outs)
+        i += 1
+    return tokens
+
+
+def test_batched_chunked_and_late_arrivals_equal_one_at_a_time(model_dir: Path) -> None:
+    rt = runtime(model_dir, max_batch_size=4, max_num_batched_tokens=8)  # 30-token prompt: 4+ chunks
+    alone = [outputs(rt, [p], GREEDY)[0] for p in PROMPTS]
+    assert all(len(o) == 20 for o in alone)
+    assert outputs(rt, PROMPTS, GREEDY) == alone
+    engine = Engine(rt)
+    got = drive(engine, {0: [(PROMPTS[0], GREEDY)], 3: [(PROMPTS[1], GREEDY), (PROMPTS[2], GREEDY)],
+                         9: [(PROMPTS[3], GREEDY)]})
+    assert list(got.values()) == alone
+    assert engine.num_free_blocks == rt.runner.num_blocks
+    engine.shutdown()
+
+
+def test_a_long_prompt_is_chunked_while_others_keep_decoding(model_dir: Path) -> None:
+    rt = runtime(model_dir, max_batch_size=4, max_num_batched_tokens=8)
+    engine = Engine(rt)
+    short = engine.add_request(PROMPTS[0], GREEDY)
+    engine.step()
+    long = engine.add_request(list(range(3, 60)), SamplingParams(max_new_tokens=2, ignore_eos=True))
+    steps = 0
+    while True:
+        outs = {o.request_id: o for o in engine.step()}
+        steps += 1
+        assert len(outs[short].new_token_ids) == 1, "the running stream gets a token every step"
+        if long in outs:
+            break
+    assert steps == 9  # 57 prompt tokens in chunks of 8 - 1 (the decode row's token)
+    drive(engine, {0: []})
+    engine.shutdown()
 
 
 def test_preemption_under_a_small_cache_loses_nothing(model_dir: Path) -> None:
     params = SamplingParams(max_new_tokens=40, ignore_eos=True)
     roomy = outputs(runtime(model_dir, max_batch_size=4), PROMPTS, params)
     # 8 blocks of 16 tokens cannot hold the four sequences at once (they end needing 3+5+4+3 = 15)
-    tight_rt = runtime(model_dir, max_batch_size=4, kv_cache_blocks=8)
+    tight_rt = runtime(model_dir, max_batch_size=4, kv_cache_blocks=8, max_num_batched_tokens=16)
     assert outputs(tight_rt, PROMPTS, params) == roomy
 
 
@@ -64,21 +108,66 @@ def test_sequences_longer_than_the_cache_stop_at_its_capacity(model_dir: Path) -
     # 3 blocks of 16 tokens: each sequence alone may grow to 48 tokens, then stops with "length";
     # together they preempt each other and still all finish.
     rt = runtime(model_dir, max_batch_size=4, kv_cache_blocks=3)
-    seqs = generate_ids(rt, [[5, 6, 7], list(range(10, 30))], SamplingParams(max_new_tokens=100, ignore_eos=True))
-    assert seqs is not None
-    assert [len(s.all_ids) for s in seqs] == [48, 48]
-    assert [s.finish_reason for s in seqs] == ["length", "length"]
+    done = generate_ids(rt, [[5, 6, 7], list(range(10, 30))], SamplingParams(max_new_tokens=100, ignore_eos=True))
+    assert done is not None
+    assert [len(c.all_ids) for c in done] == [48, 48]
+    assert [c.finish_reason for c in done] == ["length", "length"]
 
 
-def test_sampling_is_seeded_and_differs_from_greedy(model_dir: Path) -> None:
-    rt = runtime(model_dir, max_batch_size=4)
-    hot = SamplingParams(max_new_tokens=24, temperature=1.5, top_p=0.95, seed=7, ignore_eos=True)
-    first, again = outputs(rt, PROMPTS[:2], hot), outputs(rt, PROMPTS[:2], hot)
-    assert first == again
-    greedy = outputs(rt, PROMPTS[:2], SamplingParams(max_new_tokens=24, ignore_eos=True))
-    assert first != greedy
-    other_seed = outputs(rt, PROMPTS[:2], SamplingParams(**{**hot.__dict__, "seed": 8}))
-    assert other_seed != first
+def test_seeded_sampling_is_the_same_alone_and_in_a_busy_batch(model_dir: Path) -> None:
+    rt = runtime(model_dir, max_batch_size=4, max_num_batched_tokens=8)
+    hot = SamplingParams(max_new_tokens=24, temperature=1.5, top_p=0.95, top_k=50, seed=7, ignore_eos=True)
+    alone = outputs(rt, [PROMPTS[1]], hot)[0]
+    busy = [(p, SamplingParams(max_new_tokens=30, temperature=1.0, seed=i, ignore_eos=True))
+            for i, p in enumerate(PROMPTS)]
+    engine = Engine(rt)
+    got = drive(engine, {0: busy[:2], 2: [(PROMPTS[1], hot)], 4: busy[2:]})
+    engine.shutdown()
+    assert got[2] == alone
+    assert alone != outputs(rt, [PROMPTS[1]], GREEDY)[0][:24]
+    assert alone != outputs(rt, [PROMPTS[1]], SamplingParams(**{**hot.__dict__, "seed": 8}))[0]
+
+
+def test_abort_frees_blocks_and_reports(model_dir: Path) -> None:
+    rt = runtime(model_dir, max_batch_size=2, max_num_batched_tokens=8)
+    engine = Engine(rt)
+    a = engine.add_request(PROMPTS[1], GREEDY)  # chunked: aborted part-way through its prefill
+    b = engine.add_request(PROMPTS[0], GREEDY)
+    c = engine.add_request(PROMPTS[2], GREEDY)  # still waiting (batch of 2)
+    engine.step()
+    assert engine.num_free_blocks < rt.runner.num_blocks
+    assert engine.abort(a) and engine.abort(c) and not engine.abort(c)
+    outs = engine.step()
+    assert {(o.request_id, o.finish_reason) for o in outs if o.finished} == {(a, "abort"), (c, "abort")}
+    for _ in range(3):
+        engine.step()
+    assert engine.abort(b)
+    engine.step()
+    assert not engine.has_unfinished()
+    assert engine.num_free_blocks == rt.runner.num_blocks  # no block leaked
+    engine.shutdown()
+
+
+def test_logprobs_are_the_models(model_dir: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    rt = runtime(model_dir, max_num_batched_tokens=16)  # the prompt's logprobs come from two chunks
+    prompt = PROMPTS[1]
+    done = generate_ids(rt, [prompt], SamplingParams(max_new_tokens=3, logprobs=3, prompt_logprobs=2))
+    assert done is not None
+    c = done[0]
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    with torch.no_grad():
+        ref = torch.log_softmax(model(torch.tensor([c.all_ids])).logits[0].double(), -1)  # (L, V)
+    assert c.prompt_logprobs is not None and len(c.prompt_logprobs) == len(prompt) - 1
+    for p, lp in enumerate(c.prompt_logprobs):
+        assert lp.token_id == prompt[p + 1] and math.isclose(lp.logprob, ref[p, prompt[p + 1]].item(), abs_tol=1e-4)
+        assert [t for t, _ in lp.top] == ref[p].topk(2).indices.tolist()
+    assert c.logprobs is not None and len(c.logprobs) == 3
+    for i, lp in enumerate(c.logprobs):
+        row = ref[len(prompt) - 1 + i]
+        assert lp.token_id == c.output_ids[i] == row.argmax().item()  # greedy
+        assert math.isclose(lp.logprob, row.max().item(), abs_tol=1e-4) and len(lp.top) == 3
 
 
 def test_prompt_ids_outside_the_vocabulary_are_rejected(model_dir: Path) -> None:
@@ -86,23 +175,6 @@ def test_prompt_ids_outside_the_vocabulary_are_rejected(model_dir: Path) -> None
     for bad in (VOCAB, -1):
         with pytest.raises(ValueError, match=f"prompt token id {bad} is outside the vocabulary"):
             generate_ids(rt, [[5, bad, 6]], SamplingParams(max_new_tokens=2))
-
-
-def test_sampler_filters() -> None:
-    logits = torch.tensor([0.0, 3.0, 2.9, -1.0])
-    gen = torch.Generator().manual_seed(0)
-    # top_k = 1 and a tiny top_p both leave only the arg-max
-    assert {sample(logits, SamplingParams(temperature=1.0, top_k=1), gen) for _ in range(50)} == {1}
-    assert {sample(logits, SamplingParams(temperature=1.0, top_p=0.01), gen) for _ in range(50)} == {1}
-    # top_k = 2 keeps exactly the two best
-    assert {sample(logits, SamplingParams(temperature=5.0, top_k=2), gen) for _ in range(200)} == {1, 2}
-    # top_k = 1 keeps exactly one token even when several share the best logit
-    tied = torch.tensor([1.0, 1.0, 1.0, 0.0])
-    assert len({sample(tied, SamplingParams(temperature=1.0, top_k=1), gen) for _ in range(50)}) == 1
-    # a tiny temperature is greedy, not an overflow
-    assert sample(logits, SamplingParams(temperature=1e-38), gen) == 1
-    with pytest.raises(ValueError, match="top_p = 0"):
-        SamplingParams(top_p=0)
 
 
 def test_kernels_package_is_not_the_hf_kernels_distribution() -> None:
@@ -127,18 +199,17 @@ class _EagerReplay:
 
 
 def test_graph_buffers_and_padding_rows_give_eager_results(model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The CUDA-graph decode path (plan copied into static buffers, batch padded to a bucket with
+    """The CUDA-graph decode path (step copied into static buffers, batch padded to a bucket with
     rows on the scratch block, block tables padded to max_seq_len) gives the eager path's tokens."""
     from polar_dist.engine import cuda_graphs
     from polar_dist.engine.cuda_graphs import DecodeGraphs
 
-    params = SamplingParams(max_new_tokens=20, ignore_eos=True)
     rt = runtime(model_dir, max_batch_size=8)
-    eager = outputs(rt, PROMPTS[:3], params)  # 3 sequences: the bucket of 4 has a padding row
+    eager = outputs(rt, PROMPTS[:3], GREEDY)  # 3 sequences: the bucket of 4 has a padding row
     monkeypatch.setattr(cuda_graphs.torch.cuda, "graph_pool_handle", lambda: None)
     monkeypatch.setattr(DecodeGraphs, "_capture", lambda self, n: ((r := _EagerReplay(self, n)), r.logits))
     runner = rt.runner
     runner.graphs = DecodeGraphs(runner.model, runner.kv_caches, runner.head_table, max_blocks=128 // 16,
                                  block_size=16, scratch_block=runner.num_blocks, device=runner.device)
-    assert outputs(rt, PROMPTS[:3], params) == eager
+    assert outputs(rt, PROMPTS[:3], GREEDY) == eager
     assert sorted(runner.graphs._graphs) == [4]

@@ -36,6 +36,7 @@ def test_json_lines_and_seeded_sampling(config: Path) -> None:
     a = generate(config, *hot, "--seed", "11")
     assert [x["prompt"] for x in a] == ["one", "two and three"]
     assert all(len(x["token_ids"]) == 16 and isinstance(x["text"], str) for x in a)
+    assert all(x["finish_reason"] == "length" for x in a)  # --ignore-eos: always max_new_tokens
     assert generate(config, *hot, "--seed", "11") == a
     assert generate(config, *hot, "--seed", "12") != a
     assert generate(config) != a  # greedy differs from the sampled run

@@ -12,7 +12,7 @@ from polar_dist.config import config_from_dict
 from polar_dist.parallel.context import init_parallel
 from polar_dist.runtime import build_runtime
 from support.ranks import run_ranks
-from support.tiny_models import check_against_hf, rank_main, runtime_logits, save_tiny_model
+from support.tiny_models import check_against_hf, prefill_logits, rank_main, runtime_logits, save_tiny_model
 
 
 def test_sharded_checkpoint_with_index(tmp_path: Path) -> None:
@@ -36,13 +36,7 @@ def random_logits(rank: int, world_size: int, out: str) -> None:
 
         assert not dist.is_initialized(), "tp=1 must not touch torch.distributed"
     rt = build_runtime(cfg, ctx)
-    from polar_dist.engine.sampler import SamplingParams
-    from polar_dist.runtime import new_scheduler
-
-    scheduler = new_scheduler(rt)
-    scheduler.add(list(range(3, 20)), SamplingParams(max_new_tokens=1))
-    step, _ = scheduler.next_step()
-    logits = rt.runner.execute(step)
+    logits = prefill_logits(rt, list(range(3, 20)))
     ctx.shutdown()
     if ctx.rank == 0:
         torch.save(logits, out)

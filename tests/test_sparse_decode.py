@@ -14,7 +14,7 @@ import torch
 from support import tiny_models
 from support.ranks import run_ranks
 from polar_dist.config import config_from_dict
-from polar_dist.engine.sampler import SamplingParams
+from polar_dist.engine.sampling import SamplingParams
 from polar_dist.errors import UserError
 from polar_dist.models.head_selection import RoutedGroups
 from polar_dist.parallel.context import init_parallel
@@ -161,7 +161,7 @@ def test_sparse_graph_decode_equals_eager_on_gpu(config: str) -> None:
     import yaml
 
     from polar_dist.engine.kv_cache import BlockAllocator, blocks_needed
-    from polar_dist.engine.step import Step, StepKind
+    from polar_dist.engine.step import Step
 
     raw = yaml.safe_load((Path(__file__).resolve().parents[1] / config).read_text())
     raw["model"]["architecture"]["num_hidden_layers"] = 4
@@ -180,9 +180,8 @@ def test_sparse_graph_decode_equals_eager_on_gpu(config: str) -> None:
         alloc = BlockAllocator(rt.runner.num_blocks)
         lens = [100, 300, 517, 900, 64, 1000, 250, 777]  # 8 rows: the bucket's own size, no padding rows
         tables = [alloc.allocate(blocks_needed(n, 16)) for n in lens]
-        step = Step(kind=StepKind.DECODE, token_ids=[(13 * i) % 1000 for i in range(8)], positions=[n - 1 for n in lens],
-                    query_lens=[1] * 8, seq_lens=lens, block_tables=tables)
-        results[graphs] = torch.stack([rt.runner.execute(step) for _ in range(2)])
+        step = Step.decode([(13 * i) % 1000 for i in range(8)], lens, tables, 16)
+        results[graphs] = torch.stack([rt.runner.logits(step) for _ in range(2)])
         del rt
         torch.cuda.empty_cache()
     eager, graphed = results[False], results[True]

@@ -11,6 +11,7 @@ buffers the graph captured; a step only copies its step into them and replays.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -76,15 +77,20 @@ class DecodeGraphs:
         """Copy the decode step into the captured buffers and replay; (B, V) float32 logits."""
         b, n = step.batch_size, self.bucket(step.batch_size)
         assert n is not None, "batch larger than the largest captured bucket"
-        pad, bs, scratch = n - b, self.block_size, self.scratch_block
+        bs, scratch = self.block_size, self.scratch_block
         # Padding rows: one token at position 0 of the scratch block.
-        tables = [t + [scratch] * (self.max_blocks - len(t)) for t in step.block_tables] + [[scratch] * self.max_blocks] * pad
-        for buf, values in ((self.ids, step.token_ids + [0] * pad),
-                            (self.positions, step.positions + [0] * pad),
-                            (self.seq_lens, step.seq_lens + [1] * pad),
-                            (self.slots, step.cache_slots(bs) + [scratch * bs] * pad),
-                            (self.block_tables, tables)):
-            buf[:n].copy_(torch.tensor(values, dtype=buf.dtype), non_blocking=True)
+        tables = np.full((n, self.max_blocks), scratch, dtype=np.int32)
+        tables[:b, :step.block_tables.shape[1]] = step.block_tables
+        rows = np.zeros((4, n), dtype=np.int64)  # ids, positions, seq_lens, slots
+        rows[0, :b], rows[1, :b], rows[2, :b], rows[3, :b] = step.token_ids, step.positions, step.seq_lens, \
+            step.slot_mapping
+        rows[2, b:], rows[3, b:] = 1, scratch * bs
+        host = torch.from_numpy(rows).to(self.ids.device, non_blocking=True)
+        self.ids[:n].copy_(host[0])
+        self.positions[:n].copy_(host[1])
+        self.seq_lens[:n].copy_(host[2])
+        self.slots[:n].copy_(host[3])
+        self.block_tables[:n].copy_(torch.from_numpy(tables), non_blocking=True)
         self.num_rows.fill_(b)
         if n not in self._graphs:
             self._graphs[n] = self._capture(n)

@@ -1,13 +1,16 @@
-"""ModelRunner: runs one Step on this rank's shard and returns next-token logits."""
+"""ModelRunner: runs one Step on this rank's shard; on rank 0 it also samples the step's tokens
+on the device and returns them (with logprobs when asked), never the logits."""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
 from polar_dist.engine.cuda_graphs import DecodeGraphs
 from polar_dist.engine.kv_cache import allocate_kv_caches, blocks_needed
-from polar_dist.engine.step import StepKind, Step
+from polar_dist.engine.sampling import PromptRows, SampleOutput, SampleRow, Sampler
+from polar_dist.engine.step import Step
 from polar_dist.models.attention import AttentionBatch
 from polar_dist.model_spec import ModelSpec
 from polar_dist.parallel.plan import ShardPlan
@@ -19,46 +22,60 @@ class ModelRunner:
 
     def __init__(self, model: nn.Module, spec: ModelSpec, plan: ShardPlan, *, num_blocks: int, block_size: int,
                  dtype: torch.dtype, device: torch.device, max_batch_size: int, max_seq_len: int,
-                 cuda_graphs: bool) -> None:
+                 cuda_graphs: bool, sampler: Sampler | None = None) -> None:
         self.model = model
         self.device = device
         self.block_size = block_size
         self.num_blocks = num_blocks
+        self.max_batch_size = max_batch_size
+        self.max_blocks_per_seq = blocks_needed(max_seq_len, block_size)
         self.kv_caches = allocate_kv_caches(spec.num_layers, num_blocks + 1, plan.num_kv_heads_local, block_size,
                                             spec.head_dim, dtype, device)
+        self.sampler = sampler or Sampler(spec.vocab_size, device, use_kernel=device.type == "cuda")
         # (max_batch_size, Hkv_local) int32: every sequence reads every local KV group (density 1.0);
-        # decode steps use its first B rows, eager or captured.
+        # decode rows use its first B rows, eager or captured.
         self.head_table = torch.arange(plan.num_kv_heads_local, dtype=torch.int32, device=device).expand(
             max_batch_size, -1).contiguous()
         self.graphs = DecodeGraphs(
-            model, self.kv_caches, self.head_table, max_blocks=blocks_needed(max_seq_len, block_size),
+            model, self.kv_caches, self.head_table, max_blocks=self.max_blocks_per_seq,
             block_size=block_size, scratch_block=num_blocks, device=device) \
             if cuda_graphs and device.type == "cuda" else None
 
     @torch.inference_mode()
-    def execute(self, step: Step) -> torch.Tensor:
-        """Run the step's tokens through the model; returns (B, vocab) float32 logits of each
-        sequence's last new token."""
-        assert step.kind is not StepKind.STOP
-        if step.kind is StepKind.DECODE and self.graphs is not None and self.graphs.bucket(step.batch_size):
+    def logits(self, step: Step) -> torch.Tensor:
+        """Run the step's tokens through the model: (L, V) float32 logits of `step.logit_indices`
+        (the sampled rows' last tokens, then the prompt-logprob positions)."""
+        if step.is_decode and not step.prompt_spans and self.graphs is not None and self.graphs.bucket(step.batch_size):
             return self.graphs.run(step)
-        dev = self.device
-        max_blocks = max(len(t) for t in step.block_tables)
-        tables = [t + [0] * (max_blocks - len(t)) for t in step.block_tables]
-        block_tables = torch.tensor(tables, dtype=torch.int32, device=dev)  # (B, max_blocks)
-        positions = torch.tensor(step.positions, dtype=torch.int64, device=dev)  # (T,)
-        is_decode = step.kind is StepKind.DECODE
+        dev, T, B = self.device, step.num_tokens, step.batch_size
+        # One host-to-device copy for every int64 array of the step.
+        packed = np.concatenate([step.token_ids, step.positions, step.slot_mapping, step.seq_lens,
+                                 step.logit_indices, step.block_tables.reshape(-1).astype(np.int64)])
+        flat = torch.from_numpy(packed).to(dev, non_blocking=True)
+        ids, positions, slots = flat[:T], flat[T:2 * T], flat[2 * T:3 * T]
+        seq_lens = flat[3 * T:3 * T + B].to(torch.int32)
+        off = 3 * T + B
+        logit_idx = flat[off:off + len(step.logit_indices)]
+        block_tables = flat[off + len(step.logit_indices):].view(B, -1).to(torch.int32)  # (B, max_blocks)
         batch = AttentionBatch(
-            is_decode=is_decode,
-            seq_lens=torch.tensor(step.seq_lens, dtype=torch.int32, device=dev),
+            is_decode=step.is_decode,
+            seq_lens=seq_lens,
             block_tables=block_tables,
-            slot_mapping=torch.tensor(step.cache_slots(self.block_size), dtype=torch.int64, device=dev),
-            head_table=self.head_table[:step.batch_size] if is_decode else None,
-            num_rows=step.batch_size,
-            query_lens=tuple(step.query_lens),
-            seq_lens_host=tuple(step.seq_lens),
+            slot_mapping=slots,
+            head_table=self.head_table[:B],
+            num_rows=B,
+            query_lens=tuple(step.query_lens.tolist()),
+            seq_lens_host=tuple(step.seq_lens.tolist()),
+            num_decode_rows=0 if step.is_decode else step.num_decode,
         )
-        ids = torch.tensor(step.token_ids, dtype=torch.int64, device=dev)  # (T,)
         hidden = self.model(ids, positions, batch, self.kv_caches)  # (T, d)
-        last = torch.tensor(step.query_lens, device=dev).cumsum(0) - 1  # (B,) index of each last token
-        return self.model.logits(hidden[last])  # (B, V)
+        return self.model.logits(hidden[logit_idx])  # (L, V)
+
+    def execute(self, step: Step, rows: list[SampleRow] | None = None,
+                prompt: PromptRows | None = None) -> SampleOutput | None:
+        """Run the step; with `rows` (rank 0) sample its tokens on the device and return them. The
+        other ranks pass None: they take part in the forward's collectives and return None."""
+        logits = self.logits(step)
+        if rows is None:
+            return None
+        return self.sampler.sample(logits, rows, prompt)

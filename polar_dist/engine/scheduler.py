@@ -1,41 +1,85 @@
-"""Rank 0's scheduler: admits requests while their KV blocks fit, batches prefill and decode
-steps, samples, and preempts (frees and later recomputes) the newest sequence when the cache
-runs out. Nothing is lost: a preempted sequence resumes from its prompt plus what it generated.
+"""Rank 0's scheduler: continuous batching with chunked prefill under a per-step token budget.
+
+Each step, in this order:
+1. every running sequence that is decoding gets its next token's KV slot; when the cache runs
+   out the newest running sequence is preempted (its blocks freed; it waits at the head of the
+   queue and later recomputes prompt + generated ids, so nothing is lost);
+2. every decoding sequence runs one token (decodes are never skipped: a long prompt delays a
+   stream by at most one chunk, the step it shares);
+3. the rest of `max_num_batched_tokens` goes to sequences part-way through their prefill,
+   oldest first, then to waiting requests in arrival order (first come, first served: one that
+   does not fit blocks the ones behind it), each taking a chunk of at most what is left.
+A request is admitted when its prompt's blocks fit with one spare block per running sequence
+(so admitting it does not force the next decode to preempt it again). The step goes out as a
+`StepDelta` (polar_dist/engine/step.py); `accept` takes the sampled tokens back.
 """
 
 from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable
-
-import torch
+from enum import Enum
 
 from polar_dist.engine.kv_cache import BlockAllocator, blocks_needed
-from polar_dist.engine.sampler import SamplingParams, make_generator, sample
-from polar_dist.engine.step import Step, StepKind
+from polar_dist.engine.sampling import SampleOutput, SampleRow, SamplingParams, TokenLogprobs
+from polar_dist.engine.step import NewSeq, Step, StepDelta
 from polar_dist.errors import UserError
+from polar_dist.log import get_logger
+
+log = get_logger(__name__)
 
 
-@dataclass
+class Status(Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
 class Sequence:
     request_id: int
     prompt_ids: list[int]
     params: SamplingParams
-    generator: torch.Generator | None
+    seed: int
     output_ids: list[int] = field(default_factory=list)
+    status: Status = Status.WAITING
     blocks: list[int] = field(default_factory=list)
-    num_cached: int = 0  # tokens whose K/V are in the cache
+    blocks_sent: int = 0  # how many of `blocks` the workers know
+    num_computed: int = 0  # tokens whose K/V are in the cache (or are in the step being run)
+    prefill_len: int = 0  # tokens to prefill since the latest admission
     finish_reason: str | None = None
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprobs] = field(default_factory=list)  # entry p: prompt token p + 1
+    num_reported: int = 0  # output tokens already handed out by the engine
 
     @property
     def all_ids(self) -> list[int]:
         return self.prompt_ids + self.output_ids
 
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def is_decoding(self) -> bool:
+        return self.num_computed >= self.prefill_len
+
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        return self.params.prompt_logprobs is not None and len(self.prompt_logprobs) < len(self.prompt_ids) - 1
+
+    def sample_row(self) -> SampleRow:
+        return SampleRow(self.params, self.seed, len(self.output_ids), self.prompt_ids, self.output_ids)
+
 
 class Scheduler:
     def __init__(self, allocator: BlockAllocator, block_size: int, max_batch_size: int, max_seq_len: int,
-                 eos_token_ids: tuple[int, ...], vocab_size: int, max_prefill_tokens: int = 8192) -> None:
+                 eos_token_ids: tuple[int, ...], vocab_size: int, max_num_batched_tokens: int = 2048,
+                 cache_setting: str = "engine.kv_cache_blocks") -> None:
+        """cache_setting: the config field that sizes the KV cache, named in messages."""
+        if max_num_batched_tokens < max_batch_size:
+            raise UserError(f"engine.max_num_batched_tokens = {max_num_batched_tokens} must be >= "
+                            f"engine.max_batch_size ({max_batch_size}): every running sequence decodes each step")
         self.allocator = allocator
         self.block_size = block_size
         self.max_batch_size = max_batch_size
@@ -43,74 +87,110 @@ class Scheduler:
         # preempting the newer sequences always makes room for the oldest one.
         self.max_seq_len = min(max_seq_len, allocator.num_blocks * block_size)
         self._limited_by_cache = self.max_seq_len < max_seq_len
-        self.max_prefill_tokens = max_prefill_tokens
+        self.cache_setting = cache_setting
+        self.max_num_batched_tokens = max_num_batched_tokens
         self.vocab_size = vocab_size
         self.eos_token_ids = set(eos_token_ids)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.requests: dict[int, Sequence] = {}  # every unfinished request
+        self._removed: list[int] = []  # ids the workers must forget at the next step
         self._next_id = 0
 
-    def add(self, prompt_ids: list[int], params: SamplingParams) -> Sequence:
+    def validate(self, prompt_ids: list[int]) -> None:
         if not prompt_ids:
             raise UserError("the prompt is empty; give at least one token")
         outside = [t for t in prompt_ids if not 0 <= t < self.vocab_size]
         if outside:
             raise UserError(f"prompt token id {outside[0]} is outside the vocabulary [0, {self.vocab_size}); "
-                             "use ids the model's tokenizer produces")
+                            "use ids the model's tokenizer produces")
         if len(prompt_ids) >= self.max_seq_len:
-            fix = ("raise engine.kv_cache_blocks (the KV cache holds only this many tokens)" if self._limited_by_cache
+            fix = (f"raise {self.cache_setting} (the KV cache holds only this many tokens)" if self._limited_by_cache
                    else "shorten the prompt or raise engine.max_seq_len")
             raise UserError(
                 f"the prompt has {len(prompt_ids)} tokens but the maximum sequence length is {self.max_seq_len} "
                 f"(prompt + at least one new token); {fix}"
             )
-        seq = Sequence(self._next_id, list(prompt_ids), params, make_generator(params))
+
+    def add(self, prompt_ids: list[int], params: SamplingParams, seed: int) -> Sequence:
+        self.validate(prompt_ids)
+        seq = Sequence(self._next_id, list(prompt_ids), params, seed)
         self._next_id += 1
         self.waiting.append(seq)
+        self.requests[seq.request_id] = seq
         return seq
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def next_step(self) -> tuple[Step, list[Sequence]]:
-        """Prefill newly admitted sequences if any fit, else decode every running sequence."""
-        admitted: list[Sequence] = []
-        prefill_tokens = 0
-        while self.waiting and len(self.running) + len(admitted) < self.max_batch_size:
-            seq = self.waiting[0]
-            need = blocks_needed(len(seq.all_ids), self.block_size)
-            # Keep one free block per running sequence, so admitting this one does not force the
-            # next decode step to preempt it again (a prefill recomputed over and over).
-            if need + len(self.running) + len(admitted) > self.allocator.num_free:
-                break
-            if admitted and prefill_tokens + len(seq.all_ids) > self.max_prefill_tokens:
-                break  # bounds the activations of one prefill step
-            prefill_tokens += len(seq.all_ids)
-            seq.blocks = self.allocator.allocate(need)
-            admitted.append(self.waiting.popleft())
-        if admitted:
-            self.running.extend(admitted)
-            return self._prefill_step(admitted), admitted
-        self._reserve_decode_slots()
-        return self._decode_step(self.running), list(self.running)
+    def abort(self, request_id: int) -> Sequence | None:
+        """Finish the request with "abort" and free its blocks; None if it is not unfinished."""
+        seq = self.requests.get(request_id)
+        if seq is None:
+            return None
+        if seq.status is Status.WAITING:
+            self.waiting.remove(seq)
+        self._finish(seq, "abort")
+        return seq
 
-    def _prefill_step(self, seqs: list[Sequence]) -> Step:
-        token_ids, positions, query_lens = [], [], []
-        for s in seqs:
-            ids = s.all_ids
-            token_ids += ids
-            positions += range(len(ids))
-            query_lens.append(len(ids))
-            s.num_cached = len(ids)
-        return Step(kind=StepKind.PREFILL, token_ids=token_ids, positions=positions, query_lens=query_lens,
-                        seq_lens=list(query_lens), block_tables=[list(s.blocks) for s in seqs])
+    def schedule(self) -> StepDelta | None:
+        """This step's work as a delta for the workers; None when nothing runs (then nothing is sent)."""
+        self._reserve_decode_slots()
+        delta = StepDelta()
+        budget = self.max_num_batched_tokens
+        prefilling = []
+        for s in self.running:  # one pass: the hot loop of a large decode batch
+            if s.num_computed < s.prefill_len:
+                prefilling.append(s)
+                continue
+            delta.token_ids.append(s.output_ids[-1])  # a decoding sequence has sampled at least once
+            s.num_computed += 1
+            if len(s.blocks) > s.blocks_sent:
+                delta.new_blocks += [(s.request_id, b) for b in s.blocks[s.blocks_sent:]]
+                s.blocks_sent = len(s.blocks)
+        budget -= len(delta.token_ids)
+        for s in prefilling:  # part-way through their prefill, oldest first
+            if budget <= 0:
+                break
+            budget -= self._chunk(s, budget, delta)
+        while self.waiting and budget > 0 and len(self.running) < self.max_batch_size:
+            seq = self.waiting[0]
+            need = blocks_needed(seq.num_tokens, self.block_size)
+            if need + len(self.running) > self.allocator.num_free:
+                break
+            self.waiting.popleft()
+            seq.blocks = self.allocator.allocate(need)
+            seq.blocks_sent = need
+            seq.status = Status.RUNNING
+            seq.num_computed = 0
+            seq.prefill_len = seq.num_tokens
+            self.running.append(seq)
+            delta.new.append(NewSeq(seq.request_id, seq.prefill_len, list(seq.blocks), seq.wants_prompt_logprobs))
+            budget -= self._chunk(seq, budget, delta)
+        delta.removed, self._removed = self._removed, []
+        if not delta.token_ids:
+            self._removed = delta.removed  # nothing runs: keep the news for the next step
+            assert not delta.new and not delta.new_blocks
+            return None
+        return delta
+
+    def _chunk(self, seq: Sequence, budget: int, delta: StepDelta) -> int:
+        n = min(seq.prefill_len - seq.num_computed, budget)
+        ids = seq.all_ids
+        delta.prefill.append((seq.request_id, n))
+        delta.token_ids += ids[seq.num_computed:seq.num_computed + n]
+        seq.num_computed += n
+        return n
 
     def _reserve_decode_slots(self) -> None:
-        """Give every running sequence room for one more token, preempting the newest if needed."""
+        """Give every decoding sequence room for one more token, preempting the newest if needed."""
+        bs = self.block_size
         for seq in list(self.running):
-            if seq not in self.running:
+            if seq.num_computed < len(seq.blocks) * bs or seq.num_computed < seq.prefill_len:
+                continue  # room for its next token, or prefilling (its blocks came at admission)
+            if seq.status is not Status.RUNNING:
                 continue  # preempted below while making room for an older sequence
-            while blocks_needed(seq.num_cached + 1, self.block_size) > len(seq.blocks):
+            while blocks_needed(seq.num_computed + 1, bs) > len(seq.blocks):
                 if self.allocator.num_free:
                     seq.blocks += self.allocator.allocate(1)
                     continue
@@ -122,38 +202,63 @@ class Scheduler:
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self.allocator.free(seq.blocks)
-        seq.blocks, seq.num_cached = [], 0
+        seq.blocks, seq.blocks_sent, seq.num_computed, seq.prefill_len = [], 0, 0, 0
+        seq.status = Status.WAITING
         self.waiting.appendleft(seq)
+        self._removed.append(seq.request_id)
 
-    def _decode_step(self, seqs: list[Sequence]) -> Step:
-        positions = [s.num_cached for s in seqs]
-        for s in seqs:
-            s.num_cached += 1
-        return Step(kind=StepKind.DECODE, token_ids=[s.all_ids[-1] for s in seqs], positions=positions,
-                        query_lens=[1] * len(seqs), seq_lens=[p + 1 for p in positions],
-                        block_tables=[list(s.blocks) for s in seqs])
-
-    def accept(self, seqs: list[Sequence], logits: torch.Tensor) -> list[Sequence]:
-        """Sample one token for each sequence of the step; returns those that finished."""
-        return [seq for seq, row in zip(seqs, logits) if self.append(seq, sample(row, seq.params, seq.generator))]
-
-    def append(self, seq: Sequence, token: int) -> bool:
-        """Give a running sequence its next token (sampled, or the text's own token when
-        teacher-forcing); a sequence that finishes leaves the batch. Returns whether it finished."""
-        seq.output_ids.append(token)
-        if token in self.eos_token_ids and not seq.params.ignore_eos:
-            seq.finish_reason = "stop"
-        elif len(seq.output_ids) >= seq.params.max_new_tokens or len(seq.all_ids) >= self.max_seq_len:
-            seq.finish_reason = "length"
-        if seq.finish_reason is None:
-            return False
-        self.running.remove(seq)
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        if seq.status is Status.RUNNING:
+            self.running.remove(seq)
+            self._removed.append(seq.request_id)
         self.allocator.free(seq.blocks)
-        seq.blocks = []
-        return True
+        seq.blocks, seq.blocks_sent = [], 0
+        seq.status = Status.FINISHED
+        seq.finish_reason = reason
+        del self.requests[seq.request_id]
 
+    def sample_rows(self, step: Step) -> list[SampleRow]:
+        return [self.requests[i].sample_row() for i in step.sample_ids]
 
-def run_to_completion(scheduler: Scheduler, execute: Callable[[Step], torch.Tensor]) -> None:
-    while scheduler.has_work():
-        step, seqs = scheduler.next_step()
-        scheduler.accept(seqs, execute(step))
+    def prompt_targets(self, step: Step) -> list[int]:
+        """The prompt token each prompt-logprob row predicts (position p predicts token p + 1)."""
+        targets: list[int] = []
+        for seq_id, first, count in step.prompt_spans:
+            targets += self.requests[seq_id].prompt_ids[first + 1:first + 1 + count]
+        return targets
+
+    def accept(self, step: Step, out: SampleOutput) -> list[Sequence]:
+        """Append each sampled row's token; returns the sequences that got a token (finished ones too)."""
+        off = 0
+        for seq_id, first, count in step.prompt_spans:
+            seq = self.requests[seq_id]
+            for p, lp in zip(range(first, first + count), out.prompt_logprobs[off:off + count]):
+                if p == len(seq.prompt_logprobs):  # a recompute after preemption repeats known positions
+                    seq.prompt_logprobs.append(lp)
+            off += count
+        stepped = []
+        for seq_id, token, lp in zip(step.sample_ids, out.token_ids, out.logprobs):
+            seq = self.requests[seq_id]
+            stepped.append(seq)
+            if token < 0:
+                log.error("request %d: the model's logits hold NaN or no finite value; finishing it with 'error'",
+                          seq.request_id)
+                self._finish(seq, "error")
+                continue
+            seq.output_ids.append(token)
+            if lp is not None:
+                seq.logprobs.append(lp)
+            if token in self.eos_token_ids and not seq.params.ignore_eos:
+                self._finish(seq, "stop")
+            elif len(seq.output_ids) >= seq.params.max_new_tokens:
+                self._finish(seq, "length")
+            elif seq.num_tokens >= self.max_seq_len:
+                if self._limited_by_cache:
+                    log.warning("request %d stopped at %d tokens, all the KV cache holds (%d blocks of %d); raise "
+                                "%s for longer sequences", seq.request_id, seq.num_tokens, self.allocator.num_blocks,
+                                self.block_size, self.cache_setting)
+                else:
+                    log.warning("request %d stopped at engine.max_seq_len = %d tokens", seq.request_id,
+                                self.max_seq_len)
+                self._finish(seq, "length")
+        return stepped

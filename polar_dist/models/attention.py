@@ -2,8 +2,9 @@
 
 Tokens of a step are packed: T tokens from B sequences, no padding. Every step first writes
 the new K/V of all local heads into the cache (slot_mapping), then:
-- prefill (any number of new tokens per sequence): per sequence, dense causal SDPA of its new
-  queries over its whole cached context;
+- prefill or mixed (any number of new tokens per sequence): single-token rows first, through the
+  dense decode kernel in one launch; then per sequence, dense causal SDPA of its new queries
+  over its whole cached context;
 - decode (one token per sequence): `KernelOps.select_attention` over the (sequence, KV group)
   pairs in `head_table` - every group when dense; unselected heads give zeros.
 """
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 from kernels.dispatch import KernelOps
 
@@ -35,6 +37,8 @@ class AttentionBatch:
     # batch holds padding rows past it (a batch-union selection must not count them)
     query_lens: tuple[int, ...]  # host copy: new tokens per sequence (prefill loop bounds)
     seq_lens_host: tuple[int, ...]  # host copy of seq_lens (prefill loop bounds)
+    num_decode_rows: int = 0  # in a prefill (mixed) step: rows [0, n) are single-token decode rows, read
+    # through the dense decode kernel (head_table then holds every local group for them)
 
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -47,39 +51,60 @@ def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: t
 
 
 def paged_attention(ops: KernelOps, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                    batch: AttentionBatch, scale: float, head_table: torch.Tensor | None = None) -> torch.Tensor:
+                    batch: AttentionBatch, scale: float, head_table: torch.Tensor | None = None,
+                    k: torch.Tensor | None = None, v: torch.Tensor | None = None) -> torch.Tensor:
     """q: (T, Hq_local, D) -> (T, Hq_local, D). head_table: (B, k) local KV groups each decode
-    sequence reads (-1 = none); None reads every group."""
+    sequence reads (-1 = none); None reads every group. k, v: (T, Hkv_local, D) this step's new
+    keys and values (already in the cache); a prefill row with no cached prefix reads them directly."""
     if batch.is_decode:
         table = batch.head_table if head_table is None else head_table
         return ops.select_attention(q, k_cache, v_cache, batch.block_tables, batch.seq_lens, table, scale)
-    return _prefill_attention(q, k_cache, v_cache, batch, scale)
+    out = torch.empty_like(q)
+    n = batch.num_decode_rows
+    if n:  # single-token rows of a mixed step: the (dense) decode kernel, one launch for all of them
+        assert batch.head_table is not None, "a mixed step needs the dense head table for its decode rows"
+        width = -(-max(batch.seq_lens_host[:n]) // k_cache.shape[2])
+        ops.select_attention(q[:n], k_cache, v_cache, batch.block_tables[:n, :width], batch.seq_lens[:n],
+                             batch.head_table[:n], scale, out=out[:n])
+    _prefill_attention(q, k_cache, v_cache, batch, scale, out, k, v)
+    return out
 
 
 def _prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: AttentionBatch,
-                       scale: float) -> torch.Tensor:
-    num_heads_local, num_kv_heads_local, block_size = q.shape[1], k_cache.shape[1], k_cache.shape[2]
-    out = torch.empty_like(q)
-    start = 0
-    for i, (n_new, ctx) in enumerate(zip(batch.query_lens, batch.seq_lens_host)):
-        n_blocks = -(-ctx // block_size)
-        blocks = batch.block_tables[i, :n_blocks]
-        # (n_blocks, Hkv, bs, D) -> (Hkv, n_blocks * bs, D) -> first ctx positions
-        k = k_cache[blocks].transpose(0, 1).reshape(num_kv_heads_local, -1, k_cache.shape[3])[:, :ctx]
-        v = v_cache[blocks].transpose(0, 1).reshape(num_kv_heads_local, -1, v_cache.shape[3])[:, :ctx]
-        if num_kv_heads_local != num_heads_local:
-            group = num_heads_local // num_kv_heads_local
-            k = k.repeat_interleave(group, dim=0)  # (Hq, ctx, D)
-            v = v.repeat_interleave(group, dim=0)
-        qi = q[start:start + n_new].transpose(0, 1)  # (Hq, n_new, D)
+                       scale: float, out: torch.Tensor, k_new: torch.Tensor | None,
+                       v_new: torch.Tensor | None) -> None:
+    """Rows num_decode_rows.. : per row, 4-D (1, H, T, D) SDPA of its new queries over its whole
+    context, so the fused backends run (flash on CUDA; on CPU the fused kernel is ~6x the
+    3-D path at 5k tokens). GQA: CPU takes enable_gqa; CUDA expands K/V to the query heads,
+    which every fused backend accepts."""
+    num_heads_local, num_kv_heads_local, block_size, D = q.shape[1], k_cache.shape[1], k_cache.shape[2], q.shape[2]
+    group = num_heads_local // num_kv_heads_local
+    n = batch.num_decode_rows
+    start = sum(batch.query_lens[:n])
+    for i in range(n, len(batch.query_lens)):
+        n_new, ctx = batch.query_lens[i], batch.seq_lens_host[i]
+        if n_new == ctx and k_new is not None and v_new is not None:
+            k = k_new[start:start + n_new].transpose(0, 1)  # (Hkv, ctx, D)
+            v = v_new[start:start + n_new].transpose(0, 1)
+        else:
+            blocks = batch.block_tables[i, :-(-ctx // block_size)]
+            # (n_blocks, Hkv, bs, D) -> (Hkv, n_blocks * bs, D) -> first ctx positions
+            k = k_cache[blocks].transpose(0, 1).reshape(num_kv_heads_local, -1, D)[:, :ctx]
+            v = v_cache[blocks].transpose(0, 1).reshape(num_kv_heads_local, -1, D)[:, :ctx]
+        qi = q[start:start + n_new].transpose(0, 1).unsqueeze(0)  # (1, Hq, n_new, D)
+        k, v = k.unsqueeze(0), v.unsqueeze(0)  # (1, Hkv, ctx, D)
+        cuda = q.device.type == "cuda"
+        if group > 1 and cuda:
+            k = k[:, :, None].expand(1, num_kv_heads_local, group, ctx, D).reshape(1, num_heads_local, ctx, D)
+            v = v[:, :, None].expand(1, num_kv_heads_local, group, ctx, D).reshape(1, num_heads_local, ctx, D)
+        gqa = group > 1 and not cuda
         if n_new == ctx:
-            mask = None
-            causal = True
-        else:  # queries sit at positions ctx - n_new .. ctx - 1 of an already cached context
+            o = F.scaled_dot_product_attention(qi, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+        elif cuda:  # queries at the end of the context: bottom-right aligned causal mask, which flash runs
+            o = F.scaled_dot_product_attention(qi, k, v, attn_mask=causal_lower_right(n_new, ctx), scale=scale)
+        else:
             pos_q = torch.arange(ctx - n_new, ctx, device=q.device).unsqueeze(1)
             mask = torch.arange(ctx, device=q.device).unsqueeze(0) <= pos_q  # (n_new, ctx)
-            causal = False
-        o = F.scaled_dot_product_attention(qi, k, v, attn_mask=mask, is_causal=causal, scale=scale)
-        out[start:start + n_new] = o.transpose(0, 1)  # (n_new, Hq, D)
+            o = F.scaled_dot_product_attention(qi, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+        out[start:start + n_new] = o[0].transpose(0, 1)  # (n_new, Hq, D)
         start += n_new
-    return out

@@ -67,7 +67,7 @@ class LlamaAttention(nn.Module):
         k = self.rotary(k.view(T, self.num_kv_heads_local, D), positions)  # (T, Hkv_local, D)
         v = v.view(T, self.num_kv_heads_local, D)  # (T, Hkv_local, D)
         write_kv(kv_cache[0], kv_cache[1], k, v, batch.slot_mapping)
-        o = paged_attention(self.ops, q, kv_cache[0], kv_cache[1], batch, D**-0.5, head_table)  # (T, Hq_local, D)
+        o = paged_attention(self.ops, q, kv_cache[0], kv_cache[1], batch, D**-0.5, head_table, k, v)  # (T, Hq_local, D)
         if batch.is_decode:
             o = self.heads.mask_output(o)
         return self.o_proj(self.head_output(o).reshape(T, q_size))

@@ -50,7 +50,7 @@ class OPTAttention(nn.Module):
         head_table = self.heads.table(x, batch.head_table) if batch.is_decode else None
         q, k, v = self.qkv(x).view(T, 3, H, D).unbind(1)  # (T, H_local, D) each
         write_kv(kv_cache[0], kv_cache[1], k, v, batch.slot_mapping)
-        o = paged_attention(self.ops, q.contiguous(), kv_cache[0], kv_cache[1], batch, D**-0.5, head_table)
+        o = paged_attention(self.ops, q.contiguous(), kv_cache[0], kv_cache[1], batch, D**-0.5, head_table, k, v)
         if batch.is_decode:
             o = self.heads.mask_output(o)
         return self.out_proj(self.head_output(o).reshape(T, H * D))

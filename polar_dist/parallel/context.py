@@ -157,6 +157,24 @@ class ParallelContext:
 
         return dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
 
+    def broadcast_tensor(self, tensor: torch.Tensor) -> None:
+        """Rank 0's CPU `tensor` overwrites every other rank's, in place, over the control group."""
+        if self.world_size == 1:
+            return
+        import torch.distributed as dist
+
+        dist.broadcast(tensor, src=0, group=self._control)
+
+    def all_reduce_min(self, value: int) -> int:
+        """The smallest of every rank's `value`, over the control group."""
+        if self.world_size == 1:
+            return value
+        import torch.distributed as dist
+
+        t = torch.tensor([value], dtype=torch.int64)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self._control)
+        return int(t.item())
+
     def shutdown(self) -> None:
         if not isinstance(self.tp_comm, SingleRank):
             import torch.distributed as dist

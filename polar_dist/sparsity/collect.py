@@ -29,13 +29,12 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from polar_dist.engine.sampler import SamplingParams
-from polar_dist.engine.step import StepKind
+from polar_dist.engine.sampling import SamplingParams
 from polar_dist.errors import UserError
 from polar_dist.model_spec import Family, ModelSpec
 from polar_dist.parallel.comm import TPComm
 from polar_dist.parallel.plan import make_shard_plan
-from polar_dist.runtime import Runtime, new_scheduler
+from polar_dist.runtime import LocalSteps, Runtime
 from polar_dist.sparsity.buffer import SampleBuffer
 from polar_dist.sparsity.labels import head_labels
 from polar_dist.sparsity.policy import DENSE_LAYERS
@@ -200,21 +199,15 @@ def collect(
 
 
 def _prefill(rt: Runtime, segments: Sequence[Sequence[int]]):  # noqa: ANN202 - yields tokens per step
-    """Run every segment through a dense prefill step, as many per step as the engine admits."""
+    """Run every segment through dense prefill steps (chunked under engine.max_num_batched_tokens),
+    max_batch_size segments at a time; nothing is decoded (one token each, then they finish)."""
     e = rt.cfg.engine
-    seg_len = max(map(len, segments), default=1)
-    per_step = max(1, min(e.max_batch_size, e.max_prefill_tokens // seg_len))
-    pending = deque(segments)
-    params = SamplingParams(max_new_tokens=1)
-    while pending:
-        scheduler = new_scheduler(rt)  # a fresh cache per step: nothing is decoded
-        for _ in range(min(per_step, len(pending))):
-            scheduler.add(list(pending.popleft()), params)
-        step, seqs = scheduler.next_step()
-        if step.kind is not StepKind.PREFILL:
-            raise UserError(f"the KV cache ({rt.runner.num_blocks} blocks of {e.block_size} tokens) cannot hold a "
-                            f"segment of {seg_len} tokens; raise engine.kv_cache_blocks or shorten the segments")
-        for seq in reversed(scheduler.waiting):  # not admitted: next step
-            pending.appendleft(seq.prompt_ids)
-        rt.runner.execute(step)
-        yield len(step.token_ids)
+    params = SamplingParams(max_new_tokens=1, ignore_eos=True)
+    for first in range(0, len(segments), e.max_batch_size):
+        steps = LocalSteps(rt)  # a fresh cache per wave
+        for seg in segments[first:first + e.max_batch_size]:
+            steps.scheduler.add(list(seg), params, seed=0)
+        while (step := steps.next()) is not None:
+            rt.runner.logits(step)
+            steps.feed(step, [0] * len(step.sample_ids))
+            yield len(step.token_ids)

@@ -21,16 +21,16 @@ needed), and every rank gets the scores (the LM head gathers the logits on every
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-from polar_dist.engine.sampler import SamplingParams
-from polar_dist.engine.step import StepKind
+from polar_dist.engine.sampling import SamplingParams
 from polar_dist.errors import UserError
 from polar_dist.models.tokenizer import Tokenizer
-from polar_dist.runtime import Runtime, new_scheduler
+from polar_dist.runtime import LocalSteps, Runtime
 from polar_dist.sparsity.choice_tasks import ChoiceItem
 from polar_dist.sparsity.text import token_segments
 
@@ -65,7 +65,8 @@ class NLLTotal:
 
 def decode_nll(rt: Runtime, requests: Sequence[Request]) -> list[torch.Tensor]:
     """Per request, (num_scored,) float64 NLL of tokens[prefill_len + 1:], in order."""
-    scheduler = new_scheduler(rt)
+    steps = LocalSteps(rt)
+    scheduler = steps.scheduler
     for i, r in enumerate(requests):
         if r.prefill_len < 1 or r.num_scored < 1:
             raise UserError(f"request {i} has {len(r.tokens)} tokens and prefill_len {r.prefill_len}: it needs at "
@@ -73,30 +74,52 @@ def decode_nll(rt: Runtime, requests: Sequence[Request]) -> list[torch.Tensor]:
         if len(r.tokens) > scheduler.max_seq_len:
             raise UserError(f"request {i} has {len(r.tokens)} tokens, more than the runtime's maximum sequence "
                             f"length {scheduler.max_seq_len}; raise engine.max_seq_len or use shorter segments")
-    seqs = [scheduler.add(r.tokens[:r.prefill_len],
-                          SamplingParams(max_new_tokens=len(r.tokens) - r.prefill_len, ignore_eos=True))
-            for r in requests]
-    index = {seq.request_id: i for i, seq in enumerate(seqs)}
+    # Waves of max_batch_size requests, the next added once the last has finished: a request
+    # admitted while others decode would share a mixed step, whose decode rows read every head.
+    pending = deque(range(len(requests)))
+    index: dict[int, int] = {}  # scheduler request id -> index into requests
     nll = [torch.full((r.num_scored,), math.nan, dtype=torch.float64) for r in requests]
-    while scheduler.has_work():
-        step, stepped = scheduler.next_step()
-        logits = rt.runner.execute(step).double()  # (B, V)
+    while True:
+        if not scheduler.has_work():
+            if not pending:
+                break
+            for _ in range(min(scheduler.max_batch_size, len(pending))):
+                i = pending.popleft()
+                r = requests[i]
+                seq = scheduler.add(r.tokens[:r.prefill_len],
+                                    SamplingParams(max_new_tokens=len(r.tokens) - r.prefill_len, ignore_eos=True),
+                                    seed=0)
+                index[seq.request_id] = i
+        step = steps.next()
+        assert step is not None, "a wave with work must give a step"
+        if not step.is_decode and step.num_decode:
+            if any(s.prefill_len > len(s.prompt_ids) for s in scheduler.running):
+                raise _preempted()
+            raise UserError(f"the evaluation batch's prefills did not fit one step, so some positions would be "
+                            f"scored by a dense mixed step; raise engine.max_num_batched_tokens (now "
+                            f"{scheduler.max_num_batched_tokens}) to at least engine.max_batch_size x the prefill "
+                            "length, or shorten the prefill")
+        logits = rt.runner.logits(step).double()  # (B, V): the sampled rows, in step.sample_ids order
+        stepped = [scheduler.requests[i] for i in step.sample_ids]
         rows = [requests[index[s.request_id]] for s in stepped]
         # The step fed each sequence's last token; its logits predict the text's next one.
-        targets = [r.tokens[len(s.all_ids)] for r, s in zip(rows, stepped)]
-        if step.kind is StepKind.DECODE:
+        targets = [r.tokens[s.num_tokens] for r, s in zip(rows, stepped)]
+        if step.is_decode:
             target = torch.tensor(targets, device=logits.device).unsqueeze(1)  # (B, 1)
             step_nll = (torch.logsumexp(logits, dim=-1) - logits.gather(1, target).squeeze(1)).cpu()  # (B,)
             for s, r, value in zip(stepped, rows, step_nll):
-                nll[index[s.request_id]][len(s.all_ids) - r.prefill_len - 1] = value
-        for s, t in zip(stepped, targets):
-            scheduler.append(s, t)
+                nll[index[s.request_id]][s.num_tokens - r.prefill_len - 1] = value
+        steps.feed(step, targets)
     if any(torch.isnan(v).any() for v in nll):
-        # A preempted sequence is recomputed by a prefill, which would score a position densely.
-        raise UserError("the KV cache was too small for the evaluation batch and a sequence was preempted, so some "
-                        "positions were not scored by decode steps; raise engine.kv_cache_blocks (or set it to 0) "
-                        "or lower engine.max_batch_size")
+        raise _preempted()
     return nll
+
+
+def _preempted() -> UserError:
+    # A preempted sequence is recomputed by a prefill, which would score a position densely.
+    return UserError("the KV cache was too small for the evaluation batch and a sequence was preempted, so some "
+                     "positions were not scored by decode steps; raise engine.kv_cache_blocks (or set it to 0) "
+                     "or lower engine.max_batch_size")
 
 
 def perplexity_segments(ids: Sequence[int], seg_len: int = SEGMENT_LEN, max_tokens: int | None = None

@@ -1,7 +1,8 @@
 """Multi-rank tests on CPU: `run_ranks(fn, world_size, *args)` starts `world_size` spawned
 processes that join a gloo group through the environment torchrun would set, on a free port,
 and fails the test with each failing rank's traceback, prefixed `[rank r]`, if any rank raises,
-exits non-zero or hangs past the timeout.
+exits non-zero or hangs past the timeout. `start_ranks` starts them and hands back the
+processes, for tests that expect ranks to fail (and time how fast they do).
 
 `fn` must be importable by the spawned processes: a module-level function of a test module or
 of this package, called as `fn(rank, world_size, *args)`; the arguments are pickled.
@@ -37,9 +38,9 @@ def _rank_entry(rank: int, world_size: int, port: int, fn: Callable[..., None], 
         raise
 
 
-def run_ranks(fn: Callable[..., None], world_size: int, *args: Any, timeout_s: float = 240.0) -> None:
-    """Run `fn(rank, world_size, *args)` in `world_size` spawned processes; fail with every
-    failing rank's traceback if one raises, exits non-zero, or is still running after `timeout_s`."""
+def start_ranks(fn: Callable[..., None], world_size: int, *args: Any) -> tuple[list[Any], Any]:
+    """Start `fn(rank, world_size, *args)` in `world_size` spawned processes on a free port;
+    returns (processes, error queue). For tests that watch the processes themselves."""
     import torch.multiprocessing as mp
 
     ctx = mp.get_context("spawn")
@@ -48,6 +49,13 @@ def run_ranks(fn: Callable[..., None], world_size: int, *args: Any, timeout_s: f
     procs = [ctx.Process(target=_rank_entry, args=(r, world_size, port, fn, args, errors)) for r in range(world_size)]
     for p in procs:
         p.start()
+    return procs, errors
+
+
+def run_ranks(fn: Callable[..., None], world_size: int, *args: Any, timeout_s: float = 240.0) -> None:
+    """Run `fn(rank, world_size, *args)` in `world_size` spawned processes; fail with every
+    failing rank's traceback if one raises, exits non-zero, or is still running after `timeout_s`."""
+    procs, errors = start_ranks(fn, world_size, *args)
     deadline = time.monotonic() + timeout_s  # one limit for the whole group, not per rank
     for p in procs:
         p.join(max(0.0, deadline - time.monotonic()))

@@ -10,10 +10,14 @@ mpirun and the deepspeed launcher through `tests/support/tp_script.py`.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from support.tolerance import assert_close_to_reference
+
+if TYPE_CHECKING:
+    from polar_dist.runtime import Runtime
 
 PROMPT_LENS = (5, 11, 17)  # different lengths; 17 crosses a 16-token block
 DECODE_STEPS = 3
@@ -97,7 +101,8 @@ def runtime_logits(model_dir: Path, dtype: str, device: str = "cpu", backend: st
     """Ours: prefill then teacher-forced decode. Returns the logits on rank 0, None elsewhere.
     `model_dir` is a HF directory or a run-config YAML (e.g. a random-weight shape config)."""
     from polar_dist.config import config_from_dict
-    from polar_dist.engine.sampler import SamplingParams
+    from polar_dist.engine.sampling import SampleOutput, SamplingParams
+    from polar_dist.engine.step import BatchMirror, encode
     from polar_dist.parallel.context import init_parallel
     from polar_dist.runtime import build_runtime, new_scheduler
 
@@ -108,19 +113,40 @@ def runtime_logits(model_dir: Path, dtype: str, device: str = "cpu", backend: st
     })
     ctx = init_parallel(cfg.parallel, cfg.model.device)
     rt = build_runtime(cfg, ctx)
-    scheduler = new_scheduler(rt)  # every rank plans the same steps from the same inputs
-    seqs = [scheduler.add(s[:n], SamplingParams(max_new_tokens=DECODE_STEPS + 1))
+    # Every rank plans the same steps from the same inputs, so no messages are needed.
+    scheduler = new_scheduler(rt)
+    mirror = BatchMirror(4, rt.runner.max_blocks_per_seq, 16)
+    seqs = [scheduler.add(s[:n], SamplingParams(max_new_tokens=DECODE_STEPS + 1, ignore_eos=True), seed=0)
             for s, n in zip(sequences(), PROMPT_LENS)]
     collected: list[list[torch.Tensor]] = [[] for _ in seqs]
     for i in range(DECODE_STEPS + 1):
-        step, stepped = scheduler.next_step()
-        logits = rt.runner.execute(step)
-        for seq, row in zip(stepped, logits):
-            collected[seq.request_id].append(row.double().cpu())
-            if i < DECODE_STEPS:  # feed the sequence's own next token
-                seq.output_ids.append(sequences()[seq.request_id][PROMPT_LENS[seq.request_id] + i])
+        delta = scheduler.schedule()
+        assert delta is not None
+        step = mirror.apply(encode(delta))
+        logits = rt.runner.logits(step)
+        for seq_id, row in zip(step.sample_ids, logits):
+            collected[seq_id].append(row.double().cpu())
+        if i == DECODE_STEPS:
+            break
+        # feed each sequence its own next token
+        teacher = [sequences()[j][PROMPT_LENS[j] + i] for j in step.sample_ids]
+        scheduler.accept(step, SampleOutput(teacher, [None] * len(teacher), []))
     ctx.shutdown()
     return [torch.stack(rows) for rows in collected] if ctx.rank == 0 else None
+
+
+def prefill_logits(rt: "Runtime", prompt_ids: list[int]) -> torch.Tensor:
+    """(1, V) logits of the prompt's last token from one prefill step (every rank calls it)."""
+    from polar_dist.engine.sampling import SamplingParams
+    from polar_dist.engine.step import BatchMirror, encode
+    from polar_dist.runtime import new_scheduler
+
+    scheduler = new_scheduler(rt)
+    scheduler.add(prompt_ids, SamplingParams(max_new_tokens=1), seed=0)
+    delta = scheduler.schedule()
+    assert delta is not None
+    mirror = BatchMirror(rt.cfg.engine.max_batch_size, rt.runner.max_blocks_per_seq, rt.cfg.engine.block_size)
+    return rt.runner.logits(mirror.apply(encode(delta)))
 
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

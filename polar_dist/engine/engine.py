@@ -1,0 +1,203 @@
+"""The long-lived engine on rank 0, and the loop the other ranks run beside it.
+
+    engine = Engine(rt)                     # rank 0; the other ranks call worker_loop(rt)
+    rid = engine.add_request(prompt_ids, SamplingParams(max_new_tokens=32))
+    while engine.has_unfinished():
+        for out in engine.step():           # RequestOutput per request that moved this step
+            ...
+    engine.shutdown()                       # the workers leave worker_loop
+
+Requests can be added and aborted between any two steps. A step schedules (polar_dist/engine/
+scheduler.py), sends the workers its delta (one small int64 message), runs the forward on
+every rank and samples on rank 0's device. While rank 0 has no work, a heartbeat thread sends
+an IDLE message every parallel.timeout_s / 4, so a waiting worker never reaches the collective
+timeout; a rank that dies still ends the others within it (they see the closed connection or
+the timeout, rank 0 through its next message). Engine methods are called from one thread.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from polar_dist.engine.control import ControlChannel, buffer_capacity
+from polar_dist.engine.kv_cache import BlockAllocator
+from polar_dist.engine.sampling import PromptRows, SamplingParams, TokenLogprobs
+from polar_dist.engine.scheduler import Scheduler, Sequence
+from polar_dist.engine.step import BatchMirror, MsgKind, control_message, encode
+from polar_dist.log import get_logger
+
+if TYPE_CHECKING:
+    from polar_dist.runtime import Runtime
+
+log = get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class RequestOutput:
+    """What one step did for one request."""
+
+    request_id: int
+    new_token_ids: list[int]  # generated this step (one per step while decoding; none for an abort)
+    finish_reason: str | None  # "stop" | "length" | "abort" | "error" once finished, else None
+    logprobs: list[TokenLogprobs] | None = None  # per new token, when the request asked
+    prompt_logprobs: list[TokenLogprobs] | None = None  # once, with the first token: prompt tokens 1..
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+class EngineDeadError(RuntimeError):
+    """The engine lost a rank (or failed mid-step) and cannot serve any more."""
+
+
+class Engine:
+    def __init__(self, rt: Runtime) -> None:
+        if not rt.ctx.is_driver:
+            raise RuntimeError("the Engine runs on rank 0; the other ranks call worker_loop(rt)")
+        e = rt.cfg.engine
+        self.rt = rt
+        self.runner = rt.runner
+        self.scheduler = Scheduler(BlockAllocator(rt.runner.num_blocks), e.block_size, e.max_batch_size,
+                                   rt.max_seq_len, rt.tokenizer.eos_token_ids, rt.spec.vocab_size,
+                                   e.max_num_batched_tokens, rt.cache_setting)
+        self.mirror = BatchMirror(e.max_batch_size, rt.runner.max_blocks_per_seq, e.block_size)
+        self.channel = ControlChannel(rt.ctx, buffer_capacity(e.max_batch_size))
+        self._pending: list[RequestOutput] = []  # aborts, reported at the next step
+        self._lock = threading.Lock()  # held while a message or a step's collectives are in flight
+        self._failure: BaseException | None = None
+        self._closed = False
+        self._last_send = time.monotonic()
+        self._heartbeat_s = rt.cfg.parallel.timeout_s / 4
+        self._stop = threading.Event()
+        self._heartbeat: threading.Thread | None = None
+        if rt.ctx.world_size > 1:
+            self._heartbeat = threading.Thread(target=self._beat, name="polar-heartbeat", daemon=True)
+            self._heartbeat.start()
+
+    def add_request(self, prompt_ids: list[int], params: SamplingParams) -> int:
+        """Queue a request; returns its id. Raises UserError for a prompt the engine cannot take."""
+        self._check_alive()
+        seed = params.seed if params.seed is not None else random.getrandbits(64)
+        return self.scheduler.add(prompt_ids, params, seed).request_id
+
+    def abort(self, request_id: int) -> bool:
+        """Finish the request with "abort" (reported at the next step); False if it already finished."""
+        seq = self.scheduler.abort(request_id)
+        if seq is None:
+            return False
+        self._pending.append(RequestOutput(request_id, [], "abort"))
+        return True
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work() or bool(self._pending)
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.scheduler.allocator.num_free
+
+    def step(self) -> list[RequestOutput]:
+        """Run one step; returns an output for every request that got a token or finished."""
+        self._check_alive()
+        outputs, self._pending = self._pending, []
+        with self._lock:
+            delta = self.scheduler.schedule()
+            if delta is None:
+                return outputs
+            try:
+                msg = encode(delta)
+                self.channel.send(msg)
+                self._last_send = time.monotonic()
+                step = self.mirror.apply(msg)
+                rows = self.scheduler.sample_rows(step)
+                prompt = None
+                if step.prompt_spans:
+                    n = max(self.scheduler.requests[i].params.prompt_logprobs or 0 for i, _, _ in step.prompt_spans)
+                    prompt = PromptRows(self.scheduler.prompt_targets(step), n)
+                out = self.runner.execute(step, rows, prompt)
+                assert out is not None
+            except BaseException as e:
+                self._failure = e
+                raise
+            stepped = self.scheduler.accept(step, out)
+        outputs += [self._output(s) for s in stepped]
+        return outputs
+
+    def _output(self, seq: Sequence) -> RequestOutput:
+        new = seq.output_ids[seq.num_reported:]
+        logprobs = seq.logprobs[seq.num_reported:] if seq.params.logprobs is not None else None
+        prompt_lps = seq.prompt_logprobs if seq.params.prompt_logprobs is not None and seq.num_reported == 0 else None
+        seq.num_reported = len(seq.output_ids)
+        return RequestOutput(seq.request_id, new, seq.finish_reason, logprobs, prompt_lps)
+
+    def _check_alive(self) -> None:
+        if self._failure is not None:
+            raise EngineDeadError(f"the engine cannot serve: {type(self._failure).__name__}: {self._failure}") \
+                from self._failure
+        if self._closed:
+            raise EngineDeadError("the engine was shut down")
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self._heartbeat_s / 2):
+            if not self._lock.acquire(blocking=False):
+                continue  # a step is in flight: its messages keep the workers busy
+            try:
+                if self._failure is not None or self._stop.is_set():
+                    return
+                if time.monotonic() - self._last_send >= self._heartbeat_s:
+                    self.channel.send(control_message(MsgKind.IDLE))
+                    self._last_send = time.monotonic()
+            except Exception as e:  # noqa: BLE001 - recorded; every later call raises EngineDeadError
+                self._failure = e
+                log.error("a rank stopped answering while the engine was idle (%s: %s); the engine cannot serve",
+                          type(e).__name__, e)
+                return
+            finally:
+                self._lock.release()
+
+    def shutdown(self, failed: bool = False) -> None:
+        """Stop the heartbeat and send the workers STOP. After a failure (or with failed=True, when
+        the caller is leaving on an error) nothing is sent: a worker may be inside a collective of
+        a failed step, which a STOP would pair with; the workers end on the closed connection or
+        the timeout instead."""
+        if self._closed:
+            return
+        self._closed = True
+        if failed and self._failure is None:
+            self._failure = RuntimeError("shut down after an error")
+        self._stop.set()
+        if self._heartbeat is not None:
+            self._heartbeat.join()
+        if self._failure is None:
+            with self._lock:
+                self.channel.send(control_message(MsgKind.STOP))
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, exc_type: type | None, *exc: object) -> None:
+        self.shutdown(failed=exc_type is not None)
+
+
+def worker_loop(rt: Runtime) -> None:
+    """Ranks other than 0: run rank 0's steps until it says STOP. Idle heartbeats are skipped."""
+    e = rt.cfg.engine
+    mirror = BatchMirror(e.max_batch_size, rt.runner.max_blocks_per_seq, e.block_size)
+    channel = ControlChannel(rt.ctx, buffer_capacity(e.max_batch_size))
+    while True:
+        try:
+            msg = channel.recv()
+        except RuntimeError as e:
+            raise RuntimeError(
+                f"rank {rt.ctx.rank}: rank 0 sent no step or heartbeat within parallel.timeout_s = "
+                f"{rt.cfg.parallel.timeout_s} s, or its connection closed: another rank failed ({e})") from e
+        kind = MsgKind(int(msg[0]))
+        if kind is MsgKind.STOP:
+            return
+        if kind is MsgKind.IDLE:
+            continue
+        rt.runner.execute(mirror.apply(msg))

@@ -1,0 +1,132 @@
+"""Device sampling (polar_dist/engine/sampling.py, kernels/sample_tokens.py): the Triton kernel
+(interpreter on CPU) draws exactly the reference's tokens; the draws follow the filtered
+softmax; filters, penalties and logprobs do what the OpenAI API says; a seeded row's token does
+not depend on the other rows; bad parameters are refused naming the field."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from kernels.sample_tokens import sample_tokens, sample_tokens_ref
+from polar_dist.engine.sampling import PromptRows, SampleRow, Sampler, SamplingParams
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _rows(R: int, V: int, seed: int = 0) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.randn(R, V, generator=gen) * 3
+    temp = torch.tensor([0.0, 1.0, 0.7, 1.5, 1.0, 1.0, 1.0, 1.0, 2.0, 1.0, 1.0, 0.01])[:R]
+    top_k = torch.tensor([0, 0, 5, 0, 1, 50, 0, 0, 20, 0, 3, 0], dtype=torch.int32)[:R]
+    top_p = torch.tensor([1.0, 1.0, 1.0, 0.9, 1.0, 0.5, 0.3, 1.0, 0.8, 1.0, 0.95, 1.0])[:R]
+    min_p = torch.tensor([0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.1, 0.05, 0.0, 0.0, 0.0])[:R]
+    seeds = torch.tensor([(i * 0x9E3779B97F4A7C15) % (1 << 63) - (i << 40) for i in range(R)], dtype=torch.int64)
+    counters = torch.arange(R, dtype=torch.int64) * 7
+    return logits, (temp, top_k, top_p, min_p, seeds, counters)
+
+
+def test_kernel_equals_reference() -> None:
+    logits, params = _rows(12, 1000)
+    logits[9, 5] = float("nan")  # -> -1
+    logits[11] = float("-inf")  # -> -1
+    out = sample_tokens(logits.to(DEVICE), *(p.to(DEVICE) for p in params)).cpu()
+    ref = sample_tokens_ref(logits, *params)
+    assert out.tolist() == ref.tolist()
+    assert out[9] == -1 and out[11] == -1
+    assert out[0] == logits[0].argmax()  # temperature 0: greedy
+
+
+def test_draws_follow_the_filtered_softmax() -> None:
+    # 4000 draws of one row (different counters): frequencies match softmax(x / T) restricted to
+    # the top-p set, within 5 standard errors.
+    V, n = 8, 4000
+    logits = torch.tensor([2.0, 1.5, 1.0, 0.5, 0.0, -1.0, -2.0, -3.0])
+    p = torch.softmax(logits / 0.8, 0)
+    keep = p.cumsum(0) - p < 0.9  # the smallest prefix reaching 0.9 (the logits are sorted)
+    expected = torch.where(keep, p, 0.0) / p[keep].sum()
+    ones = torch.ones(n)
+    tokens = sample_tokens_ref(logits.expand(n, V).contiguous(), 0.8 * ones, torch.zeros(n, dtype=torch.int32),
+                               0.9 * ones, 0 * ones, torch.full((n,), 5, dtype=torch.int64), torch.arange(n))
+    freq = torch.bincount(tokens, minlength=V).float() / n
+    stderr = (expected * (1 - expected) / n).sqrt()
+    assert (freq - expected).abs().le(5 * stderr + 1e-9).all(), (freq, expected)
+    assert freq[~keep].sum() == 0
+
+
+def test_filters() -> None:
+    logits = torch.tensor([[0.0, 3.0, 2.9, -1.0]])
+
+    def draws(**kw: float) -> set[int]:
+        t = torch.tensor
+        out = set()
+        for c in range(100):
+            out.add(int(sample_tokens_ref(logits, t([kw.get("temperature", 1.0)]), t([int(kw.get("top_k", 0))],
+                                          dtype=torch.int32), t([kw.get("top_p", 1.0)]), t([kw.get("min_p", 0.0)]),
+                                          t([3]), t([c]))[0]))
+        return out
+
+    assert draws(top_k=1) == {1} and draws(top_p=0.01) == {1}  # only the arg-max is left
+    assert draws(temperature=5.0, top_k=2) == {1, 2}  # exactly the two best
+    assert draws(temperature=5.0, min_p=0.6) == {1, 2}  # p >= 0.6 of the best's (token 0 has 0.55)
+    assert draws(temperature=1e-38) == {1}  # a tiny temperature is greedy, not an overflow
+    assert draws(temperature=5.0) == {0, 1, 2, 3}
+
+
+def test_seeded_row_is_independent_of_the_batch() -> None:
+    # The same (seed, counter) row gives the same token alone and among other rows.
+    logits, params = _rows(12, 1000, seed=1)
+    batched = sample_tokens_ref(logits, *params)
+    for r in range(12):
+        alone = sample_tokens_ref(logits[r:r + 1], *(p[r:r + 1] for p in params))
+        assert alone.item() == batched[r].item()
+    temp, top_k, top_p, min_p, seeds, counters = params
+    other = sample_tokens_ref(logits, temp, top_k, top_p, min_p, seeds + 1, counters)
+    assert (other != batched).any()
+
+
+def test_penalties_and_logprobs() -> None:
+    V = 6
+    sampler = Sampler(V, torch.device(DEVICE), use_kernel=DEVICE == "cuda")
+    logits = torch.tensor([[1.0, 2.0, -1.0, 0.5, 0.0, 3.0]] * 3, device=DEVICE)
+    greedy = SamplingParams(logprobs=2)
+    rep = SamplingParams(repetition_penalty=4.0)  # token 5 (in the prompt): 3 / 4; token 2 (output): -1 * 4
+    freq = SamplingParams(frequency_penalty=1.5, presence_penalty=0.1)  # token 5 twice in the output: 3 - 3.1
+    rows = [SampleRow(greedy, 0, 0), SampleRow(rep, 0, 1, prompt_ids=[5], output_ids=[2]),
+            SampleRow(freq, 0, 2, prompt_ids=[1], output_ids=[5, 5])]
+    out = sampler.sample(logits, rows)
+    assert out.token_ids == [5, 1, 1]
+    lp = torch.log_softmax(logits[0].cpu(), 0)
+    assert out.logprobs[1] is None and out.logprobs[2] is None
+    first = out.logprobs[0]
+    assert first is not None and first.token_id == 5 and math.isclose(first.logprob, lp[5].item(), rel_tol=1e-6)
+    assert [t for t, _ in first.top] == [5, 1] and math.isclose(first.top[1][1], lp[1].item(), rel_tol=1e-6)
+    # prompt logprobs: rows after the sampled ones, each scoring its target token
+    out = sampler.sample(torch.cat([logits[:1], logits[:2]]), [rows[0]], PromptRows([3, 4], 1))
+    assert [p.token_id for p in out.prompt_logprobs] == [3, 4]
+    assert math.isclose(out.prompt_logprobs[0].logprob, lp[3].item(), rel_tol=1e-6)
+    assert out.prompt_logprobs[1].top[0][0] == 5
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("temperature", float("nan"), "temperature = nan must be a finite number"),
+    ("temperature", float("inf"), "temperature = inf must be a finite number"),
+    ("top_p", float("nan"), "top_p = nan must be a finite number"),
+    ("top_p", 0.0, "top_p = 0.0 must be in"),
+    ("min_p", 1.5, "min_p = 1.5 must be in"),
+    ("repetition_penalty", 0.0, "repetition_penalty = 0.0 must be > 0"),
+    ("seed", 1 << 64, "seed = 18446744073709551616 must be an integer that fits 64 bits"),
+    ("seed", -(1 << 63) - 1, "must be an integer that fits 64 bits"),
+    ("logprobs", 21, "logprobs = 21 must be an integer in"),
+    ("max_new_tokens", 0, "max_new_tokens = 0 must be >= 1"),
+])
+def test_bad_parameters_are_refused_naming_the_field(field: str, value: object, message: str) -> None:
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        SamplingParams(**{field: value})
+
+
+def test_64_bit_seeds_are_accepted() -> None:
+    for seed in (0, (1 << 64) - 1, -(1 << 63), 1 << 63):
+        SamplingParams(temperature=1.0, seed=seed)
