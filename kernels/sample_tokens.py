@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 
 KEY_INF = 0x7F800000  # bits of +inf: the key of x = -inf, the largest key a threshold needs
+_KEY_INF = tl.constexpr(KEY_INF)  # the same, readable inside kernels (a GPU compile rejects plain globals)
 _M32 = 0xFFFFFFFF
 _WAYS = 16  # candidates per search pass: 4 bits of the key per pass
 _BLOCK = 256  # logits per tile; the (BLOCK, WAYS) comparison tile is 4096 elements
@@ -103,7 +104,7 @@ def _sample_tokens_kernel(
         top_k = tl.load(top_k_ptr + row)
         top_p = tl.load(top_p_ptr + row)
         min_p = tl.load(min_p_ptr + row)
-        kappa = tl.full([], KEY_INF, tl.int64)
+        kappa = tl.full([], _KEY_INF, tl.int64)
         if min_p > 0.0:
             kappa = (0.0 - tl.log(min_p)).to(tl.int32, bitcast=True).to(tl.int64)
         if top_k > 0:
