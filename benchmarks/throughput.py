@@ -17,8 +17,9 @@ Per row: ms per step (median of --steps after warm-up), tokens/s, and the floor:
 weight bytes read + the KV bytes the step reads) / the copy bandwidth measured in the same run;
 layer 0 reads every KV group, a sparse layer k of them per sequence; a sparse MLP reads k of its
 neurons' rows of W1 and W2. breakdown_ms splits the step by module (qkv, attention, out_proj,
-mlp, routers, all_reduce, sampling, other) from one eager step timed with CUDA events around each
-module, scaled to the graph step's forward time (so the parts add up to the step). With --hf,
+mlp, routers, all_reduce, sampling, other): the GPU time of the kernels each module launched in
+one profiled eager step (host gaps not counted), sampling as timed, other = the rest of the
+graph step (norms, embedding, LM head, gaps between kernels). With --hf,
 transformers' generate (static cache, which compiles the forward in transformers 5.x) on the same
 shape: (t(1 + n) - t(1)) / n, n = --hf-tokens, the minimum of 3 runs each after a warm-up of both.
 Rank 0 prints a table and writes benchmarks/results/<gpu>x<tp>/throughput-<model>.json and a PNG.
@@ -186,7 +187,7 @@ def module_category(name: str) -> str | None:
         return "qkv"
     if leaf in ("o_proj", "out_proj"):
         return "out_proj"
-    if leaf == "heads" or name.endswith("mlp.router"):
+    if name.endswith("mlp.router"):
         return "routers"
     if leaf == "mlp":
         return "mlp"
@@ -195,72 +196,81 @@ def module_category(name: str) -> str | None:
     return None
 
 
-def breakdown(rt: Runtime, step: Step, forward_ms: float, sample_ms: float, step_ms: float) -> dict[str, float]:
-    """ms per category for one eager decode step: CUDA events around each categorised module and
-    every tensor-parallel all-reduce, each region's time less its timed sub-regions (so attention
-    is rotary, the KV write and the kernel; mlp excludes its router and all-reduce), scaled to
-    `forward_ms` (the graph replay's); sampling as measured; other = the rest of the step."""
+def breakdown(rt: Runtime, step: Step, sample_ms: float, step_ms: float) -> dict[str, float]:
+    """ms per category of one eager decode step, from the GPU time of the kernels each part
+    launched (torch.profiler: a kernel is charged to the annotated region that launched it, so
+    host gaps between launches are not counted). Regions nest (attention holds qkv, the head
+    routers and out_proj; mlp holds the neuron router; out_proj and mlp hold all-reduces): each
+    part is its own kernels only. sampling is as measured in the step; other = the step's time
+    not in any part (norms, embedding, LM head, graph gaps)."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
     dev = rt.ctx.device
     if dev.type != "cuda":
         return {}
-    regions: list[list] = []  # [category, start event, end event, parent index]
-    stack: list[int] = []
+    stack: list[tuple[str, record_function]] = []  # (category, open region), innermost last
 
-    def open_region(cat: str) -> None:
-        e = torch.cuda.Event(enable_timing=True)
-        e.record()
-        regions.append([cat, e, None, stack[-1] if stack else -1])
-        stack.append(len(regions) - 1)
+    def enter(cat: str) -> None:
+        region = record_function(f"bd:{cat}")
+        region.__enter__()
+        stack.append((cat, region))
 
-    def close_region() -> None:
-        e = torch.cuda.Event(enable_timing=True)
-        e.record()
-        regions[stack.pop()][2] = e
+    def leave() -> None:
+        stack.pop()[1].__exit__(None, None, None)
 
     handles = []
     for name, module in rt.runner.model.named_modules():
         cat = module_category(name)
         if cat is not None:
-            handles.append(module.register_forward_pre_hook(lambda m, a, cat=cat: open_region(cat)))
-            handles.append(module.register_forward_hook(lambda m, a, o: close_region()))
-    comm = rt.runner.model.layers[0].attn.o_proj.comm
-    original = comm.all_reduce
+            handles.append(module.register_forward_pre_hook(lambda m, a, cat=cat: enter(cat)))
+            handles.append(module.register_forward_hook(lambda m, a, o: leave()))
+    patched = []  # (object, attribute, original)
 
-    def timed_all_reduce(x):  # noqa: ANN001, ANN202
-        open_region("all_reduce")
-        y = original(x)
-        close_region()
-        return y
+    def wrap(obj: object, attr: str, cat: str) -> None:
+        original = getattr(obj, attr)
 
-    comm.all_reduce = timed_all_reduce
-    graphs, rt.runner.graphs = rt.runner.graphs, None  # eager: each module's kernels run in order
+        def timed(*a, **k):  # noqa: ANN002, ANN003, ANN202
+            enter(cat)
+            try:
+                return original(*a, **k)
+            finally:
+                leave()
+
+        setattr(obj, attr, timed)
+        patched.append((obj, attr))
+
+    for layer in rt.runner.model.layers:
+        wrap(layer.attn.heads, "table", "routers")
+    comm = next(m.comm for m in rt.runner.model.modules() if hasattr(m, "comm"))  # the one tensor-parallel comm
+    wrap(comm, "all_reduce", "all_reduce")
+    graphs, rt.runner.graphs = rt.runner.graphs, None  # eager: the kernels can be told apart
     try:
-        for _ in range(2):  # the second run is timed
-            regions.clear()
-            sync(dev)
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
+        rt.runner.logits(step)
+        sync(dev)
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             rt.runner.logits(step)
-            b.record()
             sync(dev)
     finally:
         rt.runner.graphs = graphs
-        comm.all_reduce = original
+        for obj, attr in patched:
+            delattr(obj, attr)
         for h in handles:
             h.remove()
-    eager_ms = a.elapsed_time(b)
-    own = [s.elapsed_time(e) for _, s, e, _ in regions]
-    for i, (_, s, e, parent) in enumerate(regions):
-        if parent >= 0:
-            own[parent] -= s.elapsed_time(e)
+    # Each kernel is charged to the innermost annotated region whose CPU op launched it.
     parts: dict[str, float] = defaultdict(float)
-    for (cat, _, _, _), ms in zip(regions, own):
-        parts[cat] += ms
-    scale = forward_ms / eager_ms
-    result = {c: parts[c] * scale for c in CATEGORIES if c not in ("sampling", "other")}
+    cpu_events = [e for e in prof.events() if str(getattr(e, "device_type", "CPU")).endswith("CPU")]
+    roots = [e for e in cpu_events if e.cpu_parent is None]
+    todo = [(e, None) for e in roots]
+    while todo:
+        evt, cat = todo.pop()
+        if evt.name.startswith("bd:"):
+            cat = evt.name.rsplit(":", 1)[1]
+        if cat is not None:
+            parts[cat] += sum(k.duration for k in evt.kernels) / 1e3  # us -> ms
+        todo += [(c, cat) for c in evt.cpu_children]
+    result = {c: parts[c] for c in CATEGORIES if c not in ("sampling", "other")}
     result["sampling"] = sample_ms
     result["other"] = step_ms - sum(result.values())
-    result["eager_forward_ms"] = eager_ms
     return result
 
 
@@ -335,8 +345,7 @@ def measure_variant(args: argparse.Namespace, variant: Variant, cases: list[tupl
                "floor_ms": floor_ms, "step_over_floor": step_ms / floor_ms, "weight_bytes_read": weights,
                "kv_bytes_read": kv, "sample_ms": sample_ms}
         if args.breakdown:
-            graph_forward_ms = step_ms - sample_ms
-            row["breakdown_ms"] = breakdown(rt, steps[-1], graph_forward_ms, sample_ms, step_ms)
+            row["breakdown_ms"] = breakdown(rt, steps[-1], sample_ms, step_ms)
         rows.append(row)
         if rt.ctx.is_driver:
             print(f"  {variant.name} d={variant.density} mlp={variant.mlp_sparse} B={batch} ctx={label}: "

@@ -74,7 +74,9 @@ class SparsityConfig:
     random routers (speed measurements: the selection count is what costs). `mlp`: batch-union
     neuron sparsity for ReLU (OPT) models, k per batch bucket from the artifact (with random
     routers, `mlp_density` of the neurons); a layer whose k passes `mlp_dense_above` of its
-    neurons runs dense.
+    neurons runs dense. `head_min_batch`: decode steps of fewer sequences read every head (at
+    small batch the weights dominate the step and routing costs more than it saves); set it from
+    benchmarks/throughput.py's measured crossover for the model and GPU.
     """
 
     head_density: float = 1.0
@@ -85,6 +87,7 @@ class SparsityConfig:
     mlp: bool = False
     mlp_density: float = 0.5
     mlp_dense_above: float = 0.8
+    head_min_batch: int = 1
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -301,6 +304,8 @@ def _validate(cfg: RunConfig) -> None:
     for name in ("mlp_density", "mlp_dense_above"):
         if not 0.0 < getattr(s, name) <= 1.0:
             raise UserError(f"sparsity.{name} = {getattr(s, name)} must be in (0, 1]")
+    if s.head_min_batch < 1:
+        raise UserError(f"sparsity.head_min_batch = {s.head_min_batch} must be >= 1 (1: route at every batch size)")
     if s.routing == "oracle" and s.mlp:
         raise UserError("sparsity.routing = oracle studies attention only; set sparsity.mlp = false")
     if e.block_size < 16 or e.block_size & (e.block_size - 1):
