@@ -151,7 +151,7 @@ class Sampler:
                  "any_top_p": any(p.top_p < 1.0 for p in hot)}
         d = torch.from_numpy(buf).to(dev, non_blocking=True)
         penalized = self._penalize(raw, rows)
-        tokens = self.ops.sample_tokens(penalized, d[4 * R:5 * R].view(torch.float32), d[7 * R:],
+        tokens = torch.empty(0, dtype=torch.int64, device=dev) if not R else self.ops.sample_tokens(penalized, d[4 * R:5 * R].view(torch.float32), d[7 * R:],
                                         d[5 * R:6 * R].view(torch.float32), d[6 * R:7 * R].view(torch.float32),
                                         d[:2 * R].view(torch.int64), d[2 * R:4 * R].view(torch.int64),
                                         **hints)  # (R,)
