@@ -181,7 +181,7 @@ def sample_tokens_rowwise(logits: torch.Tensor, temperature: torch.Tensor, top_k
 # not depend on the chunking or on the order programs run in.
 # ---------------------------------------------------------------------------------------------
 
-_FIX = 17592186044416.0  # 2^44: exp(x) <= 1 in fixed point; a row's sum stays < 2^61
+_FIX = tl.constexpr(17592186044416.0)  # 2^44: exp(x) <= 1 in fixed point; a row's sum stays < 2^61
 _NPART = 17  # per chunk and search pass: F at the 16 candidates, then F over the whole range
 _PPAD = 32
 _CBLOCK = 1024  # logits per tile in the max and Gumbel passes
