@@ -13,6 +13,17 @@ Prediction (before the first GPU run), B 64 / V 128256 on an H100: rowwise 0.29 
 4 chunked search passes per threshold of which two read the whole row (~15-20 us each, the
 16-way sums are ALU work), the per-row finish over ~100 survivors, a Gumbel pass ~15 us, and
 ~10-13 launches of a few us each.
+
+Outcome (H100 80GB HBM3, results/nvidia-h100-80gb-hbm3/sampling.json): tokens equal to the
+reference in every check (B 1-256, V 32000 / 128256, all modes). B 64 / V 128256, rowwise ->
+chunked: greedy 0.309 -> 0.146 ms, T1 top-p 0.9 3.70 -> 0.88 ms, top-k 50 + top-p 0.9 6.60 ->
+1.06 ms (4-7x, but 3-5x over the prediction). The time is host-side launch cost, not GPU
+work: all-greedy rows without the hints (11 launches that do nothing) take 0.96 ms, T1 with
+no filter (3 launches) 0.15 ms, i.e. ~60-80 us per Triton launch of these many-argument
+kernels, so the draw is launch-bound at every B up to 64. Next: fewer arguments per launch
+(one workspace pointer and offsets), fewer launches (the per-row finish folded into the last
+pass through a last-program-per-row counter), or the fixed launch sequence replayed from a
+CUDA graph per (R, V, hints).
 """
 
 from __future__ import annotations
