@@ -130,3 +130,46 @@ def test_bad_parameters_are_refused_naming_the_field(field: str, value: object, 
 def test_64_bit_seeds_are_accepted() -> None:
     for seed in (0, (1 << 64) - 1, -(1 << 63), 1 << 63):
         SamplingParams(temperature=1.0, seed=seed)
+
+
+@pytest.mark.parametrize("chunk", [256, 768])
+def test_chunked_kernel_ties_across_chunk_boundaries(chunk: int) -> None:
+    # V = 1000 is not a multiple of the chunk; the best logit, the top-k threshold and the
+    # top-p threshold are tied between tokens in different chunks (ties at a threshold are all
+    # kept, greedy takes the first index). The rowwise kernel draws the same tokens.
+    from kernels.sample_tokens import sample_tokens_rowwise
+
+    logits, params = _rows(12, 1000, seed=3)
+    logits = logits.clamp(max=8.0)
+    logits[:, [100, 255, 256, 767, 768, 999]] = 9.0  # the best, in five chunks
+    logits[:, [200, 511, 512, 900]] = 8.5  # ranks 7-10: top-k 8 cuts inside this tie
+    logits[3, :] = torch.round(logits[3, :])  # many ties everywhere
+    temp, top_k, top_p, min_p, seeds, counters = params
+    top_k = top_k.clone()
+    top_k[2] = 8
+    params = (temp, top_k, top_p, min_p, seeds, counters)
+    dev = [p.to(DEVICE) for p in params]
+    ref = sample_tokens_ref(logits, *params)
+    out = sample_tokens(logits.to(DEVICE), *dev, chunk=chunk).cpu()
+    assert out.tolist() == ref.tolist()
+    assert out[0] == 100  # greedy: the first index of the max
+    assert sample_tokens_rowwise(logits.to(DEVICE), *dev).cpu().tolist() == ref.tolist()
+    # the hints only skip launches: all-greedy rows with any_hot False
+    greedy = torch.zeros_like(temp)
+    g = sample_tokens(logits.to(DEVICE), greedy.to(DEVICE), *dev[1:], any_hot=False, chunk=chunk).cpu()
+    assert g.tolist() == sample_tokens_ref(logits, greedy, *params[1:]).tolist()
+
+
+def test_chunked_kernel_one_row_many_chunks() -> None:
+    # One row over 5 chunks (last one short) with every filter on: top-k 40 then top-p 0.6.
+    gen = torch.Generator().manual_seed(7)
+    logits = torch.randn(3, 1100, generator=gen) * 2
+    t = torch.tensor
+    params = (t([1.0, 0.5, 1.0]), t([40, 0, 3], dtype=torch.int32), t([0.6, 0.9, 1.0]), t([0.0, 0.01, 0.2]),
+              t([11, -5, 1 << 62]), t([3, 4, 5]))
+    ref = sample_tokens_ref(logits, *params)
+    for counter in range(3):
+        ps = params[:5] + (params[5] + counter,)
+        ref = sample_tokens_ref(logits, *ps)
+        out = sample_tokens(logits.to(DEVICE), *(p.to(DEVICE) for p in ps), chunk=256).cpu()
+        assert out.tolist() == ref.tolist()

@@ -134,14 +134,27 @@ class Sampler:
         P = len(prompt.targets) if prompt else 0
         assert logits.shape[0] == R + P, (logits.shape, R, P)
         raw = logits[:R]
-        floats = torch.tensor([[r.params.temperature, r.params.top_p, r.params.min_p] for r in rows],
-                              dtype=torch.float32).reshape(R, 3).to(dev, non_blocking=True)
-        ints = torch.tensor([[r.params.top_k, as_signed64(r.seed), r.counter] for r in rows],
-                            dtype=torch.int64).reshape(R, 3).to(dev, non_blocking=True)
+        ps = [r.params for r in rows]
+        # One host buffer, one H2D copy: seeds, counters (int64), temperature, top_p, min_p
+        # (float32), top_k (int32), each a contiguous run of R.
+        buf = np.empty(8 * R, dtype=np.int32)
+        i64 = buf[:4 * R].view(np.int64).reshape(2, R)
+        i64[0] = [as_signed64(r.seed) for r in rows]
+        i64[1] = [r.counter for r in rows]
+        f = buf[4 * R:7 * R].view(np.float32).reshape(3, R)
+        f[0] = [p.temperature for p in ps]
+        f[1] = [p.top_p for p in ps]
+        f[2] = [p.min_p for p in ps]
+        buf[7 * R:] = [p.top_k for p in ps]
+        hot = [p for p in ps if p.temperature > 0]
+        hints = {"any_hot": bool(hot), "any_top_k": any(0 < p.top_k < logits.shape[1] for p in hot),
+                 "any_top_p": any(p.top_p < 1.0 for p in hot)}
+        d = torch.from_numpy(buf).to(dev, non_blocking=True)
         penalized = self._penalize(raw, rows)
-        tokens = self.ops.sample_tokens(penalized, floats[:, 0].contiguous(), ints[:, 0].to(torch.int32),
-                                        floats[:, 1].contiguous(), floats[:, 2].contiguous(), ints[:, 1].contiguous(),
-                                        ints[:, 2].contiguous())  # (R,)
+        tokens = torch.empty(0, dtype=torch.int64, device=dev) if not R else self.ops.sample_tokens(penalized, d[4 * R:5 * R].view(torch.float32), d[7 * R:],
+                                        d[5 * R:6 * R].view(torch.float32), d[6 * R:7 * R].view(torch.float32),
+                                        d[:2 * R].view(torch.int64), d[2 * R:4 * R].view(torch.int64),
+                                        **hints)  # (R,)
         parts = [tokens.to(torch.int32)]
         n = max((r.params.logprobs for r in rows if r.params.logprobs is not None), default=-1)
         if n >= 0:
