@@ -146,7 +146,7 @@ class Scheduler:
             delta.token_ids.append(s.output_ids[-1])  # a decoding sequence has sampled at least once
             s.num_computed += 1
             if len(s.blocks) > s.blocks_sent:
-                delta.new_blocks += [(row, b) for b in s.blocks[s.blocks_sent:]]
+                delta.new_blocks += [(row, i, s.blocks[i]) for i in range(s.blocks_sent, len(s.blocks))]
                 s.blocks_sent = len(s.blocks)
         budget -= len(delta.token_ids)
         for s in prefilling:  # part-way through their prefill, oldest first

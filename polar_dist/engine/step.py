@@ -11,7 +11,7 @@ the same code on the same bytes, so the ranks cannot disagree about a step.
 Message layout (int64):
     [kind, total_len, n_removed, n_new, new_len, n_new_blocks, n_prefill, n_tokens,
      removed ids..., new records (id, prefill_len, flags, n_blocks, blocks...)...,
-     (row, block) pairs..., (id, tokens) prefill rows..., token ids...]
+     (row, index, block) triples..., (id, tokens) prefill rows..., token ids...]
 A steady decode step at batch B is about B + 10 integers: the input tokens and a block now and then.
 """
 
@@ -44,9 +44,9 @@ class NewSeq:
 class StepDelta:
     removed: list[int] = field(default_factory=list)  # finished, aborted or preempted: forget them
     new: list[NewSeq] = field(default_factory=list)  # appended to the running order
-    # (row, block) appended to the table of the sequence at that row of the running order (after
-    # this step's removals; rows of one sequence are adjacent, its blocks in order)
-    new_blocks: list[tuple[int, int]] = field(default_factory=list)
+    # (row, index, block): block table entry `index` of the sequence at that row of the running
+    # order (after this step's removals) is `block`
+    new_blocks: list[tuple[int, int, int]] = field(default_factory=list)
     prefill: list[tuple[int, int]] = field(default_factory=list)  # (seq id, new tokens) in row order
     token_ids: list[int] = field(default_factory=list)  # decode rows' inputs (running order), then prefill tokens
 
@@ -55,7 +55,7 @@ def encode(delta: StepDelta) -> np.ndarray:
     new_flat: list[int] = []
     for s in delta.new:
         new_flat += [s.seq_id, s.prefill_len, FLAG_PROMPT_LOGPROBS if s.prompt_logprobs else 0, len(s.blocks), *s.blocks]
-    blocks = [x for pair in delta.new_blocks for x in pair] if delta.new_blocks else []
+    blocks = [x for triple in delta.new_blocks for x in triple] if delta.new_blocks else []
     prefill = [x for pair in delta.prefill for x in pair] if delta.prefill else []
     total = HEADER + len(delta.removed) + len(new_flat) + len(blocks) + len(prefill) + len(delta.token_ids)
     header = [MsgKind.STEP.value, total, len(delta.removed), len(delta.new), len(new_flat), len(delta.new_blocks),
@@ -126,7 +126,6 @@ class BatchMirror:
         self.block_size = block_size
         self.ids = np.zeros(max_batch_size, dtype=np.int64)
         self.table = np.zeros((max_batch_size, max_blocks_per_seq), dtype=np.int32)
-        self.num_blocks = np.zeros(max_batch_size, dtype=np.int64)
         self.computed = np.zeros(max_batch_size, dtype=np.int64)
         self.prefill_len = np.zeros(max_batch_size, dtype=np.int64)
         self.prompt_logprobs = np.zeros(max_batch_size, dtype=bool)
@@ -157,7 +156,7 @@ class BatchMirror:
         keep = ~np.isin(self.ids[:self.n], seq_ids)
         k = int(keep.sum())
         assert self.n - k == len(seq_ids), "removed a sequence that is not running"
-        for a in (self.ids, self.table, self.num_blocks, self.computed, self.prefill_len, self.prompt_logprobs):
+        for a in (self.ids, self.table, self.computed, self.prefill_len, self.prompt_logprobs):
             a[:k] = a[:self.n][keep]
         self.n = k
         self.n_prefilling = int(np.count_nonzero(self.computed[:k] < self.prefill_len[:k]))
@@ -169,7 +168,6 @@ class BatchMirror:
             r = self.n
             self.ids[r] = seq_id
             self.table[r, :nb] = rec[i + 4:i + 4 + nb]
-            self.num_blocks[r] = nb
             self.computed[r] = 0
             self.prefill_len[r] = prefill_len
             self.prompt_logprobs[r] = bool(flags & FLAG_PROMPT_LOGPROBS)
@@ -177,18 +175,9 @@ class BatchMirror:
             self.n_prefilling += prefill_len > 0
             i += 4 + nb
 
-    def _append_blocks(self, pairs: np.ndarray) -> None:
-        rows, blocks = pairs[:, 0], pairs[:, 1]
-        assert rows.max() < self.n, "a block for a row that is not running"
-        cols = self.num_blocks[rows]
-        if len(rows) > 1 and (rows[1:] == rows[:-1]).any():  # several blocks for one row: number them
-            first = np.flatnonzero(np.r_[True, rows[1:] != rows[:-1]])
-            cols = cols + self._arange[:len(rows)] - np.repeat(first, np.diff(np.r_[first, len(rows)]))
-            self.table[rows, cols] = blocks
-            np.add.at(self.num_blocks, rows, 1)
-        else:
-            self.table[rows, cols] = blocks
-            self.num_blocks[rows] = cols + 1
+    def _set_blocks(self, triples: np.ndarray) -> None:
+        assert triples[-1, 0] < self.n, "a block for a row that is not running"  # rows ascend
+        self.table.reshape(-1)[self._row_base[triples[:, 0]] + triples[:, 1]] = triples[:, 2]
 
     def apply(self, msg: np.ndarray) -> Step:
         kind, total, n_removed, n_new, new_len, n_blocks, n_prefill, n_tokens = msg[:HEADER].tolist()
@@ -203,8 +192,8 @@ class BatchMirror:
                 self._add(msg[off:off + new_len].tolist(), n_new)
             off += new_len
         if n_blocks:
-            self._append_blocks(msg[off:off + 2 * n_blocks].reshape(-1, 2))
-        off += 2 * n_blocks
+            self._set_blocks(msg[off:off + 3 * n_blocks].reshape(-1, 3))
+        off += 3 * n_blocks
         prefill = msg[off:off + 2 * n_prefill].reshape(-1, 2)
         off += 2 * n_prefill
         token_ids = msg[off:off + n_tokens]
@@ -215,9 +204,10 @@ class BatchMirror:
             self.computed[:n] += 1
             seq_lens = positions + 1
             width = -(-int(seq_lens.max()) // bs) if n else 0
-            slots = self.table.reshape(-1)[self._row_base[:n] + positions // bs].astype(np.int64)
+            col, offset = np.divmod(positions, bs)
+            slots = self.table.reshape(-1)[self._row_base[:n] + col] * bs + offset  # block * bs stays far below 2**31
             return Step(token_ids=token_ids, positions=positions, query_lens=self._ones[:n], seq_lens=seq_lens,
-                        block_tables=self.table[:n, :width].copy(), slot_mapping=slots * bs + positions % bs,
+                        block_tables=self.table[:n, :width].copy(), slot_mapping=slots,
                         num_decode=n, logit_indices=self._arange[:n], sample_ids=self.order, prompt_spans=[])
         return self._mixed(prefill, token_ids)
 
