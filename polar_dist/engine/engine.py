@@ -8,7 +8,8 @@
     engine.shutdown()                       # the workers leave worker_loop
 
 Requests can be added and aborted between any two steps. A step schedules (polar_dist/engine/
-scheduler.py), sends the workers its delta (one small int64 message), runs the forward on
+scheduler.py), sends the workers its delta (one small int64 message, through shared memory
+between ranks of one machine: polar_dist/engine/control.py), runs the forward on
 every rank and samples on rank 0's device. While rank 0 has no work, a heartbeat thread sends
 an IDLE message every parallel.timeout_s / 4, so a waiting worker never reaches the collective
 timeout; a rank that dies still ends the others within it (they see the closed connection or
@@ -66,7 +67,7 @@ class Engine:
                                    rt.max_seq_len, rt.tokenizer.eos_token_ids, rt.spec.vocab_size,
                                    e.max_num_batched_tokens, rt.cache_setting)
         self.mirror = BatchMirror(e.max_batch_size, rt.runner.max_blocks_per_seq, e.block_size)
-        self.channel = ControlChannel(rt.ctx, buffer_capacity(e.max_batch_size))
+        self.channel = ControlChannel(rt.ctx, buffer_capacity(e.max_batch_size), rt.cfg.parallel.timeout_s)
         self._pending: list[RequestOutput] = []  # aborts, reported at the next step
         self._lock = threading.Lock()  # held while a message or a step's collectives are in flight
         self._failure: BaseException | None = None
@@ -187,7 +188,7 @@ def worker_loop(rt: Runtime) -> None:
     """Ranks other than 0: run rank 0's steps until it says STOP. Idle heartbeats are skipped."""
     e = rt.cfg.engine
     mirror = BatchMirror(e.max_batch_size, rt.runner.max_blocks_per_seq, e.block_size)
-    channel = ControlChannel(rt.ctx, buffer_capacity(e.max_batch_size))
+    channel = ControlChannel(rt.ctx, buffer_capacity(e.max_batch_size), rt.cfg.parallel.timeout_s)
     while True:
         try:
             msg = channel.recv()
