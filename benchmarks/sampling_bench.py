@@ -6,7 +6,8 @@ and the chunked kernel against the one-program-per-row kernel.
 Checks: B in (1, 8, 64, 256) x V in (32000, 128256) x modes (greedy, T=1, top-k 50, top-p 0.9,
 top-k 50 + top-p 0.9, min-p 0.05, mixed rows), logits ~ N(0, 2^2); tokens of the chunked kernel,
 the rowwise kernel and the reference. Timing: median of CUDA-event times over 50 calls after
-warm-up (each call with its host-side launches), and Sampler.sample wall time with its sync.
+warm-up (each call with its host-side launches), the draw replayed from a CUDA graph (its GPU
+time alone), and Sampler.sample wall time with its sync, with its draw graph and without.
 
 Prediction (before the first GPU run), B 64 / V 128256 on an H100: rowwise 0.29 / 3.5 / 6.4 ms
 (greedy / T1 top-p / top-k + top-p) -> chunked ~0.02 / ~0.12 / ~0.2 ms: a max pass ~10 us,
@@ -88,10 +89,11 @@ def event_ms(fn, iters: int = 50) -> float:  # noqa: ANN001
     return statistics.median(times)
 
 
-def sampler_ms(B: int, V: int, mode: str, iters: int = 50) -> float:
+def sampler_ms(B: int, V: int, mode: str, graph_rows: int, iters: int = 50) -> tuple[float, bool]:
+    """Sampler.sample wall time (its D2H copy syncs) and whether its tokens equal the reference."""
     from polar_dist.engine.sampling import SampleRow, Sampler, SamplingParams
 
-    sampler = Sampler(V, torch.device("cuda"), use_kernel=True)
+    sampler = Sampler(V, torch.device("cuda"), use_kernel=True, graph_rows=graph_rows)
     logits, _ = make(B, V, mode, "cuda")
     rows = [SampleRow(SamplingParams(**(MODES[mode] or MIX[i % len(MIX)])), seed=i, counter=5) for i in range(B)]
     for _ in range(5):
@@ -102,7 +104,22 @@ def sampler_ms(B: int, V: int, mode: str, iters: int = 50) -> float:
         t0 = time.perf_counter()
         sampler.sample(logits, rows)
         times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
+    dev = logits.device
+    ref = sample_tokens_ref(logits, *(torch.tensor([getattr(r.params, f) for r in rows], dtype=t, device=dev)
+                                      for f, t in (("temperature", torch.float32), ("top_k", torch.int32),
+                                                   ("top_p", torch.float32), ("min_p", torch.float32))),
+                            torch.tensor([r.seed for r in rows], device=dev),
+                            torch.tensor([r.counter for r in rows], device=dev))
+    return statistics.median(times) * 1e3, sampler.sample(logits, rows).token_ids == ref.tolist()
+
+
+def graph_ms(logits: torch.Tensor, params: tuple[torch.Tensor, ...], h: dict) -> float:
+    """CUDA-event time of the draw replayed from a CUDA graph: its GPU time, no launch cost."""
+    sample_tokens(logits, *params, **h)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        sample_tokens(logits, *params, **h)
+    return event_ms(graph.replay)
 
 
 def main() -> None:
@@ -133,9 +150,11 @@ def main() -> None:
             row = {"B": B, "V": V, "mode": mode,
                    "rowwise_ms": event_ms(lambda: sample_tokens_rowwise(logits, *params), 20 if B >= 64 else 50),
                    "chunked_ms": event_ms(lambda: sample_tokens(logits, *params, **h)),
-                   "chunked_nohint_ms": event_ms(lambda: sample_tokens(logits, *params))}
+                   "chunked_nohint_ms": event_ms(lambda: sample_tokens(logits, *params)),
+                   "graph_replay_ms": graph_ms(logits, params, h)}
             if B == 64 and V == 128256:
-                row["sampler_sample_ms"] = sampler_ms(B, V, mode)
+                row["sampler_sample_ms"], row["sampler_eq_ref"] = sampler_ms(B, V, mode, graph_rows=B)
+                row["sampler_direct_ms"], _ = sampler_ms(B, V, mode, graph_rows=0)
             result["timing"].append(row)
             print(json.dumps(row), flush=True)
     slug = name.lower().replace(" ", "-")
