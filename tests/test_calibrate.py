@@ -174,6 +174,9 @@ def test_artifact_loads_and_drives_sparse_generation(arch: str, model_dirs: dict
     assert rt.runner.model.layers[1].attn.heads.k == G // 2
     (seq,) = generate(rt, ["Shall I compare thee"], SamplingParams(max_new_tokens=6, ignore_eos=True))
     assert len(seq.output_ids) == 6
+    # A policy that leaves routed layers dense loads the same artifact and skips their routers.
+    rt = runtime(model_dirs[arch], **{**sparse, "head_density": 1.0})
+    assert not any(rt.policy.head_routed(i) for i in range(spec.num_layers))
 
 
 # ---- tensor parallelism ------------------------------------------------------------------
