@@ -248,7 +248,7 @@ class Scheduler:
             seq.output_ids.append(token)
             if lp is not None:
                 seq.logprobs.append(lp)
-            if token in self.eos_token_ids and not seq.params.ignore_eos:
+            if (token in self.eos_token_ids and not seq.params.ignore_eos) or token in seq.params.stop_token_ids:
                 self._finish(seq, "stop")
             elif len(seq.output_ids) >= seq.params.max_new_tokens:
                 self._finish(seq, "length")
