@@ -63,6 +63,7 @@ class Generation:
         self.sink: asyncio.Queue = asyncio.Queue()
         self.choices: list[_ChoiceState] = []
         self._first_token = False
+        self._next_check = time.monotonic() + WAIT_S
 
     def start(self) -> None:
         for c in self.job.choices:
@@ -93,13 +94,17 @@ class Generation:
 
     async def _next(self) -> tuple[int, RequestOutput | BaseException]:
         while True:
+            now = time.monotonic()
+            if now >= self._next_check:  # also while tokens stream in: a busy request must notice too
+                self._next_check = now + WAIT_S
+                if await self.disconnected():
+                    raise ClientGone()
+                if not self.bridge.healthy and self.sink.empty():
+                    raise EngineDeadError(f"the engine failed: {self.bridge.failure or self.bridge.engine.failure}")
             try:
                 return await asyncio.wait_for(self.sink.get(), WAIT_S)
             except asyncio.TimeoutError:
-                if await self.disconnected():
-                    raise ClientGone() from None
-                if not self.bridge.healthy and self.sink.empty():
-                    raise EngineDeadError(f"the engine failed: {self.bridge.failure or self.bridge.engine.failure}")
+                continue
 
     def _apply(self, c: _ChoiceState, index: int, out: RequestOutput) -> Delta | None:
         if c.finish_reason is not None:
