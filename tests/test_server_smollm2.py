@@ -159,3 +159,72 @@ def test_echo_scores_the_prompt_as_transformers_does(server: ServerProcess, toke
     # lm-eval's greedy check: each scored token's logprob against the best of its top_logprobs
     for token_lp, top in zip(lp.token_logprobs[1:], lp.top_logprobs[1:]):
         assert len(top) == 1 and max(top.values()) >= token_lp - 1e-6
+
+
+LL_DOCS = [("The capital of France is", " Paris."), ("Water is made of hydrogen and", " oxygen."),
+           ("One, two, three,", " four, five."), ("The cat sat on the", " mat.")]
+GEN_DOCS = [("Q: What colour is the sky on a clear day?\nA:", " Blue"), ("Q: How many legs does a dog have?\nA:", " 4")]
+TASKS = """\
+task: {name}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: {output_type}
+doc_to_text: "{{{{context}}}}"
+doc_to_target: "{{{{continuation}}}}"
+{extra}
+"""
+
+
+def test_lm_eval_local_completions_scores_through_the_server(server: ServerProcess, tokenizer: Any,
+                                                             tmp_path: Path) -> None:
+    """lm-eval's `local-completions` model against the server: loglikelihood (echo + prompt logprobs)
+    equals the runtime's own prompt logprobs for the same tokens; generate_until returns the
+    server's greedy text cut at the stop string."""
+    if server.tp != 1:
+        pytest.skip("lm-eval runs against the tp=1 server; tp=3 answers the same requests in the tests above")
+    for name, docs, output_type, extra in (
+            ("polar_ll", LL_DOCS, "loglikelihood", "metric_list:\n  - metric: perplexity\n  - metric: acc"),
+            ("polar_gen", GEN_DOCS, "generate_until",
+             "generation_kwargs:\n  until: ['\\n']\n  max_gen_toks: 8\n  do_sample: false\n"
+             "metric_list:\n  - metric: exact_match")):
+        data = tmp_path / f"{name}.jsonl"
+        data.write_text("".join(json.dumps({"context": c, "continuation": t}) + "\n" for c, t in docs))
+        (tmp_path / f"{name}.yaml").write_text(TASKS.format(name=name, data=data, output_type=output_type,
+                                                            extra=extra))
+    out = tmp_path / "out"
+    args = ",".join([f"model={MODEL}", f"base_url={server.url}/v1/completions", f"tokenizer={_model_dir()}",
+                     "tokenizer_backend=huggingface", "tokenized_requests=True", "num_concurrent=2", "max_retries=1"])
+    proc = subprocess.run([sys.executable, "-m", "lm_eval", "--model", "local-completions", "--model_args", args,
+                           "--tasks", "polar_ll,polar_gen", "--include_path", str(tmp_path), "--output_path", str(out),
+                           "--log_samples"], capture_output=True, text=True, timeout=900, cwd=tmp_path,
+                          env={**server.env, "HF_DATASETS_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    samples = {name: [json.loads(line) for f in out.rglob(f"samples_{name}_*.jsonl") for line in f.open()]
+               for name in ("polar_ll", "polar_gen")}
+    assert len(samples["polar_ll"]) == len(LL_DOCS) and len(samples["polar_gen"]) == len(GEN_DOCS)
+
+    # the runtime's own prompt logprobs for the same token ids (in this process, tp=1)
+    from polar_dist.config import load_config
+    from polar_dist.engine.sampling import SamplingParams
+    from polar_dist.parallel.context import init_parallel
+    from polar_dist.runtime import build_runtime, generate_ids
+
+    cfg = load_config(CONFIG, ENGINE)
+    rt = build_runtime(cfg, init_parallel(cfg.parallel, "cpu"))
+    for s in samples["polar_ll"]:
+        context, continuation = s["doc"]["context"], s["doc"]["continuation"]
+        ctx_ids = tokenizer(context).input_ids
+        whole = tokenizer(context + continuation).input_ids
+        done = generate_ids(rt, [whole], SamplingParams(max_new_tokens=1, prompt_logprobs=0))
+        assert done is not None
+        ours = sum(lp.logprob for lp in done[0].prompt_logprobs[len(ctx_ids) - 1:])
+        theirs, _greedy = s["filtered_resps"][0]
+        assert abs(ours - theirs) < 1e-3, (context, continuation, ours, theirs)
+    client = server.client()
+    for s in samples["polar_gen"]:
+        direct = client.completions.create(model=MODEL, prompt=tokenizer(s["doc"]["context"]).input_ids,
+                                           max_tokens=8, temperature=0, stop=["\n"])
+        assert s["filtered_resps"][0] == direct.choices[0].text

@@ -3,8 +3,8 @@ byte tokenizer, driven by the official openai client: 64 concurrent mixed reques
 too small for them all (streaming, n = 2, seeded sampling) each answered once and equal to the same
 request alone; each bad input gets its OpenAI-style 4xx and the server keeps serving; the API key;
 a client that goes away frees its blocks; the published OpenAPI spec. At tp = 2 (torchrun): an idle
-server still serves after 3 x parallel.timeout_s, and SIGTERM drains (503 to new requests, the
-ones in flight finish) and every rank exits 0.
+server still serves after 3 x parallel.timeout_s; past its batch and queue it answers 429; SIGTERM
+drains (503 to new requests, the ones in flight finish) and every rank exits 0.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import json
 import random
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -253,12 +254,28 @@ def _abort_count(server: ServerProcess) -> float:
 
 def test_tp2_idle_past_the_timeout_then_sigterm_drains(config: Path) -> None:
     timeout_s = 2.0
-    with ServerProcess(config, tp=2, overrides=[f"parallel.timeout_s={timeout_s}", "server.drain_timeout_s=60"],
+    with ServerProcess(config, tp=2, overrides=[f"parallel.timeout_s={timeout_s}", "server.drain_timeout_s=60",
+                                                "server.max_queued_requests=4"],
                        env={"POLAR_API_KEY": API_KEY}, api_key=API_KEY) as server:
         time.sleep(3 * timeout_s + 0.5)  # idle: only heartbeats keep the worker waiting
         assert requests.get(server.url + "/health", timeout=10).status_code == 200
         first = ok_completion(server)
         assert first == ok_completion(server)
+
+        # overload: beyond the 8 batch slots and 4 queued, requests get 429 with Retry-After, and
+        # every request admitted gets its whole answer
+        load = {"model": "tiny", "max_tokens": 60, "temperature": 0, "ignore_eos": True, "return_token_ids": True}
+        with ThreadPoolExecutor(20) as pool:
+            answers = list(pool.map(lambda i: post(server, "/v1/completions", {**load, "prompt": f"load {i}"}),
+                                    range(20)))
+        rejected = [r for r in answers if r.status_code == 429]
+        served = [r for r in answers if r.status_code == 200]
+        assert len(rejected) + len(served) == 20 and len(rejected) >= 1 and len(served) >= 4, \
+            [r.status_code for r in answers]
+        assert all(r.headers.get("Retry-After") == "1" and r.json()["error"]["type"] == "rate_limit_error"
+                   for r in rejected)
+        assert all(len(r.json()["choices"][0]["token_ids"]) == 60 for r in served)
+        assert ok_completion(server) == first
 
         # requests in flight, then SIGTERM: they finish; new ones get 503; every rank exits 0
         results: dict[int, dict[int, tuple[list[int], str]]] = {}
@@ -297,3 +314,45 @@ def test_tp2_idle_past_the_timeout_then_sigterm_drains(config: Path) -> None:
         assert sorted(results) == [0, 1, 2, 3]
         for tokens, finish in (r[0] for r in results.values()):
             assert finish == "length" and len(tokens) == 100
+
+
+def test_tp2_a_lost_rank_fails_the_requests_in_flight_and_every_rank_exits_nonzero(config: Path) -> None:
+    timeout_s = 5.0
+    with ServerProcess(config, tp=2, overrides=[f"parallel.timeout_s={timeout_s}"],
+                       env={"POLAR_API_KEY": API_KEY}, api_key=API_KEY) as server:
+        import psutil
+
+        worker = next(c for c in psutil.Process(server.proc.pid).children(recursive=True)
+                      if c.environ().get("RANK") == "1")
+        outcome: dict[str, Any] = {}
+        started = threading.Event()
+
+        def stream() -> None:
+            tokens = 0
+            try:
+                for chunk in server.client().completions.create(
+                        model="tiny", prompt="doomed", max_tokens=MAX_SEQ_LEN - 8, temperature=0, stream=True,
+                        extra_body={"ignore_eos": True}):
+                    started.set()
+                    tokens += 1
+                outcome["finished"] = tokens
+            except Exception as e:  # noqa: BLE001 - the error event of the stream is the expected outcome
+                outcome["error"] = str(e)
+
+        t = threading.Thread(target=stream)
+        t.start()
+        assert started.wait(60)
+        worker.kill()
+        saw_503 = False
+        deadline = time.monotonic() + 3 * timeout_s
+        while time.monotonic() < deadline and not saw_503:
+            try:
+                saw_503 = requests.get(server.url + "/health", timeout=5).status_code == 503
+            except requests.ConnectionError:
+                break  # already gone
+            time.sleep(0.05)
+        t.join(60)
+        assert not t.is_alive(), "the request in flight hangs"
+        assert "error" in outcome, outcome  # not a complete answer
+        assert saw_503
+        assert server.proc.wait(120) != 0

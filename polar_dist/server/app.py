@@ -197,15 +197,15 @@ class Guard:
         path: str = scope["path"]
         st = self.state
         if st.api_key and path not in OPEN_PATHS and not self._authorized(scope):
-            await _send_error(send, APIError(401, "missing or wrong API key; send the header "
-                                                  "'Authorization: Bearer <key>'", code="invalid_api_key"))
+            await self._reject(path, send, APIError(401, "missing or wrong API key; send the header "
+                                                         "'Authorization: Bearer <key>'", code="invalid_api_key"))
             return
         if not path.startswith(API_PREFIX):
             await self.app(scope, receive, send)
             return
         if not st.accepting:
-            await _send_error(send, APIError(503, "the server is shutting down" if st.draining
-                                             else "the engine cannot serve"))
+            await self._reject(path, send, APIError(503, "the server is shutting down" if st.draining
+                                                    else "the engine cannot serve"))
             return
         body = await self._read_body(scope, receive, send)
         if body is None:
@@ -234,6 +234,11 @@ class Guard:
             st.in_flight -= 1
             st.metrics.requests.inc(status=str(status or 499))
 
+    async def _reject(self, path: str, send: Send, error: APIError) -> None:
+        if path.startswith(API_PREFIX):
+            self.state.metrics.requests.inc(status=str(error.status))
+        await _send_error(send, error)
+
     def _authorized(self, scope: Scope) -> bool:
         for name, value in scope.get("headers", []):
             if name == b"authorization":
@@ -248,7 +253,7 @@ class Guard:
         too_large = APIError(413, f"the request body is larger than {limit} bytes (server.max_body_bytes)")
         for name, value in scope.get("headers", []):
             if name == b"content-length" and value.isdigit() and int(value) > limit:
-                await _send_error(send, too_large)
+                await self._reject(scope["path"], send, too_large)
                 return None
         chunks, size = [], 0
         while True:
@@ -258,7 +263,7 @@ class Guard:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > limit:
-                await _send_error(send, too_large)
+                await self._reject(scope["path"], send, too_large)
                 return None
             chunks.append(chunk)
             if not message.get("more_body", False):

@@ -156,6 +156,7 @@ class EngineLoop:
     def _add(self, handle: Handle) -> None:
         with self._counts_lock:
             self._not_taken -= 1
+            self._waiting += 1  # in the engine's queue until a step admits it (then recounted)
         try:
             handle.request_id = self.engine.add_request(handle.prompt_ids, handle.params)
         except UserError as e:  # validated before, so only a limit that changed since
