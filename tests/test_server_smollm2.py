@@ -188,7 +188,7 @@ def test_lm_eval_local_completions_scores_through_the_server(server: ServerProce
     for name, docs, output_type, extra in (
             ("polar_ll", LL_DOCS, "loglikelihood", "metric_list:\n  - metric: perplexity\n  - metric: acc"),
             ("polar_gen", GEN_DOCS, "generate_until",
-             "generation_kwargs:\n  until: ['\\n']\n  max_gen_toks: 8\n  do_sample: false\n"
+             'generation_kwargs:\n  until: ["\\n"]\n  max_gen_toks: 8\n  do_sample: false\n'
              "metric_list:\n  - metric: exact_match")):
         data = tmp_path / f"{name}.jsonl"
         data.write_text("".join(json.dumps({"context": c, "continuation": t}) + "\n" for c, t in docs))
@@ -221,8 +221,8 @@ def test_lm_eval_local_completions_scores_through_the_server(server: ServerProce
         done = generate_ids(rt, [whole], SamplingParams(max_new_tokens=1, prompt_logprobs=0))
         assert done is not None
         ours = sum(lp.logprob for lp in done[0].prompt_logprobs[len(ctx_ids) - 1:])
-        theirs, _greedy = s["filtered_resps"][0]
-        assert abs(ours - theirs) < 1e-3, (context, continuation, ours, theirs)
+        theirs = float(s["filtered_resps"][0][0])  # [logprob, is_greedy], written as strings
+        assert abs(ours - theirs) < 1e-3, (context, continuation, ours, theirs, s["filtered_resps"])
     client = server.client()
     for s in samples["polar_gen"]:
         direct = client.completions.create(model=MODEL, prompt=tokenizer(s["doc"]["context"]).input_ids,
