@@ -136,6 +136,34 @@ def test_64_concurrent_mixed_requests_each_complete_once_and_equal_alone(server:
     assert seeded_pairs and all(g[0][0] != g[1][0] for g in seeded_pairs)
 
 
+def test_stop_token_ids_end_a_choice_after_the_token(server: ServerProcess) -> None:
+    args = {"model": "tiny", "prompt": "stop here", "max_tokens": 24, "temperature": 0, "ignore_eos": True,
+            "return_token_ids": True}
+    full = post(server, "/v1/completions", args).json()["choices"][0]["token_ids"]
+    k = 5
+    stop_id = full[k]
+    first = full.index(stop_id)
+    r = post(server, "/v1/completions", {**args, "stop_token_ids": [stop_id]}).json()["choices"][0]
+    assert (r["token_ids"], r["finish_reason"]) == (full[:first + 1], "stop")
+
+
+def test_echo_logprobs_stream_like_the_whole_answer(server: ServerProcess) -> None:
+    args = {"model": "tiny", "prompt": "echo me", "max_tokens": 6, "temperature": 0, "echo": True, "logprobs": 2,
+            "ignore_eos": True}
+    whole = post(server, "/v1/completions", args).json()["choices"][0]
+    lp = whole["logprobs"]
+    assert whole["text"].startswith("echo me")
+    assert len(lp["tokens"]) == len("echo me") + 6 and lp["token_logprobs"][0] is None
+    assert all(len(top) <= 2 for top in lp["top_logprobs"][1:])
+    assert lp["text_offset"] == sorted(lp["text_offset"])
+    r = requests.post(server.url + "/v1/completions", json={**args, "stream": True}, headers=HEADERS, stream=True,
+                      timeout=60)
+    chunks = [json.loads(line[6:]) for line in r.iter_lines(decode_unicode=True)
+              if line.startswith("data: ") and line != "data: [DONE]"]
+    assert "".join(c["choices"][0]["text"] for c in chunks) == whole["text"]
+    assert sum((c["choices"][0]["logprobs"]["token_logprobs"] for c in chunks), []) == lp["token_logprobs"]
+
+
 # ---- bad input -----------------------------------------------------------------------------
 
 def _nested(depth: int) -> str:
