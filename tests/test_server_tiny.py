@@ -35,11 +35,11 @@ HEADERS = {"Authorization": f"Bearer {API_KEY}"}
 @pytest.fixture(scope="module")
 def config(tmp_path_factory: pytest.TempPathFactory, tiny_model: Callable[[str], Path]) -> Path:
     path = tmp_path_factory.mktemp("serve") / "run.yaml"
-    # 24 blocks of 16 = 384 tokens for a batch of 8 sequences of up to 128: the cache runs out,
+    # 12 blocks of 16 = 192 tokens for a batch of 8 sequences of up to 128: the cache runs out,
     # so the engine must queue and preempt.
     path.write_text(yaml.safe_dump({
         "model": {"path": str(tiny_model(MODEL)), "tokenizer": "bytes", "device": "cpu"},
-        "engine": {"max_seq_len": MAX_SEQ_LEN, "max_batch_size": 8, "kv_cache_blocks": 24,
+        "engine": {"max_seq_len": MAX_SEQ_LEN, "max_batch_size": 8, "kv_cache_blocks": 12,
                    "max_num_batched_tokens": 64, "max_new_tokens": 16},
         "server": {"model_name": "tiny", "max_n": 4, "max_logprobs": 5, "max_stop": 8, "max_body_bytes": 100_000},
     }))
@@ -127,6 +127,7 @@ def test_64_concurrent_mixed_requests_each_complete_once_and_equal_alone(server:
     choices = sum(r["n"] for r in reqs)
     assert server.metric("polar_engine_requests_total") - finished_before == choices
     assert server.metric("polar_kv_blocks_in_use") == 0
+    assert server.metric("polar_preemptions_total") > 0  # the cache ran out: sequences were preempted
     # greedy and seeded requests give the same tokens alone as inside the busy batch
     single = asyncio.run(alone())
     for req, got, ref in zip(reqs, batch, single):
@@ -326,6 +327,10 @@ def test_tp2_idle_past_the_timeout_then_sigterm_drains(config: Path) -> None:
         for t in threads:
             t.start()
         assert started.wait(60)
+        deadline = time.monotonic() + 30
+        while server.metric("polar_requests_in_flight") < 4:  # every request reached the server
+            assert time.monotonic() < deadline, server.log()
+            time.sleep(0.02)
         code: dict[str, int] = {}
         stopper = threading.Thread(target=lambda: code.setdefault("rc", server.terminate()))
         stopper.start()

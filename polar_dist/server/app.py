@@ -12,6 +12,7 @@ text), GET /openapi.json. Errors are OpenAI-style bodies (polar_dist/server/erro
 from __future__ import annotations
 
 import hmac
+import json
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -271,8 +272,6 @@ class Guard:
 
 
 async def _send_error(send: Send, error: APIError) -> None:
-    import json
-
     payload = json.dumps(error.body()).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
     headers += [(k.lower().encode(), v.encode()) for k, v in (error.headers or {}).items()]

@@ -185,6 +185,7 @@ class EngineLoop:
             self._waiting = len(sched.waiting)
         self.metrics.queue_depth.set(len(sched.waiting))
         self.metrics.running.set(len(sched.running))
+        self.metrics.preemptions.mirror(sched.num_preemptions)
         self.metrics.kv_blocks_used.set(sched.allocator.num_blocks - sched.allocator.num_free)
         self._deliver(batch)
 

@@ -45,6 +45,11 @@ class Counter:
         with _LOCK:
             self._values[key] = self._values.get(key, 0.0) + amount
 
+    def mirror(self, total: float) -> None:
+        """Take the value of a count kept elsewhere (e.g. the scheduler's), which only grows."""
+        with _LOCK:
+            self._values[()] = float(total)
+
     def value(self, **labels: str) -> float:
         return self._values.get(tuple(sorted(labels.items())), 0.0)
 
@@ -97,6 +102,8 @@ class ServerMetrics:
         self.generation_tokens = Counter(p + "generation_tokens_total", "tokens generated")
         self.engine_requests = Counter(p + "engine_requests_total",
                                        "engine requests (a prompt x one of n choices) finished, by finish reason")
+        self.preemptions = Counter(p + "preemptions_total",
+                                   "sequences preempted to free KV blocks (recomputed when they resume)")
         self.queue_depth = Gauge(p + "queue_depth", "engine requests waiting for a batch slot")
         self.running = Gauge(p + "running_batch_size", "sequences in the running batch")
         self.in_flight = Gauge(p + "requests_in_flight", "API requests being answered")

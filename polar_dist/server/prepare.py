@@ -15,7 +15,7 @@ from polar_dist.engine.sampling import SamplingParams
 from polar_dist.errors import UserError
 from polar_dist.models.tokenizer import Tokenizer
 from polar_dist.server.errors import APIError
-from polar_dist.server.protocol import ChatCompletionRequest, CompletionRequest, _Sampling
+from polar_dist.server.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
 
 _U64 = (1 << 64) - 1
 
@@ -119,7 +119,7 @@ def _completion_prompts(prompt: str | list, tokenizer: Tokenizer) -> list[list[i
     return [list(p) for p in prompt]
 
 
-def _job(req: _Sampling, prompts: list[list[int]], max_tokens: int | None, max_tokens_name: str,
+def _job(req: SamplingFields, prompts: list[list[int]], max_tokens: int | None, max_tokens_name: str,
          logprobs: int | None, echo: bool, tokenizer: Tokenizer, limits: Limits) -> Job:
     if not 1 <= req.n <= limits.max_n:
         raise APIError(400, f"n = {req.n} must be in [1, {limits.max_n}] (server.max_n)", param="n")

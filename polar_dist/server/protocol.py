@@ -26,7 +26,7 @@ class StreamOptions(BaseModel):
     include_usage: bool = Field(False, description="send a last chunk with the request's usage")
 
 
-class _Sampling(BaseModel):
+class SamplingFields(BaseModel):
     """Fields both endpoints share."""
 
     model_config = _STRICT
@@ -51,7 +51,7 @@ class _Sampling(BaseModel):
     return_token_ids: bool = Field(False, description="add token_ids (and prompt_token_ids) to each choice")
 
 
-class CompletionRequest(_Sampling):
+class CompletionRequest(SamplingFields):
     prompt: Prompt = Field(description="text, texts, token ids, or lists of token ids")
     max_tokens: int | None = Field(None, description=">= 1; default engine.max_new_tokens, bounded by the "
                                                      "model's length")
@@ -75,7 +75,7 @@ class ChatMessage(BaseModel):
     name: str | None = None
 
 
-class ChatCompletionRequest(_Sampling):
+class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, description="deprecated name of max_completion_tokens")
     max_completion_tokens: int | None = None

@@ -12,7 +12,9 @@ import json
 from dataclasses import dataclass
 from typing import Any, AsyncIterator
 
+from polar_dist.engine.engine import EngineDeadError
 from polar_dist.engine.sampling import TokenLogprobs
+from polar_dist.errors import UserError
 from polar_dist.models.tokenizer import Tokenizer
 from polar_dist.server.errors import error_body
 from polar_dist.server.generation import Delta, Generation
@@ -175,9 +177,6 @@ async def chat_events(gen: Generation, meta: Meta) -> AsyncIterator[str]:
 
 
 async def _stream(gen: Generation, chunk: Any, head: dict[str, Any]) -> AsyncIterator[str]:
-    from polar_dist.engine.engine import EngineDeadError
-    from polar_dist.errors import UserError
-
     try:
         async for d in gen.deltas():
             yield sse(chunk(d))
