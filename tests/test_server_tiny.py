@@ -165,6 +165,73 @@ def test_echo_logprobs_stream_like_the_whole_answer(server: ServerProcess) -> No
     assert sum((c["choices"][0]["logprobs"]["token_logprobs"] for c in chunks), []) == lp["token_logprobs"]
 
 
+def test_soak_two_rounds_lose_nothing_and_do_not_grow(server: ServerProcess) -> None:
+    """2 x 500 requests from 64 concurrent clients: a third streaming, a tenth hanging up after
+    their first chunk, some n = 2, some seeded. Every request not hung up gets exactly one complete
+    answer; a sample equals the same requests alone; KV blocks return to zero after each round; the
+    server's resident memory does not grow from the first round to the second."""
+    import psutil
+
+    rng = random.Random(1)
+    rss = []
+
+    def make(i: int) -> dict[str, Any]:
+        req: dict[str, Any] = {"prompt": "".join(rng.choice("qrstuvwxyz .") for _ in range(rng.randint(1, 40))),
+                               "max_tokens": rng.randint(1, 24), "stream": i % 3 == 0, "n": 2 if i % 7 == 0 else 1,
+                               "hang_up": i % 10 == 3}
+        req.update(temperature=1.0, seed=i) if i % 4 == 0 else req.update(temperature=0.0)
+        return req
+
+    async def one(client: Any, req: dict[str, Any], gate: asyncio.Semaphore) -> Any:
+        async with gate:
+            if not req["hang_up"]:
+                return await _run(client, {k: v for k, v in req.items() if k != "hang_up"})
+            args = {k: v for k, v in req.items() if k not in ("hang_up", "stream")}
+            stream = await client.completions.create(model="tiny", stream=True, **{**args, "max_tokens": 80},
+                                                     extra_body={"ignore_eos": True})
+            async for _ in stream:
+                break
+            await stream.close()
+            return None
+
+    async def soak(reqs: list[dict[str, Any]]) -> tuple[list[Any], float]:
+        client = server.async_client()
+        gate = asyncio.Semaphore(64)
+        t0 = time.perf_counter()
+        try:
+            return await asyncio.gather(*(one(client, r, gate) for r in reqs)), time.perf_counter() - t0
+        finally:
+            await client.close()
+
+    for round_ in range(2):
+        reqs = [make(i) for i in range(500)]
+        answers, elapsed = asyncio.run(soak(reqs))
+        for req, got in zip(reqs, answers):
+            if req["hang_up"]:
+                continue
+            assert sorted(got) == list(range(req["n"])), req
+            assert all(f == "length" and len(t) == req["max_tokens"] for t, f in got.values()), (req, got)
+        deadline = time.monotonic() + 30
+        while server.metric("polar_kv_blocks_in_use") > 0 or server.metric("polar_running_batch_size") > 0:
+            assert time.monotonic() < deadline, "blocks still in use after the round"
+            time.sleep(0.1)
+        rss.append(psutil.Process(server.rank0_pid()).memory_info().rss)
+        print(f"soak round {round_}: 500 requests in {elapsed:.1f} s ({500 / elapsed:.1f} req/s), "
+              f"rank 0 RSS {rss[-1] / 2**20:.0f} MiB")
+        sample = [(r, a) for r, a in zip(reqs, answers) if not r["hang_up"]][::25]
+
+        async def alone() -> list[Any]:
+            client = server.async_client()
+            try:
+                return [await _run(client, {k: v for k, v in r.items() if k not in ("hang_up", "stream")}
+                                   | {"stream": False}) for r, _ in sample]
+            finally:
+                await client.close()
+
+        assert [a for _, a in sample] == asyncio.run(alone())
+    assert rss[1] <= rss[0] * 1.05 + (32 << 20), f"rank 0 grew from {rss[0] >> 20} to {rss[1] >> 20} MiB"
+
+
 # ---- bad input -----------------------------------------------------------------------------
 
 def _nested(depth: int) -> str:
