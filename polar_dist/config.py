@@ -114,8 +114,27 @@ class EngineConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class ServerConfig:
-    host: str = "127.0.0.1"
+    """The OpenAI-compatible HTTP server on rank 0 (launch/serve.py).
+
+    `model_name` is the id /v1/models lists and requests must name ("": derived from model.path,
+    e.g. `smollm2-135m`). With `api_key` set, every endpoint but /health and /metrics needs
+    `Authorization: Bearer <api_key>` (or leave it empty and set POLAR_API_KEY, which keeps the
+    key out of files and command lines). Requests beyond `max_queued_requests` waiting for a
+    batch slot get 429 with Retry-After. On SIGINT/SIGTERM the server answers 503 to new
+    requests, lets those in flight finish for up to `drain_timeout_s`, aborts the rest, and
+    every rank exits 0.
+    """
+
+    host: str = "127.0.0.1"  # 0.0.0.0 exposes the server to the network: set it deliberately
     port: int = 8000
+    model_name: str = ""
+    api_key: str = ""
+    max_body_bytes: int = 1 << 20  # larger request bodies get 413
+    max_n: int = 8  # choices per request
+    max_logprobs: int = 20  # top logprobs per token (at most 20, the OpenAI API's limit)
+    max_stop: int = 16  # stop strings + stop token ids per request
+    max_queued_requests: int = 256  # engine requests waiting for a batch slot before 429
+    drain_timeout_s: float = 20.0  # grace for in-flight requests on SIGINT/SIGTERM (< torchrun's 30 s)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -324,5 +343,18 @@ def _validate(cfg: RunConfig) -> None:
     for name in ("max_seq_len", "kv_cache_blocks"):
         if getattr(e, name) < 0:
             raise UserError(f"engine.{name} = {getattr(e, name)} must be >= 0 (0 = automatic)")
-    if not 0 <= cfg.server.port < 65536:
-        raise UserError(f"server.port = {cfg.server.port} must be in [0, 65535]")
+    _validate_server(cfg.server)
+
+
+def _validate_server(v: ServerConfig) -> None:
+    if not 0 <= v.port < 65536:
+        raise UserError(f"server.port = {v.port} must be in [0, 65535]")
+    if not v.host:
+        raise UserError("server.host is empty; use 127.0.0.1 (this machine only) or 0.0.0.0 (every interface)")
+    for name in ("max_body_bytes", "max_n", "max_stop", "max_queued_requests"):
+        if getattr(v, name) < 1:
+            raise UserError(f"server.{name} = {getattr(v, name)} must be >= 1")
+    if not 0 <= v.max_logprobs <= 20:
+        raise UserError(f"server.max_logprobs = {v.max_logprobs} must be in [0, 20] (the OpenAI API's limit)")
+    if v.drain_timeout_s < 0:
+        raise UserError(f"server.drain_timeout_s = {v.drain_timeout_s} must be >= 0 seconds")

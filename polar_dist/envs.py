@@ -67,3 +67,7 @@ KERNEL_BACKEND: EnvVar[str] = EnvVar(
 LOG_ALL_RANKS: EnvVar[bool] = EnvVar(
     "POLAR_LOG_ALL_RANKS", False, parse_bool, "log from every rank, not rank 0 only"
 )
+API_KEY: EnvVar[str] = EnvVar(
+    "POLAR_API_KEY", "", lambda name, raw: raw,
+    "the server's API key when server.api_key is empty (keeps it out of files and command lines)",
+)

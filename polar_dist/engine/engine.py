@@ -101,6 +101,12 @@ class Engine:
     def num_free_blocks(self) -> int:
         return self.scheduler.allocator.num_free
 
+    @property
+    def failure(self) -> BaseException | None:
+        """Why the engine cannot serve (a failed step, or a rank lost while idle); None while healthy.
+        Safe to read from any thread."""
+        return self._failure
+
     def step(self) -> list[RequestOutput]:
         """Run one step; returns an output for every request that got a token or finished."""
         self._check_alive()

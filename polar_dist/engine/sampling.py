@@ -43,6 +43,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None  # None: off; n: the sampled token's logprob and the top n
     prompt_logprobs: int | None = None  # None: off; n: each prompt token's logprob (from the 2nd) and the top n
+    stop_token_ids: tuple[int, ...] = ()  # finish with "stop" after sampling one of these (besides EOS)
 
     def __post_init__(self) -> None:
         for name in ("temperature", "top_p", "min_p", "repetition_penalty", "frequency_penalty", "presence_penalty"):
@@ -68,6 +69,9 @@ class SamplingParams:
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
                                       or not -(1 << 63) <= self.seed < _U64):
             raise UserError(f"seed = {self.seed!r} must be an integer that fits 64 bits, in [-2**63, 2**64)")
+        if not isinstance(self.stop_token_ids, tuple) or any(
+                isinstance(t, bool) or not isinstance(t, int) for t in self.stop_token_ids):
+            raise UserError(f"stop_token_ids = {self.stop_token_ids!r} must be a tuple of integer token ids")
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)

@@ -95,6 +95,7 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.requests: dict[int, Sequence] = {}  # every unfinished request
         self._removed: list[int] = []  # ids the workers must forget at the next step
+        self.num_preemptions = 0  # sequences sent back to wait (their KV recomputed later), ever
         self._next_id = 0
 
     def validate(self, prompt_ids: list[int]) -> None:
@@ -200,6 +201,7 @@ class Scheduler:
                     break
 
     def _preempt(self, seq: Sequence) -> None:
+        self.num_preemptions += 1
         self.running.remove(seq)
         self.allocator.free(seq.blocks)
         seq.blocks, seq.blocks_sent, seq.num_computed, seq.prefill_len = [], 0, 0, 0
@@ -248,7 +250,7 @@ class Scheduler:
             seq.output_ids.append(token)
             if lp is not None:
                 seq.logprobs.append(lp)
-            if token in self.eos_token_ids and not seq.params.ignore_eos:
+            if (token in self.eos_token_ids and not seq.params.ignore_eos) or token in seq.params.stop_token_ids:
                 self._finish(seq, "stop")
             elif len(seq.output_ids) >= seq.params.max_new_tokens:
                 self._finish(seq, "length")

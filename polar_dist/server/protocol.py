@@ -1,0 +1,181 @@
+"""The OpenAI API's request and response bodies, as pydantic models (they are also the published
+/openapi.json).
+
+Requests are strict: a string where a number belongs, a float where an integer belongs, NaN or
+an infinity are 400s, not coerced. Fields of the OpenAI API that this server does not honour are
+refused when set to anything but their neutral value (`suffix`, `logit_bias`, `best_of` != n),
+rather than silently ignored; other unknown fields are ignored, as OpenAI clients send some
+(`user`, `metadata`). Extensions beyond the OpenAI API, as vLLM names them: `top_k`, `min_p`,
+`repetition_penalty`, `stop_token_ids`, `ignore_eos`, `return_token_ids`.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+_STRICT = ConfigDict(strict=True, allow_inf_nan=False, extra="ignore")
+
+# A completion prompt: text, texts, token ids, or lists of token ids (one request, several prompts)
+Prompt = Union[str, list[str], list[int], list[list[int]]]
+
+
+class StreamOptions(BaseModel):
+    model_config = _STRICT
+    include_usage: bool = Field(False, description="send a last chunk with the request's usage")
+
+
+class SamplingFields(BaseModel):
+    """Fields both endpoints share."""
+
+    model_config = _STRICT
+    model: str = Field(description="the served model's id, as GET /v1/models lists it")
+    temperature: float = Field(1.0, description=">= 0; 0 is greedy")
+    top_p: float = Field(1.0, description="in (0, 1]")
+    n: int = Field(1, description="choices per prompt, from 1 to server.max_n")
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = Field(None, description="text that ends a choice (not included in it)")
+    seed: int | None = Field(None, description="64-bit seed: the same seed gives the same text, in any batch")
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    logit_bias: dict[str, float] | None = Field(None, description="not supported: only null or {}")
+    user: str | None = None
+    # extensions (vLLM's names)
+    top_k: int = Field(0, description="0: no limit")
+    min_p: float = Field(0.0, description="in [0, 1]; 0 disables it")
+    repetition_penalty: float = Field(1.0, description="> 0; 1 disables it")
+    stop_token_ids: list[int] | None = Field(None, description="token ids that end a choice (kept in it)")
+    ignore_eos: bool = False
+    return_token_ids: bool = Field(False, description="add token_ids (and prompt_token_ids) to each choice")
+
+
+class CompletionRequest(SamplingFields):
+    prompt: Prompt = Field(description="text, texts, token ids, or lists of token ids")
+    max_tokens: int | None = Field(None, description=">= 1; default engine.max_new_tokens, bounded by the "
+                                                     "model's length")
+    echo: bool = Field(False, description="return the prompt before the completion (with logprobs: its logprobs)")
+    logprobs: int | None = Field(None, description="the sampled token's logprob and the top N, N <= "
+                                                   "server.max_logprobs")
+    suffix: str | None = Field(None, description="not supported: only null")
+    best_of: int | None = Field(None, description="not supported beyond n")
+
+
+class TextContent(BaseModel):
+    model_config = _STRICT
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = _STRICT
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextContent] | None = None
+    name: str | None = None
+
+
+class ChatCompletionRequest(SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, description="deprecated name of max_completion_tokens")
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, description="with logprobs: the top N, N <= server.max_logprobs")
+
+
+# ---- responses -------------------------------------------------------------------------------
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float | None]  # None for the first prompt token (nothing predicts it)
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: Literal["stop", "length", "abort", "error"] | None = None
+    token_ids: list[int] | None = None
+    prompt_token_ids: list[int] | None = None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob]
+
+
+class ChatDelta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: Literal["stop", "length", "abort", "error"] | None = None
+    token_ids: list[int] | None = None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "polar_dist"
+    max_model_len: int
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
