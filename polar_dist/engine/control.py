@@ -1,5 +1,5 @@
-"""The control channel: rank 0's step messages (int64 arrays, polar_dist/engine/step.py) to
-every other rank, over the control (gloo) group.
+"""The control channel: the driver's step messages (int64 arrays, polar_dist/engine/step.py) to
+the other ranks of its replica, over the replica's control (gloo) group.
 
 A message travels in a fixed-size buffer (one broadcast) when it fits, which a decode step at
 full batch always does; a longer one (a big prefill chunk's tokens) sends its remainder in a
@@ -27,8 +27,8 @@ class ControlChannel:
         self._view = self._buf.numpy()
 
     def send(self, msg: np.ndarray) -> None:
-        """Rank 0: broadcast `msg` (its element 1 is its length)."""
-        if self.ctx.world_size == 1:
+        """The driver: broadcast `msg` (its element 1 is its length)."""
+        if self.ctx.tp_size == 1:
             return
         n = min(len(msg), self.capacity)
         self._view[:n] = msg[:n]
