@@ -64,8 +64,7 @@ def main() -> None:
     from polar_dist.errors import UserError
 
     cluster = load_cluster(args.cluster)
-    if args.config is not None:
-        load_config(args.config)  # a bad run config fails here, not on every node
+    run_cfg = load_config(args.config) if args.config is not None else None  # a bad one fails here, not on the nodes
     entry_args = args.args[1:] if args.args[:1] == ["--"] else args.args
     commands = node_commands(cluster, args.entry, entry_args, args.config, args.hostfile, args.rdzv_id)
     if not args.run:
@@ -74,6 +73,9 @@ def main() -> None:
         else:
             for c in commands:
                 print(f"# node {c.node} ({c.host})\n{c.shell()}")
+            if args.entry == "serve" and run_cfg is not None:
+                for r in cluster.replicas():  # what a load balancer and a metrics scraper point at
+                    print(f"# replica {r['replica']} serves on {r['hosts'][0]}:{run_cfg.server.port + r['replica']}")
         return
     mine = [c for c in commands if is_local(c.host)]
     if not mine:

@@ -105,9 +105,15 @@ class ClusterConfig:
     def interface_of(self, node: NodeConfig) -> str:
         return node.interface or self.network.interface
 
+    def nodes_in_rank_order(self) -> list[NodeConfig]:
+        """The nodes in the order their ranks are numbered. mpirun (hostfile, --map-by slot) and
+        deepspeed (--node_rank) follow the file; torchrun's c10d rendezvous numbers the nodes by
+        their address strings, sorted (`--local-addr` is the node's host), e.g. 10.0.0.10 before 10.0.0.9."""
+        return sorted(self.nodes, key=lambda n: n.host) if self.launcher == "torchrun" else list(self.nodes)
+
     def replicas(self) -> list[dict[str, Any]]:
         """Each replica's global ranks and the hosts they run on (in rank order)."""
-        hosts = [n.host for n in self.nodes for _ in range(n.ranks)]
+        hosts = [n.host for n in self.nodes_in_rank_order() for _ in range(n.ranks)]
         return [{"replica": r, "ranks": list(range(r * self.tp, (r + 1) * self.tp)),
                  "hosts": sorted(set(hosts[r * self.tp:(r + 1) * self.tp]), key=hosts.index)}
                 for r in range(self.dp)]

@@ -106,3 +106,11 @@ def test_cluster_cli_prints_commands_and_rejects_unknown_entries() -> None:
     bad = subprocess.run([*base, "--", "train"], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "entry 'train' is not one of ['calibrate', 'generate', 'serve', 'throughput']" \
         in bad.stderr
+
+
+def test_replicas_follow_the_launchers_rank_order() -> None:
+    nodes = {"nodes": [{"host": "10.0.0.9", "gpus": 8}, {"host": "10.0.0.10", "gpus": 8}]}
+    by_torchrun = cluster_from_dict({**TWO_NODES, **nodes}).replicas()  # c10d sorts the nodes' addresses
+    by_mpirun = cluster_from_dict({**TWO_NODES, **nodes, "launcher": "mpirun", "rendezvous": {"host": ""}}).replicas()
+    assert [r["hosts"] for r in by_torchrun] == [["10.0.0.10"], ["10.0.0.9"]]
+    assert [r["hosts"] for r in by_mpirun] == [["10.0.0.9"], ["10.0.0.10"]]
