@@ -348,7 +348,7 @@ def init_parallel(cfg: ParallelConfig, device_pref: str) -> ParallelContext:
         control = dist.new_group(backend="gloo", timeout=timeout) if backend != "gloo" else dist.group.WORLD
         return ParallelContext(info, device, GroupComm(dist.group.WORLD), control, layout)
     return ParallelContext(info, device, *_replica_groups(layout, info, backend, timeout), layout=layout,
-                           replicas_group=_drivers_group(layout, timeout))
+                           replicas_group=_drivers_group(layout, info.rank, timeout))
 
 
 def _replica_groups(layout: ReplicaLayout, info: LaunchInfo, backend: str, timeout: timedelta) -> tuple[TPComm, Any]:
@@ -373,7 +373,17 @@ def _replica_groups(layout: ReplicaLayout, info: LaunchInfo, backend: str, timeo
     return comm, control
 
 
-def _drivers_group(layout: ReplicaLayout, timeout: timedelta) -> Any:
+def _drivers_group(layout: ReplicaLayout, rank: int, timeout: timedelta) -> Any:
+    """The gloo group of every replica's driver (None on the other ranks). Every rank joins one
+    group of the ranks sharing its tp rank, drivers included: a group made only for the drivers
+    would leave them with one more group than their replica's other ranks, and a replica's
+    later groups (`waiting_group`, made by its ranks alone) are named from that count."""
     import torch.distributed as dist
 
-    return dist.new_group(layout.drivers(), backend="gloo", timeout=timeout)
+    mine = None
+    for tp_rank in range(layout.tp_size):
+        group = dist.new_group([r * layout.tp_size + tp_rank for r in range(layout.num_replicas)], backend="gloo",
+                               timeout=timeout)
+        if tp_rank == rank % layout.tp_size:
+            mine = group
+    return mine if rank % layout.tp_size == 0 else None
