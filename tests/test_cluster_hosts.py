@@ -147,7 +147,12 @@ def test_deepspeed_across_two_namespaces(hosts: TwoHosts, run_config: Path, sing
 
 
 def test_torchrun_two_nodes_on_loopback(run_config: Path, single: list[dict], tmp_path: Path) -> None:
-    """The same tp=2 x dp=2 run with the two nodes on 127.0.0.1 and 127.0.0.2 (no namespaces needed)."""
+    """The same tp=2 x dp=2 run with the two nodes on 127.0.0.1 and 127.0.0.2 (no namespaces
+    needed), started by `launch/cluster.py --run`: both nodes are this host, so it starts both."""
     cluster = cluster_file(tmp_path, ["127.0.0.1", "127.0.0.2"], 2, 2, "torchrun")
-    check_tokens(run_nodes(commands(cluster, run_config, tmp_path), lambda i, argv: argv, tmp_path), single,
-                 ("127.0.0.1", "127.0.0.2"))
+    proc = subprocess.run([sys.executable, str(ROOT / "launch/cluster.py"), "--cluster", str(cluster), "--config",
+                           str(run_config), "--run", "--", "generate", *generate_args()], env=env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stderr.count("--rdzv-backend c10d") == 2  # each node's command, as started
+    check_tokens([(proc.stdout, proc.stderr)], single, ("127.0.0.1", "127.0.0.2"))

@@ -80,9 +80,10 @@ def _requests(replica: int) -> list[tuple[list[int], SamplingParams]]:
 def _replica_ranks(rank: int, world_size: int, out_dir: str) -> None:
     rt = _runtime(dp=2)
     ctx = rt.ctx
-    assert (ctx.tp_size, ctx.num_replicas, ctx.replica, ctx.tp_rank) == (2, 2, rank // 2, rank % 2)
-    assert ctx.rank == rank and ctx.world_size == 4 and ctx.is_driver == (rank % 2 == 0)
-    assert rt.runner.model is not None and ctx.tp_comm.size == 2 and ctx.tp_comm.rank == rank % 2
+    tp = world_size // 2
+    assert (ctx.tp_size, ctx.num_replicas, ctx.replica, ctx.tp_rank) == (tp, 2, rank // tp, rank % tp)
+    assert ctx.rank == rank and ctx.world_size == world_size and ctx.is_driver == (rank % tp == 0)
+    assert ctx.tp_comm.size == tp and ctx.tp_comm.rank == rank % tp
     if not ctx.is_driver:
         worker_loop(rt)
         return
@@ -94,8 +95,9 @@ def _replica_ranks(rank: int, world_size: int, out_dir: str) -> None:
 
 
 @pytest.mark.slow
-def test_tp2_dp2_replicas_give_the_single_process_tokens(tmp_path: Path) -> None:
-    run_ranks(_replica_ranks, 4, str(tmp_path))
+@pytest.mark.parametrize("world_size", [4, 2], ids=["tp2xdp2", "tp1xdp2"])
+def test_replicas_give_the_single_process_tokens(world_size: int, tmp_path: Path) -> None:
+    run_ranks(_replica_ranks, world_size, str(tmp_path))
     for replica in range(2):
         with Engine(_runtime(dp=1)) as engine:
             single = _generate(engine, _requests(replica))
