@@ -157,7 +157,12 @@ def main(argv: list[str] | None = None) -> None:
     from polar_dist.sparsity.text import read_text_files
 
     ctx = init_parallel(cfg.parallel, cfg.model.device)
-    configure_logging(ctx.rank, ctx.world_size)
+    configure_logging(ctx.tp_rank, ctx.tp_size, ctx.replica, ctx.num_replicas)
+    if ctx.replica > 0:  # every replica would compute the same table
+        if ctx.is_driver:
+            print(f"replica {ctx.replica}: nothing to do, replica 0 evaluates", file=sys.stderr, flush=True)
+        ctx.shutdown()
+        return
     source = resolve_source_once(cfg, ctx)
     tokenizer = make_tokenizer(cfg, source)
     segments = perplexity_segments(tokenizer.encode(read_text_files(args.text)), args.seg_len, args.max_tokens)
@@ -201,7 +206,7 @@ def main(argv: list[str] | None = None) -> None:
         out.parent.mkdir(parents=True, exist_ok=True)
         table = {
             "model": cfg.model.path if cfg.model.path.startswith("embedded:") else Path(cfg.model.path).name,
-            "config": args.config, "overrides": args.overrides, "dtype": cfg.model.dtype, "tp": ctx.world_size,
+            "config": args.config, "overrides": args.overrides, "dtype": cfg.model.dtype, "tp": ctx.tp_size,
             "device": str(ctx.device), "torch": torch.__version__,
             "text": [{"path": str(p), "sha256": hashlib.sha256(Path(p).read_bytes()).hexdigest()} for p in args.text],
             "seg_len": args.seg_len, "prefix_len": args.prefix_len, "max_tokens": args.max_tokens,

@@ -50,9 +50,15 @@ class ModelConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class ParallelConfig:
-    """Tensor parallelism. `tp: 0` means "the launcher's world size"."""
+    """Tensor x data parallelism: the launcher's world is `dp` replicas of `tp` ranks each.
+
+    Contiguous ranks form one replica (a tensor-parallel group with its own driver, scheduler and
+    engine); replicas share nothing while they run. `tp: 0` means "the launcher's world size
+    over dp"; otherwise tp x dp must equal the world size.
+    """
 
     tp: int = 0
+    dp: int = 1  # data-parallel replicas
     backend: Literal["auto", "nccl", "gloo"] = "auto"
     timeout_s: float = 120.0  # a rank that stops answering ends every rank after this long
 
@@ -316,6 +322,8 @@ def _validate(cfg: RunConfig) -> None:
         raise UserError("model.dtype = float16 on model.device = cpu is not supported; use bfloat16 or float32 on CPU")
     if p.tp < 0:
         raise UserError(f"parallel.tp = {p.tp} must be >= 1, or 0 for the launcher's world size")
+    if p.dp < 1:
+        raise UserError(f"parallel.dp = {p.dp} must be >= 1 (the number of independent replicas; 1 is one replica)")
     if p.timeout_s <= 0:
         raise UserError(f"parallel.timeout_s = {p.timeout_s} must be > 0 seconds")
     if not 0.0 < s.head_density <= 1.0:

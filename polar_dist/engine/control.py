@@ -1,8 +1,8 @@
-"""The control channel: rank 0's step messages (int64 arrays, polar_dist/engine/step.py) to
-every other rank.
+"""The control channel: the driver's step messages (int64 arrays, polar_dist/engine/step.py) to
+the other ranks of its replica.
 
 Two transports, chosen once at construction (a collective over the control group):
-- every rank on rank 0's machine (same host name and boot id) on x86-64: a shared-memory ring
+- every rank of the replica on its driver's machine (same host name and boot id) on x86-64: a shared-memory ring
   (polar_dist/engine/shm_ring.py), a few microseconds a message instead of a gloo round of
   TCP. If any rank is on another machine, every rank uses gloo (no mixed layout).
 - otherwise the gloo control group: a message travels in a fixed-size buffer (one broadcast)
@@ -63,15 +63,15 @@ class ControlChannel:
         self._view = self._buf.numpy()
         self._beat = torch.zeros(1, dtype=torch.int64)
         self.ring: shm_ring.ShmRing | None = None
-        if ctx.world_size > 1 and shared_memory:
+        if ctx.tp_size > 1 and shared_memory:
             self.ring = self._open_ring()
 
     @property
     def transport(self) -> str:
-        return "none" if self.ctx.world_size == 1 else "shm" if self.ring is not None else "gloo"
+        return "none" if self.ctx.tp_size == 1 else "shm" if self.ring is not None else "gloo"
 
     def _open_ring(self) -> shm_ring.ShmRing | None:
-        readers, words = self.ctx.world_size - 1, self.RING_MESSAGES * self.capacity
+        readers, words = self.ctx.tp_size - 1, self.RING_MESSAGES * self.capacity
         # How long a waiting rank spins before it sleeps: a GPU worker waits a whole step (it does
         # not wait for its kernels), and must not oversleep the next message; a CPU rank waits
         # only for rank 0's sampling, and shares the cores with the others.
@@ -88,7 +88,7 @@ class ControlChannel:
             host, name = self.ctx.broadcast_object((host_id(), name))
             if not self.ctx.is_driver and name is not None and host == host_id():
                 try:
-                    ring = shm_ring.ShmRing.open(name, readers, words, self.ctx.rank - 1, spin_s)
+                    ring = shm_ring.ShmRing.open(name, readers, words, self.ctx.tp_rank - 1, spin_s)
                 except OSError:
                     ring = None
             everyone = self.ctx.all_reduce_min(int(ring is not None))  # every rank mapped it
@@ -105,8 +105,8 @@ class ControlChannel:
         return ring
 
     def send(self, msg: np.ndarray) -> None:
-        """Rank 0: send `msg` (its element 1 is its length) to every other rank."""
-        if self.ctx.world_size == 1:
+        """The driver: send `msg` (its element 1 is its length) to the other ranks of its replica."""
+        if self.ctx.tp_size == 1:
             return
         if self.ring is not None:
             self.ring.write(msg, self.timeout_s)

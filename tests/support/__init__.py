@@ -12,4 +12,5 @@ PYTHONPATH for it. Test modules import from here, never from conftest or from ea
     tiny_models.py  tiny random HF models, transformers' reference logits and the runtime's
     tolerance.py    the rule max|out - ref| <= 2 * max|torch_same_dtype - ref| + eps
     tp_script.py    the tiny-model logits check as a script for torchrun / mpirun / deepspeed
+    netns.py        two_hosts(): two network namespaces joined by a veth pair, as two cluster nodes
 """
