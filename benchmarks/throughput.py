@@ -256,22 +256,41 @@ def breakdown(rt: Runtime, step: Step, sample_ms: float, step_ms: float) -> dict
             delattr(obj, attr)
         for h in handles:
             h.remove()
-    # Each kernel is charged to the innermost annotated region whose CPU op launched it.
+    # Each kernel is charged to the innermost annotated region open when it was launched (by
+    # time on the launching thread: Triton launches are not children of the region's op).
+    events = [e for e in prof.events() if str(getattr(e, "device_type", "CPU")).endswith("CPU")]
+    regions = [(e.time_range.start, e.time_range.end, e.thread, e.name.split(":", 1)[1])
+               for e in events if e.name.startswith("bd:")]
     parts: dict[str, float] = defaultdict(float)
-    cpu_events = [e for e in prof.events() if str(getattr(e, "device_type", "CPU")).endswith("CPU")]
-    roots = [e for e in cpu_events if e.cpu_parent is None]
-    todo = [(e, None) for e in roots]
-    while todo:
-        evt, cat = todo.pop()
-        if evt.name.startswith("bd:"):
-            cat = evt.name.rsplit(":", 1)[1]
-        if cat is not None:
-            parts[cat] += sum(k.duration for k in evt.kernels) / 1e3  # us -> ms
-        todo += [(c, cat) for c in evt.cpu_children]
+    # Our Triton kernels, by name (their launches may not link to a CPU op the profiler records).
+    for e in prof.events():
+        if str(getattr(e, "device_type", "")).endswith("CUDA"):
+            cat = _triton_category(e.name)
+            if cat is not None:
+                parts[cat] += e.time_range.elapsed_us() / 1e3  # a device event's range is the kernel's run
+    for e in events:
+        if not e.kernels or e.name.startswith("bd:"):
+            continue
+        if all(_triton_category(k.name) is not None for k in e.kernels):
+            continue  # counted above
+        t = e.time_range.start
+        inside = [r for r in regions if r[0] <= t <= r[1] and r[2] == e.thread]
+        if inside:
+            cat = min(inside, key=lambda r: r[1] - r[0])[3]  # the innermost
+            parts[cat] += sum(k.duration for k in e.kernels if _triton_category(k.name) is None) / 1e3  # us -> ms
     result = {c: parts[c] for c in CATEGORIES if c not in ("sampling", "other")}
     result["sampling"] = sample_ms
     result["other"] = step_ms - sum(result.values())
     return result
+
+
+_TRITON_KERNELS = {"_select_attention_kernel": "attention", "_merge_splits_kernel": "attention",
+                   "_zero_unselected": "attention", "_select_groups_kernel": "routers",
+                   "_gather_fc1_kernel": "mlp", "_gather_fc2_kernel": "mlp", "_split_k_epilogue_kernel": "mlp"}
+
+
+def _triton_category(kernel_name: str) -> str | None:
+    return next((cat for name, cat in _TRITON_KERNELS.items() if kernel_name.startswith(name)), None)
 
 
 # ---- transformers ------------------------------------------------------------------------------
