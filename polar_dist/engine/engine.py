@@ -13,7 +13,8 @@ every rank of the replica and samples on the driver's device. While the driver h
 heartbeat thread sends an IDLE message every parallel.timeout_s / 4, so a waiting worker never
 reaches the collective timeout; a rank that dies still ends the others of its replica within it
 (they see the closed connection or the timeout, the driver through its next message). Other
-replicas are not involved: each has its own engine, control group and heartbeat. Engine methods are called from one thread.
+replicas are not involved: each has its own engine, control group and heartbeat. Engine methods
+are called from one thread.
 """
 
 from __future__ import annotations
