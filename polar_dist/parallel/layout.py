@@ -50,5 +50,5 @@ def resolve_layout(cfg: ParallelConfig, world_size: int) -> ReplicaLayout:
         raise UserError(
             f"{what} needs {cfg.tp * dp} process(es) but the launcher started {world_size}; start "
             f"--nproc_per_node {cfg.tp * dp} (or mpirun -np {cfg.tp * dp}) in all, or set parallel.tp to 0 to follow "
-            f"the launcher" + (f" (tp = world size / dp)" if dp > 1 else ""))
+            f"the launcher" + (" (tp = world size / dp)" if dp > 1 else ""))
     return ReplicaLayout(cfg.tp, dp)
