@@ -11,7 +11,7 @@ cluster's layout (--set parallel.tp / parallel.dp / parallel.timeout_s) are pass
 --run it prints one shell line per node (mpirun: one, for the first node), with `# node i
 (host)` before each; `--format json` prints them as JSON. With --run it starts the commands
 whose node is this host (its addresses include the node's host), waits, and exits with the
-first non-zero status. Serving: replica r of `serve` listens on server.port + r.
+first non-zero status (stopping the others when one fails). Serving: replica r of `serve` listens on server.port + r.
 """
 
 from __future__ import annotations
@@ -88,10 +88,30 @@ def main() -> None:
                 f.write(text)
         print(f"# node {c.node} ({c.host}): {c.shell()}", file=sys.stderr, flush=True)
         procs.append(subprocess.Popen(c.argv, cwd=c.cwd, env={**os.environ, **c.env}))
-    codes = [p.wait() for p in procs]
-    bad = [code for code in codes if code]
-    if bad:
-        sys.exit(bad[0])
+    sys.exit(wait_all(procs))
+
+
+def wait_all(procs: list[subprocess.Popen]) -> int:
+    """Wait for every command; when one fails, stop the others (they would wait for its ranks
+    until their rendezvous or collective timeout). Returns the first non-zero status, or 0."""
+    import time
+
+    while True:
+        codes = [p.poll() for p in procs]
+        failed = [c for c in codes if c not in (None, 0)]
+        if failed:
+            for p in procs:
+                if p.poll() is None:
+                    p.terminate()  # the launcher passes it on to its ranks
+            for p in procs:
+                try:
+                    p.wait(30)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+            return failed[0]
+        if all(c == 0 for c in codes):
+            return 0
+        time.sleep(0.2)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,9 @@
 
 - torchrun: one command per node, c10d rendezvous at rendezvous.host:port; `--local-addr` is the
   node's host, so the store and the workers' MASTER_ADDR use the address the other nodes reach
-  (not whatever the hostname resolves to); the rendezvous node says `is_host=1`.
+  (not whatever the hostname resolves to); each node says whether it hosts the rendezvous store
+  (`is_host=1|0`) instead of torchrun guessing from the hostname, which fails where the
+  hostname has no address (containers, network namespaces).
 - mpirun: one command on the first node with a generated hostfile (`host slots=N`, ranks filled
   node by node, so replicas stay inside nodes); MASTER_ADDR tells rank 0 which address to
   bind; Open MPI starts the other nodes' daemons over ssh, or over `remote_shell`.
@@ -128,8 +130,9 @@ def node_commands(cluster: ClusterConfig, entry: str, args: list[str], run_confi
                     "--nproc-per-node", str(per_node), "--node-rank", str(i), "--rdzv-backend", "c10d",
                     "--rdzv-endpoint", rdzv, "--rdzv-id", rdzv_id or (cluster.name or "polar_dist"),
                     "--local-addr", node.host]
-            if node.host == cluster.rendezvous_host:
-                argv += ["--rdzv-conf", "is_host=1"]
+            # said outright: torchrun's guess resolves this machine's hostname, which fails where
+            # the hostname has no address (containers, namespaces)
+            argv += ["--rdzv-conf", f"is_host={int(node.host == cluster.rendezvous_host)}"]
             commands.append(NodeCommand(i, node.host, argv + argv_tail, env, cwd))
         else:  # deepspeed
             argv = ["deepspeed", *cluster.launcher_args, "--hostfile", hostfile, "--no_ssh", "--node_rank", str(i),

@@ -72,7 +72,7 @@ def test_torchrun_commands_per_node() -> None:
         line = cmd.shell()
         assert f"--nnodes 2 --nproc-per-node 8 --node-rank {i} --rdzv-backend c10d --rdzv-endpoint 10.0.0.1:29500" \
             in line
-        assert f"--local-addr 10.0.0.{i + 1}" in line and ("is_host=1" in line) == (i == 0)
+        assert f"--local-addr 10.0.0.{i + 1} --rdzv-conf is_host={int(i == 0)}" in line
         assert "launch/generate.py --config configs/llama-3.1-8b.yaml --set parallel.tp=8 --set parallel.dp=2 " \
                "--set parallel.timeout_s=300 --prompt Hi" in line
         assert cmd.env == {"GLOO_SOCKET_IFNAME": "eth0", "NCCL_SOCKET_IFNAME": "eth0"}
@@ -97,7 +97,8 @@ def test_deepspeed_commands_need_no_ssh() -> None:
 
 
 def test_cluster_cli_prints_commands_and_rejects_unknown_entries() -> None:
-    base = [sys.executable, str(ROOT / "launch/cluster.py"), "--cluster", str(ROOT / "configs/cluster/one-node-tp4-dp2.yaml")]
+    base = [sys.executable, str(ROOT / "launch/cluster.py"), "--cluster",
+            str(ROOT / "configs/cluster/one-node-tp4-dp2.yaml")]
     ok = subprocess.run([*base, "--config", str(ROOT / "configs/smollm2-135m.yaml"), "--", "calibrate", "--text", "x"],
                         capture_output=True, text=True, timeout=60)
     assert ok.returncode == 0, ok.stderr

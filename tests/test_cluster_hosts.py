@@ -16,6 +16,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -23,7 +24,7 @@ import pytest
 import yaml
 
 from support.netns import TwoHosts, two_hosts
-from support.ranks import free_port
+from support.ranks import listen_port
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -66,7 +67,7 @@ def cluster_file(tmp_path: Path, hosts: list[str], ranks_per_host: int, tp: int,
     path = tmp_path / f"{launcher}-tp{tp}.yaml"
     path.write_text(yaml.safe_dump({
         "nodes": [{"host": h, "cpu_ranks": ranks_per_host} for h in hosts], "launcher": launcher,
-        "rendezvous": {"port": free_port()}, "network": {"interface": interface, "timeout_s": 60},
+        "rendezvous": {"port": listen_port()}, "network": {"interface": interface, "timeout_s": 60},
         "tp": tp, "dp": len(hosts) * ranks_per_host // tp, "tp_spans_nodes": tp > ranks_per_host,
         "python": sys.executable, "workdir": str(ROOT), **extra}))
     return path
@@ -92,16 +93,20 @@ def run_nodes(cmds: list[dict], wrap: Callable[[int, list[str]], list[str]], log
         with out.open("w") as o, err.open("w") as e:
             procs.append(subprocess.Popen(wrap(c["node"], c["argv"]), cwd=c["cwd"], env={**env(), **c["env"]},
                                           stdout=o, stderr=e, text=True))
-    try:
-        for p in procs:
-            p.wait(timeout=240)
+    deadline = time.monotonic() + 240
+    try:  # until all are done, one fails (the others would wait for its ranks), or the deadline
+        while time.monotonic() < deadline and any(p.poll() is None for p in procs) \
+                and not any(p.poll() for p in procs):
+            time.sleep(0.2)
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
+                p.wait()
     outputs = [(out.read_text(), err.read_text()) for out, err in files]
-    for p, (_, err) in zip(procs, outputs):
-        assert p.returncode == 0, err[-4000:]
+    failed = [f"node {i} exit {p.returncode}:\n{err[-3000:]}" for i, (p, (_, err)) in enumerate(zip(procs, outputs))
+              if p.returncode]
+    assert not failed, "\n".join(failed)
     return outputs
 
 

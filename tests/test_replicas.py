@@ -19,7 +19,8 @@ from polar_dist.config import ParallelConfig, config_from_dict
 from polar_dist.engine.engine import Engine, EngineDeadError, worker_loop
 from polar_dist.engine.sampling import SamplingParams
 from polar_dist.errors import UserError
-from polar_dist.parallel.context import ReplicaLayout, init_parallel, resolve_layout
+from polar_dist.parallel.context import init_parallel
+from polar_dist.parallel.layout import ReplicaLayout, resolve_layout
 from polar_dist.runtime import Runtime, build_runtime
 
 ARCH = dict(model_type="llama", vocab_size=VOCAB, hidden_size=128, intermediate_size=192, num_hidden_layers=2,

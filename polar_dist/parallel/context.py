@@ -43,6 +43,7 @@ from polar_dist.config import ParallelConfig
 from polar_dist.errors import UserError
 from polar_dist.log import configure_logging, get_logger, is_configured
 from polar_dist.parallel.comm import GroupComm, SingleRank, TPComm
+from polar_dist.parallel.layout import ReplicaLayout, resolve_layout
 
 log = get_logger(__name__)
 
@@ -120,45 +121,6 @@ def _free_port(addr: str) -> int:
     with socket.socket() as s:
         s.bind((addr, 0))
         return s.getsockname()[1]
-
-
-@dataclass(frozen=True)
-class ReplicaLayout:
-    """world = num_replicas x tp_size; replica r holds the contiguous global ranks
-    [r * tp_size, (r + 1) * tp_size), and its driver is the first of them."""
-
-    tp_size: int
-    num_replicas: int
-
-    @property
-    def world_size(self) -> int:
-        return self.tp_size * self.num_replicas
-
-    def replica_of(self, rank: int) -> int:
-        return rank // self.tp_size
-
-    def ranks_of(self, replica: int) -> list[int]:
-        return list(range(replica * self.tp_size, (replica + 1) * self.tp_size))
-
-    def drivers(self) -> list[int]:
-        return [r * self.tp_size for r in range(self.num_replicas)]
-
-
-def resolve_layout(cfg: ParallelConfig, world_size: int) -> ReplicaLayout:
-    """parallel.tp and parallel.dp against the launcher's world size (tp = 0: world size / dp)."""
-    dp = cfg.dp
-    if cfg.tp == 0:
-        if world_size % dp:
-            raise UserError(f"parallel.dp = {dp} does not divide the launcher's {world_size} process(es); start a "
-                            f"multiple of {dp} processes, or set parallel.dp to a divisor of {world_size}")
-        return ReplicaLayout(world_size // dp, dp)
-    if cfg.tp * dp != world_size:
-        what = f"parallel.tp = {cfg.tp}" + (f" x parallel.dp = {dp}" if dp > 1 else "")
-        raise UserError(
-            f"{what} needs {cfg.tp * dp} process(es) but the launcher started {world_size}; start "
-            f"--nproc_per_node {cfg.tp * dp} (or mpirun -np {cfg.tp * dp}) in all, or set parallel.tp to 0 to follow "
-            f"the launcher" + (f" (tp = world size / dp)" if dp > 1 else ""))
-    return ReplicaLayout(cfg.tp, dp)
 
 
 class ParallelContext:
@@ -311,7 +273,8 @@ def _share_cpu_cores(info: LaunchInfo) -> None:
 
 
 def init_parallel(cfg: ParallelConfig, device_pref: str) -> ParallelContext:
-    """Detect the launcher, pick the device, and (for world size > 1) join the process groups."""
+    """Detect the launcher, place this rank in the dp x tp layout, pick the device, and (for world
+    size > 1) join the process groups: the world, then every replica's tp and control groups."""
     info = detect_launch()
     if not is_configured():  # the log lines below need the rank; the entry point may configure again
         configure_logging(info.rank, info.world_size)
