@@ -34,8 +34,10 @@ def test_other_errors_keep_their_traceback(stmt: str) -> None:
 
 def _start(body: str) -> subprocess.Popen:
     code = "import sys, time\nfrom polar_dist.cli import run_main\ndef main():\n" + body + "run_main(main)\n"
+    # SIGINT back to its default in the child: a shell that starts a job in the background ignores
+    # it, and Python then never installs its KeyboardInterrupt handler.
     return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            cwd=ROOT)
+                            cwd=ROOT, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def test_ctrl_c_exits_130_with_one_line() -> None:
