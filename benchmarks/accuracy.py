@@ -10,10 +10,10 @@ max_batch_size segments at a time, so routers, selective attention and the paged
 exactly as in serving. Only tokens scored by decode steps count (see polar_dist/sparsity/evaluate.py).
 
 One runtime is built per setting (density x routing x allocation): routing `router` always,
-`oracle` too with --oracle (true top-k groups by output norm: what a perfect router would
-give). Density 1.0 is the dense model whatever the routing, so it runs once and is reported
-under each routing and allocation. Rank 0 prints one JSON line per setting,
-{"density", "routing", "allocation", "routers", "tokens", "perplexity"[, "mc_accuracy", ...]},
+`oracle` too with --oracle (true top-k groups by output norm: the labels the routers learn).
+Settings that compute the same model (density 1.0 under any routing, or densities that round
+to the same k per layer) run once and are reported under each. Rank 0 prints one JSON line per
+setting, {"density", "routing", "allocation", "routers", "tokens", "perplexity"[, "mc_accuracy", ...]},
 and writes the table as --out JSON plus a markdown table and a PNG beside it.
 
 Without a router artifact, pass --set sparsity.routers=random (random routers: a floor to
@@ -157,7 +157,12 @@ def main(argv: list[str] | None = None) -> None:
     from polar_dist.sparsity.text import read_text_files
 
     ctx = init_parallel(cfg.parallel, cfg.model.device)
-    configure_logging(ctx.rank, ctx.world_size)
+    configure_logging(ctx.tp_rank, ctx.tp_size, ctx.replica, ctx.num_replicas)
+    if ctx.replica > 0:  # every replica would compute the same table
+        if ctx.is_driver:
+            print(f"replica {ctx.replica}: nothing to do, replica 0 evaluates", file=sys.stderr, flush=True)
+        ctx.shutdown()
+        return
     source = resolve_source_once(cfg, ctx)
     tokenizer = make_tokenizer(cfg, source)
     segments = perplexity_segments(tokenizer.encode(read_text_files(args.text)), args.seg_len, args.max_tokens)
@@ -170,13 +175,15 @@ def main(argv: list[str] | None = None) -> None:
     limit = cfg.engine.max_seq_len or source.spec.max_position_embeddings
     max_seq_len = max(lengths) if max(lengths) <= limit else cfg.engine.max_seq_len
 
-    rows, dense_row = [], None
+    rows: list[dict] = []
+    done: dict[tuple, dict] = {}  # (routing, head_k) -> its row: settings that compute the same model run once
     for density, routing, allocation in settings(densities, routings, allocations):
-        if density >= 1.0 and dense_row is not None:  # the dense model: computed once
-            row = {**dense_row, "routing": routing, "allocation": allocation}
+        t0 = time.perf_counter()
+        rt = build_runtime(setting_config(args, density, routing, allocation, max_seq_len), ctx)
+        key = ("dense",) if rt.policy.is_dense else (routing, tuple(rt.policy.head_k))
+        if key in done:  # e.g. density 1.0 under each routing, or two densities that round to the same k
+            row = {**done[key], "density": density, "routing": routing, "allocation": allocation}
         else:
-            t0 = time.perf_counter()
-            rt = build_runtime(setting_config(args, density, routing, allocation, max_seq_len), ctx)
             ppl = segment_perplexity(rt, segments, args.prefix_len)
             routers = cfg.sparsity.routers if routing == "router" and not rt.policy.is_dense else ""
             row = {"density": density, "routing": routing, "allocation": allocation,
@@ -188,10 +195,9 @@ def main(argv: list[str] | None = None) -> None:
                 mc = score_choices(rt, items)
                 row.update(mc_items=len(items), mc_accuracy=mc.accuracy, mc_accuracy_norm=mc.accuracy_norm)
             row["seconds"] = round(time.perf_counter() - t0, 1)
-            del rt
-            gc.collect()
-            if density >= 1.0:
-                dense_row = row
+            done[key] = row
+        del rt
+        gc.collect()
         rows.append(row)
         if ctx.is_driver:
             print(json.dumps(row), flush=True)
@@ -200,7 +206,7 @@ def main(argv: list[str] | None = None) -> None:
         out.parent.mkdir(parents=True, exist_ok=True)
         table = {
             "model": cfg.model.path if cfg.model.path.startswith("embedded:") else Path(cfg.model.path).name,
-            "config": args.config, "overrides": args.overrides, "dtype": cfg.model.dtype, "tp": ctx.world_size,
+            "config": args.config, "overrides": args.overrides, "dtype": cfg.model.dtype, "tp": ctx.tp_size,
             "device": str(ctx.device), "torch": torch.__version__,
             "text": [{"path": str(p), "sha256": hashlib.sha256(Path(p).read_bytes()).hexdigest()} for p in args.text],
             "seg_len": args.seg_len, "prefix_len": args.prefix_len, "max_tokens": args.max_tokens,

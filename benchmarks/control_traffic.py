@@ -1,4 +1,4 @@
-"""Per-step control cost of the cross-rank protocol at a steady decode batch, on CPU (gloo).
+"""Per-step control cost of the cross-rank protocol at a steady decode batch, on CPU.
 
     python benchmarks/control_traffic.py --batch 256 --context 1024 --world 2 --out results.json
 
@@ -10,9 +10,14 @@ BatchMirror; a worker receives it and turns it into the same Step. Measured, per
 - encode_us, apply_us: packing the delta, and a mirror turning it into the Step (every rank);
 (host figures: the best of --repeats medians, as other processes share the machine)
 - message_bytes: what crosses per step (the fixed buffer holds it in one broadcast);
-- transport_us: one-way time of that broadcast on gloo between processes on this machine,
-  half of a ping-pong (rank 0 sends the buffer, rank 1 answers with 8 bytes);
-- control_us = encode + apply + transport: the protocol's cost per step;
+- transport_us: one-way time of that message through the engine's ControlChannel between
+  processes on this machine (the shared-memory ring), half of a ping-pong (rank 0 sends the
+  message, rank 1 answers with one word through a ring of its own);
+- gloo_transport_us: the same over the gloo broadcast of the fixed buffer (what ranks on
+  several machines use; rank 1 answers with an 8-byte broadcast), small_message_us: gloo with
+  an 8-byte message (the floor of TCP between processes);
+- control_us = encode + apply + transport: the protocol's cost per step (gloo_control_us with
+  the gloo transport);
 and, for comparison, the previous protocol: the whole Step (token ids, positions, lengths and
 every block table as Python lists) pickled through broadcast_object_list each step.
 """
@@ -112,30 +117,61 @@ def _old_step(s) -> dict:  # noqa: ANN001
             "block_tables": [list(q.blocks) for q in seqs]}
 
 
-def _transport_rank(rank: int, world_size: int, capacity: int, old_bytes: int, iters: int, out: str) -> None:
+def _transport_rank(rank: int, world_size: int, capacity: int, msg_len: int, old_bytes: int, iters: int,
+                    out: str) -> None:
+    import numpy as np
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    from polar_dist.config import ParallelConfig
+    from polar_dist.engine.control import ControlChannel
+    from polar_dist.engine.shm_ring import ShmRing
+    from polar_dist.parallel.context import init_parallel
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    ctx = init_parallel(ParallelConfig(timeout_s=60.0), "cpu")
     buf = torch.zeros(capacity, dtype=torch.int64)
     ack = torch.zeros(1, dtype=torch.int64)
     blob = [bytes(old_bytes)]
 
-    def pingpong(send) -> float:  # noqa: ANN001
+    def pingpong(send, answer) -> float:  # noqa: ANN001
         times = []
         for _ in range(iters):
             dist.barrier()
             t0 = time.perf_counter()
             send()
-            dist.broadcast(ack, src=1)
+            answer()
             times.append(time.perf_counter() - t0)
         return statistics.median(times) / 2
 
-    new = pingpong(lambda: dist.broadcast(buf, src=0))
-    ack_only = pingpong(lambda: dist.broadcast(ack, src=0))
-    old = pingpong(lambda: dist.broadcast_object_list(blob if rank == 0 else [None], src=0))
+    gloo_ack = lambda: dist.broadcast(ack, src=1)  # noqa: E731
+    new = pingpong(lambda: dist.broadcast(buf, src=0), gloo_ack)
+    ack_only = pingpong(lambda: dist.broadcast(ack, src=0), gloo_ack)
+    old = pingpong(lambda: dist.broadcast_object_list(blob if rank == 0 else [None], src=0), gloo_ack)
+
+    # The control channel as the engine builds it (shared memory, every rank on this machine);
+    # rank 1 answers through a one-word ring of its own.
+    channel = ControlChannel(ctx, capacity, timeout_s=60.0)
+    assert channel.transport == "shm", "every rank is on this machine: the channel must use shared memory"
+    name = ctx.broadcast_object(f"polar-bench-ack-{os.getpid()}") if rank == 0 else ctx.broadcast_object()
+    back = ShmRing.create(name, 1, 64) if rank == 1 else None
+    dist.barrier()
     if rank == 0:
-        Path(out).write_text(json.dumps({"transport_us": new * 1e6, "small_message_us": ack_only * 1e6,
-                                         "old_transport_us": old * 1e6}))
+        back = ShmRing.open(name, 1, 64, reader=0)
+    dist.barrier()
+    if rank == 1:
+        back.unlink()
+    msg = np.zeros(msg_len, dtype=np.int64)
+    msg[:2] = 1, msg_len  # a STEP message of the measured size
+    word = np.array([2, 2], dtype=np.int64)
+    if rank == 0:
+        shm = pingpong(lambda: channel.send(msg), lambda: back.read(60.0))
+    elif rank == 1:
+        shm = pingpong(lambda: channel.recv(), lambda: back.write(word, 60.0))
+    else:
+        shm = pingpong(lambda: channel.recv(), lambda: None)
+    if rank == 0:
+        Path(out).write_text(json.dumps({"transport_us": shm * 1e6, "gloo_transport_us": new * 1e6,
+                                         "small_message_us": ack_only * 1e6, "old_transport_us": old * 1e6}))
     dist.destroy_process_group()
 
 
@@ -168,14 +204,17 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "t.json")
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        mp.spawn(_transport_rank, args=(args.world, capacity, host["old_message_bytes"], args.steps, out),
+        mp.spawn(_transport_rank, args=(args.world, capacity, host["message_bytes"] // 8, host["old_message_bytes"],
+                                        args.steps, out),
                  nprocs=args.world)
         transport = json.loads(Path(out).read_text())
-    result = {"measured": "CPU only, no model: host cost of the step protocol at a steady decode batch, and gloo "
-                          "broadcast latency between processes on one machine", "repeats": args.repeats,
+    result = {"measured": "CPU only, no model: host cost of the step protocol at a steady decode batch, and the "
+                          "control channel's latency between processes on one machine (shared memory; gloo for "
+                          "comparison)", "repeats": args.repeats,
               "batch": args.batch, "context": args.context, "world": args.world, "buffer_bytes": capacity * 8,
               **host, **transport}
     result["control_us"] = result["encode_us"] + result["apply_us"] + result["transport_us"]
+    result["gloo_control_us"] = result["encode_us"] + result["apply_us"] + result["gloo_transport_us"]
     result["old_control_us"] = result["old_pickle_us"] + result["old_transport_us"]
     print(json.dumps(result, indent=1))
     if args.out:

@@ -1,15 +1,25 @@
-"""Dense decode throughput of the runtime per tensor-parallel size.
+"""Dense decode throughput of the runtime per tensor-parallel size, and over data-parallel replicas.
 
     torchrun --nproc_per_node N benchmarks/decode_throughput.py --config configs/llama-3.1-8b.yaml \
         --batch 1 16 64 --context 1024 4096
+    python launch/cluster.py --cluster configs/cluster/two-nodes-tp8-dp2.yaml --config configs/llama-3.1-8b.yaml \
+        -- throughput --batch 1 16 64      # the per-node commands; every replica runs every case at once
 
 For each (batch, context) the KV cache of every sequence is filled with random values up to
 `context` tokens (prefill is not what is measured), then decode steps run exactly as the
 engine runs them (rank 0 broadcasts each step; every rank executes it). Reported per
 case: median step time, tokens/s (batch / step), the bandwidth floor (this rank's weights +
 the KV it reads, over the copy bandwidth measured in the same run) and, for tp > 1, the share
-of GPU time spent in NCCL kernels (from a profiled step). Rank 0 prints a table and writes
-JSON under benchmarks/results/<gpu>x<tp>/.
+of GPU time spent in NCCL kernels (from a profiled step).
+
+All-reduce time apart from compute: a second pass of the same steps times each collective
+(polar_dist.parallel.comm.TimedComm, the device synchronized around it) on every rank; each
+replica's driver gathers its ranks' step and collective times, and global rank 0 gathers the
+replicas'. Under CUDA graphs the collectives run inside the graph, so there comm_ms is the
+NCCL share of the step instead. With parallel.dp = R the replicas run the cases at the same
+time; tokens/s over replicas is the sum of theirs. The JSON records the layout (tp, dp, each
+replica's ranks and hosts). Rank 0 prints a table and writes JSON under
+benchmarks/results/<device>x<tp>[-dp<R>]/ (CPU runs too: gloo, for layouts and plumbing).
 """
 
 from __future__ import annotations
@@ -18,6 +28,7 @@ import argparse
 import gc
 import json
 import os
+import socket
 import statistics
 import sys
 import time
@@ -30,23 +41,29 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from polar_dist.cli import add_config_args, config_from_args, run_main  # noqa: E402
 from polar_dist.engine.kv_cache import BlockAllocator, blocks_needed  # noqa: E402
 from polar_dist.engine.step import Step  # noqa: E402
+from polar_dist.parallel.comm import TimedComm  # noqa: E402
 from polar_dist.runtime import Runtime  # noqa: E402
 
 WARMUP_STEPS = 3  # first steps of each case (graph capture, first launches) are not timed
 
 
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def copy_bandwidth_tbps(device: torch.device) -> float:
-    """Device-to-device copy, bytes read + written per second, in TB/s."""
-    src = torch.empty(1 << 30, dtype=torch.uint8, device=device)
+    """Device-to-device copy (CPU: memory to memory), bytes read + written per second, in TB/s."""
+    src = torch.empty(1 << (30 if device.type == "cuda" else 26), dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
     for _ in range(3):
         dst.copy_(src)
-    torch.cuda.synchronize()
+    sync(device)
     times = []
     for _ in range(10):
         t0 = time.perf_counter()
         dst.copy_(src)
-        torch.cuda.synchronize()
+        sync(device)
         times.append(time.perf_counter() - t0)
     return 2 * src.numel() / statistics.median(times) / 1e12
 
@@ -86,9 +103,26 @@ def print_profile(rt: Runtime, step: Step) -> None:
     print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=12))
 
 
+def comm_pass(rt: Runtime, comm: TimedComm, steps: list[Step]) -> tuple[float, int]:
+    """Median collective time per step (ms) over `steps` with the collectives timed, and calls per step."""
+    per_step, calls = [], 0
+    comm.timing = True
+    try:
+        for step in steps:
+            comm.seconds, comm.calls = 0.0, 0
+            rt.runner.execute(rt.ctx.broadcast_object(step))
+            sync(rt.ctx.device)
+            per_step.append(comm.seconds)
+            calls = comm.calls
+    finally:
+        comm.timing = False
+    return statistics.median(per_step) * 1e3, calls
+
+
 def measure(rt: Runtime, args: argparse.Namespace) -> tuple[list[dict], dict]:
-    """Time decode steps for every (batch, context); returns the rows and run-wide figures."""
+    """Time decode steps for every (batch, context) on this rank; returns the rows and run-wide figures."""
     ctx = rt.ctx
+    comm = ctx.tp_comm if isinstance(ctx.tp_comm, TimedComm) else None
     for k_cache, v_cache in rt.runner.kv_caches:  # random K/V: attention reads real-looking data
         k_cache.normal_()
         v_cache.normal_()
@@ -103,19 +137,24 @@ def measure(rt: Runtime, args: argparse.Namespace) -> tuple[list[dict], dict]:
             steps = decode_steps(rt, b, n, args.steps + WARMUP_STEPS)
             times = []
             for i, step in enumerate(steps):
-                torch.cuda.synchronize()
+                sync(ctx.device)
                 t0 = time.perf_counter()
                 rt.runner.execute(ctx.broadcast_object(step))
-                torch.cuda.synchronize()
+                sync(ctx.device)
                 if i >= WARMUP_STEPS:
                     times.append(time.perf_counter() - t0)
             step_ms = statistics.median(times) * 1e3
             floor_ms = (weight_bytes + b * (n + 1) * kv_bytes_per_token) / (bw * 1e12) * 1e3
-            share = nccl_share(rt, steps[-1]) if ctx.world_size > 1 else 0.0
-            if args.profile:  # every rank runs the step (its collectives need all ranks); rank 0 prints
+            on_gpu = ctx.device.type == "cuda"
+            share = nccl_share(rt, steps[-1]) if ctx.tp_size > 1 and on_gpu else 0.0
+            comm_ms, calls = comm_pass(rt, comm, steps[WARMUP_STEPS:]) if comm is not None else (0.0, 0)
+            if calls == 0 and share:  # collectives inside CUDA graphs: the profiled NCCL share instead
+                comm_ms = share * step_ms
+            if args.profile and on_gpu:  # every rank runs the step (its collectives need all ranks); rank 0 prints
                 print_profile(rt, steps[-1])
             rows.append({"batch": b, "context": n, "step_ms": step_ms, "tokens_per_s": b / step_ms * 1e3,
-                         "floor_ms": floor_ms, "floor_over_step": floor_ms / step_ms, "nccl_share": share})
+                         "floor_ms": floor_ms, "floor_over_step": floor_ms / step_ms, "nccl_share": share,
+                         "comm_ms": comm_ms, "compute_ms": max(step_ms - comm_ms, 0.0), "collectives": calls})
     meta = {"copy_TBps": bw, "weight_bytes_per_rank": weight_bytes, "model": spec.model_type,
             "architecture": dict(rt.cfg.model.architecture)}
     return rows, meta
@@ -144,11 +183,15 @@ def main() -> None:
     from polar_dist.runtime import build_runtime
 
     ctx = init_parallel(cfg.parallel, cfg.model.device)
-    configure_logging(ctx.rank, ctx.world_size)
+    configure_logging(ctx.tp_rank, ctx.tp_size, ctx.replica, ctx.num_replicas)
+    if ctx.tp_size > 1:  # the layers keep this comm: collectives can be timed apart from compute
+        ctx.tp_comm = TimedComm(ctx.tp_comm, ctx.device)
     rows, meta = measure(build_runtime(cfg, ctx), args)
     gc.collect()  # our weights, cache and graph pools go before transformers allocates its own
-    torch.cuda.empty_cache()
-    if args.hf and ctx.world_size == 1:
+    on_gpu = ctx.device.type == "cuda"
+    if on_gpu:
+        torch.cuda.empty_cache()
+    if args.hf and ctx.world_size == 1 and on_gpu:
         from benchmarks.hf_baseline import hf_decode_step_ms
         from polar_dist.models.loader import DTYPES
 
@@ -160,29 +203,66 @@ def main() -> None:
                 r["speedup_vs_hf"] = r["hf_step_ms"] / r["step_ms"]
             except torch.OutOfMemoryError:
                 r["hf_step_ms"] = None  # transformers' static cache and activations do not fit
+    # per-rank timings to each replica's driver, then every replica's to global rank 0
+    mine = {"rank": ctx.rank, "tp_rank": ctx.tp_rank, "host": socket.gethostname(),
+            "rows": [{k: r[k] for k in ("batch", "context", "step_ms", "comm_ms", "compute_ms")} for r in rows]}
+    ranks = ctx.gather_to_driver(mine)
     if ctx.is_driver:
-        gpu = torch.cuda.get_device_name(ctx.device)
-        bw = meta["copy_TBps"]
-        result = {"device": gpu, "tp": ctx.world_size, "model": meta["model"], "config": args.config,
-                  "dtype": cfg.model.dtype, "versions": {"torch": torch.__version__, "cuda": torch.version.cuda},
-                  "copy_TBps": bw, "weight_bytes_per_rank": meta["weight_bytes_per_rank"],
-                  "hf_method": "transformers generate, static cache, SDPA: (t(33 tokens) - t(1 token)) / 32"
-                  if args.hf else None, "rows": rows}
-        slug = gpu.lower().replace(" ", "-").replace("/", "-")
-        out = Path(args.out) if args.out else Path(__file__).parent / "results" / f"{slug}x{ctx.world_size}"
-        out.mkdir(parents=True, exist_ok=True)
-        name = f"decode_throughput_{Path(args.config).stem}.json"
-        (out / name).write_text(json.dumps(result, indent=2))
-        print(f"{gpu} tp={ctx.world_size} {Path(args.config).stem} {cfg.model.dtype}; copy {bw:.2f} TB/s")
-        print(f"{'batch':>6} {'context':>8} {'step ms':>9} {'tokens/s':>10} {'floor ms':>9} {'floor/step':>10} "
-              f"{'nccl':>6} {'HF ms':>8} {'vs HF':>6}")
-        for r in rows:
-            hf = r.get("hf_step_ms")
-            hf_cols = f"{hf:>8.2f} {r['speedup_vs_hf']:>5.2f}x" if hf else f"{'-':>8} {'-':>6}"
-            print(f"{r['batch']:>6} {r['context']:>8} {r['step_ms']:>9.2f} {r['tokens_per_s']:>10.0f} "
-                  f"{r['floor_ms']:>9.2f} {r['floor_over_step']:>10.2f} {r['nccl_share']:>6.1%} {hf_cols}")
-        print(f"wrote {out / name}")
+        gathered = ctx.gather_replicas({"replica": ctx.replica, "rows": rows, "ranks": ranks})
+        if gathered is not None:
+            write_result(ctx, cfg, args, meta, gathered)
     ctx.shutdown()
+
+
+def replica_rows(part: dict) -> list[dict]:
+    """A replica's rows: the driver's, with the slowest rank's collective time and every rank's."""
+    out = []
+    for i, row in enumerate(part["rows"]):
+        per_rank = [r["rows"][i] for r in part["ranks"]]
+        out.append({**row, "comm_ms_max": max(r["comm_ms"] for r in per_rank),
+                    "per_rank": [{"rank": r["rank"], "host": r["host"], **{k: r["rows"][i][k] for k in
+                                 ("step_ms", "comm_ms", "compute_ms")}} for r in part["ranks"]]})
+    return out
+
+
+def write_result(ctx, cfg, args: argparse.Namespace, meta: dict, gathered: list[dict]) -> None:  # noqa: ANN001
+    """Global rank 0: totals over replicas, the layout, the table and the JSON."""
+    device = torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else "cpu"
+    replicas = [{"replica": g["replica"], "ranks": [r["rank"] for r in g["ranks"]],
+                 "hosts": sorted({r["host"] for r in g["ranks"]}), "rows": replica_rows(g)} for g in gathered]
+    totals = []
+    for i, row in enumerate(gathered[0]["rows"]):
+        per_replica = [g["rows"][i]["tokens_per_s"] for g in gathered]
+        totals.append({"batch": row["batch"], "context": row["context"], "tokens_per_s": sum(per_replica),
+                       "tokens_per_s_per_replica": per_replica,
+                       "slowest_step_ms": max(g["rows"][i]["step_ms"] for g in gathered)})
+    bw = meta["copy_TBps"]
+    layout = {"tp": ctx.tp_size, "dp": ctx.num_replicas, "world_size": ctx.world_size,
+              "launcher": ctx.info.launcher.value, "hosts": sorted({h for r in replicas for h in r["hosts"]}),
+              "replicas": [{k: r[k] for k in ("replica", "ranks", "hosts")} for r in replicas]}
+    result = {"device": device, "tp": ctx.tp_size, "dp": ctx.num_replicas, "layout": layout, "model": meta["model"],
+              "config": args.config, "dtype": cfg.model.dtype,
+              "versions": {"torch": torch.__version__, "cuda": torch.version.cuda},
+              "copy_TBps": bw, "weight_bytes_per_rank": meta["weight_bytes_per_rank"],
+              "hf_method": "transformers generate, static cache, SDPA: (t(33 tokens) - t(1 token)) / 32"
+              if args.hf else None, "rows": replicas[0]["rows"], "replicas": replicas, "total": totals}
+    slug = device.lower().replace(" ", "-").replace("/", "-")
+    suffix = f"-dp{ctx.num_replicas}" if ctx.num_replicas > 1 else ""
+    out = Path(args.out) if args.out else Path(__file__).parent / "results" / f"{slug}x{ctx.tp_size}{suffix}"
+    out.mkdir(parents=True, exist_ok=True)
+    name = f"decode_throughput_{Path(args.config).stem}.json"
+    (out / name).write_text(json.dumps(result, indent=2))
+    print(f"{device} tp={ctx.tp_size} dp={ctx.num_replicas} on {len(layout['hosts'])} host(s) "
+          f"{Path(args.config).stem} {cfg.model.dtype}; copy {bw:.2f} TB/s")
+    print(f"{'batch':>6} {'context':>8} {'step ms':>9} {'comm ms':>8} {'tokens/s':>10} {'total tok/s':>12} "
+          f"{'floor ms':>9} {'floor/step':>10} {'nccl':>6} {'HF ms':>8} {'vs HF':>6}")
+    for r, t in zip(replicas[0]["rows"], totals):
+        hf = r.get("hf_step_ms")
+        hf_cols = f"{hf:>8.2f} {r['speedup_vs_hf']:>5.2f}x" if hf else f"{'-':>8} {'-':>6}"
+        print(f"{r['batch']:>6} {r['context']:>8} {r['step_ms']:>9.2f} {r['comm_ms_max']:>8.2f} "
+              f"{r['tokens_per_s']:>10.0f} {t['tokens_per_s']:>12.0f} {r['floor_ms']:>9.2f} "
+              f"{r['floor_over_step']:>10.2f} {r['nccl_share']:>6.1%} {hf_cols}")
+    print(f"wrote {out / name}")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ Sampling share: `batch` requests with `context`-token prompts are prefilled, the
 steady decode steps run through Engine.step (schedule, H2D, graph replay, sampling, the one
 D2H copy), once greedy and once at temperature 1 + top-p 0.9 (+ top-k 50 in a third run).
 The sampler alone (Sampler.sample on the last step's logits, D2H copy included) is timed
-over 20 calls, so sample_ms / step_ms is its share of a step. The Triton draw is checked
+over 20 calls, so sample_ms / step_ms is its share of a step; sample_direct_ms is the same
+without the draw's CUDA graph. The Triton draw is checked
 against the torch reference on the same logits (tokens must agree), and the reference's time
 is reported beside it. Prefill: one `prefill`-token prompt with max_new_tokens = 1 at
 max_num_batched_tokens 2048 and `prefill` (one chunk); the next token and its logprob must agree.
@@ -44,7 +45,7 @@ def _sync_time(fn, iters: int) -> float:  # noqa: ANN001
 def sampling_share(rt, params, batch: int, context: int, steps: int) -> dict:  # noqa: ANN001
     from kernels.sample_tokens import sample_tokens, sample_tokens_ref
     from polar_dist.engine.engine import Engine
-    from polar_dist.engine.sampling import as_signed64
+    from polar_dist.engine.sampling import Sampler, as_signed64
 
     captured = {}
     execute = rt.runner.execute
@@ -69,6 +70,8 @@ def sampling_share(rt, params, batch: int, context: int, steps: int) -> dict:  #
     assert step.is_decode and step.batch_size == batch
     logits = rt.runner.logits(step)
     sample_s = _sync_time(lambda: rt.runner.sampler.sample(logits, rows), 20)
+    direct = Sampler(rt.runner.sampler.vocab_size, logits.device, use_kernel=True, graph_rows=0)  # no CUDA graph
+    direct_s = _sync_time(lambda: direct.sample(logits, rows), 20)
     forward_s = _sync_time(lambda: rt.runner.logits(step), 20)
     dev = logits.device
     args = (torch.tensor([r.params.temperature for r in rows], device=dev),
@@ -84,6 +87,8 @@ def sampling_share(rt, params, batch: int, context: int, steps: int) -> dict:  #
     rt.runner.execute = execute
     return {"batch": batch, "context": context, "prefill_s": prefill_s, "step_ms": step_s * 1e3,
             "forward_ms": forward_s * 1e3, "sample_ms": sample_s * 1e3, "sample_share": sample_s / step_s,
+            "sample_direct_ms": direct_s * 1e3, "sampler_graph_equals_direct": direct.sample(logits, rows).token_ids
+            == rt.runner.sampler.sample(logits, rows).token_ids,
             "draw_kernel_ms": kernel_s * 1e3, "draw_torch_ref_ms": ref_s * 1e3, "kernel_equals_ref": same}
 
 

@@ -126,9 +126,13 @@ class KernelOps:
         min_p: torch.Tensor,  # [R] float32, 0 = off
         seeds: torch.Tensor,  # [R] int64
         counters: torch.Tensor,  # [R] int64
+        **hints: bool,  # any_hot / any_top_k / any_top_p: launches the Triton draw may skip
     ) -> torch.Tensor:  # [R] int64, -1 for a row without a finite logit
         """Filtered, seeded Gumbel-max draw per row; see kernels/sample_tokens.py."""
-        return self._pick("sample_tokens", "sample_tokens")(logits, temperature, top_k, top_p, min_p, seeds, counters)
+        fn = self._pick("sample_tokens", "sample_tokens")
+        if not self._triton:
+            return fn(logits, temperature, top_k, top_p, min_p, seeds, counters)
+        return fn(logits, temperature, top_k, top_p, min_p, seeds, counters, **hints)
 
     def rotary(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                positions: torch.Tensor) -> torch.Tensor:  # [T, H, D] -> [T, H, D]

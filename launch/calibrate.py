@@ -9,6 +9,9 @@ Collection is always dense (the config's sparsity section is ignored for it); th
 sparsity.head_density, head_allocation and head_scope set the artifact's head k (a dense config
 gets --head-density, default the label density). The engine runs without CUDA graphs, with
 sequences of one segment.
+
+With parallel.dp > 1 replica 0 calibrates and the other replicas leave at once: the artifact
+does not depend on the replica, so more replicas would only repeat the same work.
 """
 
 from __future__ import annotations
@@ -96,7 +99,13 @@ def main() -> None:
     texts, heldout = [text_file(t) for t in args.text], [text_file(t) for t in args.heldout_text or []]
 
     ctx = init_parallel(cfg.parallel, cfg.model.device)
-    configure_logging(ctx.rank, ctx.world_size)
+    configure_logging(ctx.tp_rank, ctx.tp_size, ctx.replica, ctx.num_replicas)
+    if ctx.replica > 0:
+        if ctx.is_driver:
+            print(f"replica {ctx.replica}: nothing to do, replica 0 calibrates (parallel.dp = {ctx.num_replicas})",
+                  file=sys.stderr, flush=True)
+        ctx.shutdown()
+        return
     positions = resolve_source_once(cfg, ctx).spec.max_position_embeddings
     if args.seg_len >= positions:
         raise UserError(f"--seg-len {args.seg_len} needs sequences longer than the model's max_position_embeddings "
@@ -110,7 +119,7 @@ def main() -> None:
 
 def command_line() -> str:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    launcher = f"torchrun --nproc_per_node {world_size}" if world_size > 1 else "python"
+    launcher = f"torchrun --nproc_per_node {world_size}" if world_size > 1 else "python"  # the job, all replicas
     return f"{launcher} {shlex.join(sys.argv)}"
 
 

@@ -3,6 +3,12 @@
     python launch/generate.py --config configs/smollm2-135m.yaml --prompt "Once upon a time" --max-new-tokens 32
     torchrun --nproc_per_node 3 launch/generate.py --config configs/smollm2-135m.yaml --prompt "Hi" --prompt "Bye"
     mpirun --allow-run-as-root --oversubscribe -np 3 python launch/generate.py --config configs/smollm2-135m.yaml --prompt "Hi"
+    torchrun --nproc_per_node 4 launch/generate.py --config CONFIG --set parallel.dp=2 --prompt A --prompt B --prompt C
+
+With parallel.dp = R replicas the prompts go round-robin over them (prompt i to replica i mod R),
+each replica generates its share independently, and replica 0's driver gathers the results and
+prints every line in prompt order: the output is the same as one replica's (for greedy or
+seeded sampling), only sooner. Across nodes, see launch/cluster.py.
 
 Output line: {"prompt": ..., "text": ..., "token_ids": [generated ids only], "finish_reason": "stop" | "length" | ...}
 (with --logprobs N also "logprobs": [[token id, logprob, [[top id, logprob], ...]], ...])
@@ -53,22 +59,32 @@ def main() -> None:
                             frequency_penalty=args.frequency_penalty, presence_penalty=args.presence_penalty,
                             seed=args.seed, ignore_eos=args.ignore_eos, logprobs=args.logprobs)
     ctx = init_parallel(cfg.parallel, cfg.model.device)
-    configure_logging(ctx.rank, ctx.world_size)
+    configure_logging(ctx.tp_rank, ctx.tp_size, ctx.replica, ctx.num_replicas)
     rt = build_runtime(cfg, ctx)
+    mine = list(range(ctx.replica, len(args.prompt), ctx.num_replicas))  # this replica's prompts, round-robin
     t0 = time.perf_counter()
-    seqs = generate(rt, args.prompt, params)
+    seqs = generate(rt, [args.prompt[i] for i in mine], params)
     elapsed = time.perf_counter() - t0
-    if seqs is not None:
-        for prompt, seq in zip(args.prompt, seqs):
-            line = {"prompt": prompt, "text": rt.tokenizer.decode(seq.output_ids), "token_ids": seq.output_ids,
-                    "finish_reason": seq.finish_reason}
-            if seq.logprobs is not None:
-                line["logprobs"] = [[lp.token_id, lp.logprob, [list(t) for t in lp.top]] for lp in seq.logprobs]
-            print(json.dumps(line), flush=True)
-        if args.stats:
-            n = sum(len(s.output_ids) for s in seqs)
-            print(f"generated {n} tokens in {elapsed:.2f} s: {n / elapsed:.1f} tokens/s", file=sys.stderr)
+    if seqs is not None:  # each replica's driver
+        lines = {i: json_line(rt, args.prompt[i], seq) for i, seq in zip(mine, seqs)}
+        gathered = ctx.gather_replicas((lines, sum(len(s.output_ids) for s in seqs), elapsed))
+        if gathered is not None:  # replica 0's driver prints every replica's lines in prompt order
+            everything = {i: line for part, _, _ in gathered for i, line in part.items()}
+            for i in range(len(args.prompt)):
+                print(json.dumps(everything[i]), flush=True)
+            if args.stats:
+                n, slowest = sum(g[1] for g in gathered), max(g[2] for g in gathered)
+                print(f"generated {n} tokens in {slowest:.2f} s: {n / slowest:.1f} tokens/s"
+                      + (f" over {ctx.num_replicas} replicas" if ctx.num_replicas > 1 else ""), file=sys.stderr)
     ctx.shutdown()
+
+
+def json_line(rt, prompt: str, seq) -> dict:  # noqa: ANN001 - Runtime, Completion (imported after parsing)
+    line = {"prompt": prompt, "text": rt.tokenizer.decode(seq.output_ids), "token_ids": seq.output_ids,
+            "finish_reason": seq.finish_reason}
+    if seq.logprobs is not None:
+        line["logprobs"] = [[lp.token_id, lp.logprob, [list(t) for t in lp.top]] for lp in seq.logprobs]
+    return line
 
 
 if __name__ == "__main__":

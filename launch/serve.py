@@ -7,7 +7,8 @@ run the engine's steps.
 
 Then: curl http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \\
           -d '{"model": "smollm2-135m", "prompt": "The capital of France is", "max_tokens": 16, "temperature": 0}'
-SIGINT/SIGTERM to rank 0 drains (503 to new requests, up to server.drain_timeout_s for those in flight)
+With parallel.dp = D replicas (polar_dist/parallel/context.py), replica r's driver serves on
+server.port + r. SIGINT/SIGTERM to rank 0 drains (503 to new requests, up to server.drain_timeout_s for those in flight)
 and every rank exits 0. The API key: server.api_key, or POLAR_API_KEY.
 """
 

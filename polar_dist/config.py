@@ -50,9 +50,15 @@ class ModelConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class ParallelConfig:
-    """Tensor parallelism. `tp: 0` means "the launcher's world size"."""
+    """Tensor x data parallelism: the launcher's world is `dp` replicas of `tp` ranks each.
+
+    Contiguous ranks form one replica (a tensor-parallel group with its own driver, scheduler and
+    engine); replicas share nothing while they run. `tp: 0` means "the launcher's world size
+    over dp"; otherwise tp x dp must equal the world size.
+    """
 
     tp: int = 0
+    dp: int = 1  # data-parallel replicas
     backend: Literal["auto", "nccl", "gloo"] = "auto"
     timeout_s: float = 120.0  # a rank that stops answering ends every rank after this long
 
@@ -74,7 +80,9 @@ class SparsityConfig:
     random routers (speed measurements: the selection count is what costs). `mlp`: batch-union
     neuron sparsity for ReLU (OPT) models, k per batch bucket from the artifact (with random
     routers, `mlp_density` of the neurons); a layer whose k passes `mlp_dense_above` of its
-    neurons runs dense.
+    neurons runs dense. `head_min_batch`: decode steps of fewer sequences read every head (at
+    small batch the weights dominate the step and routing costs more than it saves); set it from
+    benchmarks/throughput.py's measured crossover for the model and GPU.
     """
 
     head_density: float = 1.0
@@ -85,6 +93,7 @@ class SparsityConfig:
     mlp: bool = False
     mlp_density: float = 0.5
     mlp_dense_above: float = 0.8
+    head_min_batch: int = 1
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -313,6 +322,8 @@ def _validate(cfg: RunConfig) -> None:
         raise UserError("model.dtype = float16 on model.device = cpu is not supported; use bfloat16 or float32 on CPU")
     if p.tp < 0:
         raise UserError(f"parallel.tp = {p.tp} must be >= 1, or 0 for the launcher's world size")
+    if p.dp < 1:
+        raise UserError(f"parallel.dp = {p.dp} must be >= 1 (the number of independent replicas; 1 is one replica)")
     if p.timeout_s <= 0:
         raise UserError(f"parallel.timeout_s = {p.timeout_s} must be > 0 seconds")
     if not 0.0 < s.head_density <= 1.0:
@@ -320,6 +331,8 @@ def _validate(cfg: RunConfig) -> None:
     for name in ("mlp_density", "mlp_dense_above"):
         if not 0.0 < getattr(s, name) <= 1.0:
             raise UserError(f"sparsity.{name} = {getattr(s, name)} must be in (0, 1]")
+    if s.head_min_batch < 1:
+        raise UserError(f"sparsity.head_min_batch = {s.head_min_batch} must be >= 1 (1: route at every batch size)")
     if s.routing == "oracle" and s.mlp:
         raise UserError("sparsity.routing = oracle studies attention only; set sparsity.mlp = false")
     if e.block_size < 16 or e.block_size & (e.block_size - 1):

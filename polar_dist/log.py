@@ -1,5 +1,5 @@
-"""Rank-aware logging: records are prefixed `[tp r/N]`; only rank 0 logs unless
-POLAR_LOG_ALL_RANKS is set."""
+"""Rank-aware logging: records are prefixed `[tp r/N]` (`[dp i/R tp r/N]` with several
+replicas); only each replica's tp rank 0 logs unless POLAR_LOG_ALL_RANKS is set."""
 
 from __future__ import annotations
 
@@ -21,9 +21,12 @@ class _StderrHandler(logging.StreamHandler):
         return sys.stderr
 
 
-def configure_logging(rank: int, world_size: int, level: int = logging.INFO) -> None:
+def configure_logging(rank: int, world_size: int, replica: int = 0, num_replicas: int = 1,
+                      level: int = logging.INFO) -> None:
+    """`rank` / `world_size`: the tp rank and size (the global ones before the layout is known)."""
     handler = _StderrHandler()
-    handler.setFormatter(logging.Formatter(f"[tp {rank}/{world_size}] %(levelname)s %(name)s: %(message)s"))
+    where = f"dp {replica}/{num_replicas} tp {rank}/{world_size}" if num_replicas > 1 else f"tp {rank}/{world_size}"
+    handler.setFormatter(logging.Formatter(f"[{where}] %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger("polar_dist")
     root.handlers[:] = [handler]
     root.setLevel(level if rank == 0 or envs.LOG_ALL_RANKS.get() else logging.WARNING)

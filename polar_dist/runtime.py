@@ -1,9 +1,9 @@
 """Runtime: one rank's model shard, KV cache and tokenizer, built from a RunConfig, and a
-generation loop over the engine - rank 0 runs the Engine, the other ranks its steps.
+generation loop over the engine - each replica's driver runs the Engine, its other ranks its steps.
 
     ctx = init_parallel(cfg.parallel, cfg.model.device)
     rt = build_runtime(cfg, ctx)
-    results = generate(rt, ["Hello"], SamplingParams(max_new_tokens=16))  # list on rank 0, None elsewhere
+    results = generate(rt, ["Hello"], SamplingParams(max_new_tokens=16))  # list on drivers, None elsewhere
 """
 
 from __future__ import annotations
@@ -67,9 +67,11 @@ class Completion:
 
 
 def resolve_source_once(cfg: RunConfig, ctx: ParallelContext) -> ModelSource:
-    """Rank 0 resolves the model first, so a GGUF file is converted once and the other ranks
-    read its cache; a user error on rank 0 is raised on every rank with the same message."""
-    if ctx.world_size == 1:
+    """The replica's driver resolves the model first, so a GGUF file is converted once and the
+    other ranks read its cache; a user error on the driver is raised on every rank of the
+    replica with the same message. (Replicas convert independently: they share nothing, and the
+    cache's writes are atomic.)"""
+    if ctx.tp_size == 1:
         return resolve_source(cfg.model)
     source, failure = None, None
     if ctx.is_driver:
@@ -86,7 +88,7 @@ def resolve_source_once(cfg: RunConfig, ctx: ParallelContext) -> ModelSource:
         user_error, message = failure
         if user_error:
             raise UserError(message)
-        raise RuntimeError(f"rank 0 could not load the model: {message}")
+        raise RuntimeError(f"the replica's driver could not load the model: {message}")
     return resolve_source(cfg.model)
 
 
@@ -115,7 +117,7 @@ def make_tokenizer(cfg: RunConfig, source: ModelSource) -> Tokenizer:
 def build_runtime(cfg: RunConfig, ctx: ParallelContext) -> Runtime:
     source = resolve_source_once(cfg, ctx)
     spec = source.spec
-    plan = make_shard_plan(spec, ctx.rank, ctx.world_size)  # checks tp against the heads before any weight
+    plan = make_shard_plan(spec, ctx.tp_rank, ctx.tp_size)  # checks tp against the heads before any weight
     max_seq_len = cfg.engine.max_seq_len or spec.max_position_embeddings
     if max_seq_len > spec.max_position_embeddings:
         raise UserError(f"engine.max_seq_len = {max_seq_len} exceeds the model's max_position_embeddings "
@@ -134,12 +136,13 @@ def build_runtime(cfg: RunConfig, ctx: ParallelContext) -> Runtime:
             raise UserError(f"head_dim {spec.head_dim} of this model has no Triton decode kernel (head dims "
                             f"{HEAD_DIMS}); run it with model.dtype = float32, on the CPU, or with "
                             f"{envs.KERNEL_BACKEND.name}=torch")
-    policy, routers = load_sparsity(cfg, spec, ctx.world_size)
+    policy, routers = load_sparsity(cfg, spec, ctx.tp_size)
     t0 = time.perf_counter()
     model = build_model(source, BuildContext(spec, plan, ctx.tp_comm, ops, dtype, ctx.device, policy), max_seq_len,
                         routers)
-    log.info("loaded %s (%d layers, tp=%d, launched by %s, %s kernels) in %.1f s on %s", spec.model_type,
-             spec.num_layers, ctx.world_size, ctx.info.launcher.value, ops.backend.value, time.perf_counter() - t0,
+    log.info("loaded %s (%d layers, tp=%d%s, launched by %s, %s kernels) in %.1f s on %s", spec.model_type,
+             spec.num_layers, ctx.tp_size, f" x dp={ctx.num_replicas}" if ctx.num_replicas > 1 else "",
+             ctx.info.launcher.value, ops.backend.value, time.perf_counter() - t0,
              ctx.device)
     if not policy.is_dense:
         log.info("sparse decode: %s routing, %s scope, KV groups per layer %s of %d%s", policy.routing.value,
@@ -197,8 +200,8 @@ class LocalSteps:
 
 
 def generate_ids(rt: Runtime, prompts: list[list[int]], params: SamplingParams) -> list[Completion] | None:
-    """Generate for token-id prompts. Every rank calls it; rank 0 returns the finished requests
-    in prompt order, the others return None."""
+    """Generate for token-id prompts. Every rank of a replica calls it with the same prompts; the
+    replica's driver returns the finished requests in prompt order, the others return None."""
     check = new_scheduler(rt)
     for p in prompts:  # validates on every rank, before any collective
         check.validate(p)

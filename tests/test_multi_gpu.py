@@ -88,3 +88,21 @@ def test_greedy_tokens_tp_equal_tp1(dtype: str) -> None:
     assert len(outs[1]) == 2 and all(len(json.loads(x)["token_ids"]) == 32 for x in outs[1])
     for tp, lines in outs.items():
         assert lines == outs[1], f"tp={tp} tokens differ from tp=1 (check the logits test for near-ties)"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 4, reason="needs 4+ GPUs")
+def test_replicas_over_nccl_give_the_tokens_of_one_replica() -> None:
+    """tp=2 x dp=2 on 4 GPUs (NCCL tp groups, gloo control groups per replica): the prompts go
+    round-robin over the replicas and rank 0 prints them in prompt order, as tp=2 alone does."""
+    args = [str(ROOT / "launch/generate.py"), "--config", str(ROOT / "configs/llama-3.1-8b.yaml"),
+            "--set", "model.dtype=bfloat16", "--set", "engine.max_batch_size=4", "--set", "engine.max_seq_len=512",
+            *[x for p in ("hello", "a longer prompt", "third one", "and a fourth") for x in ("--prompt", p)],
+            "--max-new-tokens", "16", "--ignore-eos"]
+    outs = {}
+    for world, dp in ((2, 1), (4, 2)):
+        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world),
+                               "--master_port", str(free_port()), *args, "--set", f"parallel.dp={dp}"],
+                              env=nccl_env(), capture_output=True, text=True, timeout=900, cwd=ROOT)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        outs[dp] = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert len(outs[1]) == 4 and outs[2] == outs[1]

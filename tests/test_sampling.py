@@ -130,3 +130,108 @@ def test_bad_parameters_are_refused_naming_the_field(field: str, value: object, 
 def test_64_bit_seeds_are_accepted() -> None:
     for seed in (0, (1 << 64) - 1, -(1 << 63), 1 << 63):
         SamplingParams(temperature=1.0, seed=seed)
+
+
+@pytest.mark.parametrize("chunk", [256, 768])
+def test_chunked_kernel_ties_across_chunk_boundaries(chunk: int) -> None:
+    # V = 1000 is not a multiple of the chunk; the best logit, the top-k threshold and the
+    # top-p threshold are tied between tokens in different chunks (ties at a threshold are all
+    # kept, greedy takes the first index). The rowwise kernel draws the same tokens.
+    from kernels.sample_tokens import sample_tokens_rowwise
+
+    logits, params = _rows(12, 1000, seed=3)
+    logits = logits.clamp(max=8.0)
+    logits[:, [100, 255, 256, 767, 768, 999]] = 9.0  # the best, in five chunks
+    logits[:, [200, 511, 512, 900]] = 8.5  # ranks 7-10: top-k 8 cuts inside this tie
+    logits[3, :] = torch.round(logits[3, :])  # many ties everywhere
+    temp, top_k, top_p, min_p, seeds, counters = params
+    top_k = top_k.clone()
+    top_k[2] = 8
+    params = (temp, top_k, top_p, min_p, seeds, counters)
+    dev = [p.to(DEVICE) for p in params]
+    ref = sample_tokens_ref(logits, *params)
+    out = sample_tokens(logits.to(DEVICE), *dev, chunk=chunk).cpu()
+    assert out.tolist() == ref.tolist()
+    assert out[0] == 100  # greedy: the first index of the max
+    assert sample_tokens_rowwise(logits.to(DEVICE), *dev).cpu().tolist() == ref.tolist()
+    # the hints only skip launches: all-greedy rows with any_hot False
+    greedy = torch.zeros_like(temp)
+    g = sample_tokens(logits.to(DEVICE), greedy.to(DEVICE), *dev[1:], any_hot=False, chunk=chunk).cpu()
+    assert g.tolist() == sample_tokens_ref(logits, greedy, *params[1:]).tolist()
+
+
+def test_chunked_kernel_one_row_many_chunks() -> None:
+    # One row over 5 chunks (last one short) with every filter on: top-k 40 then top-p 0.6.
+    gen = torch.Generator().manual_seed(7)
+    logits = torch.randn(3, 1100, generator=gen) * 2
+    t = torch.tensor
+    params = (t([1.0, 0.5, 1.0]), t([40, 0, 3], dtype=torch.int32), t([0.6, 0.9, 1.0]), t([0.0, 0.01, 0.2]),
+              t([11, -5, 1 << 62]), t([3, 4, 5]))
+    ref = sample_tokens_ref(logits, *params)
+    for counter in range(3):
+        ps = params[:5] + (params[5] + counter,)
+        ref = sample_tokens_ref(logits, *ps)
+        out = sample_tokens(logits.to(DEVICE), *(p.to(DEVICE) for p in ps), chunk=256).cpu()
+        assert out.tolist() == ref.tolist()
+
+
+@pytest.mark.gpu
+def test_graph_replayed_draw_equals_direct_draw_and_reference() -> None:
+    # Sampler on CUDA replays the draw from a CUDA graph per (bucket, vocab, hints); buckets 1, 2,
+    # 4, 8, 16 here and 20 rows past the last bucket take the direct call. Row counts inside and
+    # across buckets, each hint combination, several replays of one graph with new logits,
+    # seeds and counters: the same tokens as the direct call and the torch reference.
+    V = 3001
+    dev = torch.device("cuda")
+    graphed = Sampler(V, dev, use_kernel=True, graph_rows=16)
+    direct = Sampler(V, dev, use_kernel=True, graph_rows=0)
+    assert graphed.graphs is not None and direct.graphs is None
+    modes = {"greedy": [SamplingParams()], "hot": [SamplingParams(temperature=1.0), SamplingParams(temperature=0.7)],
+             "top-k": [SamplingParams(temperature=1.0, top_k=20), SamplingParams()],
+             "top-p": [SamplingParams(temperature=0.8, top_p=0.9, min_p=0.02)],
+             "all": [SamplingParams(temperature=1.0, top_k=50, top_p=0.9), SamplingParams(),
+                     SamplingParams(temperature=1.5, top_p=0.5), SamplingParams(temperature=1.0, top_k=1)]}
+    gen = torch.Generator().manual_seed(5)
+    for R in (1, 2, 3, 5, 8, 13, 16, 20):
+        for mode, mix in modes.items():
+            for rep in range(3):
+                logits = torch.randn(R, V, generator=gen) * 3
+                if R > 2 and rep == 1:
+                    logits[1, 7] = float("nan")  # -> -1
+                rows = [SampleRow(mix[i % len(mix)], seed=rep * 1000 + i * 77 - 50, counter=rep * 3 + i)
+                        for i in range(R)]
+                g = graphed.sample(logits.to(dev), rows).token_ids
+                d = direct.sample(logits.to(dev), rows).token_ids
+                temp, top_k, top_p, min_p = (torch.tensor([getattr(r.params, f) for r in rows], dtype=t)
+                                             for f, t in (("temperature", torch.float32), ("top_k", torch.int32),
+                                                          ("top_p", torch.float32), ("min_p", torch.float32)))
+                ref = sample_tokens_ref(logits, temp, top_k, top_p, min_p, torch.tensor([r.seed for r in rows]),
+                                        torch.tensor([r.counter for r in rows])).tolist()
+                assert g == d == ref, (R, mode, rep)
+    keys = set(graphed.graphs._graphs)
+    assert {k[0] for k in keys} == {1, 2, 4, 8, 16} and len(keys) == 5 * 5  # 5 buckets x 5 hint sets
+    # with logprobs: the sampled ids come from the replayed draw too
+    rows = [SampleRow(SamplingParams(temperature=1.0, top_p=0.9, logprobs=2), seed=i, counter=1) for i in range(6)]
+    logits = (torch.randn(6, V, generator=gen) * 3).to(dev)
+    out, want = graphed.sample(logits, rows), direct.sample(logits, rows)
+    assert out.token_ids == want.token_ids and [lp.token_id for lp in out.logprobs] == out.token_ids
+
+
+def test_padded_parameter_buffer_draws_the_same_tokens() -> None:
+    # What a graph bucket runs: R rows' parameters packed for n > R rows (the padding greedy, its
+    # logits stale) and the draw over all n rows; the first R tokens are the reference's.
+    from polar_dist.engine.sampling import _pack, _param_views
+
+    logits, params = _rows(12, 700, seed=4)
+    temp, top_k, top_p, min_p, seeds, counters = params
+    rows = [SampleRow(SamplingParams(temperature=float(temp[i]), top_k=int(top_k[i]), top_p=float(top_p[i]),
+                                     min_p=float(min_p[i])), seed=int(seeds[i]), counter=int(counters[i]))
+            for i in range(5)]
+    ps = [r.params for r in rows]
+    ref = sample_tokens_ref(logits[:5], *(p[:5] for p in params)).tolist()
+    for n in (5, 8):
+        d = torch.from_numpy(_pack(rows, ps, ps, n)).to(DEVICE)
+        padded = torch.cat([logits[:5], torch.randn(n - 5, 700)]).to(DEVICE)
+        out = sample_tokens(padded, *_param_views(d, n)).cpu().tolist()
+        assert out[:5] == ref
+        assert out[5:] == padded[5:].argmax(dim=1).tolist()  # padding rows are greedy

@@ -276,7 +276,7 @@ def test_abort_frees_blocks_of_running_and_waiting_requests() -> None:
     assert d.s.abort(c.request_id) is c and c not in d.s.waiting
     assert d.s.abort(c.request_id) is None  # already finished
     d.run()  # the mirror forgets a; b runs alone; every block is free at the end
-    assert b.finish_reason == "length" and a.request_id not in d.mirror.slot_of
+    assert b.finish_reason == "length" and a.request_id not in d.mirror.order
 
 
 # Finish reasons

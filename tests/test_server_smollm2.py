@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
+
+pytest.importorskip("fastapi", reason="the server needs fastapi (scripts/setup.sh installs it)")  # e.g. the GPU host
 import torch
 
 from support.server import ServerProcess

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+pytest.importorskip("fastapi", reason="the server needs fastapi (scripts/setup.sh installs it)")  # e.g. the GPU host
+
 from polar_dist.config import config_from_dict
 from polar_dist.errors import UserError
 from polar_dist.models.tokenizer import ByteTokenizer

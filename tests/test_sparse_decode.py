@@ -68,6 +68,14 @@ def test_density_one_is_the_dense_path() -> None:
     assert _tokens(_cfg({"head_density": 0.5, "routers": "random"})) != dense
 
 
+def test_head_min_batch_reads_every_head_below_it() -> None:
+    dense = _tokens(_cfg({}))  # the 4 prompts decode together: steps of 4 rows
+    assert _tokens(_cfg({"head_density": 0.5, "routers": "random", "head_min_batch": 5})) == dense
+    assert _tokens(_cfg({"head_density": 0.5, "routers": "random", "head_min_batch": 4})) != dense
+    with pytest.raises(UserError, match="head_min_batch = 0"):
+        config_from_dict(_cfg({"head_min_batch": 0}))
+
+
 @pytest.mark.slow
 def test_global_scope_tokens_equal_across_tp(tmp_path: Path) -> None:
     cfg = _cfg({"head_density": 0.5, "routers": "random", "head_scope": "global"})
@@ -167,7 +175,8 @@ def test_sparse_graph_decode_equals_eager_on_gpu(config: str) -> None:
     raw["model"]["architecture"]["num_hidden_layers"] = 4
     raw["model"].update(dtype="bfloat16", device="cuda")
     raw["sparsity"] = {"head_density": 0.5, "routers": "random"}
-    raw["engine"] = {"max_batch_size": 8, "max_seq_len": 1024, "block_size": 16}
+    # The same cache size for both runtimes, so the same seed fills it with the same K/V.
+    raw["engine"] = {"max_batch_size": 8, "max_seq_len": 1024, "block_size": 16, "kv_cache_blocks": 8 * 64}
     results = {}
     for graphs in (False, True):
         raw["engine"]["cuda_graphs"] = graphs

@@ -1,6 +1,6 @@
-"""The long-lived engine on rank 0, and the loop the other ranks run beside it.
+"""The long-lived engine on a replica's driver (its tp rank 0), and the loop its other ranks run beside it.
 
-    engine = Engine(rt)                     # rank 0; the other ranks call worker_loop(rt)
+    engine = Engine(rt)                     # the driver; the other ranks call worker_loop(rt)
     rid = engine.add_request(prompt_ids, SamplingParams(max_new_tokens=32))
     while engine.has_unfinished():
         for out in engine.step():           # RequestOutput per request that moved this step
@@ -8,11 +8,14 @@
     engine.shutdown()                       # the workers leave worker_loop
 
 Requests can be added and aborted between any two steps. A step schedules (polar_dist/engine/
-scheduler.py), sends the workers its delta (one small int64 message), runs the forward on
-every rank and samples on rank 0's device. While rank 0 has no work, a heartbeat thread sends
-an IDLE message every parallel.timeout_s / 4, so a waiting worker never reaches the collective
-timeout; a rank that dies still ends the others within it (they see the closed connection or
-the timeout, rank 0 through its next message). Engine methods are called from one thread.
+scheduler.py), sends the workers its delta (one small int64 message, through shared memory
+between ranks of one machine: polar_dist/engine/control.py), runs the forward on every rank of
+the replica and samples on the driver's device. While the driver has no work, a heartbeat thread
+sends an IDLE message every parallel.timeout_s / 4, so a waiting worker never reaches the
+collective timeout; a rank that dies still ends the others of its replica within it (they see
+the closed connection or the timeout, the driver through its next message). Other replicas are
+not involved: each has its own engine, control group and heartbeat. Engine methods are called
+from one thread.
 """
 
 from __future__ import annotations
@@ -58,7 +61,8 @@ class EngineDeadError(RuntimeError):
 class Engine:
     def __init__(self, rt: Runtime) -> None:
         if not rt.ctx.is_driver:
-            raise RuntimeError("the Engine runs on rank 0; the other ranks call worker_loop(rt)")
+            raise RuntimeError("the Engine runs on each replica's driver (tp rank 0); the other ranks call "
+                               "worker_loop(rt)")
         e = rt.cfg.engine
         self.rt = rt
         self.runner = rt.runner
@@ -66,7 +70,7 @@ class Engine:
                                    rt.max_seq_len, rt.tokenizer.eos_token_ids, rt.spec.vocab_size,
                                    e.max_num_batched_tokens, rt.cache_setting)
         self.mirror = BatchMirror(e.max_batch_size, rt.runner.max_blocks_per_seq, e.block_size)
-        self.channel = ControlChannel(rt.ctx, buffer_capacity(e.max_batch_size))
+        self.channel = ControlChannel(rt.ctx, buffer_capacity(e.max_batch_size), rt.cfg.parallel.timeout_s)
         self._pending: list[RequestOutput] = []  # aborts, reported at the next step
         self._lock = threading.Lock()  # held while a message or a step's collectives are in flight
         self._failure: BaseException | None = None
@@ -75,7 +79,7 @@ class Engine:
         self._heartbeat_s = rt.cfg.parallel.timeout_s / 4
         self._stop = threading.Event()
         self._heartbeat: threading.Thread | None = None
-        if rt.ctx.world_size > 1:
+        if rt.ctx.tp_size > 1:
             self._heartbeat = threading.Thread(target=self._beat, name="polar-heartbeat", daemon=True)
             self._heartbeat.start()
 
@@ -190,20 +194,27 @@ class Engine:
 
 
 def worker_loop(rt: Runtime) -> None:
-    """Ranks other than 0: run rank 0's steps until it says STOP. Idle heartbeats are skipped."""
+    """A replica's ranks other than its driver: run the driver's steps until it says STOP. Idle
+    heartbeats are skipped."""
     e = rt.cfg.engine
     mirror = BatchMirror(e.max_batch_size, rt.runner.max_blocks_per_seq, e.block_size)
-    channel = ControlChannel(rt.ctx, buffer_capacity(e.max_batch_size))
+    channel = ControlChannel(rt.ctx, buffer_capacity(e.max_batch_size), rt.cfg.parallel.timeout_s)
     while True:
         try:
             msg = channel.recv()
         except RuntimeError as e:
             raise RuntimeError(
-                f"rank {rt.ctx.rank}: rank 0 sent no step or heartbeat within parallel.timeout_s = "
-                f"{rt.cfg.parallel.timeout_s} s, or its connection closed: another rank failed ({e})") from e
+                f"rank {rt.ctx.rank}{_replica_label(rt)}: the driver (rank {rt.ctx.replica_ranks[0]}) sent no step "
+                f"or heartbeat within parallel.timeout_s = {rt.cfg.parallel.timeout_s} s, or its connection closed: "
+                f"another rank of this replica failed ({e})") from e
         kind = MsgKind(int(msg[0]))
         if kind is MsgKind.STOP:
             return
         if kind is MsgKind.IDLE:
             continue
         rt.runner.execute(mirror.apply(msg))
+
+
+def _replica_label(rt: Runtime) -> str:
+    ctx = rt.ctx
+    return f" (replica {ctx.replica} of {ctx.num_replicas}, ranks {ctx.replica_ranks})" if ctx.num_replicas > 1 else ""

@@ -31,7 +31,8 @@ class ModelRunner:
         self.max_blocks_per_seq = blocks_needed(max_seq_len, block_size)
         self.kv_caches = allocate_kv_caches(spec.num_layers, num_blocks + 1, plan.num_kv_heads_local, block_size,
                                             spec.head_dim, dtype, device)
-        self.sampler = sampler or Sampler(spec.vocab_size, device, use_kernel=device.type == "cuda")
+        self.sampler = sampler or Sampler(spec.vocab_size, device, use_kernel=device.type == "cuda",
+                                          graph_rows=max_batch_size)
         # (max_batch_size, Hkv_local) int32: every sequence reads every local KV group (density 1.0);
         # decode rows use its first B rows, eager or captured.
         self.head_table = torch.arange(plan.num_kv_heads_local, dtype=torch.int32, device=device).expand(

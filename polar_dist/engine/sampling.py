@@ -126,10 +126,15 @@ class SampleOutput:
 
 
 class Sampler:
-    def __init__(self, vocab_size: int, device: torch.device, use_kernel: bool) -> None:
+    """`graph_rows`: on CUDA with the Triton draw, batches of up to this many rows replay the
+    draw from a CUDA graph (see _DrawGraphs); 0 turns that off."""
+
+    def __init__(self, vocab_size: int, device: torch.device, use_kernel: bool, graph_rows: int = 256) -> None:
         self.vocab_size = vocab_size
         self.device = device
         self.ops = KernelOps(Backend.TRITON if use_kernel else Backend.TORCH)
+        self.graphs = _DrawGraphs(self.ops, device, graph_rows) \
+            if use_kernel and device.type == "cuda" and graph_rows > 0 else None
 
     @torch.inference_mode()
     def sample(self, logits: torch.Tensor, rows: Sequence[SampleRow], prompt: PromptRows | None = None) -> SampleOutput:
@@ -138,19 +143,30 @@ class Sampler:
         P = len(prompt.targets) if prompt else 0
         assert logits.shape[0] == R + P, (logits.shape, R, P)
         raw = logits[:R]
-        floats = torch.tensor([[r.params.temperature, r.params.top_p, r.params.min_p] for r in rows],
-                              dtype=torch.float32).reshape(R, 3).to(dev, non_blocking=True)
-        ints = torch.tensor([[r.params.top_k, as_signed64(r.seed), r.counter] for r in rows],
-                            dtype=torch.int64).reshape(R, 3).to(dev, non_blocking=True)
-        penalized = self._penalize(raw, rows)
-        tokens = self.ops.sample_tokens(penalized, floats[:, 0].contiguous(), ints[:, 0].to(torch.int32),
-                                        floats[:, 1].contiguous(), floats[:, 2].contiguous(), ints[:, 1].contiguous(),
-                                        ints[:, 2].contiguous())  # (R,)
+        ps = [r.params for r in rows]
+        distinct = list({id(p): p for p in ps}.values())  # requests share their params: usually a few
+        hot = [p for p in distinct if p.temperature > 0]
+        hints = {"any_hot": bool(hot), "any_top_k": any(0 < p.top_k < logits.shape[1] for p in hot),
+                 "any_top_p": any(p.top_p < 1.0 for p in hot)}
+        graphs = self.graphs
+        n = graphs.bucket(R) if graphs is not None and R else None
+        buf = _pack(rows, ps, distinct, n or R)
+        penalized = self._penalize(raw, rows) if any(p.has_penalties for p in distinct) else raw
+        if not R:
+            tokens = torch.empty(0, dtype=torch.int64, device=dev)
+        elif n is not None:
+            assert graphs is not None
+            tokens = graphs.draw(penalized, buf, n, hints)  # (R,) a view of the graph's output
+        else:
+            d = torch.from_numpy(buf).to(dev, non_blocking=True)
+            tokens = self.ops.sample_tokens(penalized, *_param_views(d, R), **hints)  # (R,)
+        n_lp = max((p.logprobs for p in distinct if p.logprobs is not None), default=-1)
+        if n_lp < 0 and not P:  # tokens only: no packing
+            return SampleOutput(tokens.cpu().tolist(), [None] * R, [])  # the step's one device-to-host copy
         parts = [tokens.to(torch.int32)]
-        n = max((r.params.logprobs for r in rows if r.params.logprobs is not None), default=-1)
-        if n >= 0:
+        if n_lp >= 0:
             lp = torch.log_softmax(raw, dim=-1)  # (R, V)
-            parts += _logprob_parts(lp, tokens.clamp(min=0), n)
+            parts += _logprob_parts(lp, tokens.clamp(min=0), n_lp)
         if P:
             assert prompt is not None
             lp = torch.log_softmax(logits[R:], dim=-1)  # (P, V)
@@ -160,10 +176,9 @@ class Sampler:
         token_ids = host[:R].astype(np.int64).tolist()
         off = R
         logprobs: list[TokenLogprobs | None] = [None] * R
-        if n >= 0:
-            chosen, off = _unpack(host, off, R, n)
-            logprobs = [None if r.params.logprobs is None else _trim(c, r.params.logprobs)
-                        for r, c in zip(rows, chosen)]
+        if n_lp >= 0:
+            chosen, off = _unpack(host, off, R, n_lp)
+            logprobs = [None if p.logprobs is None else _trim(c, p.logprobs) for p, c in zip(ps, chosen)]
         prompt_lps: list[TokenLogprobs] = []
         if P:
             assert prompt is not None
@@ -200,6 +215,87 @@ class Sampler:
         out[idx] = sub
         return out
 
+
+
+def _pack(rows: Sequence[SampleRow], ps: list[SamplingParams], distinct: list[SamplingParams], n: int) -> np.ndarray:
+    """The draw's parameters for n >= R rows in one int32 buffer (one H2D copy): seeds, counters
+    (int64), temperature, top_p, min_p (float32), top_k (int32), each a contiguous run of n. Rows
+    past R are greedy (temperature 0, no filter): a graph's padding, whose tokens are ignored."""
+    R = len(rows)
+    buf = np.zeros(8 * n, dtype=np.int32)
+    i64 = buf[:4 * n].view(np.int64)
+    i64[:R] = [as_signed64(r.seed) for r in rows]
+    i64[n:n + R] = [r.counter for r in rows]
+    f = buf[4 * n:7 * n].view(np.float32).reshape(3, n)
+    f[1, R:] = 1.0  # top_p of padding rows
+    if len(distinct) == 1:
+        (p,) = distinct
+        f[0, :R], f[1, :R], f[2, :R], buf[7 * n:7 * n + R] = p.temperature, p.top_p, p.min_p, p.top_k
+    elif R:
+        f[0, :R] = [p.temperature for p in ps]
+        f[1, :R] = [p.top_p for p in ps]
+        f[2, :R] = [p.min_p for p in ps]
+        buf[7 * n:7 * n + R] = [p.top_k for p in ps]
+    return buf
+
+
+def _param_views(d: torch.Tensor, n: int) -> tuple[torch.Tensor, ...]:
+    """sample_tokens' (temperature, top_k, top_p, min_p, seeds, counters) in _pack's device buffer."""
+    return (d[4 * n:5 * n].view(torch.float32), d[7 * n:], d[5 * n:6 * n].view(torch.float32),
+            d[6 * n:7 * n].view(torch.float32), d[:2 * n].view(torch.int64), d[2 * n:4 * n].view(torch.int64))
+
+
+class _DrawGraphs:
+    """The Triton draw's fixed launch sequence (2-13 launches, each costing more on the host
+    than on the GPU) replayed from a CUDA graph: one per (row bucket, vocab, hints), captured on
+    first use. R rows run in the smallest power-of-two bucket >= R (the last bucket is
+    max_rows): their logits and parameters are copied into the bucket's static buffers, and
+    the padding rows are greedy, so they only cost the max pass. Tokens do not depend on the
+    bucket: the chunked draw's thresholds do not depend on the chunking (kernels/sample_tokens.py)."""
+
+    def __init__(self, ops: KernelOps, device: torch.device, max_rows: int) -> None:
+        self.ops = ops
+        self.device = device
+        self.buckets = [b for b in (1 << i for i in range(max_rows.bit_length())) if b < max_rows] + [max_rows]
+        self._inputs: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}  # (n, V) -> logits, params
+        self._graphs: dict[tuple[int, int, bool, bool, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._pool = torch.cuda.graph_pool_handle()
+
+    def bucket(self, rows: int) -> int | None:
+        return next((b for b in self.buckets if b >= rows), None)
+
+    def draw(self, logits: torch.Tensor, buf: np.ndarray, n: int, hints: dict[str, bool]) -> torch.Tensor:
+        """logits (R, V), buf: _pack's buffer for n rows; (R,) int64 tokens, a view of the graph's
+        output that stays valid until the next draw."""
+        R, V = logits.shape
+        static = self._inputs.get((n, V))
+        if static is None:
+            static = self._inputs[(n, V)] = (torch.zeros(n, V, dtype=torch.float32, device=self.device),
+                                             torch.empty(8 * n, dtype=torch.int32, device=self.device))
+        static_logits, static_params = static
+        static_params.copy_(torch.from_numpy(buf), non_blocking=True)
+        static_logits[:R].copy_(logits)
+        key = (n, V, hints["any_hot"], hints["any_top_k"], hints["any_top_p"])
+        entry = self._graphs.get(key)
+        if entry is None:
+            entry = self._graphs[key] = self._capture(static_logits, static_params, hints)
+        graph, out = entry
+        graph.replay()
+        return out[:R]
+
+    def _capture(self, logits: torch.Tensor, params: torch.Tensor,
+                 hints: dict[str, bool]) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        views = _param_views(params, logits.shape[0])
+        # A warm-up on a side stream first: Triton compiles and loads its kernels outside the capture.
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            self.ops.sample_tokens(logits, *views, **hints)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            out = self.ops.sample_tokens(logits, *views, **hints)
+        return graph, out
 
 def _logprob_parts(lp: torch.Tensor, chosen: torch.Tensor, n: int) -> list[torch.Tensor]:
     """int32 parts to pack: chosen ids' logprobs (as bits), top-n ids, top-n logprobs (as bits)."""

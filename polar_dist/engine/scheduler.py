@@ -140,14 +140,14 @@ class Scheduler:
         delta = StepDelta()
         budget = self.max_num_batched_tokens
         prefilling = []
-        for s in self.running:  # one pass: the hot loop of a large decode batch
+        for row, s in enumerate(self.running):  # one pass: the hot loop of a large decode batch
             if s.num_computed < s.prefill_len:
                 prefilling.append(s)
                 continue
             delta.token_ids.append(s.output_ids[-1])  # a decoding sequence has sampled at least once
             s.num_computed += 1
             if len(s.blocks) > s.blocks_sent:
-                delta.new_blocks += [(s.request_id, b) for b in s.blocks[s.blocks_sent:]]
+                delta.new_blocks += [(row, i, s.blocks[i]) for i in range(s.blocks_sent, len(s.blocks))]
                 s.blocks_sent = len(s.blocks)
         budget -= len(delta.token_ids)
         for s in prefilling:  # part-way through their prefill, oldest first

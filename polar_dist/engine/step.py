@@ -11,7 +11,7 @@ the same code on the same bytes, so the ranks cannot disagree about a step.
 Message layout (int64):
     [kind, total_len, n_removed, n_new, new_len, n_new_blocks, n_prefill, n_tokens,
      removed ids..., new records (id, prefill_len, flags, n_blocks, blocks...)...,
-     (id, block) pairs..., (id, tokens) prefill rows..., token ids...]
+     (row, index, block) triples..., (id, tokens) prefill rows..., token ids...]
 A steady decode step at batch B is about B + 10 integers: the input tokens and a block now and then.
 """
 
@@ -44,7 +44,9 @@ class NewSeq:
 class StepDelta:
     removed: list[int] = field(default_factory=list)  # finished, aborted or preempted: forget them
     new: list[NewSeq] = field(default_factory=list)  # appended to the running order
-    new_blocks: list[tuple[int, int]] = field(default_factory=list)  # (seq id, block) appended to its table
+    # (row, index, block): block table entry `index` of the sequence at that row of the running
+    # order (after this step's removals) is `block`
+    new_blocks: list[tuple[int, int, int]] = field(default_factory=list)
     prefill: list[tuple[int, int]] = field(default_factory=list)  # (seq id, new tokens) in row order
     token_ids: list[int] = field(default_factory=list)  # decode rows' inputs (running order), then prefill tokens
 
@@ -53,24 +55,20 @@ def encode(delta: StepDelta) -> np.ndarray:
     new_flat: list[int] = []
     for s in delta.new:
         new_flat += [s.seq_id, s.prefill_len, FLAG_PROMPT_LOGPROBS if s.prompt_logprobs else 0, len(s.blocks), *s.blocks]
-    parts = [delta.removed, new_flat, [x for pair in delta.new_blocks for x in pair],
-             [x for pair in delta.prefill for x in pair], delta.token_ids]
-    total = HEADER + sum(len(p) for p in parts)
-    msg = np.empty(total, dtype=np.int64)
-    msg[:HEADER] = (MsgKind.STEP, total, len(delta.removed), len(delta.new), len(new_flat), len(delta.new_blocks),
-                    len(delta.prefill), len(delta.token_ids))
-    off = HEADER
-    for p in parts:
-        msg[off:off + len(p)] = p
-        off += len(p)
-    return msg
+    blocks = [x for triple in delta.new_blocks for x in triple] if delta.new_blocks else []
+    prefill = [x for pair in delta.prefill for x in pair] if delta.prefill else []
+    total = HEADER + len(delta.removed) + len(new_flat) + len(blocks) + len(prefill) + len(delta.token_ids)
+    header = [MsgKind.STEP.value, total, len(delta.removed), len(delta.new), len(new_flat), len(delta.new_blocks),
+              len(delta.prefill), len(delta.token_ids)]
+    # One conversion of one list: the token ids dominate, and numpy converts a list in one pass.
+    return np.array(header + delta.removed + new_flat + blocks + prefill + delta.token_ids, dtype=np.int64)
 
 
 def control_message(kind: MsgKind) -> np.ndarray:
     return np.array([kind, HEADER, 0, 0, 0, 0, 0, 0], dtype=np.int64)
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Step:
     """One forward step, packed: T tokens of B rows. Rows [0, num_decode) decode one token each;
     the rest are prefill chunks. Host arrays; the runner copies them to the device."""
@@ -83,7 +81,7 @@ class Step:
     slot_mapping: np.ndarray  # (T,) int64 cache slot of each new token
     num_decode: int
     logit_indices: np.ndarray  # (L,) int64 tokens whose logits are needed: the sampled rows' last, then prompt positions
-    sample_ids: list[int]  # (R,) sequence of each sampled row
+    sample_ids: list[int]  # (R,) sequence of each sampled row (shared between decode steps: do not mutate)
     prompt_spans: list[tuple[int, int, int]]  # (seq id, first position, count): prompt-logprob rows after the R
 
     @classmethod
@@ -119,106 +117,127 @@ class Step:
 
 
 class BatchMirror:
-    """Each running sequence's block table and cached length, updated from messages. Rank 0 and
-    every worker hold one; `apply` turns a STEP message into that step's `Step`."""
+    """The running sequences, row by row in the running order (oldest first): each one's id, block
+    table, cached length and prefill length. Rank 0 and every worker hold one; `apply` turns a
+    STEP message into that step's `Step`. Rows are kept compact (a removal shifts the rows after
+    it up), so a steady decode step reads the first B rows as slices, without gathers."""
 
     def __init__(self, max_batch_size: int, max_blocks_per_seq: int, block_size: int) -> None:
         self.block_size = block_size
+        self.ids = np.zeros(max_batch_size, dtype=np.int64)
         self.table = np.zeros((max_batch_size, max_blocks_per_seq), dtype=np.int32)
-        self.num_blocks = np.zeros(max_batch_size, dtype=np.int64)
         self.computed = np.zeros(max_batch_size, dtype=np.int64)
         self.prefill_len = np.zeros(max_batch_size, dtype=np.int64)
         self.prompt_logprobs = np.zeros(max_batch_size, dtype=bool)
-        self.slot_of: dict[int, int] = {}
-        self.free_slots = list(range(max_batch_size - 1, -1, -1))
-        self.order: list[int] = []  # running sequence ids, oldest first
-        self._order_slots: np.ndarray | None = None  # slots of `order`, rebuilt after a change
-        self._order_ids = np.zeros(0, dtype=np.int64)  # `order` as an array
+        self.n = 0  # running sequences: rows [0, n)
+        self.n_prefilling = 0  # rows whose prefill is not done
+        self._ids_list: list[int] | None = None  # ids[:n] as a list, until the rows change
+        self._row_of: dict[int, int] | None = None  # id -> row, until the rows change
         self._ones = np.ones(max_batch_size, dtype=np.int64)
         self._arange = np.arange(max_batch_size, dtype=np.int64)
+        self._row_base = self._arange * max_blocks_per_seq  # flat index of each row's first table entry
 
     def __len__(self) -> int:
-        return len(self.order)
+        return self.n
+
+    @property
+    def order(self) -> list[int]:
+        """Running sequence ids, oldest first."""
+        if self._ids_list is None:
+            self._ids_list = self.ids[:self.n].tolist()
+        return self._ids_list
+
+    def _row(self, seq_id: int) -> int:
+        if self._row_of is None:
+            self._row_of = {s: r for r, s in enumerate(self.order)}
+        return self._row_of[seq_id]
+
+    def _remove(self, seq_ids: np.ndarray) -> None:
+        keep = ~np.isin(self.ids[:self.n], seq_ids)
+        k = int(keep.sum())
+        assert self.n - k == len(seq_ids), "removed a sequence that is not running"
+        for a in (self.ids, self.table, self.computed, self.prefill_len, self.prompt_logprobs):
+            a[:k] = a[:self.n][keep]
+        self.n = k
+        self.n_prefilling = int(np.count_nonzero(self.computed[:k] < self.prefill_len[:k]))
+
+    def _add(self, rec: list[int], n_new: int) -> None:
+        i = 0
+        for _ in range(n_new):
+            seq_id, prefill_len, flags, nb = rec[i:i + 4]
+            r = self.n
+            self.ids[r] = seq_id
+            self.table[r, :nb] = rec[i + 4:i + 4 + nb]
+            self.computed[r] = 0
+            self.prefill_len[r] = prefill_len
+            self.prompt_logprobs[r] = bool(flags & FLAG_PROMPT_LOGPROBS)
+            self.n += 1
+            self.n_prefilling += prefill_len > 0
+            i += 4 + nb
+
+    def _set_blocks(self, triples: np.ndarray) -> None:
+        assert triples[-1, 0] < self.n, "a block for a row that is not running"  # rows ascend
+        self.table.reshape(-1)[self._row_base[triples[:, 0]] + triples[:, 1]] = triples[:, 2]
 
     def apply(self, msg: np.ndarray) -> Step:
         kind, total, n_removed, n_new, new_len, n_blocks, n_prefill, n_tokens = msg[:HEADER].tolist()
         assert kind == MsgKind.STEP and total == len(msg), "not a whole STEP message"
         off = HEADER
         if n_removed or n_new:
-            self._order_slots = None
-        for seq_id in msg[off:off + n_removed].tolist():
-            slot = self.slot_of.pop(seq_id)
-            self.free_slots.append(slot)
-            self.order.remove(seq_id)
-        off += n_removed
-        rec, end = msg[off:off + new_len].tolist(), off + new_len
-        i = 0
-        for _ in range(n_new):
-            seq_id, prefill_len, flags, nb = rec[i:i + 4]
-            slot = self.free_slots.pop()
-            self.slot_of[seq_id] = slot
-            self.table[slot, :nb] = rec[i + 4:i + 4 + nb]
-            self.num_blocks[slot] = nb
-            self.computed[slot] = 0
-            self.prefill_len[slot] = prefill_len
-            self.prompt_logprobs[slot] = bool(flags & FLAG_PROMPT_LOGPROBS)
-            self.order.append(seq_id)
-            i += 4 + nb
-        off = end
+            self._ids_list = self._row_of = None
+            if n_removed:
+                self._remove(msg[off:off + n_removed])
+            off += n_removed
+            if n_new:
+                self._add(msg[off:off + new_len].tolist(), n_new)
+            off += new_len
         if n_blocks:
-            pairs = msg[off:off + 2 * n_blocks].reshape(-1, 2).tolist()
-            for seq_id, block in pairs:
-                slot = self.slot_of[seq_id]
-                self.table[slot, self.num_blocks[slot]] = block
-                self.num_blocks[slot] += 1
-        off += 2 * n_blocks
+            self._set_blocks(msg[off:off + 3 * n_blocks].reshape(-1, 3))
+        off += 3 * n_blocks
         prefill = msg[off:off + 2 * n_prefill].reshape(-1, 2)
         off += 2 * n_prefill
         token_ids = msg[off:off + n_tokens]
-
-        if self._order_slots is None:
-            self._order_ids = np.array(self.order, dtype=np.int64)
-            self._order_slots = np.array([self.slot_of[s] for s in self.order], dtype=np.int64)
-        decoding = self.computed[self._order_slots] >= self.prefill_len[self._order_slots]
-        if decoding.all():
-            decode_slots, decode_ids = self._order_slots, self._order_ids
-        else:
-            decode_slots, decode_ids = self._order_slots[decoding], self._order_ids[decoding]
-        nd = len(decode_slots)
-        bs = self.block_size
+        bs, n = self.block_size, self.n
         if not n_prefill:  # decode only (the steady state): one token per row, at its cached length
-            assert nd == n_tokens, "the message's tokens do not match its rows"
-            positions = self.computed[decode_slots]  # (B,)
+            assert self.n_prefilling == 0 and n == n_tokens, "the message's tokens do not match its rows"
+            positions = self.computed[:n].copy()  # (B,)
+            self.computed[:n] += 1
             seq_lens = positions + 1
-            self.computed[decode_slots] = seq_lens
-            width = int((seq_lens.max() + bs - 1) // bs) if nd else 0
-            return Step(token_ids=token_ids, positions=positions, query_lens=self._ones[:nd], seq_lens=seq_lens,
-                        block_tables=self.table[decode_slots, :width],
-                        slot_mapping=self.table[decode_slots, positions // bs].astype(np.int64) * bs + positions % bs,
-                        num_decode=nd, logit_indices=self._arange[:nd], sample_ids=decode_ids.tolist(),
-                        prompt_spans=[])
+            width = -(-int(seq_lens.max()) // bs) if n else 0
+            col, offset = np.divmod(positions, bs)
+            slots = self.table.reshape(-1)[self._row_base[:n] + col] * bs + offset  # block * bs stays far below 2**31
+            return Step(token_ids=token_ids, positions=positions, query_lens=self._ones[:n], seq_lens=seq_lens,
+                        block_tables=self.table[:n, :width].copy(), slot_mapping=slots,
+                        num_decode=n, logit_indices=self._arange[:n], sample_ids=self.order, prompt_spans=[])
+        return self._mixed(prefill, token_ids)
+
+    def _mixed(self, prefill: np.ndarray, token_ids: np.ndarray) -> Step:
+        """A step with prefill chunks: the decoding rows in order, then the chunks in message order."""
+        bs, n, n_tokens = self.block_size, self.n, len(token_ids)
+        decode_rows = np.flatnonzero(self.computed[:n] >= self.prefill_len[:n])
+        nd = len(decode_rows)
         prefill_ids = prefill[:, 0].tolist()
-        prefill_slots = np.array([self.slot_of[s] for s in prefill_ids], dtype=np.int64)
-        rows = np.concatenate([decode_slots, prefill_slots])  # (B,)
+        prefill_rows = np.array([self._row(s) for s in prefill_ids], dtype=np.int64)
+        rows = np.concatenate([decode_rows, prefill_rows])  # (B,)
         query_lens = np.concatenate([self._ones[:nd], prefill[:, 1]])  # (B,)
         starts = self.computed[rows]  # (B,)
         seq_lens = starts + query_lens
         ends = np.cumsum(query_lens)  # (B,) one past each row's last token
         assert ends[-1] == n_tokens, "the message's tokens do not match its rows"
-        token_row = np.repeat(np.arange(len(rows)), query_lens)  # (T,)
+        token_row = np.repeat(rows, query_lens)  # (T,)
         positions = np.arange(n_tokens, dtype=np.int64) - np.repeat(ends - query_lens - starts, query_lens)  # (T,)
-        slot_mapping = self.table[rows[token_row], positions // bs].astype(np.int64) * bs + positions % bs  # (T,)
-        width = int((seq_lens.max() + bs - 1) // bs)
+        slot_mapping = self.table[token_row, positions // bs].astype(np.int64) * bs + positions % bs  # (T,)
+        width = -(-int(seq_lens.max()) // bs)
         block_tables = self.table[rows, :width]  # (B, width)
 
         # Sampled: every decode row, and each prefill row whose chunk ends its prefill.
-        pre_end = self.prefill_len[prefill_slots]
+        pre_end = self.prefill_len[prefill_rows]
         done = seq_lens[nd:] == pre_end
-        sample_ids = decode_ids.tolist() + [s for s, d in zip(prefill_ids, done.tolist()) if d]
+        sample_ids = self.ids[decode_rows].tolist() + [s for s, d in zip(prefill_ids, done.tolist()) if d]
         logit_indices = [self._arange[:nd], ends[nd:][done] - 1]
         prompt_spans: list[tuple[int, int, int]] = []
-        for j, (seq_id, slot) in enumerate(zip(prefill_ids, prefill_slots.tolist())):
-            if self.prompt_logprobs[slot]:
+        for j, (seq_id, row) in enumerate(zip(prefill_ids, prefill_rows.tolist())):
+            if self.prompt_logprobs[row]:
                 r = nd + j
                 first = int(starts[r])
                 count = int(min(seq_lens[r], pre_end[j] - 1) - first)  # position p predicts token p + 1
@@ -227,6 +246,7 @@ class BatchMirror:
                     row_start = int(ends[r] - query_lens[r])
                     logit_indices.append(np.arange(row_start, row_start + count, dtype=np.int64))
         self.computed[rows] = seq_lens
+        self.n_prefilling = int(np.count_nonzero(self.computed[:n] < self.prefill_len[:n]))
         return Step(token_ids=token_ids, positions=positions, query_lens=query_lens, seq_lens=seq_lens,
                     block_tables=block_tables, slot_mapping=slot_mapping, num_decode=nd,
                     logit_indices=np.concatenate(logit_indices), sample_ids=sample_ids, prompt_spans=prompt_spans)

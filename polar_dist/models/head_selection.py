@@ -50,9 +50,11 @@ class RoutedGroups(HeadSelection):
     microseconds per layer instead of a chain of tiny ops. Ties go to the lower group index."""
 
     def __init__(self, router: HeadRouter, k: int, scope: RoutingScope, group_start: int,
-                 num_groups_local: int, ops: KernelOps) -> None:
-        """k: groups per sequence (of all G for `global`, of this rank's for `local`)."""
+                 num_groups_local: int, ops: KernelOps, min_batch: int = 1) -> None:
+        """k: groups per sequence (of all G for `global`, of this rank's for `local`); a step of
+        fewer than `min_batch` rows (a graph bucket's size when replayed) reads every group."""
         super().__init__()
+        self.min_batch = min_batch
         self.ops = ops
         self.router = router
         self.k = k
@@ -61,11 +63,13 @@ class RoutedGroups(HeadSelection):
         self.num_groups_local = num_groups_local
 
     def table(self, x: torch.Tensor, dense_table: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] < self.min_batch:  # static per graph bucket: captured as dense
+            return dense_table
         return self.ops.route_heads(x, self.router.weight, self.router.bias, self.k, self.group_start,
                                     self.num_groups_local, local_scope=self.scope is RoutingScope.LOCAL)
 
     def extra_repr(self) -> str:
-        return f"k={self.k}, scope={self.scope.value}"
+        return f"k={self.k}, scope={self.scope.value}, min_batch={self.min_batch}"
 
 
 class OracleGroups(HeadSelection):
@@ -104,4 +108,4 @@ def make_head_selection(ctx: BuildContext, layer: int) -> HeadSelection:
     if policy.scope is RoutingScope.LOCAL:
         k = policy.head_k_local(layer, groups_local)
     router = HeadRouter(spec.hidden_size, spec.num_kv_heads, dtype=ctx.dtype, device=ctx.device)
-    return RoutedGroups(router, k, policy.scope, plan.kv_head_start, groups_local, ctx.ops)
+    return RoutedGroups(router, k, policy.scope, plan.kv_head_start, groups_local, ctx.ops, policy.head_min_batch)

@@ -56,3 +56,42 @@ class GroupComm:
         parts = [torch.empty_like(x) for _ in range(self.size)]
         self._dist.all_gather(parts, x.contiguous(), group=self.group)
         return torch.cat(parts, dim=-1)
+
+
+class TimedComm:
+    """A TPComm that, while `timing` is on, adds the wall time of each collective to `seconds`,
+    synchronizing the device before and after, so the time is the collective's own and not the
+    compute queued ahead of it (benchmarks: all-reduce time reported apart from compute). The
+    synchronizations slow the step down: time the step itself with `timing` off."""
+
+    def __init__(self, inner: TPComm, device: torch.device) -> None:
+        self.inner = inner
+        self.rank = inner.rank
+        self.size = inner.size
+        self.device = device
+        self.timing = False
+        self.seconds = 0.0
+        self.calls = 0
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _timed(self, fn: Any, x: torch.Tensor) -> torch.Tensor:
+        if not self.timing:
+            return fn(x)
+        import time
+
+        self._sync()
+        t0 = time.perf_counter()
+        out = fn(x)
+        self._sync()
+        self.seconds += time.perf_counter() - t0
+        self.calls += 1
+        return out
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        return self._timed(self.inner.all_reduce, x)
+
+    def all_gather_last_dim(self, x: torch.Tensor) -> torch.Tensor:
+        return self._timed(self.inner.all_gather_last_dim, x)

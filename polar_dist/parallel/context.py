@@ -7,8 +7,16 @@ Launchers detected (first match wins):
   broadcasts (address, port) so every rank can rendezvous over TCP;
 - plain `python`: world size 1, and torch.distributed is not initialised at all.
 
-Collectives run on NCCL for CUDA and gloo for CPU; a separate gloo group carries control
-messages (step plans). Every collective is bounded by `timeout_s`: when a rank dies, the
+The world is dp x tp (parallel.dp, parallel.tp): contiguous ranks form one replica, a tensor-
+parallel group with its own driver (its tp rank 0), control group and engine, so a replica of
+ranks on one node never all-reduces across the network. Replicas share nothing while they run;
+a gloo group of the drivers (`replicas_group`) exists for whole-job summaries at the end (a
+benchmark's totals, generate.py's output). `rank` and `world_size` are global; `tp_rank`,
+`tp_size`, `replica` and `num_replicas` place this rank in the layout, and every broadcast
+below is from the replica's driver (a group-relative source), not from global rank 0.
+
+Collectives run on NCCL for CUDA and gloo for CPU; a separate gloo group per replica carries
+control messages (step plans). Every collective is bounded by `timeout_s`: when a rank dies, the
 others raise instead of hanging. RANK and WORLD_SIZE > 1 without MASTER_ADDR is a leftover
 environment, not a launch: it fails at once instead of waiting `timeout_s` for ranks that no
 launcher started.
@@ -35,6 +43,7 @@ from polar_dist.config import ParallelConfig
 from polar_dist.errors import UserError
 from polar_dist.log import configure_logging, get_logger, is_configured
 from polar_dist.parallel.comm import GroupComm, SingleRank, TPComm
+from polar_dist.parallel.layout import ReplicaLayout, resolve_layout
 
 log = get_logger(__name__)
 
@@ -115,65 +124,122 @@ def _free_port(addr: str) -> int:
 
 
 class ParallelContext:
-    """This process's place in the job: rank, world size, device, the TP comm and the control group."""
+    """This process's place in the job: global rank and world size, its replica and tp rank,
+    device, the TP comm, and the replica's control group."""
 
-    def __init__(self, info: LaunchInfo, device: torch.device, tp_comm: TPComm, control_group: Any) -> None:
+    def __init__(self, info: LaunchInfo, device: torch.device, tp_comm: TPComm, control_group: Any,
+                 layout: ReplicaLayout | None = None, replicas_group: Any = None) -> None:
         self.info = info
         self.device = device
         self.tp_comm = tp_comm
-        self._control = control_group  # gloo: step plans travel on the CPU, beside NCCL traffic
+        self.layout = layout or ReplicaLayout(info.world_size, 1)
+        self._control = control_group  # gloo, this replica's ranks: step plans travel on the CPU, beside NCCL
+        self._replicas = replicas_group  # gloo, the drivers of every replica; None with one replica
 
     @property
     def rank(self) -> int:
+        """Global rank in the job."""
         return self.info.rank
 
     @property
     def world_size(self) -> int:
+        """Every rank of the job, over all replicas."""
         return self.info.world_size
 
     @property
+    def tp_size(self) -> int:
+        return self.layout.tp_size
+
+    @property
+    def tp_rank(self) -> int:
+        return self.info.rank % self.layout.tp_size
+
+    @property
+    def replica(self) -> int:
+        """This rank's replica index (a server listens on server.port + replica)."""
+        return self.layout.replica_of(self.info.rank)
+
+    @property
+    def num_replicas(self) -> int:
+        return self.layout.num_replicas
+
+    @property
     def is_driver(self) -> bool:
-        return self.info.rank == 0
+        """tp rank 0 of its replica: runs the replica's scheduler, engine and sampler."""
+        return self.tp_rank == 0
+
+    @property
+    def replica_ranks(self) -> list[int]:
+        """The global ranks of this rank's replica."""
+        return self.layout.ranks_of(self.replica)
 
     def broadcast_object(self, obj: Any = None, group: Any = None) -> Any:
-        """Rank 0 sends `obj` to every rank over the control (gloo) group, or over `group` (from
-        `waiting_group`); all return it."""
-        if self.world_size == 1:
+        """The replica's driver sends `obj` to its other ranks over the control (gloo) group, or
+        over `group` (from `waiting_group`); all return it."""
+        if self.tp_size == 1:
             return obj
         import torch.distributed as dist
 
         box = [obj if self.is_driver else None]
-        dist.broadcast_object_list(box, src=0, group=self._control if group is None else group)
+        dist.broadcast_object_list(box, group=self._control if group is None else group, group_src=0)
         return box[0]
 
     def waiting_group(self, timeout_s: float) -> Any:
-        """A gloo group whose collectives wait up to `timeout_s`, for the other ranks to wait on
-        while rank 0 works alone for longer than parallel.timeout_s (e.g. training routers);
-        that timeout still bounds every step's collectives. Collective: every rank calls it, in
-        the same order. None at world size 1."""
-        if self.world_size == 1:
+        """A gloo group of this replica's ranks whose collectives wait up to `timeout_s`, for the
+        other ranks to wait on while the driver works alone for longer than parallel.timeout_s
+        (e.g. training routers); that timeout still bounds every step's collectives. Collective
+        over the replica only (the other replicas need not call it): every rank of the replica
+        calls it, in the same order. None for a replica of one rank."""
+        if self.tp_size == 1:
             return None
         import torch.distributed as dist
 
-        return dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
+        return dist.new_group(self.replica_ranks, backend="gloo", timeout=timedelta(seconds=timeout_s),
+                              use_local_synchronization=True)
 
     def broadcast_tensor(self, tensor: torch.Tensor) -> None:
-        """Rank 0's CPU `tensor` overwrites every other rank's, in place, over the control group."""
-        if self.world_size == 1:
+        """The driver's CPU `tensor` overwrites the replica's other ranks', in place, over the control group."""
+        if self.tp_size == 1:
             return
         import torch.distributed as dist
 
-        dist.broadcast(tensor, src=0, group=self._control)
+        dist.broadcast(tensor, group=self._control, group_src=0)
 
     def all_reduce_min(self, value: int) -> int:
-        """The smallest of every rank's `value`, over the control group."""
-        if self.world_size == 1:
+        """The smallest of the replica's ranks' `value`, over the control group."""
+        if self.tp_size == 1:
             return value
         import torch.distributed as dist
 
         t = torch.tensor([value], dtype=torch.int64)
         dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self._control)
         return int(t.item())
+
+    def gather_to_driver(self, obj: Any) -> list[Any] | None:
+        """Every rank of the replica sends `obj`; the driver gets them in tp-rank order, the
+        others None. Over the control group."""
+        if self.tp_size == 1:
+            return [obj]
+        import torch.distributed as dist
+
+        box: list[Any] | None = [None] * self.tp_size if self.is_driver else None
+        dist.gather_object(obj, box, group=self._control, group_dst=0)
+        return box
+
+    def gather_replicas(self, obj: Any) -> list[Any] | None:
+        """Every replica's driver sends `obj`; replica 0's driver (global rank 0) gets them in
+        replica order, the others None. Called by drivers only, at the end of a job: this is
+        the one exchange between replicas, and it waits parallel.timeout_s for a replica that
+        died."""
+        if not self.is_driver:
+            raise RuntimeError("gather_replicas is called by each replica's driver only")
+        if self.num_replicas == 1:
+            return [obj]
+        import torch.distributed as dist
+
+        box: list[Any] | None = [None] * self.num_replicas if self.replica == 0 else None
+        dist.gather_object(obj, box, group=self._replicas, group_dst=0)
+        return box
 
     def shutdown(self) -> None:
         if not isinstance(self.tp_comm, SingleRank):
@@ -207,16 +273,12 @@ def _share_cpu_cores(info: LaunchInfo) -> None:
 
 
 def init_parallel(cfg: ParallelConfig, device_pref: str) -> ParallelContext:
-    """Detect the launcher, pick the device, and (for world size > 1) join the process groups."""
+    """Detect the launcher, place this rank in the dp x tp layout, pick the device, and (for world
+    size > 1) join the process groups: the world, then every replica's tp and control groups."""
     info = detect_launch()
     if not is_configured():  # the log lines below need the rank; the entry point may configure again
         configure_logging(info.rank, info.world_size)
-    tp = cfg.tp or info.world_size
-    if tp != info.world_size:
-        raise UserError(
-            f"parallel.tp = {tp} but the launcher started {info.world_size} process(es); start "
-            f"--nproc_per_node {tp} (or mpirun -np {tp}), or set parallel.tp to 0 to follow the launcher"
-        )
+    layout = resolve_layout(cfg, info.world_size)
     use_cuda = device_pref == "cuda" or (device_pref == "auto" and torch.cuda.is_available())
     if use_cuda and not torch.cuda.is_available():
         raise UserError("model.device = cuda but no CUDA device is visible; use model.device = cpu or auto")
@@ -228,7 +290,7 @@ def init_parallel(cfg: ParallelConfig, device_pref: str) -> ParallelContext:
         device = torch.device("cpu")
         _share_cpu_cores(info)
     if info.world_size == 1 and cfg.backend == "auto":
-        return ParallelContext(info, device, SingleRank(), None)
+        return ParallelContext(info, device, SingleRank(), None, layout)
     # From here on a process group exists, also at world size 1 when a backend is named
     # (this runs the collective code path on one device).
     if info.init_method is None:
@@ -245,5 +307,46 @@ def init_parallel(cfg: ParallelConfig, device_pref: str) -> ParallelContext:
              info.world_size, info.init_method, backend, info.launcher.value, cfg.timeout_s)
     dist.init_process_group(backend, init_method=info.init_method, rank=info.rank, world_size=info.world_size,
                             timeout=timeout, **kwargs)
-    control = dist.new_group(backend="gloo", timeout=timeout) if backend != "gloo" else dist.group.WORLD
-    return ParallelContext(info, device, GroupComm(dist.group.WORLD), control)
+    if layout.num_replicas == 1:
+        control = dist.new_group(backend="gloo", timeout=timeout) if backend != "gloo" else dist.group.WORLD
+        return ParallelContext(info, device, GroupComm(dist.group.WORLD), control, layout)
+    return ParallelContext(info, device, *_replica_groups(layout, info, backend, timeout), layout=layout,
+                           replicas_group=_drivers_group(layout, info.rank, timeout))
+
+
+def _replica_groups(layout: ReplicaLayout, info: LaunchInfo, backend: str, timeout: timedelta) -> tuple[TPComm, Any]:
+    """This rank's replica: its tp comm and its gloo control group. Every rank creates every
+    replica's groups, in replica order (new_group is collective over the world)."""
+    import torch.distributed as dist
+
+    mine = layout.replica_of(info.rank)
+    if info.local_world_size > 1 and layout.tp_size > 1 and info.local_world_size % layout.tp_size:
+        log.warning("%d ranks per node do not divide into replicas of tp = %d: some replicas span nodes and "
+                    "all-reduce over the network; choose tp dividing the ranks per node", info.local_world_size,
+                    layout.tp_size)
+    comm: TPComm | None = None
+    control = None
+    for replica in range(layout.num_replicas):
+        ranks = layout.ranks_of(replica)
+        tp_group = dist.new_group(ranks, backend=backend, timeout=timeout)
+        ctl_group = dist.new_group(ranks, backend="gloo", timeout=timeout) if backend != "gloo" else tp_group
+        if replica == mine:
+            comm, control = GroupComm(tp_group), ctl_group
+    assert comm is not None
+    return comm, control
+
+
+def _drivers_group(layout: ReplicaLayout, rank: int, timeout: timedelta) -> Any:
+    """The gloo group of every replica's driver (None on the other ranks). Every rank joins one
+    group of the ranks sharing its tp rank, drivers included: a group made only for the drivers
+    would leave them with one more group than their replica's other ranks, and a replica's
+    later groups (`waiting_group`, made by its ranks alone) are named from that count."""
+    import torch.distributed as dist
+
+    mine = None
+    for tp_rank in range(layout.tp_size):
+        group = dist.new_group([r * layout.tp_size + tp_rank for r in range(layout.num_replicas)], backend="gloo",
+                               timeout=timeout)
+        if tp_rank == rank % layout.tp_size:
+            mine = group
+    return mine if rank % layout.tp_size == 0 else None

@@ -40,9 +40,10 @@ ANSWER_ERRORS_S = 5.0  # after an abort or a failure: time for the last response
 LINGER_S = 2.0  # after a failure: /health keeps answering 503 this long before the process ends
 
 
-def listen_port(server: ServerConfig) -> int:
-    """The port this server binds: the one place it is chosen."""
-    return server.port
+def listen_port(server: ServerConfig, replica: int = 0) -> int:
+    """The port this server binds: server.port + the replica index (each data-parallel replica
+    serves on its own port). The one place it is chosen."""
+    return server.port + replica
 
 
 def served_model_name(cfg: RunConfig) -> str:
@@ -63,7 +64,7 @@ def serve(rt: Runtime, api_key: str = "") -> None:
     sock, failure = None, None
     if ctx.is_driver:
         try:
-            sock = _bind(rt.cfg.server)
+            sock = _bind(rt.cfg.server, ctx.replica)
         except UserError as e:
             failure = str(e)
     failure = ctx.broadcast_object(failure)  # every rank leaves with the same message
@@ -78,8 +79,8 @@ def serve(rt: Runtime, api_key: str = "") -> None:
     asyncio.run(_Driver(rt, api_key, sock).run())
 
 
-def _bind(cfg: ServerConfig) -> socket.socket:
-    port = listen_port(cfg)
+def _bind(cfg: ServerConfig, replica: int) -> socket.socket:
+    port = listen_port(cfg, replica)
     family = socket.AF_INET6 if ":" in cfg.host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -176,7 +176,7 @@ def calibrate(rt: Runtime, text_paths: Sequence[str | os.PathLike[str]], out_dir
 def _on_driver(ctx: ParallelContext, fn: Callable[[], T], group: Any = None) -> T:
     """Run `fn` on rank 0 and give every rank its result; a failure there is raised on every
     rank (a UserError with its message), so no rank is left waiting."""
-    if ctx.world_size == 1:
+    if ctx.tp_size == 1:
         return fn()
     if ctx.is_driver:
         try:

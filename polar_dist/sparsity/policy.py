@@ -39,6 +39,7 @@ class SparsityPolicy:
     num_groups: int  # G: KV groups (heads for MHA models)
     neuron_k: tuple[dict[int, int], ...] | None  # per layer, {batch bucket: neurons out of all N}; None: dense MLP
     mlp_dense_above: float  # a layer whose k exceeds this fraction of its neurons runs dense
+    head_min_batch: int = 1  # decode steps of fewer rows read every head
 
     def head_routed(self, layer: int) -> bool:
         return self.routing is not HeadRouting.DENSE and self.head_k[layer] < self.num_groups
@@ -109,7 +110,7 @@ def make_policy(cfg: SparsityConfig, spec: ModelSpec, meta: ArtifactMeta | None,
             table = meta.neuron_k
             neuron_k = tuple(dict(zip(table.buckets, row)) for row in table.k)
     return SparsityPolicy(routing=routing, scope=scope, head_k=head_k, num_groups=G, neuron_k=neuron_k,
-                          mlp_dense_above=cfg.mlp_dense_above)
+                          mlp_dense_above=cfg.mlp_dense_above, head_min_batch=cfg.head_min_batch)
 
 
 def _recall_curves(meta: ArtifactMeta | None, G: int, L: int) -> list[list[float]]:

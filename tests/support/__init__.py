@@ -8,8 +8,9 @@ The one script that launchers start by path, `tests/support/tp_script.py`, puts 
 repository root on `sys.path` itself, so torchrun, mpirun and the deepspeed launcher need no
 PYTHONPATH for it. Test modules import from here, never from conftest or from each other.
 
-    ranks.py        free_port(), run_ranks(fn, world_size, *args): spawned gloo ranks; start_ranks
+    ranks.py        free_port(), listen_port(), run_ranks(fn, world_size, *args): spawned gloo ranks; start_ranks
     tiny_models.py  tiny random HF models, transformers' reference logits and the runtime's
     tolerance.py    the rule max|out - ref| <= 2 * max|torch_same_dtype - ref| + eps
     tp_script.py    the tiny-model logits check as a script for torchrun / mpirun / deepspeed
+    netns.py        two_hosts(): two network namespaces joined by a veth pair, as two cluster nodes
 """

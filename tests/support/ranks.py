@@ -27,6 +27,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def listen_port() -> int:
+    """A free TCP port below Linux's ephemeral range (32768-60999), for a server that a launcher
+    starts seconds later: a port from free_port() is an ephemeral one, which any outgoing
+    connection on the machine may take in the meantime (EADDRINUSE at the rendezvous)."""
+    import random
+
+    for _ in range(200):
+        port = random.randrange(20000, 32000)
+        with socket.socket() as s:
+            try:
+                s.bind(("0.0.0.0", port))
+            except OSError:
+                continue
+            return port
+    return free_port()
+
+
 def _rank_entry(rank: int, world_size: int, port: int, fn: Callable[..., None], args: tuple, errors: Any) -> None:
     os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),
                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "TORCHELASTIC_RUN_ID": "test"})

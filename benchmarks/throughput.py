@@ -1,0 +1,503 @@
+"""Decode throughput, dense and sparse, against the bandwidth floor and transformers, per tensor-parallel size.
+
+    torchrun --nproc_per_node 1 benchmarks/throughput.py --config configs/llama-2-7b.yaml \
+        --batch 32 --context 2048 --density 1.0 0.5 --hf
+    torchrun --nproc_per_node 1 benchmarks/throughput.py --config configs/llama-3.1-8b.yaml \
+        --batch 64 --mixed 512:6144 --density 1.0 0.5 --set engine.max_seq_len=8192
+
+For each attention density (and, with --mlp-sparse on a ReLU model, MLP sparsity on too) the
+runtime is built with random routers at that density (the selection count is what costs), the
+paged KV cache is filled with random values, and decode steps run as the engine runs them: a
+Step per decode, CUDA-graph replay, the routers inside the graph, and sampling at temperature 1
+on the device with its one device-to-host copy. Contexts are fixed (`--context`) or drawn
+uniformly from a range per sequence (`--mixed LO:HI`, seeded). Every rank builds the same steps,
+so no step crosses ranks (the control protocol's cost is benchmarks/control_traffic.py's).
+
+Per row: ms per step (median of --steps after warm-up), tokens/s, and the floor: (this rank's
+weight bytes read + the KV bytes the step reads) / the copy bandwidth measured in the same run;
+layer 0 reads every KV group, a sparse layer k of them per sequence; a sparse MLP reads k of its
+neurons' rows of W1 and W2. breakdown_ms splits the step by module (qkv, attention, out_proj,
+mlp, routers, all_reduce, sampling, other): the GPU time of the kernels each module launched in
+one profiled eager step (host gaps not counted), sampling as timed, other = the rest of the
+graph step (norms, embedding, LM head, gaps between kernels). With --hf,
+transformers' generate (static cache, which compiles the forward in transformers 5.x) on the same
+shape: (t(1 + n) - t(1)) / n, n = --hf-tokens, the minimum of 3 runs each after a warm-up of both.
+Rank 0 prints a table and writes benchmarks/results/<gpu>x<tp>/throughput-<model>.json and a PNG.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import sys
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from polar_dist.cli import add_config_args, config_from_args, run_main  # noqa: E402
+from polar_dist.engine.kv_cache import BlockAllocator, blocks_needed  # noqa: E402
+from polar_dist.engine.sampling import SampleRow, SamplingParams  # noqa: E402
+from polar_dist.engine.step import Step  # noqa: E402
+from polar_dist.runtime import Runtime  # noqa: E402
+
+WARMUP_STEPS = 3  # graph capture and first launches are not timed
+BLOCK_SIZE = 16
+TEMPERATURE_1 = SamplingParams(max_new_tokens=1 << 20, temperature=1.0, ignore_eos=True)
+
+
+@dataclass(frozen=True)
+class Variant:
+    density: float
+    mlp_sparse: bool
+
+    @property
+    def name(self) -> str:
+        return "ours_dense" if self.density == 1.0 and not self.mlp_sparse else "ours_sparse"
+
+    def overrides(self) -> list[str]:
+        out = [f"sparsity.head_density={self.density}", f"sparsity.mlp={str(self.mlp_sparse).lower()}"]
+        if self.density < 1.0 or self.mlp_sparse:
+            out.append("sparsity.routers=random")
+        return out
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def copy_bandwidth_tbps(device: torch.device) -> float:
+    """Bytes read + written per second by a large device-to-device copy, in TB/s."""
+    n = (1 << 30) if device.type == "cuda" else (1 << 27)
+    src = torch.empty(n, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    times = []
+    for _ in range(10):
+        sync(device)
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return 2 * n / statistics.median(times) / 1e12
+
+
+def contexts_for(batch: int, context: int | None, mixed: tuple[int, int] | None, seed: int = 0) -> list[int]:
+    """(B,) cached tokens per sequence: all `context`, or uniform in [lo, hi] (seeded)."""
+    if mixed is None:
+        assert context is not None
+        return [context] * batch
+    rng = np.random.default_rng(seed)
+    return rng.integers(mixed[0], mixed[1] + 1, size=batch).tolist()
+
+
+def decode_steps(rt: Runtime, contexts: list[int], steps: int) -> list[Step]:
+    """`steps` consecutive decode steps of len(contexts) sequences, each starting past its context."""
+    bs = rt.cfg.engine.block_size
+    allocator = BlockAllocator(rt.runner.num_blocks)
+    tables = [allocator.allocate(blocks_needed(n + steps, bs)) for n in contexts]
+    return [Step.decode([(7 * i + s) % 256 for i in range(len(contexts))], [n + s + 1 for n in contexts], tables, bs)
+            for s in range(steps)]
+
+
+# ---- bytes a step must move (this rank) ---------------------------------------------------------
+
+def weight_bytes_read(rt: Runtime, batch: int) -> int:
+    """Parameters this rank reads in a decode step of `batch` rows: all of them, except that a
+    sparse MLP reads only its k selected rows of W1 and W2 (plus the routers, counted in full)."""
+    from polar_dist.models.relu_mlp import NeuronSparseMLP
+
+    total = sum(p.numel() * p.element_size() for p in rt.runner.model.parameters())
+    for layer in rt.runner.model.layers:
+        mlp = layer.mlp
+        if isinstance(mlp, NeuronSparseMLP):
+            k = mlp.k_for(batch)
+            if k is not None:
+                n_local = mlp.fc1.weight.shape[0]
+                per_neuron = (mlp.fc1.weight[0].numel() + mlp.fc2_t[0].numel()) * mlp.fc1.weight.element_size()
+                total -= (n_local - k) * per_neuron
+    return total
+
+
+def kv_bytes_read(rt: Runtime, contexts: list[int]) -> float:
+    """K and V bytes this rank's attention reads for one decode step (contexts: cached tokens
+    before the step). A routed layer reads k groups per sequence; under `global` scope on tp
+    ranks each rank holds its share of the chosen groups on average."""
+    from polar_dist.models.head_selection import RoutedGroups
+
+    k_cache = rt.runner.kv_caches[0][0]  # (blocks, Hkv_local, block, D)
+    g_local, head_dim, elt = k_cache.shape[1], k_cache.shape[3], k_cache.element_size()
+    tokens = sum(n + 1 for n in contexts)
+    total = 0.0
+    for layer in rt.runner.model.layers:
+        heads = layer.attn.heads
+        groups = g_local
+        if isinstance(heads, RoutedGroups):
+            if heads.scope.value == "local":
+                groups = heads.k
+            else:
+                groups = heads.k * g_local / rt.spec.num_kv_heads
+        total += 2 * groups * tokens * head_dim * elt
+    return total
+
+
+# ---- timing ------------------------------------------------------------------------------------
+
+def time_steps(rt: Runtime, steps: list[Step]) -> tuple[float, float]:
+    """Median ms of a whole step (forward + sampling + the D2H copy) and of its sampling alone,
+    over the steps after WARMUP_STEPS; rank 0 samples, the others only run the forward."""
+    dev = rt.ctx.device
+    totals, samples = [], []
+    for i, step in enumerate(steps):
+        rows = [SampleRow(TEMPERATURE_1, seed=r, counter=i) for r in range(step.batch_size)] \
+            if rt.ctx.is_driver else None
+        sync(dev)
+        t0 = time.perf_counter()
+        logits = rt.runner.logits(step)
+        if rows is not None:
+            sync(dev)
+            t1 = time.perf_counter()
+            rt.runner.sampler.sample(logits, rows)  # ends in the device-to-host copy of the ids
+            t2 = time.perf_counter()
+        sync(dev)
+        t3 = time.perf_counter()
+        if i >= WARMUP_STEPS:
+            totals.append(t3 - t0)
+            samples.append(t2 - t1 if rows is not None else 0.0)
+    return statistics.median(totals) * 1e3, statistics.median(samples) * 1e3
+
+
+CATEGORIES = ("qkv", "attention", "out_proj", "mlp", "routers", "all_reduce", "sampling", "other")
+
+
+def module_category(name: str) -> str | None:
+    """The breakdown category of a module by its path in the model (None: not timed by itself)."""
+    leaf = name.rsplit(".", 1)[-1]
+    if leaf == "qkv":
+        return "qkv"
+    if leaf in ("o_proj", "out_proj"):
+        return "out_proj"
+    if name.endswith("mlp.router"):
+        return "routers"
+    if leaf == "mlp":
+        return "mlp"
+    if leaf == "attn":
+        return "attention"
+    return None
+
+
+def breakdown(rt: Runtime, step: Step, sample_ms: float, step_ms: float) -> dict[str, float]:
+    """ms per category of one eager decode step, from the GPU time of the kernels each part
+    launched (torch.profiler: a kernel is charged to the annotated region that launched it, so
+    host gaps between launches are not counted). Regions nest (attention holds qkv, the head
+    routers and out_proj; mlp holds the neuron router; out_proj and mlp hold all-reduces): each
+    part is its own kernels only. sampling is as measured in the step; other = the step's time
+    not in any part (norms, embedding, LM head, graph gaps)."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    dev = rt.ctx.device
+    if dev.type != "cuda":
+        return {}
+    stack: list[tuple[str, record_function]] = []  # (category, open region), innermost last
+
+    def enter(cat: str) -> None:
+        region = record_function(f"bd:{cat}")
+        region.__enter__()
+        stack.append((cat, region))
+
+    def leave() -> None:
+        stack.pop()[1].__exit__(None, None, None)
+
+    handles = []
+    for name, module in rt.runner.model.named_modules():
+        cat = module_category(name)
+        if cat is not None:
+            handles.append(module.register_forward_pre_hook(lambda m, a, cat=cat: enter(cat)))
+            handles.append(module.register_forward_hook(lambda m, a, o: leave()))
+    patched = []  # (object, attribute, original)
+
+    def wrap(obj: object, attr: str, cat: str) -> None:
+        original = getattr(obj, attr)
+
+        def timed(*a, **k):  # noqa: ANN002, ANN003, ANN202
+            enter(cat)
+            try:
+                return original(*a, **k)
+            finally:
+                leave()
+
+        setattr(obj, attr, timed)
+        patched.append((obj, attr))
+
+    for layer in rt.runner.model.layers:
+        wrap(layer.attn.heads, "table", "routers")
+    comm = next(m.comm for m in rt.runner.model.modules() if hasattr(m, "comm"))  # the one tensor-parallel comm
+    wrap(comm, "all_reduce", "all_reduce")
+    graphs, rt.runner.graphs = rt.runner.graphs, None  # eager: the kernels can be told apart
+    try:
+        rt.runner.logits(step)
+        sync(dev)
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            rt.runner.logits(step)
+            sync(dev)
+    finally:
+        rt.runner.graphs = graphs
+        for obj, attr in patched:
+            delattr(obj, attr)
+        for h in handles:
+            h.remove()
+    # Each kernel is charged to the innermost annotated region open when it was launched (by
+    # time on the launching thread: Triton launches are not children of the region's op).
+    events = [e for e in prof.events() if str(getattr(e, "device_type", "CPU")).endswith("CPU")]
+    regions = [(e.time_range.start, e.time_range.end, e.thread, e.name.split(":", 1)[1])
+               for e in events if e.name.startswith("bd:")]
+    parts: dict[str, float] = defaultdict(float)
+    # Our Triton kernels, by name (their launches may not link to a CPU op the profiler records).
+    for e in prof.events():
+        if str(getattr(e, "device_type", "")).endswith("CUDA"):
+            cat = _triton_category(e.name)
+            if cat is not None:
+                parts[cat] += e.time_range.elapsed_us() / 1e3  # a device event's range is the kernel's run
+    for e in events:
+        if not e.kernels or e.name.startswith("bd:"):
+            continue
+        if all(_triton_category(k.name) is not None for k in e.kernels):
+            continue  # counted above
+        t = e.time_range.start
+        inside = [r for r in regions if r[0] <= t <= r[1] and r[2] == e.thread]
+        if inside:
+            cat = min(inside, key=lambda r: r[1] - r[0])[3]  # the innermost
+            parts[cat] += sum(k.duration for k in e.kernels if _triton_category(k.name) is None) / 1e3  # us -> ms
+    result = {c: parts[c] for c in CATEGORIES if c not in ("sampling", "other")}
+    result["sampling"] = sample_ms
+    result["other"] = step_ms - sum(result.values())
+    return result
+
+
+_TRITON_KERNELS = {"_select_attention_kernel": "attention", "_merge_splits_kernel": "attention",
+                   "_zero_unselected": "attention", "_select_groups_kernel": "routers",
+                   "_gather_fc1_kernel": "mlp", "_gather_fc2_kernel": "mlp", "_split_k_epilogue_kernel": "mlp"}
+
+
+def _triton_category(kernel_name: str) -> str | None:
+    return next((cat for name, cat in _TRITON_KERNELS.items() if kernel_name.startswith(name)), None)
+
+
+# ---- transformers ------------------------------------------------------------------------------
+
+def hf_step_ms(architecture: dict, dtype: torch.dtype, batch: int, context: int, new_tokens: int) -> float:
+    """transformers generate, static cache: (t(1 + n) - t(1)) / n, the minimum of 3 runs each,
+    after one warm-up run of each length (a new cache length recompiles the forward)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    fields = dict(architecture)
+    config = AutoConfig.for_model(fields.pop("model_type"), **fields)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+    ids = torch.randint(0, config.vocab_size, (batch, context), device="cuda")
+
+    def timed(n: int) -> float:
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                       cache_implementation="static", pad_token_id=0)
+        torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    try:
+        timed(1)
+        timed(1 + new_tokens)
+        one = min(timed(1) for _ in range(3))
+        many = min(timed(1 + new_tokens) for _ in range(3))
+        return (many - one) / new_tokens * 1e3
+    finally:
+        del model
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+# ---- the run -----------------------------------------------------------------------------------
+
+def build(args: argparse.Namespace, variant: Variant, max_batch: int, max_context: int) -> Runtime:
+    from polar_dist.runtime import build_runtime
+
+    steps = args.steps + WARMUP_STEPS
+    per_seq = blocks_needed(max_context + steps, BLOCK_SIZE)
+    args_v = argparse.Namespace(**vars(args))
+    args_v.overrides = list(args.overrides) + variant.overrides() + [
+        f"engine.max_batch_size={max_batch}", f"engine.block_size={BLOCK_SIZE}",
+        f"engine.kv_cache_blocks={max_batch * per_seq}"]
+    if not any(o.startswith("engine.max_seq_len=") for o in args.overrides):
+        args_v.overrides.append(f"engine.max_seq_len={max_context + steps + BLOCK_SIZE}")
+    cfg = config_from_args(args_v)
+    return build_runtime(cfg, args.ctx)
+
+
+def measure_variant(args: argparse.Namespace, variant: Variant, cases: list[tuple[int, list[int], str]],
+                    bw: float) -> list[dict]:
+    max_batch = max(b for b, _, _ in cases)
+    max_context = max(max(c) for _, c, _ in cases)
+    rt = build(args, variant, max_batch, max_context)
+    for k_cache, v_cache in rt.runner.kv_caches:  # random K/V: attention reads real-looking data
+        k_cache.normal_()
+        v_cache.normal_()
+    rows = []
+    for batch, contexts, label in cases:
+        steps = decode_steps(rt, contexts, args.steps + WARMUP_STEPS)
+        step_ms, sample_ms = time_steps(rt, steps)
+        weights, kv = weight_bytes_read(rt, batch), kv_bytes_read(rt, contexts)
+        floor_ms = (weights + kv) / (bw * 1e12) * 1e3
+        row = {"model": args.model_name, "tp": rt.ctx.world_size, "batch": batch, "context": label,
+               "mean_context": statistics.mean(contexts), "density": variant.density, "mlp_sparse": variant.mlp_sparse,
+               "variant": variant.name, "tokens_per_s": batch / step_ms * 1e3, "ms_per_step": step_ms,
+               "floor_ms": floor_ms, "step_over_floor": step_ms / floor_ms, "weight_bytes_read": weights,
+               "kv_bytes_read": kv, "sample_ms": sample_ms}
+        if args.breakdown:
+            row["breakdown_ms"] = breakdown(rt, steps[-1], sample_ms, step_ms)
+        rows.append(row)
+        if rt.ctx.is_driver:
+            print(f"  {variant.name} d={variant.density} mlp={variant.mlp_sparse} B={batch} ctx={label}: "
+                  f"{step_ms:.3f} ms, floor {floor_ms:.3f} ms ({step_ms / floor_ms:.2f}x)", flush=True)
+    del rt
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return rows
+
+
+def floor_rows(rows: list[dict]) -> list[dict]:
+    """One "floor" row per (batch, context, density, mlp): the floor as a step time."""
+    out = []
+    for r in rows:
+        out.append({**{k: r[k] for k in ("model", "tp", "batch", "context", "mean_context", "density", "mlp_sparse")},
+                    "variant": "floor", "ms_per_step": r["floor_ms"], "floor_ms": r["floor_ms"],
+                    "tokens_per_s": r["batch"] / r["floor_ms"] * 1e3})
+    return out
+
+
+def plot(rows: list[dict], path: Path, title: str) -> bool:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    cases = sorted({(r["batch"], str(r["context"])) for r in rows}, key=lambda c: (c[0], c[1]))
+    series = sorted({(r["variant"], r["density"], r["mlp_sparse"]) for r in rows}, key=str)
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(cases)), 4))
+    width = 0.8 / max(1, len(series))
+    for j, (variant, density, mlp) in enumerate(series):
+        ys = []
+        for b, c in cases:
+            match = [r["tokens_per_s"] for r in rows if (r["batch"], str(r["context"])) == (b, c)
+                     and (r["variant"], r["density"], r["mlp_sparse"]) == (variant, density, mlp)]
+            ys.append(match[0] if match else 0.0)
+        label = f"{variant} d={density}" + (" +mlp" if mlp else "")
+        ax.bar([i + j * width for i in range(len(cases))], ys, width, label=label)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(cases))], [f"B{b}\n{c}" for b, c in cases])
+    ax.set_ylabel("tokens/s")
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return True
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_config_args(parser)
+    parser.add_argument("--batch", type=int, nargs="+", default=[32])
+    parser.add_argument("--context", type=int, nargs="+", default=[2048])
+    parser.add_argument("--mixed", default=None, help="LO:HI: also a case per batch with contexts uniform in [LO, HI]")
+    parser.add_argument("--density", type=float, nargs="+", default=[1.0, 0.5])
+    parser.add_argument("--mlp-sparse", action="store_true", help="ReLU models: also rows with MLP sparsity on")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--breakdown", action="store_true", help="time each module in one eager step")
+    parser.add_argument("--hf", action="store_true", help="also time transformers generate (tp 1, CUDA)")
+    parser.add_argument("--hf-tokens", type=int, default=128)
+    parser.add_argument("--out", default=None, help="directory (default benchmarks/results/<gpu>x<tp>)")
+    args = parser.parse_args()
+    cfg = config_from_args(args)
+    from polar_dist.log import configure_logging
+    from polar_dist.models.loader import DTYPES
+    from polar_dist.parallel.context import init_parallel
+
+    ctx = init_parallel(cfg.parallel, cfg.model.device)
+    configure_logging(ctx.rank, ctx.world_size)
+    args.ctx = ctx
+    args.model_name = Path(args.config).stem
+    cases = [(b, contexts_for(b, n, None), str(n)) for b in args.batch for n in args.context]
+    if args.mixed:
+        lo, hi = (int(x) for x in args.mixed.split(":"))
+        cases += [(b, contexts_for(b, None, (lo, hi)), f"mixed {lo}-{hi}") for b in args.batch]
+    variants = [Variant(d, False) for d in args.density]
+    if args.mlp_sparse:
+        variants += [Variant(d, True) for d in args.density]
+    bw = copy_bandwidth_tbps(ctx.device)
+    rows: list[dict] = []
+    for v in variants:
+        rows += measure_variant(args, v, cases, bw)
+    rows += floor_rows([r for r in rows])
+    if args.hf and ctx.world_size == 1 and ctx.device.type == "cuda":
+        for batch, contexts, label in cases:
+            if len(set(contexts)) != 1:
+                continue  # transformers' static cache needs one length per batch
+            try:
+                ms = hf_step_ms(dict(cfg.model.architecture), DTYPES[cfg.model.dtype], batch, contexts[0],
+                                args.hf_tokens)
+                rows.append({"model": args.model_name, "tp": 1, "batch": batch, "context": label,
+                             "mean_context": contexts[0], "density": 1.0, "mlp_sparse": False,
+                             "variant": "hf_compiled", "tokens_per_s": batch / ms * 1e3, "ms_per_step": ms,
+                             "floor_ms": None, "note": "transformers generate, static cache (compiles the forward)"})
+            except torch.OutOfMemoryError:
+                rows.append({"model": args.model_name, "tp": 1, "batch": batch, "context": label, "density": 1.0,
+                             "mlp_sparse": False, "variant": "hf_compiled", "tokens_per_s": None, "ms_per_step": None,
+                             "floor_ms": None, "note": "out of memory"})
+    if ctx.is_driver:
+        device = torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else "cpu"
+        slug = device.lower().replace(" ", "-").replace("/", "-")
+        out = Path(args.out) if args.out else Path(__file__).parent / "results" / f"{slug}x{ctx.world_size}"
+        out.mkdir(parents=True, exist_ok=True)
+        result = {"device": device, "tp": ctx.world_size, "config": args.config, "dtype": cfg.model.dtype,
+                  "versions": {"torch": torch.__version__, "cuda": torch.version.cuda,
+                               "triton": _version("triton"), "transformers": _version("transformers")},
+                  "copy_TBps": bw, "steps": args.steps, "rows": rows}
+        name = f"throughput-{args.model_name}"
+        (out / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
+        print(f"{device} tp={ctx.world_size} {args.model_name} {cfg.model.dtype}; copy {bw:.2f} TB/s")
+        print(f"{'variant':>12} {'dens':>5} {'mlp':>4} {'B':>4} {'context':>15} {'ms/step':>9} {'tok/s':>9} "
+              f"{'floor ms':>9} {'x floor':>8}")
+        for r in rows:
+            if r["variant"] == "floor" or r["ms_per_step"] is None:
+                continue
+            fl = f"{r['floor_ms']:>9.3f} {r['ms_per_step'] / r['floor_ms']:>7.2f}x" if r["floor_ms"] else f"{'-':>9} {'-':>8}"
+            print(f"{r['variant']:>12} {r['density']:>5} {str(r['mlp_sparse'])[0]:>4} {r['batch']:>4} "
+                  f"{r['context']:>15} {r['ms_per_step']:>9.3f} {r['tokens_per_s']:>9.0f} {fl}")
+        if plot(rows, out / f"{name}.png", f"{args.model_name} on {device}, tp {ctx.world_size}"):
+            print(f"wrote {out / name}.json and .png")
+        else:
+            print(f"wrote {out / name}.json (matplotlib missing: no PNG)")
+    ctx.shutdown()
+
+
+def _version(module: str) -> str | None:
+    try:
+        return __import__(module).__version__
+    except ImportError:
+        return None
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    run_main(main)
