@@ -246,6 +246,8 @@ BAD = [
     ("malformed JSON", "/v1/completions", '{"model": "tiny", "prompt": ', 400, "not valid JSON", None),
     ("not an object", "/v1/completions", "[1, 2]", 400, "JSON object", None),
     ("invalid UTF-8", "/v1/completions", b'{"model": "tiny", "prompt": "\xff\xfe"}', 400, "", None),
+    ("lone surrogate", "/v1/completions", '{"model": "tiny", "prompt": "a\\ud800b"}', 400, "lone surrogate",
+     "prompt"),
     ("deeply nested", "/v1/completions", _nested(40_000), 400, "", None),
     ("wrong type", "/v1/completions", {**BASE, "temperature": "hot"}, 400, "temperature", "temperature"),
     ("float for int", "/v1/completions", {**BASE, "max_tokens": 2.5}, 400, "max_tokens", "max_tokens"),

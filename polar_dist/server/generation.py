@@ -68,7 +68,8 @@ class Generation:
     def start(self) -> None:
         for c in self.job.choices:
             handle = self.bridge.submit(self.job.prompts[c.prompt_index], c.params, self.sink, c.index)
-            self.choices.append(_ChoiceState(handle, IncrementalDetokenizer(self.tokenizer), StopStrings(self.job.stop)))
+            detok = IncrementalDetokenizer(self.tokenizer)
+            self.choices.append(_ChoiceState(handle, detok, StopStrings(self.job.stop)))
 
     def usage(self) -> tuple[int, int]:
         return sum(len(p) for p in self.job.prompts), sum(len(c.token_ids) for c in self.choices)

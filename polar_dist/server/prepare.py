@@ -97,7 +97,7 @@ def chat_job(req: ChatCompletionRequest, tokenizer: Tokenizer, limits: Limits) -
     messages = []
     for m in req.messages:
         content = m.content if isinstance(m.content, str) else "".join(p.text for p in m.content or [])
-        messages.append({"role": "system" if m.role == "developer" else m.role, "content": content})
+        messages.append({"role": "system" if m.role == "developer" else m.role, "content": _utf8(content, "messages")})
     try:
         prompt = tokenizer.chat_prompt(messages)
     except UserError as e:
@@ -107,13 +107,23 @@ def chat_job(req: ChatCompletionRequest, tokenizer: Tokenizer, limits: Limits) -
     return _job(req, [prompt], max_tokens, name, top, False, tokenizer, limits)
 
 
+def _utf8(text: str, param: str) -> str:
+    """JSON may escape lone surrogates ("\\ud800"), which no UTF-8 tokenizer can take."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise APIError(400, f"{param} is not valid Unicode (a lone surrogate U+{ord(text[e.start]):04X} at character "
+                            f"{e.start}); send UTF-8 text", param=param) from None
+    return text
+
+
 def _completion_prompts(prompt: str | list, tokenizer: Tokenizer) -> list[list[int]]:
     if isinstance(prompt, str):
-        return [tokenizer.encode(prompt)]
+        return [tokenizer.encode(_utf8(prompt, "prompt"))]
     if not prompt:
         raise APIError(400, "the prompt is empty; give text or at least one token id", param="prompt")
     if isinstance(prompt[0], str):
-        return [tokenizer.encode(p) for p in prompt]
+        return [tokenizer.encode(_utf8(p, "prompt")) for p in prompt]
     if isinstance(prompt[0], int):
         return [list(prompt)]
     return [list(p) for p in prompt]
