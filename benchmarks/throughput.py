@@ -43,6 +43,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.hf_baseline import hf_decode_step_ms  # noqa: E402
 from polar_dist.cli import add_config_args, config_from_args, run_main  # noqa: E402
 from polar_dist.engine.kv_cache import BlockAllocator, blocks_needed  # noqa: E402
 from polar_dist.engine.sampling import SampleRow, SamplingParams  # noqa: E402
@@ -293,40 +294,6 @@ def _triton_category(kernel_name: str) -> str | None:
     return next((cat for name, cat in _TRITON_KERNELS.items() if kernel_name.startswith(name)), None)
 
 
-# ---- transformers ------------------------------------------------------------------------------
-
-def hf_step_ms(architecture: dict, dtype: torch.dtype, batch: int, context: int, new_tokens: int) -> float:
-    """transformers generate, static cache: (t(1 + n) - t(1)) / n, the minimum of 3 runs each,
-    after one warm-up run of each length (a new cache length recompiles the forward)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    fields = dict(architecture)
-    config = AutoConfig.for_model(fields.pop("model_type"), **fields)
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
-    ids = torch.randint(0, config.vocab_size, (batch, context), device="cuda")
-
-    def timed(n: int) -> float:
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                       cache_implementation="static", pad_token_id=0)
-        torch.cuda.synchronize()
-        return time.perf_counter() - t0
-
-    try:
-        timed(1)
-        timed(1 + new_tokens)
-        one = min(timed(1) for _ in range(3))
-        many = min(timed(1 + new_tokens) for _ in range(3))
-        return (many - one) / new_tokens * 1e3
-    finally:
-        del model
-        gc.collect()
-        torch.cuda.empty_cache()
-
-
 # ---- the run -----------------------------------------------------------------------------------
 
 def build(args: argparse.Namespace, variant: Variant, max_batch: int, max_context: int) -> Runtime:
@@ -448,13 +415,13 @@ def main() -> None:
     rows: list[dict] = []
     for v in variants:
         rows += measure_variant(args, v, cases, bw)
-    rows += floor_rows([r for r in rows])
+    rows += floor_rows(rows)
     if args.hf and ctx.world_size == 1 and ctx.device.type == "cuda":
         for batch, contexts, label in cases:
             if len(set(contexts)) != 1:
                 continue  # transformers' static cache needs one length per batch
             try:
-                ms = hf_step_ms(dict(cfg.model.architecture), DTYPES[cfg.model.dtype], batch, contexts[0],
+                ms = hf_decode_step_ms(dict(cfg.model.architecture), DTYPES[cfg.model.dtype], batch, contexts[0],
                                 args.hf_tokens)
                 rows.append({"model": args.model_name, "tp": 1, "batch": batch, "context": label,
                              "mean_context": contexts[0], "density": 1.0, "mlp_sparse": False,
