@@ -244,7 +244,8 @@ def write_result(ctx, cfg, args: argparse.Namespace, meta: dict, gathered: list[
               "config": args.config, "dtype": cfg.model.dtype,
               "versions": {"torch": torch.__version__, "cuda": torch.version.cuda},
               "copy_TBps": bw, "weight_bytes_per_rank": meta["weight_bytes_per_rank"],
-              "hf_method": "transformers generate, static cache (compiled forward): (t(129 tokens) - t(1 token)) / 128, min of 3"
+              "hf_method": "transformers generate, static cache (compiled forward): "
+                           "(t(129 tokens) - t(1 token)) / 128, min of 3"
               if args.hf else None, "rows": replicas[0]["rows"], "replicas": replicas, "total": totals}
     slug = device.lower().replace(" ", "-").replace("/", "-")
     suffix = f"-dp{ctx.num_replicas}" if ctx.num_replicas > 1 else ""

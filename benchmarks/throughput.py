@@ -448,7 +448,8 @@ def main() -> None:
         for r in rows:
             if r["variant"] == "floor" or r["ms_per_step"] is None:
                 continue
-            fl = f"{r['floor_ms']:>9.3f} {r['ms_per_step'] / r['floor_ms']:>7.2f}x" if r["floor_ms"] else f"{'-':>9} {'-':>8}"
+            fl = (f"{r['floor_ms']:>9.3f} {r['ms_per_step'] / r['floor_ms']:>7.2f}x" if r["floor_ms"]
+                  else f"{'-':>9} {'-':>8}")
             print(f"{r['variant']:>12} {r['density']:>5} {str(r['mlp_sparse'])[0]:>4} {r['batch']:>4} "
                   f"{r['context']:>15} {r['ms_per_step']:>9.3f} {r['tokens_per_s']:>9.0f} {fl}")
         if plot(rows, out / f"{name}.png", f"{args.model_name} on {device}, tp {ctx.world_size}"):
