@@ -101,10 +101,9 @@ def runtime_logits(model_dir: Path, dtype: str, device: str = "cpu", backend: st
     """Ours: prefill then teacher-forced decode. Returns the logits on rank 0, None elsewhere.
     `model_dir` is a HF directory or a run-config YAML (e.g. a random-weight shape config)."""
     from polar_dist.config import config_from_dict
-    from polar_dist.engine.sampling import SampleOutput, SamplingParams
-    from polar_dist.engine.step import BatchMirror, encode
+    from polar_dist.engine.sampling import SamplingParams
     from polar_dist.parallel.context import init_parallel
-    from polar_dist.runtime import build_runtime, new_scheduler
+    from polar_dist.runtime import LocalSteps, build_runtime
 
     cfg = config_from_dict({
         "model": {**model_section(model_dir), "dtype": dtype, "device": device},
@@ -114,15 +113,13 @@ def runtime_logits(model_dir: Path, dtype: str, device: str = "cpu", backend: st
     ctx = init_parallel(cfg.parallel, cfg.model.device)
     rt = build_runtime(cfg, ctx)
     # Every rank plans the same steps from the same inputs, so no messages are needed.
-    scheduler = new_scheduler(rt)
-    mirror = BatchMirror(4, rt.runner.max_blocks_per_seq, 16)
-    seqs = [scheduler.add(s[:n], SamplingParams(max_new_tokens=DECODE_STEPS + 1, ignore_eos=True), seed=0)
+    steps = LocalSteps(rt)
+    seqs = [steps.scheduler.add(s[:n], SamplingParams(max_new_tokens=DECODE_STEPS + 1, ignore_eos=True), seed=0)
             for s, n in zip(sequences(), PROMPT_LENS)]
     collected: list[list[torch.Tensor]] = [[] for _ in seqs]
     for i in range(DECODE_STEPS + 1):
-        delta = scheduler.schedule()
-        assert delta is not None
-        step = mirror.apply(encode(delta))
+        step = steps.next()
+        assert step is not None
         logits = rt.runner.logits(step)
         for seq_id, row in zip(step.sample_ids, logits):
             collected[seq_id].append(row.double().cpu())
@@ -130,7 +127,7 @@ def runtime_logits(model_dir: Path, dtype: str, device: str = "cpu", backend: st
             break
         # feed each sequence its own next token
         teacher = [sequences()[j][PROMPT_LENS[j] + i] for j in step.sample_ids]
-        scheduler.accept(step, SampleOutput(teacher, [None] * len(teacher), []))
+        steps.feed(step, teacher)
     ctx.shutdown()
     return [torch.stack(rows) for rows in collected] if ctx.rank == 0 else None
 
@@ -138,15 +135,13 @@ def runtime_logits(model_dir: Path, dtype: str, device: str = "cpu", backend: st
 def prefill_logits(rt: "Runtime", prompt_ids: list[int]) -> torch.Tensor:
     """(1, V) logits of the prompt's last token from one prefill step (every rank calls it)."""
     from polar_dist.engine.sampling import SamplingParams
-    from polar_dist.engine.step import BatchMirror, encode
-    from polar_dist.runtime import new_scheduler
+    from polar_dist.runtime import LocalSteps
 
-    scheduler = new_scheduler(rt)
-    scheduler.add(prompt_ids, SamplingParams(max_new_tokens=1), seed=0)
-    delta = scheduler.schedule()
-    assert delta is not None
-    mirror = BatchMirror(rt.cfg.engine.max_batch_size, rt.runner.max_blocks_per_seq, rt.cfg.engine.block_size)
-    return rt.runner.logits(mirror.apply(encode(delta)))
+    steps = LocalSteps(rt)
+    steps.scheduler.add(prompt_ids, SamplingParams(max_new_tokens=1), seed=0)
+    step = steps.next()
+    assert step is not None
+    return rt.runner.logits(step)
 
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
