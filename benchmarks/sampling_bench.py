@@ -25,6 +25,15 @@ kernels, so the draw is launch-bound at every B up to 64. Next: fewer arguments 
 (one workspace pointer and offsets), fewer launches (the per-row finish folded into the last
 pass through a last-program-per-row counter), or the fixed launch sequence replayed from a
 CUDA graph per (R, V, hints).
+
+Top-p chain (the draw checked against the top-p mass, kernels/sample_tokens.py). Prediction,
+B 64 / V 128256, T1 top-p 0.9, graph replay: 0.67 ms (two 16-way searches' worth of passes,
+ALU-bound on int64 compares) -> ~0.1 ms: a max pass, one draw pass with the kept mass (~40 us,
+the hash), one mass pass (~15 us), later rounds for the ~10% of rows whose first draw falls
+outside the set, and the gated search's launches doing nothing. Outcome (same GPU, rounds as
+`graph_replay_ms_by_chain_rounds`): 0.668 -> 0.141 ms at 3 rounds; top-p 0.5 0.505 -> 0.384 ms
+at 3 rounds, 0.234 at 6 (rows left to the search cost ~0.15 ms however few); B 256 top-p 0.9
+2.25 -> 0.53 ms. Top-k 50 + top-p 0.9 stays ~0.67 ms: top-k's search is the rest.
 """
 
 from __future__ import annotations
@@ -39,13 +48,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from kernels.sample_tokens import sample_tokens, sample_tokens_ref, sample_tokens_rowwise  # noqa: E402
+from kernels.sample_tokens import sample_tokens, sample_tokens_ref  # noqa: E402
+from kernels.sample_tokens_rowwise import sample_tokens_rowwise  # noqa: E402
 
 MODES = {
     "greedy": dict(temperature=0.0),
     "T1": dict(temperature=1.0),
     "T1 top-k 50": dict(temperature=1.0, top_k=50),
     "T1 top-p 0.9": dict(temperature=1.0, top_p=0.9),
+    "T1 top-p 0.5": dict(temperature=1.0, top_p=0.5),
     "T1 top-k 50 top-p 0.9": dict(temperature=1.0, top_k=50, top_p=0.9),
     "T0.7 min-p 0.05": dict(temperature=0.7, min_p=0.05),
     "mixed": None,
@@ -113,12 +124,12 @@ def sampler_ms(B: int, V: int, mode: str, graph_rows: int, iters: int = 50) -> t
     return statistics.median(times) * 1e3, sampler.sample(logits, rows).token_ids == ref.tolist()
 
 
-def graph_ms(logits: torch.Tensor, params: tuple[torch.Tensor, ...], h: dict) -> float:
+def graph_ms(logits: torch.Tensor, params: tuple[torch.Tensor, ...], h: dict, **kw: int) -> float:
     """CUDA-event time of the draw replayed from a CUDA graph: its GPU time, no launch cost."""
-    sample_tokens(logits, *params, **h)  # compile outside the capture
+    sample_tokens(logits, *params, **h, **kw)  # compile outside the capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        sample_tokens(logits, *params, **h)
+        sample_tokens(logits, *params, **h, **kw)
     return event_ms(graph.replay)
 
 
@@ -144,7 +155,7 @@ def main() -> None:
     result["all_equal"] = bad == 0
     print("all_equal", bad == 0, flush=True)
     for V, B in ((128256, 64), (128256, 1), (128256, 8), (128256, 256), (32000, 64)):
-        for mode in ("greedy", "T1 top-p 0.9", "T1 top-k 50 top-p 0.9", "T1", "mixed"):
+        for mode in ("greedy", "T1 top-p 0.9", "T1 top-p 0.5", "T1 top-k 50 top-p 0.9", "T1", "mixed"):
             logits, params = make(B, V, mode, dev)
             h = hints(params, V)
             row = {"B": B, "V": V, "mode": mode,
@@ -152,6 +163,9 @@ def main() -> None:
                    "chunked_ms": event_ms(lambda: sample_tokens(logits, *params, **h)),
                    "chunked_nohint_ms": event_ms(lambda: sample_tokens(logits, *params)),
                    "graph_replay_ms": graph_ms(logits, params, h)}
+            if h["any_top_p"]:  # the top-p chain's rounds; 0 = the threshold search alone
+                row["graph_replay_ms_by_chain_rounds"] = {r: graph_ms(logits, params, h, chain_rounds=r)
+                                                          for r in (0, 1, 2, 3, 4, 6, 8)}
             if B == 64 and V == 128256:
                 row["sampler_sample_ms"], row["sampler_eq_ref"] = sampler_ms(B, V, mode, graph_rows=B)
                 row["sampler_direct_ms"], _ = sampler_ms(B, V, mode, graph_rows=0)

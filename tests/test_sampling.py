@@ -137,7 +137,7 @@ def test_chunked_kernel_ties_across_chunk_boundaries(chunk: int) -> None:
     # V = 1000 is not a multiple of the chunk; the best logit, the top-k threshold and the
     # top-p threshold are tied between tokens in different chunks (ties at a threshold are all
     # kept, greedy takes the first index). The rowwise kernel draws the same tokens.
-    from kernels.sample_tokens import sample_tokens_rowwise
+    from kernels.sample_tokens_rowwise import sample_tokens_rowwise
 
     logits, params = _rows(12, 1000, seed=3)
     logits = logits.clamp(max=8.0)
@@ -173,6 +173,23 @@ def test_chunked_kernel_one_row_many_chunks() -> None:
         ref = sample_tokens_ref(logits, *ps)
         out = sample_tokens(logits.to(DEVICE), *(p.to(DEVICE) for p in ps), chunk=256).cpu()
         assert out.tolist() == ref.tolist()
+
+
+def test_top_p_chain_and_its_fallback_draw_the_reference_tokens() -> None:
+    # Top-p draws from the chain (draw over the kept set, check the winner against the top-p mass,
+    # draw again below it) and leaves undecided rows to the threshold search. Flat logits and
+    # small top_p keep many rows undecided after one round; 0 rounds is the search alone. Every
+    # count of rounds gives the reference's tokens, with top-k and min-p before top-p.
+    gen = torch.Generator().manual_seed(11)
+    logits = torch.randn(8, 900, generator=gen) * torch.tensor([0.2, 0.2, 1.0, 3.0, 3.0, 8.0, 0.5, 2.0])[:, None]
+    t = torch.tensor
+    params = (t([1.0, 1.0, 0.7, 1.0, 1.3, 1.0, 1.0, 0.0]), t([0, 0, 0, 30, 0, 0, 0, 0], dtype=torch.int32),
+              t([0.05, 0.5, 0.9, 0.6, 1.0, 0.3, 0.95, 0.5]), t([0.0, 0.0, 0.0, 0.0, 0.02, 0.0, 0.3, 0.0]),
+              t([1, 2, 3, 4, 5, 6, 7, 8]) * 1000003, t([9, 8, 7, 6, 5, 4, 3, 2]))
+    ref = sample_tokens_ref(logits, *params).tolist()
+    dev = [p.to(DEVICE) for p in params]
+    for rounds in (0, 1, 3):
+        assert sample_tokens(logits.to(DEVICE), *dev, chunk=256, chain_rounds=rounds).cpu().tolist() == ref, rounds
 
 
 @pytest.mark.gpu

@@ -246,7 +246,7 @@ def _param_views(d: torch.Tensor, n: int) -> tuple[torch.Tensor, ...]:
 
 
 class _DrawGraphs:
-    """The Triton draw's fixed launch sequence (2-13 launches, each costing more on the host
+    """The Triton draw's fixed launch sequence (2-31 launches, each costing more on the host
     than on the GPU) replayed from a CUDA graph: one per (row bucket, vocab, hints), captured on
     first use. R rows run in the smallest power-of-two bucket >= R (the last bucket is
     max_rows): their logits and parameters are copied into the bucket's static buffers, and
