@@ -48,12 +48,13 @@ def percentiles(values: list[float]) -> dict[str, float | None]:
     return {"p50": at(0.5), "p90": at(0.9), "p99": at(0.99), "mean": statistics.fmean(v)}
 
 
-async def one_request(client: Any, model: str, prompt: str, max_tokens: int, t_arrival: float) -> dict[str, Any]:
+async def one_request(client: Any, model: str, prompt: str, max_tokens: int, t_arrival: float,
+                      sampling: dict[str, float]) -> dict[str, Any]:
     chunks: list[tuple[float, int]] = []  # (time, tokens in the chunk)
     usage = None
     try:
         stream = await client.completions.create(
-            model=model, prompt=prompt, max_tokens=max_tokens, temperature=0.0, stream=True,
+            model=model, prompt=prompt, max_tokens=max_tokens, **sampling, stream=True,
             stream_options={"include_usage": True}, extra_body={"ignore_eos": True, "return_token_ids": True})
         async for chunk in stream:
             now = time.perf_counter()
@@ -73,7 +74,7 @@ async def one_request(client: Any, model: str, prompt: str, max_tokens: int, t_a
 
 
 async def run_rate(url: str, model: str, api_key: str, rate: float, n: int, prompt_words: tuple[int, int],
-                   output_len: tuple[int, int], seed: int) -> dict[str, Any]:
+                   output_len: tuple[int, int], seed: int, sampling: dict[str, float]) -> dict[str, Any]:
     import openai
 
     rng = random.Random(seed)
@@ -90,7 +91,7 @@ async def run_rate(url: str, model: str, api_key: str, rate: float, n: int, prom
         if rate != float("inf"):
             t_next += rng.expovariate(rate)  # Poisson arrivals: exponential gaps
             await asyncio.sleep(max(0.0, t_next - time.perf_counter()))
-        tasks.append(asyncio.create_task(one_request(client, model, prompt, max_tokens, time.perf_counter())))
+        tasks.append(asyncio.create_task(one_request(client, model, prompt, max_tokens, time.perf_counter(), sampling)))
     results = await asyncio.gather(*tasks)
     elapsed = time.perf_counter() - t0
     await client.close()
@@ -120,7 +121,8 @@ def start_server(config: str, tp: int, overrides: list[str]) -> tuple[subprocess
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(tp), "--master_addr", "127.0.0.1",
         "--master_port", str(free_port()), *serve]
     log = Path(f"/tmp/serving-bench-{port}.log")
-    env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+               HF_HUB_OFFLINE="1")
     proc = subprocess.Popen(cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env, cwd=ROOT)
     url = f"http://127.0.0.1:{port}"
     import urllib.request
@@ -200,6 +202,8 @@ def main() -> None:
     p.add_argument("--prompt-words", type=_range, default=(16, 128), help="LO:HI words per prompt")
     p.add_argument("--output-len", type=_range, default=(16, 64), help="LO:HI tokens per output")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy; OpenAI clients default to 1")
+    p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--name", default=None, help="results file name part (default: the model and tp)")
     p.add_argument("--out-dir", default=None, help="default: benchmarks/results/<device>")
     args = p.parse_args()
@@ -216,9 +220,10 @@ def main() -> None:
         model = args.model or openai.OpenAI(base_url=url + "/v1", api_key=args.api_key or "unused").models.list() \
             .data[0].id
         results = []
+        sampling = {"temperature": args.temperature, "top_p": args.top_p}
         for rate in [float(r) for r in args.rates.split(",")]:
             r = asyncio.run(run_rate(url, model, args.api_key, rate, args.num_requests, args.prompt_words,
-                                     args.output_len, args.seed))
+                                     args.output_len, args.seed, sampling))
             results.append(r)
             print(f"rate {rate:g}/s: {r['completed']}/{r['num_requests']} ok, {r['errors']} errors, "
                   f"{r['requests_per_s']:.2f} req/s, {r['output_tokens_per_s']:.1f} tok/s | TTFT ms p50/p90/p99 "
@@ -235,7 +240,8 @@ def main() -> None:
     name = args.name or f"{model}_tp{args.tp}"
     meta = {"model": model, "tp": args.tp, "config": args.config, "overrides": args.overrides, "device": device,
             "host": platform.node(), "cpus": os.cpu_count(), "prompt_words": args.prompt_words,
-            "output_len": args.output_len, "num_requests": args.num_requests, "command": " ".join(sys.argv)}
+            "output_len": args.output_len, "num_requests": args.num_requests, "temperature": args.temperature,
+            "top_p": args.top_p, "command": " ".join(sys.argv)}
     (out_dir / f"serving_{name}.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
     plot(results, f"{model}, tp={args.tp}, {device}", out_dir / f"serving_{name}.png")
     print(f"wrote {out_dir / f'serving_{name}.json'} and .png")

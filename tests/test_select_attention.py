@@ -103,6 +103,23 @@ def test_rejects_head_dim_96():
         select_attention(*case, 0.1)
 
 
+def test_sliced_tables_read_through_their_row_stride():
+    # A mixed step's decode rows pass the first n rows and the first `width` columns of the
+    # step's block table (a strided view): the same output as a contiguous copy, and as the
+    # reference.
+    gen = torch.Generator().manual_seed(21)
+    case = list(_make_case(4, 4, 2, 64, 16, 6, 2, torch.bfloat16, [17, 40, 5, 33], gen))
+    wide = torch.full((5, 9), -1, dtype=torch.int32, device=DEVICE)  # one more row, three more columns
+    wide[:4, :6] = case[3]
+    case[3] = wide[:4, :6]
+    assert not case[3].is_contiguous()
+    out = select_attention(*case, 0.125)
+    contiguous = list(case)
+    contiguous[3] = case[3].contiguous()
+    assert torch.equal(out, select_attention(*contiguous, 0.125))
+    _check_close(out, tuple(contiguous), 0.125)
+
+
 def test_rejects_bad_dtypes_and_shapes():
     case = _bad_case()
     with pytest.raises(ValueError, match="float32 is not supported"):
