@@ -216,5 +216,5 @@ def worker_loop(rt: Runtime) -> None:
 
 
 def _replica_label(rt: Runtime) -> str:
-    ctx = rt.ctx
-    return f" (replica {ctx.replica} of {ctx.num_replicas}, ranks {ctx.replica_ranks})" if ctx.num_replicas > 1 else ""
+    label = rt.ctx.replica_label
+    return f" ({label})" if label else ""
