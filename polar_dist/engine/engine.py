@@ -205,8 +205,8 @@ def worker_loop(rt: Runtime) -> None:
         except RuntimeError as e:
             raise RuntimeError(
                 f"rank {rt.ctx.rank}{_replica_label(rt)}: the driver (rank {rt.ctx.replica_ranks[0]}) sent no step "
-                f"or heartbeat within parallel.timeout_s = {rt.cfg.parallel.timeout_s} s, or its connection closed: "
-                f"another rank of this replica failed ({e})") from e
+                f"or heartbeat within parallel.timeout_s = {rt.cfg.parallel.timeout_s} s, or its connection closed "
+                f"or its process ended: another rank of this replica failed ({e})") from e
         kind = MsgKind(int(msg[0]))
         if kind is MsgKind.STOP:
             return
