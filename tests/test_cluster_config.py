@@ -127,13 +127,14 @@ def test_serve_starts_a_job_per_replica_by_default() -> None:
     assert [(x.replica, x.node, x.host) for x in cmds] == [(0, 0, "10.0.0.1"), (1, 0, "10.0.0.1")]
     for r, cmd in enumerate(cmds):  # each its own world of 4 ranks, rendezvous and GPUs
         line = cmd.shell()
-        assert f"--nnodes 1 --nproc-per-node 4 --node-rank 0 --rdzv-backend c10d --rdzv-endpoint 10.0.0.1:{29500 + r} " \
-               f"--rdzv-id one-replica{r} --local-addr 10.0.0.1 --rdzv-conf is_host=1" in line
+        assert f"--nnodes 1 --nproc-per-node 4 --node-rank 0 --rdzv-backend c10d --rdzv-endpoint " \
+               f"10.0.0.1:{29500 + r} --rdzv-id one-replica{r} --local-addr 10.0.0.1 --rdzv-conf is_host=1" in line
         assert f"launch/serve.py --config r.yaml --set parallel.tp=4 --set parallel.dp=2 --set parallel.replica={r}" \
             in line
         assert cmd.env == {"CUDA_VISIBLE_DEVICES": ["0,1,2,3", "4,5,6,7"][r]}
     (shared,) = node_commands(c, "generate", ["--prompt", "Hi"], run_config="r.yaml")  # one world: it gathers
-    assert shared.replica is None and "--nproc-per-node 8" in shared.shell() and "parallel.replica" not in shared.shell()
+    line = shared.shell()
+    assert shared.replica is None and "--nproc-per-node 8" in line and "parallel.replica" not in line
     assert c.replicas("per_replica") == c.replicas() == [{"replica": 0, "ranks": [0, 1, 2, 3], "hosts": ["10.0.0.1"]},
                                                          {"replica": 1, "ranks": [4, 5, 6, 7], "hosts": ["10.0.0.1"]}]
 

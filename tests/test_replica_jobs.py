@@ -119,7 +119,7 @@ def test_a_dead_replica_leaves_the_other_serving(victim: int, tmp_path: Path) ->
         ranks = {r: {int(c.environ()["RANK"]): c for c in agent.children()} for r, agent in agents.items()}
         track()
         assert all(sorted(rs) == [0, 1] for rs in ranks.values()), ranks  # each job is a world of its own tp ranks
-        assert all(f"--set parallel.replica={r}" in " ".join(p.cmdline()) for r, rs in ranks.items() for p in rs.values())
+        assert all(f"--set parallel.replica={r}" in " ".join(p.cmdline()) for r in ranks for p in ranks[r].values())
 
         before = {r: completion(port + r) for r in (0, 1)}
         assert before[0] == before[1] and len(before[0][1]) == 8  # one model, one answer, from either port
