@@ -12,13 +12,10 @@ case: median step time, tokens/s (batch / step), the bandwidth floor (this rank'
 the KV it reads, over the copy bandwidth measured in the same run) and, for tp > 1, the share
 of GPU time spent in NCCL kernels (from a profiled step).
 
-All-reduce time apart from compute: a second pass of the same steps times each collective
-(polar_dist.parallel.comm.TimedComm, the device synchronized around it) on every rank; each
-replica's driver gathers its ranks' step and collective times, and global rank 0 gathers the
-replicas'. Under CUDA graphs the collectives run inside the graph, so there comm_ms is the
-NCCL share of the step instead. With parallel.dp = R the replicas run the cases at the same
-time; tokens/s over replicas is the sum of theirs. The JSON records the layout (tp, dp, each
-replica's ranks and hosts). Rank 0 prints a table and writes JSON under
+All-reduce time apart from compute, per-rank timings gathered to each replica's driver and the
+replicas' to global rank 0, tokens/s summed over replicas and the layout: benchmarks/
+replica_results.py. Under CUDA graphs the collectives run inside the graph, so there comm_ms is
+the NCCL share of the step instead. Rank 0 prints a table and writes JSON under
 benchmarks/results/<device>x<tp>[-dp<R>]/ (CPU runs too: gloo, for layouts and plumbing).
 """
 
@@ -28,7 +25,6 @@ import argparse
 import gc
 import json
 import os
-import socket
 import statistics
 import sys
 import time
@@ -38,6 +34,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.replica_results import comm_pass, gather_results, results_dir_name, summarize, sync  # noqa: E402
+from benchmarks.replica_results import timed_comm  # noqa: E402
 from polar_dist.cli import add_config_args, config_from_args, run_main  # noqa: E402
 from polar_dist.engine.kv_cache import BlockAllocator, blocks_needed  # noqa: E402
 from polar_dist.engine.step import Step  # noqa: E402
@@ -45,12 +43,8 @@ from polar_dist.parallel.comm import TimedComm  # noqa: E402
 from polar_dist.runtime import Runtime  # noqa: E402
 
 WARMUP_STEPS = 3  # first steps of each case (graph capture, first launches) are not timed
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
+CASE_KEYS = ("batch", "context")
+TIMING_KEYS = ("step_ms", "comm_ms", "compute_ms")  # gathered from every rank
 
 def copy_bandwidth_tbps(device: torch.device) -> float:
     """Device-to-device copy (CPU: memory to memory), bytes read + written per second, in TB/s."""
@@ -103,22 +97,6 @@ def print_profile(rt: Runtime, step: Step) -> None:
     print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=12))
 
 
-def comm_pass(rt: Runtime, comm: TimedComm, steps: list[Step]) -> tuple[float, int]:
-    """Median collective time per step (ms) over `steps` with the collectives timed, and calls per step."""
-    per_step, calls = [], 0
-    comm.timing = True
-    try:
-        for step in steps:
-            comm.seconds, comm.calls = 0.0, 0
-            rt.runner.execute(rt.ctx.broadcast_object(step))
-            sync(rt.ctx.device)
-            per_step.append(comm.seconds)
-            calls = comm.calls
-    finally:
-        comm.timing = False
-    return statistics.median(per_step) * 1e3, calls
-
-
 def measure(rt: Runtime, args: argparse.Namespace) -> tuple[list[dict], dict]:
     """Time decode steps for every (batch, context) on this rank; returns the rows and run-wide figures."""
     ctx = rt.ctx
@@ -147,7 +125,8 @@ def measure(rt: Runtime, args: argparse.Namespace) -> tuple[list[dict], dict]:
             floor_ms = (weight_bytes + b * (n + 1) * kv_bytes_per_token) / (bw * 1e12) * 1e3
             on_gpu = ctx.device.type == "cuda"
             share = nccl_share(rt, steps[-1]) if ctx.tp_size > 1 and on_gpu else 0.0
-            comm_ms, calls = comm_pass(rt, comm, steps[WARMUP_STEPS:]) if comm is not None else (0.0, 0)
+            comm_ms, calls = comm_pass(comm, steps[WARMUP_STEPS:], lambda s: rt.runner.execute(ctx.broadcast_object(s)),
+                                       ctx.device) if comm is not None else (0.0, 0)
             if calls == 0 and share:  # collectives inside CUDA graphs: the profiled NCCL share instead
                 comm_ms = share * step_ms
             if args.profile and on_gpu:  # every rank runs the step (its collectives need all ranks); rank 0 prints
@@ -184,8 +163,8 @@ def main() -> None:
 
     ctx = init_parallel(cfg.parallel, cfg.model.device)
     configure_logging(ctx.tp_rank, ctx.tp_size, ctx.replica, ctx.num_replicas)
-    if ctx.tp_size > 1:  # the layers keep this comm: collectives can be timed apart from compute
-        ctx.tp_comm = TimedComm(ctx.tp_comm, ctx.device)
+    ctx.require_one_job("benchmarks/decode_throughput.py")
+    timed_comm(ctx)  # the layers keep this comm: collectives can be timed apart from compute
     rows, meta = measure(build_runtime(cfg, ctx), args)
     gc.collect()  # our weights, cache and graph pools go before transformers allocates its own
     on_gpu = ctx.device.type == "cuda"
@@ -203,43 +182,18 @@ def main() -> None:
                 r["speedup_vs_hf"] = r["hf_step_ms"] / r["step_ms"]
             except torch.OutOfMemoryError:
                 r["hf_step_ms"] = None  # transformers' static cache and activations do not fit
-    # per-rank timings to each replica's driver, then every replica's to global rank 0
-    mine = {"rank": ctx.rank, "tp_rank": ctx.tp_rank, "host": socket.gethostname(),
-            "rows": [{k: r[k] for k in ("batch", "context", "step_ms", "comm_ms", "compute_ms")} for r in rows]}
-    ranks = ctx.gather_to_driver(mine)
-    if ctx.is_driver:
-        gathered = ctx.gather_replicas({"replica": ctx.replica, "rows": rows, "ranks": ranks})
-        if gathered is not None:
-            write_result(ctx, cfg, args, meta, gathered)
+    gathered = gather_results(ctx, rows, CASE_KEYS, TIMING_KEYS)
+    if gathered is not None:  # global rank 0
+        write_result(ctx, cfg, args, meta, gathered)
     ctx.shutdown()
-
-
-def replica_rows(part: dict) -> list[dict]:
-    """A replica's rows: the driver's, with the slowest rank's collective time and every rank's."""
-    out = []
-    for i, row in enumerate(part["rows"]):
-        per_rank = [r["rows"][i] for r in part["ranks"]]
-        out.append({**row, "comm_ms_max": max(r["comm_ms"] for r in per_rank),
-                    "per_rank": [{"rank": r["rank"], "host": r["host"], **{k: r["rows"][i][k] for k in
-                                 ("step_ms", "comm_ms", "compute_ms")}} for r in part["ranks"]]})
-    return out
 
 
 def write_result(ctx, cfg, args: argparse.Namespace, meta: dict, gathered: list[dict]) -> None:  # noqa: ANN001
     """Global rank 0: totals over replicas, the layout, the table and the JSON."""
     device = torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else "cpu"
-    replicas = [{"replica": g["replica"], "ranks": [r["rank"] for r in g["ranks"]],
-                 "hosts": sorted({r["host"] for r in g["ranks"]}), "rows": replica_rows(g)} for g in gathered]
-    totals = []
-    for i, row in enumerate(gathered[0]["rows"]):
-        per_replica = [g["rows"][i]["tokens_per_s"] for g in gathered]
-        totals.append({"batch": row["batch"], "context": row["context"], "tokens_per_s": sum(per_replica),
-                       "tokens_per_s_per_replica": per_replica,
-                       "slowest_step_ms": max(g["rows"][i]["step_ms"] for g in gathered)})
+    summary = summarize(ctx, gathered, CASE_KEYS, "step_ms", TIMING_KEYS)
+    replicas, totals, layout = summary["replicas"], summary["total"], summary["layout"]
     bw = meta["copy_TBps"]
-    layout = {"tp": ctx.tp_size, "dp": ctx.num_replicas, "world_size": ctx.world_size,
-              "launcher": ctx.info.launcher.value, "hosts": sorted({h for r in replicas for h in r["hosts"]}),
-              "replicas": [{k: r[k] for k in ("replica", "ranks", "hosts")} for r in replicas]}
     result = {"device": device, "tp": ctx.tp_size, "dp": ctx.num_replicas, "layout": layout, "model": meta["model"],
               "config": args.config, "dtype": cfg.model.dtype,
               "versions": {"torch": torch.__version__, "cuda": torch.version.cuda},
@@ -247,9 +201,7 @@ def write_result(ctx, cfg, args: argparse.Namespace, meta: dict, gathered: list[
               "hf_method": "transformers generate, static cache (compiled forward): "
                            "(t(129 tokens) - t(1 token)) / 128, min of 3"
               if args.hf else None, "rows": replicas[0]["rows"], "replicas": replicas, "total": totals}
-    slug = device.lower().replace(" ", "-").replace("/", "-")
-    suffix = f"-dp{ctx.num_replicas}" if ctx.num_replicas > 1 else ""
-    out = Path(args.out) if args.out else Path(__file__).parent / "results" / f"{slug}x{ctx.tp_size}{suffix}"
+    out = Path(args.out) if args.out else Path(__file__).parent / "results" / results_dir_name(device, ctx)
     out.mkdir(parents=True, exist_ok=True)
     name = f"decode_throughput_{Path(args.config).stem}.json"
     (out / name).write_text(json.dumps(result, indent=2))

@@ -22,7 +22,14 @@ one profiled eager step (host gaps not counted), sampling as timed, other = the 
 graph step (norms, embedding, LM head, gaps between kernels). With --hf,
 transformers' generate (static cache, which compiles the forward in transformers 5.x) on the same
 shape: (t(1 + n) - t(1)) / n, n = --hf-tokens, the minimum of 3 runs each after a warm-up of both.
-Rank 0 prints a table and writes benchmarks/results/<gpu>x<tp>/throughput-<model>.json and a PNG.
+
+Over ranks and replicas (world = dp x tp, benchmarks/replica_results.py): comm_ms is the step's
+all-reduce time, timed apart from compute in a second, eager pass over the same steps (under
+CUDA graphs the timed step's collectives cannot be told apart); every rank's timings reach its
+replica's driver and every replica's reach global rank 0; with parallel.dp = R the replicas run
+the cases at once, and `total` sums tokens/s over them. The JSON records the layout (tp, dp,
+each replica's ranks and hosts). Rank 0 prints a table and writes
+benchmarks/results/<gpu>x<tp>[-dp<R>]/throughput-<model>.json and a PNG.
 """
 
 from __future__ import annotations
@@ -44,6 +51,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.hf_baseline import hf_decode_step_ms  # noqa: E402
+from benchmarks.replica_results import comm_pass, gather_results, results_dir_name, summarize, sync  # noqa: E402
+from benchmarks.replica_results import timed_comm  # noqa: E402
 from polar_dist.cli import add_config_args, config_from_args, run_main  # noqa: E402
 from polar_dist.engine.kv_cache import BlockAllocator, blocks_needed  # noqa: E402
 from polar_dist.engine.sampling import SampleRow, SamplingParams  # noqa: E402
@@ -53,6 +62,8 @@ from polar_dist.runtime import Runtime  # noqa: E402
 WARMUP_STEPS = 3  # graph capture and first launches are not timed
 BLOCK_SIZE = 16
 TEMPERATURE_1 = SamplingParams(max_new_tokens=1 << 20, temperature=1.0, ignore_eos=True)
+CASE_KEYS = ("variant", "density", "mlp_sparse", "batch", "context")  # a measured row, the same on every rank
+TIMING_KEYS = ("ms_per_step", "comm_ms", "compute_ms")  # gathered from every rank
 
 
 @dataclass(frozen=True)
@@ -69,11 +80,6 @@ class Variant:
         if self.density < 1.0 or self.mlp_sparse:
             out.append("sparsity.routers=random")
         return out
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def copy_bandwidth_tbps(device: torch.device) -> float:
@@ -176,6 +182,19 @@ def time_steps(rt: Runtime, steps: list[Step]) -> tuple[float, float]:
             totals.append(t3 - t0)
             samples.append(t2 - t1 if rows is not None else 0.0)
     return statistics.median(totals) * 1e3, statistics.median(samples) * 1e3
+
+
+def time_collectives(rt: Runtime, steps: list[Step]) -> tuple[float, int]:
+    """Median all-reduce ms per step over `steps`, and collectives per step, from an eager pass
+    (graph replays would hide the collectives from the timer); (0, 0) at tp = 1."""
+    comm = rt.ctx.tp_comm
+    if rt.ctx.tp_size == 1:
+        return 0.0, 0
+    graphs, rt.runner.graphs = rt.runner.graphs, None
+    try:
+        return comm_pass(comm, steps, rt.runner.logits, rt.ctx.device)
+    finally:
+        rt.runner.graphs = graphs
 
 
 CATEGORIES = ("qkv", "attention", "out_proj", "mlp", "routers", "all_reduce", "sampling", "other")
@@ -323,18 +342,21 @@ def measure_variant(args: argparse.Namespace, variant: Variant, cases: list[tupl
     for batch, contexts, label in cases:
         steps = decode_steps(rt, contexts, args.steps + WARMUP_STEPS)
         step_ms, sample_ms = time_steps(rt, steps)
+        comm_ms, calls = time_collectives(rt, steps[WARMUP_STEPS:])
         weights, kv = weight_bytes_read(rt, batch), kv_bytes_read(rt, contexts)
         floor_ms = (weights + kv) / (bw * 1e12) * 1e3
-        row = {"model": args.model_name, "tp": rt.ctx.world_size, "batch": batch, "context": label,
+        row = {"model": args.model_name, "tp": rt.ctx.tp_size, "batch": batch, "context": label,
                "mean_context": statistics.mean(contexts), "density": variant.density, "mlp_sparse": variant.mlp_sparse,
                "variant": variant.name, "tokens_per_s": batch / step_ms * 1e3, "ms_per_step": step_ms,
                "floor_ms": floor_ms, "step_over_floor": step_ms / floor_ms, "weight_bytes_read": weights,
-               "kv_bytes_read": kv, "sample_ms": sample_ms}
+               "kv_bytes_read": kv, "sample_ms": sample_ms, "comm_ms": comm_ms,
+               "compute_ms": max(step_ms - comm_ms, 0.0), "collectives": calls}
         if args.breakdown:
             row["breakdown_ms"] = breakdown(rt, steps[-1], sample_ms, step_ms)
         rows.append(row)
-        if rt.ctx.is_driver:
-            print(f"  {variant.name} d={variant.density} mlp={variant.mlp_sparse} B={batch} ctx={label}: "
+        if rt.ctx.is_driver:  # every replica's driver: say which
+            where = f"replica {rt.ctx.replica}: " if rt.ctx.num_replicas > 1 else ""
+            print(f"  {where}{variant.name} d={variant.density} mlp={variant.mlp_sparse} B={batch} ctx={label}: "
                   f"{step_ms:.3f} ms, floor {floor_ms:.3f} ms ({step_ms / floor_ms:.2f}x)", flush=True)
     del rt
     gc.collect()
@@ -401,7 +423,9 @@ def main() -> None:
     from polar_dist.parallel.context import init_parallel
 
     ctx = init_parallel(cfg.parallel, cfg.model.device)
-    configure_logging(ctx.rank, ctx.world_size)
+    configure_logging(ctx.tp_rank, ctx.tp_size, ctx.replica, ctx.num_replicas)
+    ctx.require_one_job("benchmarks/throughput.py")
+    timed_comm(ctx)  # the layers keep this comm: collectives can be timed apart from compute
     args.ctx = ctx
     args.model_name = Path(args.config).stem
     cases = [(b, contexts_for(b, n, None), str(n)) for b in args.batch for n in args.context]
@@ -412,10 +436,10 @@ def main() -> None:
     if args.mlp_sparse:
         variants += [Variant(d, True) for d in args.density]
     bw = copy_bandwidth_tbps(ctx.device)
-    rows: list[dict] = []
+    measured: list[dict] = []
     for v in variants:
-        rows += measure_variant(args, v, cases, bw)
-    rows += floor_rows(rows)
+        measured += measure_variant(args, v, cases, bw)
+    rows = measured + floor_rows(measured)
     if args.hf and ctx.world_size == 1 and ctx.device.type == "cuda":
         for batch, contexts, label in cases:
             if len(set(contexts)) != 1:
@@ -431,32 +455,51 @@ def main() -> None:
                 rows.append({"model": args.model_name, "tp": 1, "batch": batch, "context": label, "density": 1.0,
                              "mlp_sparse": False, "variant": "hf_compiled", "tokens_per_s": None, "ms_per_step": None,
                              "floor_ms": None, "note": "out of memory"})
-    if ctx.is_driver:
-        device = torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else "cpu"
-        slug = device.lower().replace(" ", "-").replace("/", "-")
-        out = Path(args.out) if args.out else Path(__file__).parent / "results" / f"{slug}x{ctx.world_size}"
-        out.mkdir(parents=True, exist_ok=True)
-        result = {"device": device, "tp": ctx.world_size, "config": args.config, "dtype": cfg.model.dtype,
-                  "versions": {"torch": torch.__version__, "cuda": torch.version.cuda,
-                               "triton": _version("triton"), "transformers": _version("transformers")},
-                  "copy_TBps": bw, "steps": args.steps, "rows": rows}
-        name = f"throughput-{args.model_name}"
-        (out / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
-        print(f"{device} tp={ctx.world_size} {args.model_name} {cfg.model.dtype}; copy {bw:.2f} TB/s")
-        print(f"{'variant':>12} {'dens':>5} {'mlp':>4} {'B':>4} {'context':>15} {'ms/step':>9} {'tok/s':>9} "
-              f"{'floor ms':>9} {'x floor':>8}")
-        for r in rows:
-            if r["variant"] == "floor" or r["ms_per_step"] is None:
-                continue
-            fl = (f"{r['floor_ms']:>9.3f} {r['ms_per_step'] / r['floor_ms']:>7.2f}x" if r["floor_ms"]
-                  else f"{'-':>9} {'-':>8}")
-            print(f"{r['variant']:>12} {r['density']:>5} {str(r['mlp_sparse'])[0]:>4} {r['batch']:>4} "
-                  f"{r['context']:>15} {r['ms_per_step']:>9.3f} {r['tokens_per_s']:>9.0f} {fl}")
-        if plot(rows, out / f"{name}.png", f"{args.model_name} on {device}, tp {ctx.world_size}"):
-            print(f"wrote {out / name}.json and .png")
-        else:
-            print(f"wrote {out / name}.json (matplotlib missing: no PNG)")
+    gathered = gather_results(ctx, measured, CASE_KEYS, TIMING_KEYS)
+    if gathered is not None:  # global rank 0
+        write_result(ctx, cfg, args, bw, rows, gathered)
     ctx.shutdown()
+
+
+def write_result(ctx, cfg, args: argparse.Namespace, bw: float, rows: list[dict],  # noqa: ANN001
+                 gathered: list[dict]) -> None:
+    """Global rank 0: its rows (with the floor and transformers rows), every replica's, the
+    totals over replicas, the layout, the table, the JSON and the PNG."""
+    device = torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else "cpu"
+    out = Path(args.out) if args.out else Path(__file__).parent / "results" / results_dir_name(device, ctx)
+    out.mkdir(parents=True, exist_ok=True)
+    summary = summarize(ctx, gathered, CASE_KEYS, "ms_per_step", TIMING_KEYS)
+    result = {"device": device, "tp": ctx.tp_size, "dp": ctx.num_replicas, "layout": summary["layout"],
+              "config": args.config, "dtype": cfg.model.dtype,
+              "versions": {"torch": torch.__version__, "cuda": torch.version.cuda,
+                           "triton": _version("triton"), "transformers": _version("transformers")},
+              "copy_TBps": bw, "steps": args.steps, "rows": rows, "replicas": summary["replicas"],
+              "total": summary["total"]}
+    name = f"throughput-{args.model_name}"
+    (out / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
+    hosts = summary["layout"]["hosts"]
+    print(f"{device} tp={ctx.tp_size} dp={ctx.num_replicas} on {len(hosts)} host(s) {args.model_name} "
+          f"{cfg.model.dtype}; copy {bw:.2f} TB/s")
+    print(f"{'variant':>12} {'dens':>5} {'mlp':>4} {'B':>4} {'context':>15} {'ms/step':>9} {'comm ms':>8} "
+          f"{'tok/s':>9} {'total tok/s':>12} {'floor ms':>9} {'x floor':>8}")
+    total = {tuple(t[k] for k in CASE_KEYS): t["tokens_per_s"] for t in summary["total"]}
+    slowest_comm = {tuple(r[k] for k in CASE_KEYS): r["comm_ms_max"] for r in summary["replicas"][0]["rows"]}
+    for r in rows:
+        if r["variant"] == "floor" or r["ms_per_step"] is None:
+            continue
+        key = tuple(r[k] for k in CASE_KEYS)
+        fl = (f"{r['floor_ms']:>9.3f} {r['ms_per_step'] / r['floor_ms']:>7.2f}x" if r["floor_ms"]
+              else f"{'-':>9} {'-':>8}")
+        comm = f"{slowest_comm[key]:>8.3f}" if key in slowest_comm else f"{'-':>8}"
+        tot = f"{total[key]:>12.0f}" if key in total else f"{'-':>12}"
+        print(f"{r['variant']:>12} {r['density']:>5} {str(r['mlp_sparse'])[0]:>4} {r['batch']:>4} "
+              f"{r['context']:>15} {r['ms_per_step']:>9.3f} {comm} {r['tokens_per_s']:>9.0f} {tot} {fl}")
+    title = f"{args.model_name} on {device}, tp {ctx.tp_size}" + (f" x dp {ctx.num_replicas}"
+                                                                  if ctx.num_replicas > 1 else "")
+    if plot(rows, out / f"{name}.png", title):
+        print(f"wrote {out / name}.json and .png")
+    else:
+        print(f"wrote {out / name}.json (matplotlib missing: no PNG)")
 
 
 def _version(module: str) -> str | None:

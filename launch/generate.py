@@ -60,6 +60,7 @@ def main() -> None:
                             seed=args.seed, ignore_eos=args.ignore_eos, logprobs=args.logprobs)
     ctx = init_parallel(cfg.parallel, cfg.model.device)
     configure_logging(ctx.tp_rank, ctx.tp_size, ctx.replica, ctx.num_replicas)
+    ctx.require_one_job("launch/generate.py")  # before the model loads
     rt = build_runtime(cfg, ctx)
     mine = list(range(ctx.replica, len(args.prompt), ctx.num_replicas))  # this replica's prompts, round-robin
     t0 = time.perf_counter()

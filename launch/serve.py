@@ -8,7 +8,8 @@ run the engine's steps.
 Then: curl http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \\
           -d '{"model": "smollm2-135m", "prompt": "The capital of France is", "max_tokens": 16, "temperature": 0}'
 With parallel.dp = D replicas (polar_dist/parallel/context.py), replica r's driver serves on
-server.port + r. SIGINT/SIGTERM to rank 0 drains (503 to new requests, up to server.drain_timeout_s for those in flight)
+server.port + r; launch/cluster.py starts each replica as a job of its own (parallel.replica = r),
+so that one replica's failure leaves the others serving (README, "Several nodes"). SIGINT/SIGTERM to rank 0 drains (503 to new requests, up to server.drain_timeout_s for those in flight)
 and every rank exits 0. The API key: server.api_key, or POLAR_API_KEY.
 """
 
@@ -36,7 +37,7 @@ def main() -> None:
     from polar_dist.server.serve import serve
 
     ctx = init_parallel(cfg.parallel, cfg.model.device)
-    configure_logging(ctx.rank, ctx.world_size)
+    configure_logging(ctx.tp_rank, ctx.tp_size, ctx.replica, ctx.num_replicas)
     rt = build_runtime(cfg, ctx)
     serve(rt, api_key=cfg.server.api_key or envs.API_KEY.get())
     ctx.shutdown()

@@ -11,10 +11,24 @@ says what they run. They are kept apart so that one model config runs on any clu
     network: {interface: eth0, timeout_s: 300, env: {NCCL_IB_DISABLE: "1"}}
     tp: 8
     dp: 2
+    jobs: auto                   # auto | one | per_replica: how many launcher jobs start the replicas
 
 World = tp x dp ranks; contiguous ranks form a replica (polar_dist.parallel.context), so with tp
 dividing the ranks of a node every replica stays inside one node. A tp larger than a node's
 ranks all-reduces over the network at every layer: allowed only with `tp_spans_nodes: true`.
+
+`jobs` says how the replicas are started:
+- `one`: one launcher job for all tp x dp ranks (one rendezvous, one world). The replicas can
+  gather their results at the end (generate.py's lines, a benchmark's totals), but a launcher
+  stops every rank of its job when one fails (torchrun's agent, mpirun, the deepspeed
+  launcher), so a replica that dies takes the others with it.
+- `per_replica`: one job per replica, each its own world of tp ranks and its own rendezvous
+  (replica r meets at its first node, on rendezvous.port + r), told its index with
+  `--set parallel.replica=r`: it serves on server.port + r, and a replica that fails ends only
+  its own job while the others keep serving. Replicas fill the nodes in file order.
+- `auto` (the default): `per_replica` for serve, which must survive a lost replica behind its
+  load balancer; `one` for the rest (generate, throughput, calibrate and scripts), which want one
+  world and a result gathered over it.
 Errors name the file, the value and the fix.
 """
 
@@ -30,6 +44,8 @@ from polar_dist.config import _build, _parse_yaml
 from polar_dist.errors import UserError
 
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# Entry points that gather every replica's results in one world at the end: never per_replica.
+GATHERING_ENTRIES = ("generate", "throughput")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -80,6 +96,7 @@ class ClusterConfig:
     network: NetworkConfig = field(default_factory=NetworkConfig)
     tp: int
     dp: int = 1
+    jobs: Literal["auto", "one", "per_replica"] = "auto"
     tp_spans_nodes: bool = False
     python: str = "python"
     workdir: str = ""
@@ -111,18 +128,57 @@ class ClusterConfig:
         their address strings, sorted (`--local-addr` is the node's host), e.g. 10.0.0.10 before 10.0.0.9."""
         return sorted(self.nodes, key=lambda n: n.host) if self.launcher == "torchrun" else list(self.nodes)
 
-    def replicas(self) -> list[dict[str, Any]]:
-        """Each replica's global ranks and the hosts they run on (in rank order)."""
+    def jobs_for(self, entry: str) -> Literal["one", "per_replica"]:
+        """How `entry` (an ENTRIES name or a script) is started: `jobs`, with `auto` resolved."""
+        if self.dp == 1:
+            return "one"  # one replica is one job either way
+        if self.jobs == "auto":
+            return "per_replica" if entry == "serve" else "one"
+        return self.jobs
+
+    def replica_jobs(self) -> list[ReplicaJob]:
+        """Each replica as a job of its own: replicas fill the nodes in file order."""
+        per_node, jobs = self.ranks_per_node, []
+        for r in range(self.dp):
+            first = r * self.tp
+            if self.tp <= per_node:  # inside one node, on tp of its slots
+                node = self.nodes[first // per_node]
+                share = {"gpus": self.tp} if self.uses_gpus else {"cpu_ranks": self.tp}
+                jobs.append(ReplicaJob(r, (dataclasses.replace(node, **share),), first % per_node))
+            else:  # whole nodes (tp_spans_nodes); torchrun's c10d numbers them by address
+                span = self.nodes[first // per_node:(first + self.tp) // per_node]
+                ordered = sorted(span, key=lambda n: n.host) if self.launcher == "torchrun" else list(span)
+                jobs.append(ReplicaJob(r, tuple(ordered), 0))
+        return jobs
+
+    def replicas(self, jobs: Literal["one", "per_replica"] = "one") -> list[dict[str, Any]]:
+        """Each replica's ranks (numbered over the cluster) and the hosts they run on (in rank
+        order: the first runs the replica's driver and server)."""
+        if jobs == "per_replica":
+            return [{"replica": j.replica, "ranks": list(range(j.replica * self.tp, (j.replica + 1) * self.tp)),
+                     "hosts": [n.host for n in j.nodes]} for j in self.replica_jobs()]
         hosts = [n.host for n in self.nodes_in_rank_order() for _ in range(n.ranks)]
         return [{"replica": r, "ranks": list(range(r * self.tp, (r + 1) * self.tp)),
                  "hosts": sorted(set(hosts[r * self.tp:(r + 1) * self.tp]), key=hosts.index)}
                 for r in range(self.dp)]
 
-    def layout(self) -> dict[str, Any]:
-        """The layout as plain data (benchmark JSON, logs)."""
-        return {"name": self.name, "launcher": self.launcher, "tp": self.tp, "dp": self.dp,
+    def layout(self, entry: str = "") -> dict[str, Any]:
+        """The layout as plain data (benchmark JSON, logs), as `entry` would be started."""
+        jobs = self.jobs_for(entry)
+        return {"name": self.name, "launcher": self.launcher, "tp": self.tp, "dp": self.dp, "jobs": jobs,
                 "world_size": self.world_size, "device": "cuda" if self.uses_gpus else "cpu",
-                "nodes": [{"host": n.host, "ranks": n.ranks} for n in self.nodes], "replicas": self.replicas()}
+                "nodes": [{"host": n.host, "ranks": n.ranks} for n in self.nodes], "replicas": self.replicas(jobs)}
+
+
+@dataclass(frozen=True)
+class ReplicaJob:
+    """One replica started as a job of its own: the nodes its tp ranks run on, in the job's
+    rank order, each with only this job's ranks (gpus or cpu_ranks), and the first of each
+    node's slots (GPU index) the job takes: several replicas may share a node."""
+
+    replica: int
+    nodes: tuple[NodeConfig, ...]
+    first_slot: int = 0
 
 
 def load_cluster(path: str | Path) -> ClusterConfig:
@@ -194,6 +250,9 @@ def validate_cluster(c: ClusterConfig, where: str = "cluster") -> None:
     port = c.rendezvous.port
     if not 0 < port < 65536:
         raise UserError(f"{where}: rendezvous.port = {port} must be in [1, 65535]")
+    if c.jobs != "one" and c.dp > 1 and port + c.dp - 1 > 65535:
+        raise UserError(f"{where}: rendezvous.port = {port}: with jobs = {c.jobs} replica r meets on port {port} + r, "
+                        f"up to {port + c.dp - 1}, past 65535; choose a lower rendezvous.port")
     if c.launcher in ("mpirun", "deepspeed") and c.rendezvous_host not in hosts[:1]:
         raise UserError(f"{where}: rendezvous.host = {c.rendezvous.host!r} but {c.launcher} puts rank 0 on the first "
                         f"node ({hosts[0]}), where the ranks meet; leave rendezvous.host empty or set it to {hosts[0]}")

@@ -55,10 +55,16 @@ class ParallelConfig:
     Contiguous ranks form one replica (a tensor-parallel group with its own driver, scheduler and
     engine); replicas share nothing while they run. `tp: 0` means "the launcher's world size
     over dp"; otherwise tp x dp must equal the world size.
+
+    `replica`: this job is replica `replica` of `dp`, started as a job of its own (tp ranks, its own
+    rendezvous: launch/cluster.py with `jobs: per_replica`, which serve uses by default), so that a
+    replica's failure cannot reach the others through their launcher. It serves on server.port +
+    replica and names itself so in logs, errors and /metrics. null: one job runs all dp replicas.
     """
 
     tp: int = 0
     dp: int = 1  # data-parallel replicas
+    replica: int | None = None  # this job's replica index when each replica runs as its own job
     backend: Literal["auto", "nccl", "gloo"] = "auto"
     timeout_s: float = 120.0  # a rank that stops answering ends every rank after this long
 
@@ -324,6 +330,9 @@ def _validate(cfg: RunConfig) -> None:
         raise UserError(f"parallel.tp = {p.tp} must be >= 1, or 0 for the launcher's world size")
     if p.dp < 1:
         raise UserError(f"parallel.dp = {p.dp} must be >= 1 (the number of independent replicas; 1 is one replica)")
+    if p.replica is not None and not 0 <= p.replica < p.dp:
+        raise UserError(f"parallel.replica = {p.replica} must be in [0, parallel.dp = {p.dp}) (this job's replica "
+                        "when each replica runs as its own job), or null to run every replica in one job")
     if p.timeout_s <= 0:
         raise UserError(f"parallel.timeout_s = {p.timeout_s} must be > 0 seconds")
     if not 0.0 < s.head_density <= 1.0:

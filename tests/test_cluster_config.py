@@ -47,6 +47,8 @@ def test_shipped_cluster_files_load(path: Path) -> None:
     ({"gpus_per_node": 8}, "unknown key(s) ['gpus_per_node']"),
     ({"network": {"env": {"1BAD": "x"}}}, "network.env key '1BAD' is not an environment variable name"),
     ({"remote_shell": "rsh"}, "remote_shell is for launcher mpirun"),
+    ({"jobs": "each"}, "cluster: cluster.jobs = 'each' is not one of ['auto', 'one', 'per_replica']"),
+    ({"jobs": "per_replica", "rendezvous": {"port": 65535}}, "replica r meets on port 65535 + r, up to 65536"),
 ])
 def test_bad_layouts_name_the_fix(change: dict, message: str) -> None:
     with pytest.raises(UserError) as e:
@@ -79,7 +81,7 @@ def test_torchrun_commands_per_node() -> None:
 
 
 def test_mpirun_one_command_with_a_hostfile() -> None:
-    c = cluster_from_dict({**TWO_NODES, "launcher": "mpirun", "remote_shell": "/usr/bin/rsh"})
+    c = cluster_from_dict({**TWO_NODES, "launcher": "mpirun", "remote_shell": "/usr/bin/rsh", "jobs": "one"})
     (cmd,) = node_commands(c, "serve", [], run_config="r.yaml", hostfile="/tmp/h")
     assert cmd.files == {"/tmp/h": "10.0.0.1 slots=8\n10.0.0.2 slots=8\n"}
     argv = " ".join(cmd.argv)
@@ -115,3 +117,51 @@ def test_replicas_follow_the_launchers_rank_order() -> None:
     by_mpirun = cluster_from_dict({**TWO_NODES, **nodes, "launcher": "mpirun", "rendezvous": {"host": ""}}).replicas()
     assert [r["hosts"] for r in by_torchrun] == [["10.0.0.10"], ["10.0.0.9"]]
     assert [r["hosts"] for r in by_mpirun] == [["10.0.0.9"], ["10.0.0.10"]]
+
+
+def test_serve_starts_a_job_per_replica_by_default() -> None:
+    c = cluster_from_dict({"nodes": [{"host": "10.0.0.1", "gpus": 8}], "tp": 4, "dp": 2}, name="one")
+    assert (c.jobs, c.jobs_for("serve"), c.jobs_for("generate"), c.jobs_for("run.py")) == \
+        ("auto", "per_replica", "one", "one")
+    cmds = node_commands(c, "serve", [], run_config="r.yaml")
+    assert [(x.replica, x.node, x.host) for x in cmds] == [(0, 0, "10.0.0.1"), (1, 0, "10.0.0.1")]
+    for r, cmd in enumerate(cmds):  # each its own world of 4 ranks, rendezvous and GPUs
+        line = cmd.shell()
+        assert f"--nnodes 1 --nproc-per-node 4 --node-rank 0 --rdzv-backend c10d --rdzv-endpoint " \
+               f"10.0.0.1:{29500 + r} --rdzv-id one-replica{r} --local-addr 10.0.0.1 --rdzv-conf is_host=1" in line
+        assert f"launch/serve.py --config r.yaml --set parallel.tp=4 --set parallel.dp=2 --set parallel.replica={r}" \
+            in line
+        assert cmd.env == {"CUDA_VISIBLE_DEVICES": ["0,1,2,3", "4,5,6,7"][r]}
+    (shared,) = node_commands(c, "generate", ["--prompt", "Hi"], run_config="r.yaml")  # one world: it gathers
+    line = shared.shell()
+    assert shared.replica is None and "--nproc-per-node 8" in line and "parallel.replica" not in line
+    assert c.replicas("per_replica") == c.replicas() == [{"replica": 0, "ranks": [0, 1, 2, 3], "hosts": ["10.0.0.1"]},
+                                                         {"replica": 1, "ranks": [4, 5, 6, 7], "hosts": ["10.0.0.1"]}]
+
+
+def test_per_replica_jobs_under_mpirun_and_deepspeed() -> None:
+    mpi = cluster_from_dict({**TWO_NODES, "launcher": "mpirun", "jobs": "per_replica"}, name="two")
+    cmds = node_commands(mpi, "serve", [], run_config="r.yaml", hostfile="/tmp/h.hostfile")
+    assert [(x.replica, x.node, x.host) for x in cmds] == [(0, 0, "10.0.0.1"), (1, 1, "10.0.0.2")]
+    for r, cmd in enumerate(cmds):  # one mpirun per replica, on its node, with a hostfile of that node
+        argv = " ".join(cmd.argv)
+        assert cmd.files == {f"/tmp/h-replica{r}.hostfile": f"10.0.0.{r + 1} slots=8\n"}
+        assert f"-np 8 --map-by slot -x MASTER_ADDR=10.0.0.{r + 1} " in argv and "CUDA_VISIBLE_DEVICES" not in argv
+        assert f"--set parallel.replica={r}" in argv
+    ds = cluster_from_dict({"nodes": [{"host": "a", "gpus": 4}], "tp": 2, "dp": 2, "launcher": "deepspeed",
+                            "jobs": "per_replica"})
+    for r, cmd in enumerate(node_commands(ds, "serve", [], run_config="r.yaml", hostfile="/tmp/h")):
+        assert cmd.argv[cmd.argv.index("--master_port") + 1] == str(29500 + r)
+        assert cmd.argv[cmd.argv.index("--include") + 1] == ["a:0,1", "a:2,3"][r]
+        assert cmd.files == {f"/tmp/h-replica{r}": "a slots=4\n"}  # every slot listed; --include picks
+
+
+def test_per_replica_jobs_refuse_entries_that_gather() -> None:
+    c = cluster_from_dict({**TWO_NODES, "jobs": "per_replica"}, name="two")
+    with pytest.raises(UserError, match=r"jobs = per_replica starts each replica as a job of its own, but generate "
+                                        r"gathers every replica's results in one world; use jobs: one"):
+        node_commands(c, "generate", [], run_config="r.yaml")
+    with pytest.raises(UserError, match=r"pass --config RUN.yaml, or use jobs: one"):
+        node_commands(c, "serve", [])
+    spans = cluster_from_dict({**TWO_NODES, "tp": 16, "dp": 1, "tp_spans_nodes": True, "jobs": "per_replica"})
+    assert len(node_commands(spans, "serve", [], run_config="r.yaml")) == 2  # dp = 1: the one job, as before

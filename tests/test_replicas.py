@@ -38,6 +38,19 @@ def test_layout_from_tp_and_dp() -> None:
     assert [layout.replica_of(r) for r in range(8)] == [0] * 4 + [1] * 4
 
 
+def test_a_job_of_one_replica() -> None:
+    layout = resolve_layout(ParallelConfig(tp=2, dp=3, replica=2), 2)  # launch/cluster.py with jobs: per_replica
+    assert layout == ReplicaLayout(2, 1, first_replica=2, dp=3) and resolve_layout(ParallelConfig(dp=3, replica=2), 2) \
+        == layout
+    assert (layout.world_size, layout.total_replicas, layout.one_job) == (2, 3, False)
+    assert [layout.replica_of(r) for r in range(2)] == [2, 2] and layout.ranks_of(2) == [0, 1]
+    with pytest.raises(UserError, match=r"parallel.replica = 2 runs one replica of parallel.tp = 2 ranks as its own "
+                                        r"job, but the launcher started 4; start --nproc_per_node 2"):
+        resolve_layout(ParallelConfig(tp=2, dp=3, replica=2), 4)
+    with pytest.raises(UserError, match=r"parallel.replica = 3 must be in \[0, parallel.dp = 3\)"):
+        config_from_dict({"model": {"init": "random", "architecture": ARCH}, "parallel": {"dp": 3, "replica": 3}})
+
+
 @pytest.mark.parametrize("tp, dp, world, message", [
     (4, 2, 6, "parallel.tp = 4 x parallel.dp = 2 needs 8 process(es) but the launcher started 6; start "
               "--nproc_per_node 8"),

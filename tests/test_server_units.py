@@ -80,7 +80,7 @@ def test_choice_seeds() -> None:
 
 
 def test_prometheus_text_format() -> None:
-    m = ServerMetrics()
+    m = ServerMetrics(replica=1, num_replicas=2, tp=4)
     m.requests.inc(status="200")
     m.requests.inc(status="200")
     m.requests.inc(status="400")
@@ -91,6 +91,7 @@ def test_prometheus_text_format() -> None:
     lines = text.splitlines()
     assert 'polar_requests_total{status="200"} 2' in lines and 'polar_requests_total{status="400"} 1' in lines
     assert "# TYPE polar_step_seconds histogram" in lines
+    assert 'polar_replica_info{replica="1",replicas="2",tp="4"} 1' in lines  # which replica a scrape came from
     assert 'polar_step_seconds_bucket{le="0.0025"} 0' in lines
     assert 'polar_step_seconds_bucket{le="0.005"} 1' in lines
     assert 'polar_step_seconds_bucket{le="+Inf"} 2' in lines

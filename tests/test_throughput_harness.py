@@ -1,5 +1,7 @@
 """benchmarks/throughput.py on CPU with tiny random shapes: the harness runs every variant, writes
-rows with the documented fields, and its floor model counts what sparsity removes."""
+rows with the documented fields, and its floor model counts what sparsity removes; over tp=2 x dp=2
+ranks (torchrun) every rank's step and all-reduce times reach global rank 0, tokens/s adds up over
+the replicas, and the JSON records the layout."""
 
 from __future__ import annotations
 
@@ -11,6 +13,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+
+from support.ranks import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 FIELDS = {"model", "tp", "batch", "context", "density", "mlp_sparse", "variant", "tokens_per_s", "ms_per_step",
@@ -30,13 +34,17 @@ def tiny_config(path: Path, model_type: str) -> Path:
     return path
 
 
-def run(config: Path, out: Path, *extra: str) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "throughput.py"), "--config", str(config),
-                           "--batch", "2", "4", "--context", "40", "--steps", "2", "--out", str(out), *extra],
+def run(config: Path, out: Path, *extra: str, ranks: int = 1, batch: tuple[str, ...] = ("2", "4")) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    launcher = [] if ranks == 1 else ["-m", "torch.distributed.run", "--nproc-per-node", str(ranks), "--master-port",
+                                      str(free_port())]
+    args = ["--config", str(config), "--batch", *batch, "--context", "40", "--steps", "2", "--out", str(out), *extra]
+    proc = subprocess.run([sys.executable, *launcher, str(ROOT / "benchmarks" / "throughput.py"), *args],
                           capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads((out / f"throughput-{config.stem}.json").read_text())
+    result = json.loads((out / f"throughput-{config.stem}.json").read_text())
+    result["stdout"] = proc.stdout
+    return result
 
 
 def by(rows: list[dict], **match: object) -> list[dict]:
@@ -73,3 +81,28 @@ def test_opt_mlp_sparsity_reads_fewer_weights(tmp_path: Path) -> None:
     # (the neuron routers, hidden -> 1024 -> neurons without biases, are read on top)
     router_bytes = 3 * (64 * 1024 + 1024 * 256) * 4
     assert mlp["weight_bytes_read"] == dense["weight_bytes_read"] - 3 * 192 * 128 * 4 + router_bytes
+
+
+@pytest.mark.slow
+def test_two_replicas_of_tp2_add_up(tmp_path: Path) -> None:
+    result = run(tiny_config(tmp_path / "tiny-llama.yaml", "llama"), tmp_path, "--density", "1.0", "0.5", "--set",
+                 "parallel.dp=2", "--set", "parallel.timeout_s=60", ranks=4, batch=("2",))
+    assert (result["tp"], result["dp"], result["device"]) == (2, 2, "cpu")
+    layout = result["layout"]
+    assert (layout["tp"], layout["dp"], layout["world_size"], layout["launcher"]) == (2, 2, 4, "torchrun")
+    assert [r["ranks"] for r in layout["replicas"]] == [[0, 1], [2, 3]] == [r["ranks"] for r in result["replicas"]]
+    assert len(result["total"]) == 2  # two densities x one case
+    for i, total in enumerate(result["total"]):
+        rows = [rep["rows"][i] for rep in result["replicas"]]
+        assert all((r["variant"], r["density"], r["batch"]) == (total["variant"], total["density"], total["batch"])
+                   for r in rows)
+        assert total["tokens_per_s_per_replica"] == [r["tokens_per_s"] for r in rows]
+        assert total["tokens_per_s"] == pytest.approx(sum(r["tokens_per_s"] for r in rows))
+        assert total["slowest_step_ms"] == max(r["ms_per_step"] for r in rows)
+        for rep, row in zip(result["replicas"], rows):
+            assert [r["rank"] for r in row["per_rank"]] == rep["ranks"]
+            assert all(r["comm_ms"] > 0 and r["compute_ms"] >= 0 for r in row["per_rank"])
+            assert row["collectives"] > 0 and row["comm_ms_max"] == max(r["comm_ms"] for r in row["per_rank"])
+    ours = [r for r in result["rows"] if r["variant"].startswith("ours")]  # global rank 0's own rows, as at dp = 1
+    assert len(ours) == 2 and all(r["tp"] == 2 and FIELDS <= r.keys() for r in ours)
+    assert "dp=2" in result["stdout"] and "total tok/s" in result["stdout"]

@@ -12,7 +12,8 @@ Two transports, chosen once at construction (a collective over the control group
 Failures end the ranks as over gloo: a worker that receives nothing (IDLE heartbeats included)
 for parallel.timeout_s raises; a dead worker is found by rank 0 through the next collective.
 Over shared memory rank 0 writes without waiting for anyone, so each IDLE heartbeat is paired
-with a one-word gloo broadcast: an idle rank 0 still finds a dead worker (the broadcast fails).
+with a one-word gloo broadcast: an idle rank 0 still finds a dead worker (the broadcast fails);
+a worker waiting on the ring watches rank 0's process, and raises as soon as it has ended.
 """
 
 from __future__ import annotations
@@ -85,10 +86,10 @@ class ControlChannel:
                 log.info("no shared-memory control ring (%s); using gloo", e)
                 name = None
         try:
-            host, name = self.ctx.broadcast_object((host_id(), name))
+            host, name, pid = self.ctx.broadcast_object((host_id(), name, os.getpid()))
             if not self.ctx.is_driver and name is not None and host == host_id():
                 try:
-                    ring = shm_ring.ShmRing.open(name, readers, words, self.ctx.tp_rank - 1, spin_s)
+                    ring = shm_ring.ShmRing.open(name, readers, words, self.ctx.tp_rank - 1, spin_s, writer_pid=pid)
                 except OSError:
                     ring = None
             everyone = self.ctx.all_reduce_min(int(ring is not None))  # every rank mapped it

@@ -162,12 +162,33 @@ class Engine:
                     self.channel.send(control_message(MsgKind.IDLE))
                     self._last_send = time.monotonic()
             except Exception as e:  # noqa: BLE001 - recorded; every later call raises EngineDeadError
-                self._failure = e
-                log.error("a rank stopped answering while the engine was idle (%s: %s); the engine cannot serve",
-                          type(e).__name__, e)
+                self._lost_rank(e)
                 return
             finally:
                 self._lock.release()
+
+    def check_ranks(self) -> bool:
+        """Send a heartbeat now (after any step in flight) and say whether every rank of the
+        replica answered; a lost rank makes the engine fail as the idle heartbeat would. For a
+        driver told to stop: a launcher that lost one rank stops the others (torchrun sends them
+        SIGTERM), and the replica must then end on its error, not drain as if asked to."""
+        if self.rt.ctx.tp_size == 1:
+            return self._failure is None
+        with self._lock:
+            if self._failure is None and not self._closed:
+                try:
+                    self.channel.send(control_message(MsgKind.IDLE))
+                    self._last_send = time.monotonic()
+                except Exception as e:  # noqa: BLE001 - recorded; every later call raises EngineDeadError
+                    self._lost_rank(e)
+        return self._failure is None
+
+    def _lost_rank(self, e: BaseException) -> None:
+        label = self.rt.ctx.replica_label
+        self._failure = RuntimeError(f"{label + ': ' if label else ''}a rank stopped answering while the engine "
+                                     f"was idle ({type(e).__name__}: {e})")
+        self._failure.__cause__ = e
+        log.error("%s; the engine cannot serve", self._failure)
 
     def shutdown(self, failed: bool = False) -> None:
         """Stop the heartbeat and send the workers STOP. After a failure (or with failed=True, when
@@ -205,8 +226,8 @@ def worker_loop(rt: Runtime) -> None:
         except RuntimeError as e:
             raise RuntimeError(
                 f"rank {rt.ctx.rank}{_replica_label(rt)}: the driver (rank {rt.ctx.replica_ranks[0]}) sent no step "
-                f"or heartbeat within parallel.timeout_s = {rt.cfg.parallel.timeout_s} s, or its connection closed: "
-                f"another rank of this replica failed ({e})") from e
+                f"or heartbeat within parallel.timeout_s = {rt.cfg.parallel.timeout_s} s, or its connection closed "
+                f"or its process ended: another rank of this replica failed ({e})") from e
         kind = MsgKind(int(msg[0]))
         if kind is MsgKind.STOP:
             return
@@ -216,5 +237,5 @@ def worker_loop(rt: Runtime) -> None:
 
 
 def _replica_label(rt: Runtime) -> str:
-    ctx = rt.ctx
-    return f" (replica {ctx.replica} of {ctx.num_replicas}, ranks {ctx.replica_ranks})" if ctx.num_replicas > 1 else ""
+    label = rt.ctx.replica_label
+    return f" ({label})" if label else ""

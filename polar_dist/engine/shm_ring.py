@@ -13,7 +13,9 @@ another transport.
 
 Waiting: spin for `spin_s` (yielding the core to other runnable threads), then sleep in
 growing steps up to 1 ms (5 ms after a second of silence), so a waiting rank costs little CPU.
-A wait longer than `timeout_s` raises RingTimeout: the other side is gone or stuck.
+A wait longer than `timeout_s` raises RingTimeout: the other side is gone or stuck. A reader
+told the writer's pid raises at once when that process has ended (checked every PEER_CHECK_S
+while it sleeps): a worker whose driver was killed ends without waiting out the timeout.
 
 The segment is a file under /dev/shm, named by the caller (a fresh uuid per engine); the writer
 unlinks it once every reader has mapped it, so nothing is left behind however the processes end.
@@ -30,6 +32,7 @@ import numpy as np
 
 LINE = 8  # int64 words per cache line: each counter has its own
 SHM_DIR = "/dev/shm"
+PEER_CHECK_S = 0.05  # how often a sleeping reader looks whether the writer's process still runs
 
 
 class RingTimeout(RuntimeError):
@@ -38,6 +41,16 @@ class RingTimeout(RuntimeError):
 
 def supported() -> bool:
     return platform.machine().lower() in ("x86_64", "amd64") and os.path.isdir(SHM_DIR)
+
+
+def process_state(pid: int) -> str | None:
+    """The state letter of process `pid` in /proc (R, S, Z for an ended one not yet reaped, ...),
+    None when there is no such process here."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0].decode()
+    except (OSError, IndexError):
+        return None
 
 
 def segment_path(name: str) -> str:
@@ -65,14 +78,21 @@ class ShmRing:
         self.path, self.words, self.reader, self.spin_s = path, words, reader, spin_s
         self._pos = int(self._tails[reader]) if reader is not None else int(self._head[0])
         self._min_tail = self._pos  # writer: the slowest reader's count when last looked
+        self._writer_pid: int | None = None  # reader: the writer's process, watched while waiting
 
     @classmethod
     def create(cls, name: str, readers: int, words: int, spin_s: float = 2e-3) -> ShmRing:
         return cls(segment_path(name), readers, words, None, True, spin_s)
 
     @classmethod
-    def open(cls, name: str, readers: int, words: int, reader: int, spin_s: float = 2e-3) -> ShmRing:
-        return cls(segment_path(name), readers, words, reader, False, spin_s)
+    def open(cls, name: str, readers: int, words: int, reader: int, spin_s: float = 2e-3,
+             writer_pid: int | None = None) -> ShmRing:
+        """Reader `reader`'s side. With `writer_pid`, a wait ends as soon as that process has
+        ended (ignored when this process cannot see it: another pid namespace)."""
+        ring = cls(segment_path(name), readers, words, reader, False, spin_s)
+        if writer_pid is not None and process_state(writer_pid) is not None:
+            ring._writer_pid = writer_pid
+        return ring
 
     def unlink(self) -> None:
         """Remove the name; mapped rings keep working until their processes close them."""
@@ -95,11 +115,15 @@ class ShmRing:
             if ready():
                 return
             os.sched_yield()
-        nap = 50e-6
+        nap, next_check = 50e-6, start + PEER_CHECK_S
         while not ready():
             now = time.monotonic()
             if now - start > timeout_s:
                 raise RingTimeout(f"{what} within {timeout_s:g} s")
+            if self._writer_pid is not None and now >= next_check:
+                next_check = now + PEER_CHECK_S
+                if process_state(self._writer_pid) in (None, "Z", "X"):
+                    raise RingTimeout(f"{what}: the writer's process (pid {self._writer_pid}) has ended")
             time.sleep(nap)
             nap = min(2 * nap, 1e-3 if now - start < 1.0 else 5e-3)
 

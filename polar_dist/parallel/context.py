@@ -14,6 +14,9 @@ a gloo group of the drivers (`replicas_group`) exists for whole-job summaries at
 benchmark's totals, generate.py's output). `rank` and `world_size` are global; `tp_rank`,
 `tp_size`, `replica` and `num_replicas` place this rank in the layout, and every broadcast
 below is from the replica's driver (a group-relative source), not from global rank 0.
+A job may also be one replica alone (parallel.replica = r, its world tp ranks): then `replica`
+is r and `num_replicas` is parallel.dp, as if the other replicas' jobs were part of it, but
+there is no exchange between replicas (`gather_replicas` refuses).
 
 Collectives run on NCCL for CUDA and gloo for CPU; a separate gloo group per replica carries
 control messages (step plans). Every collective is bounded by `timeout_s`: when a rank dies, the
@@ -156,12 +159,28 @@ class ParallelContext:
 
     @property
     def replica(self) -> int:
-        """This rank's replica index (a server listens on server.port + replica)."""
+        """This rank's replica index over every job (a server listens on server.port + replica)."""
         return self.layout.replica_of(self.info.rank)
 
     @property
     def num_replicas(self) -> int:
-        return self.layout.num_replicas
+        """Replicas in all (parallel.dp), also when this job runs only one of them."""
+        return self.layout.total_replicas
+
+    @property
+    def replica_label(self) -> str:
+        """Names the replica in messages, e.g. `replica 1 of 2, ranks [2, 3]`; empty with one replica."""
+        if self.num_replicas == 1:
+            return ""
+        return f"replica {self.replica} of {self.num_replicas}, ranks {self.replica_ranks}" + \
+            ("" if self.layout.one_job else " of its own job")
+
+    def require_one_job(self, what: str) -> None:
+        """Raise unless this job runs every replica: `what` gathers results over replicas."""
+        if not self.layout.one_job:
+            raise UserError(f"{what} gathers every replica's results, but parallel.replica = {self.replica} runs "
+                            f"replica {self.replica} of {self.num_replicas} as a job of its own; run all the "
+                            "replicas in one job (parallel.replica: null; launch/cluster.py with jobs: one)")
 
     @property
     def is_driver(self) -> bool:
@@ -233,7 +252,8 @@ class ParallelContext:
         died."""
         if not self.is_driver:
             raise RuntimeError("gather_replicas is called by each replica's driver only")
-        if self.num_replicas == 1:
+        self.require_one_job("gather_replicas")
+        if self.layout.num_replicas == 1:
             return [obj]
         import torch.distributed as dist
 
@@ -303,8 +323,9 @@ def init_parallel(cfg: ParallelConfig, device_pref: str) -> ParallelContext:
         raise UserError("parallel.backend = nccl needs CUDA devices; use gloo (or auto) on CPU")
     timeout = timedelta(seconds=cfg.timeout_s)
     kwargs: dict[str, Any] = {"device_id": device} if backend == "nccl" else {}
-    log.info("joining %d ranks at %s (%s, launched by %s); waiting up to parallel.timeout_s = %g s for all of them",
-             info.world_size, info.init_method, backend, info.launcher.value, cfg.timeout_s)
+    alone = "" if layout.one_job else f" of replica {layout.first_replica} (of {layout.total_replicas}, a job each)"
+    log.info("joining %d ranks%s at %s (%s, launched by %s); waiting up to parallel.timeout_s = %g s for all of them",
+             info.world_size, alone, info.init_method, backend, info.launcher.value, cfg.timeout_s)
     dist.init_process_group(backend, init_method=info.init_method, rank=info.rank, world_size=info.world_size,
                             timeout=timeout, **kwargs)
     if layout.num_replicas == 1:

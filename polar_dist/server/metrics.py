@@ -95,8 +95,13 @@ class Histogram:
 
 
 class ServerMetrics:
-    def __init__(self) -> None:
+    """`replica` of `num_replicas` (each tp ranks) is which replica this server is, exported as
+    polar_replica_info's labels, so that a scraper can tell the replicas apart."""
+
+    def __init__(self, replica: int = 0, num_replicas: int = 1, tp: int = 1) -> None:
         p = "polar_"
+        self.replica_info = Gauge(p + "replica_info", "which data-parallel replica this server is (always 1)")
+        self.replica_info.set(1, replica=str(replica), replicas=str(num_replicas), tp=str(tp))
         self.requests = Counter(p + "requests_total", "HTTP requests to the API endpoints, by status code")
         self.prompt_tokens = Counter(p + "prompt_tokens_total", "prompt tokens of the requests served")
         self.generation_tokens = Counter(p + "generation_tokens_total", "tokens generated")

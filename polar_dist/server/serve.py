@@ -9,7 +9,9 @@ the workers STOP and every rank returns (exit 0). A second signal skips the grac
 other ranks ignore both signals (Ctrl-C in a terminal reaches every rank; torchrun forwards
 SIGTERM): they end on rank 0's STOP, or on its loss within parallel.timeout_s. If the engine fails
 (a rank is lost), rank 0 answers 503, lets the requests in flight receive their errors, and
-raises: every rank exits non-zero.
+raises: every rank exits non-zero, with a message naming the replica. Before draining, rank 0
+checks that its ranks still answer: torchrun stops a job's other ranks with SIGTERM when one
+dies, and a replica that lost a rank must end on that error, not as if asked to stop.
 """
 
 from __future__ import annotations
@@ -105,7 +107,7 @@ class _Driver:
 
     async def run(self) -> None:
         rt, s = self.rt, self.rt.cfg.server
-        metrics = ServerMetrics()
+        metrics = ServerMetrics(replica=rt.ctx.replica, num_replicas=rt.ctx.num_replicas, tp=rt.ctx.tp_size)
         engine = Engine(rt)
         bridge = EngineLoop(engine, metrics, s.max_queued_requests)
         limits = Limits(model_name=served_model_name(rt.cfg), max_n=s.max_n, max_logprobs=s.max_logprobs,
@@ -122,17 +124,19 @@ class _Driver:
             loop.add_signal_handler(sig, self._on_signal, sig)
         watcher = asyncio.create_task(self._watch_engine())
         host, port = self.sock.getsockname()[:2]
-        log.info("serving %r on http://%s:%d (tp=%d); SIGINT/SIGTERM drains and stops", limits.model_name, host,
-                 port, rt.ctx.world_size)
+        label = rt.ctx.replica_label
+        log.info("serving %r on http://%s:%d (%s); SIGINT/SIGTERM drains and stops", limits.model_name, host,
+                 port, label or f"tp={rt.ctx.tp_size}")
         try:
             await self.server.serve(sockets=[self.sock])
         finally:
             watcher.cancel()
             bridge.stop()
             await asyncio.to_thread(bridge.join)
-        failure = self.failure or bridge.failure
+        failure = self.failure or bridge.failure or engine.failure
         if failure is not None:
-            raise RuntimeError(f"the engine failed, so the server stopped: {type(failure).__name__}: {failure}")
+            raise RuntimeError(f"{label + ': ' if label else ''}the engine failed, so the server on port {port} "
+                               f"stopped: {type(failure).__name__}: {failure}")
         log.info("server stopped")
 
     def _on_signal(self, sig: int) -> None:
@@ -146,6 +150,8 @@ class _Driver:
 
     async def _drain(self) -> None:
         deadline = time.monotonic() + self.rt.cfg.server.drain_timeout_s
+        if not await asyncio.to_thread(self.state.bridge.engine.check_ranks):
+            return  # a rank is lost: _watch_engine ends the server with the error
         while self._busy() and time.monotonic() < deadline and self.signals < 2:
             await asyncio.sleep(0.05)
         if self._busy():
