@@ -202,6 +202,8 @@ def main() -> None:
     p.add_argument("--prompt-words", type=_range, default=(16, 128), help="LO:HI words per prompt")
     p.add_argument("--output-len", type=_range, default=(16, 64), help="LO:HI tokens per output")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--warmup", type=int, default=0,
+                   help="requests sent at once before measuring (reach every batch size the runs will see)")
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy; OpenAI clients default to 1")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--name", default=None, help="results file name part (default: the model and tp)")
@@ -221,6 +223,10 @@ def main() -> None:
             .data[0].id
         results = []
         sampling = {"temperature": args.temperature, "top_p": args.top_p}
+        if args.warmup:  # first uses capture CUDA graphs and compile kernels per batch bucket: not measured
+            w = asyncio.run(run_rate(url, model, args.api_key, float("inf"), args.warmup, args.prompt_words,
+                                     (min(args.output_len[1], 16),) * 2, args.seed + 1, sampling))
+            print(f"warm-up: {w['completed']}/{w['num_requests']} ok in {w['duration_s']:.1f} s", flush=True)
         for rate in [float(r) for r in args.rates.split(",")]:
             r = asyncio.run(run_rate(url, model, args.api_key, rate, args.num_requests, args.prompt_words,
                                      args.output_len, args.seed, sampling))
@@ -241,7 +247,7 @@ def main() -> None:
     meta = {"model": model, "tp": args.tp, "config": args.config, "overrides": args.overrides, "device": device,
             "host": platform.node(), "cpus": os.cpu_count(), "prompt_words": args.prompt_words,
             "output_len": args.output_len, "num_requests": args.num_requests, "temperature": args.temperature,
-            "top_p": args.top_p, "command": " ".join(sys.argv)}
+            "top_p": args.top_p, "warmup": args.warmup, "command": " ".join(sys.argv)}
     (out_dir / f"serving_{name}.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
     plot(results, f"{model}, tp={args.tp}, {device}", out_dir / f"serving_{name}.png")
     print(f"wrote {out_dir / f'serving_{name}.json'} and .png")
