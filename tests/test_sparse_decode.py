@@ -86,6 +86,42 @@ def test_global_scope_tokens_equal_across_tp(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_engine_counts_the_attention_it_reads() -> None:
+    # 3 layers of 6 groups at density 0.5: layer 0 dense, layers 1-2 read 3 -> 12 of 18 group-layers
+    # per decode row; steps of fewer rows than head_min_batch read all 18 (what /metrics reports).
+    from polar_dist.engine.engine import Engine
+
+    c = config_from_dict(_cfg({"head_density": 0.5, "routers": "random", "head_min_batch": 3}))
+    rt = build_runtime(c, init_parallel(c.parallel, c.model.device))
+    assert rt.policy.groups_read(4, 6, 1) == 12 and rt.policy.groups_read(2, 6, 1) == 18
+    engine = Engine(rt)
+
+    def run(prompts: list[list[int]], n: int) -> None:
+        for p in prompts:
+            engine.add_request(p, SamplingParams(max_new_tokens=n, ignore_eos=True))
+        while engine.has_unfinished():
+            engine.step()
+
+    run(PROMPTS, 6)  # one prefill step, then 5 decode steps of 4 rows
+    assert (engine.decode_group_reads, engine.decode_group_reads_dense) == (4 * 5 * 12, 4 * 5 * 18)
+    run(PROMPTS[:2], 4)  # 3 decode steps of 2 rows, below head_min_batch
+    assert (engine.decode_group_reads, engine.decode_group_reads_dense) == (240 + 2 * 3 * 18, 360 + 2 * 3 * 18)
+    engine.shutdown()
+    rt.ctx.shutdown()
+
+
+def test_groups_read_follows_the_scope_and_the_routing() -> None:
+    from polar_dist.sparsity.policy import HeadRouting, RoutingScope, SparsityPolicy
+
+    base = dict(head_k=(8, 4, 2), num_groups=8, neuron_k=None, mlp_dense_above=0.8, head_min_batch=4)
+    glob = SparsityPolicy(routing=HeadRouting.ROUTER, scope=RoutingScope.GLOBAL, **base)
+    assert glob.groups_read(8, 8, 1) == 14 and glob.groups_read(3, 8, 1) == 24
+    local = SparsityPolicy(routing=HeadRouting.ROUTER, scope=RoutingScope.LOCAL, **base)
+    assert local.groups_read(8, 2, 4) == 8 + 4 * 1 + 4 * 1  # 4 ranks of 2 groups: 0.5 -> 1, 0.25 -> 0.5 -> 1
+    oracle = SparsityPolicy(routing=HeadRouting.ORACLE, scope=RoutingScope.GLOBAL, **base)
+    assert oracle.groups_read(8, 8, 1) == 24  # the oracle reads every group, then masks
+
+
 @pytest.mark.parametrize("tp", [2, 3])
 def test_local_scope_follows_its_per_rank_rule(tp: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """At tp = N the local scope takes top-k_local of each rank's block of groups. Reference: one

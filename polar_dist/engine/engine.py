@@ -30,7 +30,7 @@ from polar_dist.engine.control import ControlChannel, buffer_capacity
 from polar_dist.engine.kv_cache import BlockAllocator
 from polar_dist.engine.sampling import PromptRows, SamplingParams, TokenLogprobs
 from polar_dist.engine.scheduler import Scheduler, Sequence
-from polar_dist.engine.step import BatchMirror, MsgKind, control_message, encode
+from polar_dist.engine.step import BatchMirror, MsgKind, Step, control_message, encode
 from polar_dist.log import get_logger
 
 if TYPE_CHECKING:
@@ -72,6 +72,12 @@ class Engine:
         self.mirror = BatchMirror(e.max_batch_size, rt.runner.max_blocks_per_seq, e.block_size)
         self.channel = ControlChannel(rt.ctx, buffer_capacity(e.max_batch_size), rt.cfg.parallel.timeout_s)
         self._pending: list[RequestOutput] = []  # aborts, reported at the next step
+        # Attention actually read by decode rows, in KV group-layers over every rank, and what dense
+        # decode would have read: their ratio is the density served (mixed steps' decode rows and
+        # steps below sparsity.head_min_batch read every group).
+        self.decode_group_reads = 0
+        self.decode_group_reads_dense = 0
+        self._reads_per_row: dict[int, int] = {}  # rows in the forward -> group-layers per decode row
         self._lock = threading.Lock()  # held while a message or a step's collectives are in flight
         self._failure: BaseException | None = None
         self._closed = False
@@ -134,8 +140,22 @@ class Engine:
                 self._failure = e
                 raise
             stepped = self.scheduler.accept(step, out)
+        self._count_reads(step)
         outputs += [self._output(s) for s in stepped]
         return outputs
+
+    def _count_reads(self, step: Step) -> None:
+        policy, dense = self.rt.policy, len(self.rt.policy.head_k) * self.rt.policy.num_groups
+        if step.is_decode:
+            rows = self.runner.forward_rows(step)
+            per_row = self._reads_per_row.get(rows)
+            if per_row is None:
+                per_row = self._reads_per_row[rows] = policy.groups_read(
+                    rows, self.runner.num_kv_heads_local, self.rt.ctx.tp_size)
+        else:
+            per_row = dense  # decode rows of a mixed step read every group
+        self.decode_group_reads += step.num_decode * per_row
+        self.decode_group_reads_dense += step.num_decode * dense
 
     def _output(self, seq: Sequence) -> RequestOutput:
         new = seq.output_ids[seq.num_reported:]

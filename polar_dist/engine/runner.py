@@ -29,6 +29,7 @@ class ModelRunner:
         self.num_blocks = num_blocks
         self.max_batch_size = max_batch_size
         self.max_blocks_per_seq = blocks_needed(max_seq_len, block_size)
+        self.num_kv_heads_local = plan.num_kv_heads_local
         self.kv_caches = allocate_kv_caches(spec.num_layers, num_blocks + 1, plan.num_kv_heads_local, block_size,
                                             spec.head_dim, dtype, device)
         self.sampler = sampler or Sampler(spec.vocab_size, device, use_kernel=device.type == "cuda",
@@ -46,7 +47,7 @@ class ModelRunner:
     def logits(self, step: Step) -> torch.Tensor:
         """Run the step's tokens through the model: (L, V) float32 logits of `step.logit_indices`
         (the sampled rows' last tokens, then the prompt-logprob positions)."""
-        if step.is_decode and not step.prompt_spans and self.graphs is not None and self.graphs.bucket(step.batch_size):
+        if self._graphed(step):
             return self.graphs.run(step)
         dev, T, B = self.device, step.num_tokens, step.batch_size
         # One host-to-device copy for every int64 array of the step.
@@ -71,6 +72,17 @@ class ModelRunner:
         )
         hidden = self.model(ids, positions, batch, self.kv_caches)  # (T, d)
         return self.model.logits(hidden[logit_idx])  # (L, V)
+
+    def _graphed(self, step: Step) -> bool:
+        return step.is_decode and not step.prompt_spans and self.graphs is not None \
+            and self.graphs.bucket(step.batch_size) is not None
+
+    def forward_rows(self, step: Step) -> int:
+        """Rows the model runs for `step`: its CUDA-graph bucket when replayed, else its batch."""
+        if self._graphed(step):
+            assert self.graphs is not None
+            return self.graphs.bucket(step.batch_size) or step.batch_size
+        return step.batch_size
 
     def execute(self, step: Step, rows: list[SampleRow] | None = None,
                 prompt: PromptRows | None = None) -> SampleOutput | None:

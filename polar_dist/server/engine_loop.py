@@ -66,11 +66,7 @@ class EngineLoop:
         num_blocks = engine.scheduler.allocator.num_blocks
         metrics.kv_blocks_total.set(num_blocks)
         metrics.kv_blocks_used.set(0)
-        policy = engine.rt.policy
-        layers = len(policy.head_k)
-        density = sum(policy.head_k[i] / policy.num_groups if policy.head_routed(i) else 1.0
-                      for i in range(layers)) / max(layers, 1)
-        metrics.attention_density.set(density)
+        metrics.attention_density.set(1.0)  # until a decode step says otherwise
 
     # ---- the event loop's side -----------------------------------------------------------
 
@@ -187,6 +183,11 @@ class EngineLoop:
         self.metrics.running.set(len(sched.running))
         self.metrics.preemptions.mirror(sched.num_preemptions)
         self.metrics.kv_blocks_used.set(sched.allocator.num_blocks - sched.allocator.num_free)
+        reads, dense = self.engine.decode_group_reads, self.engine.decode_group_reads_dense
+        self.metrics.attention_group_reads.mirror(reads)
+        self.metrics.attention_group_reads_dense.mirror(dense)
+        if dense:
+            self.metrics.attention_density.set(reads / dense)
         self._deliver(batch)
 
     def _finish(self, handle: Handle) -> None:

@@ -115,7 +115,12 @@ class ServerMetrics:
         self.kv_blocks_used = Gauge(p + "kv_blocks_in_use", "KV-cache blocks held by sequences")
         self.kv_blocks_total = Gauge(p + "kv_blocks_total", "KV-cache blocks in all")
         self.attention_density = Gauge(p + "attention_density",
-                                       "fraction of attention (KV groups) a decode step reads, mean over layers")
+                                       "attention (KV group-layers) decode rows read, as a fraction of dense, since "
+                                       "start; rate() of the two counters below gives it over a window")
+        self.attention_group_reads = Counter(p + "attention_group_reads_total",
+                                             "KV group-layers read by decode rows, over every rank")
+        self.attention_group_reads_dense = Counter(p + "attention_group_reads_dense_total",
+                                                   "KV group-layers dense decode would have read for the same rows")
         self.healthy = Gauge(p + "healthy", "1 while the server accepts requests, 0 while draining or dead")
         self.step_seconds = Histogram(p + "step_seconds", "time of one engine step", STEP_BUCKETS)
         self.ttft_seconds = Histogram(p + "time_to_first_token_seconds",

@@ -48,6 +48,21 @@ class SparsityPolicy:
         """Groups per sequence among this rank's own (the `local` scope)."""
         return density_to_k(self.head_k[layer] / self.num_groups, num_groups_local)
 
+    def groups_read(self, rows_in_forward: int, num_groups_local: int, tp: int) -> int:
+        """KV group-layers, over every rank, that one decode row reads in a decode forward of
+        `rows_in_forward` rows (a CUDA-graph bucket's size when replayed): the rules of
+        models/head_selection.py. Dense: num_layers x num_groups."""
+        total = 0
+        for layer, k in enumerate(self.head_k):
+            if (not self.head_routed(layer) or self.routing is HeadRouting.ORACLE
+                    or rows_in_forward < self.head_min_batch):
+                total += self.num_groups  # the oracle reads every group, then masks
+            elif self.scope is RoutingScope.LOCAL:
+                total += tp * self.head_k_local(layer, num_groups_local)
+            else:
+                total += k
+        return total
+
     @property
     def is_dense(self) -> bool:
         return self.neuron_k is None and not any(self.head_routed(i) for i in range(len(self.head_k)))
