@@ -187,6 +187,55 @@ def bench_attention(name, b, hq, hkv, n, densities, bw, rows, sweep=False):
                     pairs=b * kmax)
 
 
+PADDED_SHAPES = [("llama3-8b-gqa", 64, 32, 8), ("llama2-7b", 64, 32, 32)]  # (name, B, Hq, Hkv)
+PADDED_LENGTHS = [("uniform 1000-5000", 1000, 5000), ("one long among short", 300, 6000)]
+PADDED_WIDTHS = [None, 8192, 32768]  # table width in tokens; None: exactly the longest sequence
+
+
+def bench_padded(bw, rows, select_attention, variant="ours"):
+    """Mixed lengths in one batch, the block table as wide as the longest sequence or padded to
+    a max_seq_len (as the CUDA-graph decode path pads it): time and floor of the real lengths."""
+    gen = torch.Generator().manual_seed(1)
+    for name, b, hq, hkv in PADDED_SHAPES:
+        for dist, lo, hi in PADDED_LENGTHS:
+            if dist.startswith("one long"):
+                lens = [lo] * (b - 1) + [hi]
+            else:
+                lens = torch.randint(lo, hi + 1, (b,), generator=gen).tolist()
+            longest = -(-max(lens) // BLOCK_SIZE)
+            total_blocks = sum(-(-n // BLOCK_SIZE) for n in lens)
+            kc = torch.randn(total_blocks + 1, hkv, BLOCK_SIZE, D_HEAD, device="cuda", dtype=torch.float16)
+            vc = torch.randn_like(kc)
+            perm = torch.randperm(total_blocks, generator=gen).int()
+            q = torch.randn(b, hq, D_HEAD, device="cuda", dtype=torch.float16)
+            seq_lens = torch.tensor(lens, device="cuda", dtype=torch.int32)
+            out = torch.empty_like(q)
+            for width in PADDED_WIDTHS:
+                cols = longest if width is None else width // BLOCK_SIZE
+                bt = torch.full((b, cols), total_blocks, dtype=torch.int32)  # padding: a spare block
+                at = 0
+                for i, n in enumerate(lens):
+                    nb = -(-n // BLOCK_SIZE)
+                    bt[i, :nb] = perm[at:at + nb]
+                    at += nb
+                bt = bt.cuda()
+                shape = {"name": name, "B": b, "Hq": hq, "Hkv": hkv, "D": D_HEAD, "block_size": BLOCK_SIZE,
+                         "lengths": dist, "min_len": min(lens), "max_len": max(lens), "mean_len": sum(lens) / b,
+                         "table_tokens": cols * BLOCK_SIZE}
+                add = _row_adder(rows, "attention_padded", shape)
+                for dens in (0.25, 0.5, 1.0):
+                    kmax = max(1, round(dens * hkv))
+                    ht = _head_table(b, hkv, kmax, gen)
+                    floor = sum(lens) * kmax * D_HEAD * 2 * 2 / (bw * 1e12) * 1e3
+                    ms, extra = _try_bench(lambda: select_attention(q, kc, vc, bt, seq_lens, ht, D_HEAD**-0.5,
+                                                                    out=out))
+                    add(variant, kmax / hkv, ms, extra, floor_ms=floor)
+                    print(f"{name} {dist} width {cols * BLOCK_SIZE} d {kmax / hkv:.2f} {variant}: {ms:.3f} ms, "
+                          f"{100 * floor / ms:.0f}% of floor", flush=True)
+            del kc, vc
+            torch.cuda.empty_cache()
+
+
 def bench_mlp(name, d, n, ms_list, fracs, bw, rows, sweep_configs=()):
     from kernels.gather_gemm import GemmConfig, gather_fc1, gather_fc2
 
@@ -315,6 +364,10 @@ def main() -> None:
     ap.add_argument("--plot-from", type=Path, help="only print the table and plot this kernels.json")
     ap.add_argument("--sweep", action="store_true", help="also time attention split counts and block configs")
     ap.add_argument("--mlp-sweep", action="store_true", help="also time alternative gather-GEMM configs")
+    ap.add_argument("--padded", action="store_true",
+                    help="only mixed lengths with padded block tables (writes kernels_padded.json)")
+    ap.add_argument("--compare-module", default=None,
+                    help="with --padded: also time this module's select_attention (variant 'compare')")
     args = ap.parse_args()
     if args.plot_from:
         data = json.loads(args.plot_from.read_text())
@@ -330,6 +383,18 @@ def main() -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     bw = _copy_tbps()
     rows: list = []
+    versions = {"torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda}
+    if args.padded:
+        from kernels.select_attention import select_attention
+
+        bench_padded(bw, rows, select_attention)
+        if args.compare_module:
+            import importlib
+
+            bench_padded(bw, rows, importlib.import_module(args.compare_module).select_attention, "compare")
+        data = {"device": device, "versions": versions, "copy_TBps": bw, "rows": rows}
+        (out_dir / "kernels_padded.json").write_text(json.dumps(data, indent=1))
+        return
     for name, b, hq, hkv, n in ATTN_SHAPES:
         bench_attention(name, b, hq, hkv, n, ATTN_DENSITIES, bw, rows, args.sweep)
         torch.cuda.empty_cache()  # hand the caches of this shape back before the next one
