@@ -71,3 +71,7 @@ API_KEY: EnvVar[str] = EnvVar(
     "POLAR_API_KEY", "", lambda name, raw: raw,
     "the server's API key when server.api_key is empty (keeps it out of files and command lines)",
 )
+INJECT_FAULT: EnvVar[str] = EnvVar(
+    "POLAR_INJECT_FAULT", "", lambda name, raw: raw.strip(),
+    "tests only: fail the steps of requests whose prompt holds a token-id run (polar_dist/engine/faults.py)",
+)

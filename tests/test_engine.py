@@ -213,3 +213,34 @@ def test_graph_buffers_and_padding_rows_give_eager_results(model_dir: Path, monk
                                  block_size=16, scratch_block=runner.num_blocks, device=runner.device)
     assert outputs(rt, PROMPTS[:3], GREEDY) == eager
     assert sorted(runner.graphs._graphs) == [4]
+
+
+MARKER = [70, 65, 73, 76]  # the token-id run that POLAR_INJECT_FAULT chooses requests by
+
+
+@pytest.mark.parametrize("kind", ["raise", "nan"])
+def test_a_request_whose_sampling_fails_fails_alone(model_dir: Path, monkeypatch: pytest.MonkeyPatch,
+                                                    kind: str) -> None:
+    rt = runtime(model_dir, max_batch_size=4, max_num_batched_tokens=16)
+    sampled = SamplingParams(max_new_tokens=12, ignore_eos=True, temperature=0.8, top_p=0.9, seed=7, logprobs=2)
+    alone = [outputs(rt, [p], GREEDY)[0] for p in PROMPTS[:3]] + [outputs(rt, [PROMPTS[3]], sampled)[0]]
+    monkeypatch.setenv("POLAR_INJECT_FAULT", f"{kind}:{','.join(map(str, MARKER))}")
+    engine = Engine(rt)
+    doomed = [1, 2] + MARKER + [3]
+    reasons: dict[int, tuple[str | None, str | None]] = {}
+
+    def note(outs: list[RequestOutput]) -> None:
+        reasons.update({o.request_id: (o.finish_reason, o.error) for o in outs if o.finished})
+
+    got = drive(engine, {0: [(PROMPTS[0], GREEDY), (doomed, GREEDY), (PROMPTS[1], GREEDY)],
+                         2: [(PROMPTS[2], GREEDY), (PROMPTS[3], sampled)]}, note)
+    ids = list(got)
+    assert [got[i] for i in ids if i != ids[1]] == alone
+    reason, why = reasons[ids[1]]
+    assert reason == "error" and got[ids[1]] == []
+    assert ("injected by POLAR_INJECT_FAULT" if kind == "raise" else "NaN") in (why or ""), why
+    assert all(reasons[i] == ("length", None) for i in ids if i != ids[1])
+    assert engine.num_free_blocks == rt.runner.num_blocks
+    assert engine.failure is None
+    assert list(drive(engine, {0: [(PROMPTS[0], GREEDY)]}).values()) == [alone[0]]  # and it keeps serving
+    engine.shutdown()

@@ -451,6 +451,50 @@ def test_tp2_idle_past_the_timeout_then_sigterm_drains(config: Path) -> None:
             assert finish == "length" and len(tokens) == 100
 
 
+MARKER = [70, 65, 73, 76]  # the token-id run by which POLAR_INJECT_FAULT chooses requests
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_a_request_whose_step_fails_fails_alone_and_the_server_keeps_serving(config: Path, tp: int) -> None:
+    fault = f"raise:{','.join(map(str, MARKER))}"
+    with ServerProcess(config, tp=tp, env={"POLAR_API_KEY": API_KEY, "POLAR_INJECT_FAULT": fault},
+                       api_key=API_KEY) as server:
+        reqs = [{"prompt": p, "max_tokens": 12, "temperature": 0.0, "stream": i % 2 == 1, "n": 1}
+                for i, p in enumerate(["healthy one", "healthy two", "and three", "four"])]
+        doomed = {"model": "tiny", "prompt": [5, 6, *MARKER, 7], "max_tokens": 12, "temperature": 0.0}
+
+        async def together() -> list[Any]:
+            client = server.async_client()
+            try:
+                return await asyncio.gather(*(_run(client, r) for r in reqs), asyncio.to_thread(
+                    post, server, "/v1/completions", doomed), asyncio.to_thread(
+                    post, server, "/v1/completions", {**doomed, "stream": True}))
+            finally:
+                await client.close()
+
+        *healthy, whole, streamed = asyncio.run(together())
+        assert whole.status_code == 500, whole.text
+        error = whole.json()["error"]
+        assert error["type"] == "server_error" and "injected by POLAR_INJECT_FAULT" in error["message"], error
+        events = [json.loads(line[6:]) for line in streamed.text.splitlines()
+                  if line.startswith("data: ") and line != "data: [DONE]"]
+        assert "injected" in events[-1]["error"]["message"] and streamed.text.rstrip().endswith("data: [DONE]")
+        for req, got in zip(reqs, healthy):  # the others finish, with the tokens they get alone
+            assert got == asyncio.run(_alone(server, req)), req
+        assert requests.get(server.url + "/health", timeout=10).status_code == 200
+        assert ok_completion(server)
+        assert server.metric("polar_kv_blocks_in_use") == 0
+        assert server.terminate() == 0
+
+
+async def _alone(server: ServerProcess, req: dict[str, Any]) -> dict[int, tuple[list[int], str]]:
+    client = server.async_client()
+    try:
+        return await _run(client, {**req, "stream": False})
+    finally:
+        await client.close()
+
+
 def test_tp2_a_lost_rank_fails_the_requests_in_flight_and_every_rank_exits_nonzero(config: Path) -> None:
     timeout_s = 5.0
     with ServerProcess(config, tp=2, overrides=[f"parallel.timeout_s={timeout_s}"],
@@ -491,3 +535,5 @@ def test_tp2_a_lost_rank_fails_the_requests_in_flight_and_every_rank_exits_nonze
         assert "error" in outcome, outcome  # not a complete answer
         assert saw_503
         assert server.proc.wait(120) != 0
+        log = server.log(tail=200_000)
+        assert f"rank 1 (pid {worker.pid} on" in log and "has ended" in log, log[-4000:]  # the driver names it

@@ -26,9 +26,12 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import torch
+
 from polar_dist.engine.control import ControlChannel, buffer_capacity
+from polar_dist.engine.faults import FaultInjector
 from polar_dist.engine.kv_cache import BlockAllocator
-from polar_dist.engine.sampling import PromptRows, SamplingParams, TokenLogprobs
+from polar_dist.engine.sampling import PromptRows, SampleOutput, SampleRow, SamplingParams, TokenLogprobs
 from polar_dist.engine.scheduler import Scheduler, Sequence
 from polar_dist.engine.step import BatchMirror, MsgKind, Step, control_message, encode
 from polar_dist.log import get_logger
@@ -48,6 +51,7 @@ class RequestOutput:
     finish_reason: str | None  # "stop" | "length" | "abort" | "error" once finished, else None
     logprobs: list[TokenLogprobs] | None = None  # per new token, when the request asked
     prompt_logprobs: list[TokenLogprobs] | None = None  # once, with the first token: prompt tokens 1..
+    error: str | None = None  # why, with finish reason "error" (this request failed alone)
 
     @property
     def finished(self) -> bool:
@@ -72,6 +76,7 @@ class Engine:
         self.mirror = BatchMirror(e.max_batch_size, rt.runner.max_blocks_per_seq, e.block_size)
         self.channel = ControlChannel(rt.ctx, buffer_capacity(e.max_batch_size), rt.cfg.parallel.timeout_s)
         self._pending: list[RequestOutput] = []  # aborts, reported at the next step
+        self._faults = FaultInjector.from_env()  # tests only: None unless POLAR_INJECT_FAULT is set
         # Attention actually read by decode rows, in KV group-layers over every rank, and what dense
         # decode would have read: their ratio is the density served (mixed steps' decode rows and
         # steps below sparsity.head_min_batch read every group).
@@ -134,15 +139,63 @@ class Engine:
                 if step.prompt_spans:
                     n = max(self.scheduler.requests[i].params.prompt_logprobs or 0 for i, _, _ in step.prompt_spans)
                     prompt = PromptRows(self.scheduler.prompt_targets(step), n)
-                out = self.runner.execute(step, rows, prompt)
-                assert out is not None
+                logits = self.runner.logits(step)  # (R + P, V); every rank's part of the step is done
             except BaseException as e:
-                self._failure = e
-                raise
-            stepped = self.scheduler.accept(step, out)
+                self._failure = failure = self._named_failure(e)
+                if failure is e:
+                    raise
+                raise failure from e
+            out, errors = self._sample(step, logits, rows, prompt)
+            stepped = self.scheduler.accept(step, out, errors)
         self._count_reads(step)
         outputs += [self._output(s) for s in stepped]
         return outputs
+
+    def _sample(self, step: Step, logits: torch.Tensor, rows: list[SampleRow],
+                prompt: PromptRows | None) -> tuple[SampleOutput, dict[int, str]]:
+        """The step's tokens, and {request id: why} for requests that failed alone. Sampling runs
+        on the driver only, after the forward: a failure here is one request's (its parameters,
+        its logits), so the step is sampled again row by row and only the rows that fail again
+        fail their requests; the other ranks never know."""
+        try:
+            if self._faults is not None:
+                self._faults.before_sampling(logits, rows)
+            return self.runner.sampler.sample(logits, rows, prompt), {}
+        except Exception as e:  # noqa: BLE001 - isolated below, row by row
+            log.warning("sampling a step of %d rows failed (%s: %s); sampling them one by one", len(rows),
+                        type(e).__name__, e)
+        tokens: list[int] = []
+        logprobs: list[TokenLogprobs | None] = []
+        errors: dict[int, str] = {}
+        for i, (seq_id, row) in enumerate(zip(step.sample_ids, rows)):
+            try:
+                if self._faults is not None:
+                    self._faults.before_sampling(logits[i:i + 1], [row])
+                alone = self.runner.sampler.sample(logits[i:i + 1], [row])
+                tokens.append(alone.token_ids[0])
+                logprobs.append(alone.logprobs[0])
+            except Exception as e:  # noqa: BLE001 - this request fails, the others go on
+                tokens.append(-1)
+                logprobs.append(None)
+                errors[seq_id] = f"sampling its next token failed: {type(e).__name__}: {e}"
+        prompt_lps: list[TokenLogprobs] = []
+        if prompt is not None:
+            try:
+                prompt_lps = self.runner.sampler.sample(logits[len(rows):], [], prompt).prompt_logprobs
+            except Exception as e:  # noqa: BLE001 - the requests that asked for prompt logprobs fail
+                for seq_id, _, _ in step.prompt_spans:
+                    errors[seq_id] = f"computing its prompt logprobs failed: {type(e).__name__}: {e}"
+        for seq_id, why in errors.items():
+            log.error("request %d failed alone: %s", seq_id, why)
+        return SampleOutput(tokens, logprobs, prompt_lps), errors
+
+    def _named_failure(self, e: BaseException) -> BaseException:
+        """A failed forward: with several ranks, the error names the ranks that ended."""
+        if self.rt.ctx.tp_size == 1 or isinstance(e, (KeyboardInterrupt, SystemExit)):
+            return e
+        label = self.rt.ctx.replica_label
+        return RuntimeError(f"{label + ': ' if label else ''}a step failed on the driver: "
+                            f"{self.rt.ctx.describe_lost_ranks()} ({type(e).__name__}: {e})")
 
     def _count_reads(self, step: Step) -> None:
         policy, dense = self.rt.policy, len(self.rt.policy.head_k) * self.rt.policy.num_groups
@@ -162,7 +215,7 @@ class Engine:
         logprobs = seq.logprobs[seq.num_reported:] if seq.params.logprobs is not None else None
         prompt_lps = seq.prompt_logprobs if seq.params.prompt_logprobs is not None and seq.num_reported == 0 else None
         seq.num_reported = len(seq.output_ids)
-        return RequestOutput(seq.request_id, new, seq.finish_reason, logprobs, prompt_lps)
+        return RequestOutput(seq.request_id, new, seq.finish_reason, logprobs, prompt_lps, seq.error)
 
     def _check_alive(self) -> None:
         if self._failure is not None:
@@ -206,7 +259,7 @@ class Engine:
     def _lost_rank(self, e: BaseException) -> None:
         label = self.rt.ctx.replica_label
         self._failure = RuntimeError(f"{label + ': ' if label else ''}a rank stopped answering while the engine "
-                                     f"was idle ({type(e).__name__}: {e})")
+                                     f"was idle: {self.rt.ctx.describe_lost_ranks()} ({type(e).__name__}: {e})")
         self._failure.__cause__ = e
         log.error("%s; the engine cannot serve", self._failure)
 
@@ -247,13 +300,17 @@ def worker_loop(rt: Runtime) -> None:
             raise RuntimeError(
                 f"rank {rt.ctx.rank}{_replica_label(rt)}: the driver (rank {rt.ctx.replica_ranks[0]}) sent no step "
                 f"or heartbeat within parallel.timeout_s = {rt.cfg.parallel.timeout_s} s, or its connection closed "
-                f"or its process ended: another rank of this replica failed ({e})") from e
+                f"or its process ended: {rt.ctx.describe_lost_ranks()} ({e})") from e
         kind = MsgKind(int(msg[0]))
         if kind is MsgKind.STOP:
             return
         if kind is MsgKind.IDLE:
             continue
-        rt.runner.execute(mirror.apply(msg))
+        try:
+            rt.runner.execute(mirror.apply(msg))
+        except Exception as e:
+            raise RuntimeError(f"rank {rt.ctx.rank}{_replica_label(rt)}: a step failed: {rt.ctx.describe_lost_ranks()} "
+                               f"({type(e).__name__}: {e})") from e
 
 
 def _replica_label(rt: Runtime) -> str:

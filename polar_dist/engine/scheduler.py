@@ -48,6 +48,7 @@ class Sequence:
     num_computed: int = 0  # tokens whose K/V are in the cache (or are in the step being run)
     prefill_len: int = 0  # tokens to prefill since the latest admission
     finish_reason: str | None = None
+    error: str | None = None  # why, with finish reason "error"
     logprobs: list[TokenLogprobs] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprobs] = field(default_factory=list)  # entry p: prompt token p + 1
     num_reported: int = 0  # output tokens already handed out by the engine
@@ -229,22 +230,36 @@ class Scheduler:
             targets += self.requests[seq_id].prompt_ids[first + 1:first + 1 + count]
         return targets
 
-    def accept(self, step: Step, out: SampleOutput) -> list[Sequence]:
-        """Append each sampled row's token; returns the sequences that got a token (finished ones too)."""
+    def accept(self, step: Step, out: SampleOutput, errors: dict[int, str] | None = None) -> list[Sequence]:
+        """Append each sampled row's token; returns the sequences that got a token or finished.
+        `errors`: {request id: why} for requests whose part of the step failed: they finish with
+        "error" alone."""
+        stepped = []
+        for seq_id, why in (errors or {}).items():
+            seq = self.requests[seq_id]
+            seq.error = why
+            self._finish(seq, "error")
+            stepped.append(seq)
         off = 0
         for seq_id, first, count in step.prompt_spans:
-            seq = self.requests[seq_id]
+            seq = self.requests.get(seq_id)
+            if seq is None:  # failed above
+                off += count
+                continue
             for p, lp in zip(range(first, first + count), out.prompt_logprobs[off:off + count]):
                 if p == len(seq.prompt_logprobs):  # a recompute after preemption repeats known positions
                     seq.prompt_logprobs.append(lp)
             off += count
-        stepped = []
         for seq_id, token, lp in zip(step.sample_ids, out.token_ids, out.logprobs):
-            seq = self.requests[seq_id]
+            seq = self.requests.get(seq_id)
+            if seq is None:  # failed above
+                continue
             stepped.append(seq)
             if token < 0:
                 log.error("request %d: the model's logits hold NaN or no finite value; finishing it with 'error'",
                           seq.request_id)
+                seq.error = "the model's logits for its next token hold NaN or no finite value (a damaged " \
+                            "weight, or an overflow in the model's dtype)"
                 self._finish(seq, "error")
                 continue
             seq.output_ids.append(token)

@@ -47,6 +47,7 @@ from polar_dist.errors import UserError
 from polar_dist.log import configure_logging, get_logger, is_configured
 from polar_dist.parallel.comm import GroupComm, SingleRank, TPComm
 from polar_dist.parallel.layout import ReplicaLayout, resolve_layout
+from polar_dist.parallel.liveness import RankProcesses
 
 log = get_logger(__name__)
 
@@ -138,6 +139,8 @@ class ParallelContext:
         self.layout = layout or ReplicaLayout(info.world_size, 1)
         self._control = control_group  # gloo, this replica's ranks: step plans travel on the CPU, beside NCCL
         self._replicas = replicas_group  # gloo, the drivers of every replica; None with one replica
+        # Every rank of the replica (host, pid), to name the ones that ended after a failure.
+        self.peers = RankProcesses.gather(control_group, info.rank) if self.tp_size > 1 else None
 
     @property
     def rank(self) -> int:
@@ -260,6 +263,11 @@ class ParallelContext:
         box: list[Any] | None = [None] * self.num_replicas if self.replica == 0 else None
         dist.gather_object(obj, box, group=self._replicas, group_dst=0)
         return box
+
+    def describe_lost_ranks(self) -> str:
+        """After a failed collective or control message: which ranks of this replica ended (see
+        parallel/liveness.py); empty for a replica of one rank."""
+        return self.peers.describe_lost() if self.peers is not None else ""
 
     def shutdown(self) -> None:
         if not isinstance(self.tp_comm, SingleRank):

@@ -31,7 +31,7 @@ from polar_dist.models.tokenizer import Tokenizer
 from polar_dist.server import responses
 from polar_dist.server.engine_loop import EngineLoop
 from polar_dist.server.errors import APIError, error_body, validation_message
-from polar_dist.server.generation import ClientGone, Generation
+from polar_dist.server.generation import ClientGone, Generation, RequestFailed
 from polar_dist.server.metrics import ServerMetrics
 from polar_dist.server.prepare import Job, Limits, chat_job, completion_job
 from polar_dist.server.protocol import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest,
@@ -126,6 +126,8 @@ async def _answer(state: ServerState, request: Request, job: Job,
         return Response(status_code=499)  # nginx's "client closed request": nobody reads it
     except UserError as e:
         raise APIError(400, str(e)) from None
+    except RequestFailed as e:
+        raise APIError(500, str(e)) from None
     except EngineDeadError as e:
         raise APIError(503, str(e)) from None
 

@@ -32,6 +32,11 @@ class ClientGone(Exception):
     """The client closed its connection before the answer was complete."""
 
 
+class RequestFailed(Exception):
+    """One of the request's choices failed in the engine (finish reason "error"); the engine and
+    the other requests go on."""
+
+
 @dataclass
 class Delta:
     index: int  # the choice
@@ -81,7 +86,8 @@ class Generation:
 
     async def deltas(self) -> AsyncIterator[Delta]:
         """Deltas until every choice finished. Raises ClientGone, UserError (the engine refused a
-        prompt) or EngineDeadError; whatever ends it early aborts the unfinished choices."""
+        prompt), RequestFailed or EngineDeadError; whatever ends it early aborts the unfinished
+        choices."""
         try:
             while any(c.finish_reason is None for c in self.choices):
                 index, item = await self._next()
@@ -110,6 +116,9 @@ class Generation:
     def _apply(self, c: _ChoiceState, index: int, out: RequestOutput) -> Delta | None:
         if c.finish_reason is not None:
             return None  # e.g. the abort that follows a stop string
+        if out.finish_reason == "error":
+            c.finish_reason = "error"
+            raise RequestFailed(f"choice {index} failed: {out.error or 'the engine gave no reason'}")
         if out.new_token_ids and not self._first_token:
             self._first_token = True
             self.metrics.ttft_seconds.observe(time.monotonic() - self.arrived_at)

@@ -17,7 +17,7 @@ from polar_dist.engine.sampling import TokenLogprobs
 from polar_dist.errors import UserError
 from polar_dist.models.tokenizer import Tokenizer
 from polar_dist.server.errors import error_body
-from polar_dist.server.generation import Delta, Generation
+from polar_dist.server.generation import Delta, Generation, RequestFailed
 
 
 @dataclass(frozen=True)
@@ -182,6 +182,8 @@ async def _stream(gen: Generation, chunk: Any, head: dict[str, Any]) -> AsyncIte
             yield sse(chunk(d))
     except UserError as e:  # headers are sent: the error travels as an event
         yield sse(error_body(400, str(e)))
+    except RequestFailed as e:
+        yield sse(error_body(500, str(e)))
     except EngineDeadError as e:
         yield sse(error_body(503, str(e)))
     else:
