@@ -129,8 +129,10 @@ def _killed_ranks(rank: int, world_size: int, victim: int, timeout_s: float, out
             engine.step()
             time.sleep(0.05)
         raise AssertionError("rank 0 did not notice the dead rank")
-    except EngineDeadError:
-        pass
+    except BaseException as e:
+        (directory / f"error-{rank}").write_text(f"{type(e).__name__}: {e}")
+        if not isinstance(e, EngineDeadError):
+            raise
     finally:
         (directory / f"ended-{rank}").write_text(str(time.time()))
 
@@ -152,3 +154,5 @@ def test_a_killed_rank_ends_every_rank_within_the_timeout(victim: int, tmp_path:
             waited = float((tmp_path / f"ended-{r}").read_text()) - killed
             assert waited <= timeout_s + 2.0, f"rank {r} ended {waited:.1f} s after rank {victim} was killed"
             assert procs[r].exitcode != 0 or r == 0  # rank 0 catches EngineDeadError itself
+            error = (tmp_path / f"error-{r}").read_text()
+            assert f"rank {victim} (pid {procs[victim].pid} on" in error and "ended" in error, error  # names it
