@@ -167,8 +167,11 @@ def test_echo_logprobs_stream_like_the_whole_answer(server: ServerProcess) -> No
     assert sum((c["choices"][0]["logprobs"]["token_logprobs"] for c in chunks), []) == lp["token_logprobs"]
 
 
+SOAK_REQUESTS = 1000  # per round
+
+
 def test_soak_two_rounds_lose_nothing_and_do_not_grow(server: ServerProcess) -> None:
-    """2 x 500 requests from 64 concurrent clients: a third streaming, a tenth hanging up after
+    """2 x 1,000 requests from 64 concurrent clients: a third streaming, a tenth hanging up after
     their first chunk, some n = 2, some seeded. Every request not hung up gets exactly one complete
     answer; a sample equals the same requests alone; KV blocks return to zero after each round; the
     server's resident memory does not grow from the first round to the second."""
@@ -184,10 +187,15 @@ def test_soak_two_rounds_lose_nothing_and_do_not_grow(server: ServerProcess) -> 
         req.update(temperature=1.0, seed=i) if i % 4 == 0 else req.update(temperature=0.0)
         return req
 
+    latencies: list[float] = []  # seconds per answered request, from its send to its last byte
+
     async def one(client: Any, req: dict[str, Any], gate: asyncio.Semaphore) -> Any:
         async with gate:
             if not req["hang_up"]:
-                return await _run(client, {k: v for k, v in req.items() if k != "hang_up"})
+                t0 = time.perf_counter()
+                got = await _run(client, {k: v for k, v in req.items() if k != "hang_up"})
+                latencies.append(time.perf_counter() - t0)
+                return got
             args = {k: v for k, v in req.items() if k not in ("hang_up", "stream")}
             stream = await client.completions.create(model="tiny", stream=True, **{**args, "max_tokens": 80},
                                                      extra_body={"ignore_eos": True})
@@ -206,7 +214,8 @@ def test_soak_two_rounds_lose_nothing_and_do_not_grow(server: ServerProcess) -> 
             await client.close()
 
     for round_ in range(2):
-        reqs = [make(i) for i in range(500)]
+        latencies.clear()
+        reqs = [make(i) for i in range(SOAK_REQUESTS)]
         answers, elapsed = asyncio.run(soak(reqs))
         for req, got in zip(reqs, answers):
             if req["hang_up"]:
@@ -218,8 +227,10 @@ def test_soak_two_rounds_lose_nothing_and_do_not_grow(server: ServerProcess) -> 
             assert time.monotonic() < deadline, "blocks still in use after the round"
             time.sleep(0.1)
         rss.append(psutil.Process(server.rank0_pid()).memory_info().rss)
-        print(f"soak round {round_}: 500 requests in {elapsed:.1f} s ({500 / elapsed:.1f} req/s), "
-              f"rank 0 RSS {rss[-1] / 2**20:.0f} MiB")
+        lat = sorted(latencies)
+        print(f"soak round {round_}: {SOAK_REQUESTS} requests ({len(lat)} answered, the rest hung up) in "
+              f"{elapsed:.1f} s ({SOAK_REQUESTS / elapsed:.1f} req/s), latency p50 {lat[len(lat) // 2]:.2f} s "
+              f"p99 {lat[int(len(lat) * 0.99)]:.2f} s, errors 0, rank 0 RSS {rss[-1] / 2**20:.0f} MiB")
         sample = [(r, a) for r, a in zip(reqs, answers) if not r["hang_up"]][::25]
 
         async def alone() -> list[Any]:
