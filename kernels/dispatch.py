@@ -6,6 +6,9 @@ calls a kernel is handed the same `KernelOps`:
   which the tests use to run the kernels in the interpreter);
 - `Backend.TORCH`: each op's pure-PyTorch `_ref` (any device and dtype; what float32 models
   and CPU runs use).
+The MLP of a neuron-sparse layer goes through `sparse_mlp`, which also chooses between the
+gather-GEMM pair and dense cuBLAS (kernels/mlp_dispatch.py: measured on the device at first
+use, fixed before any CUDA-graph capture).
 The op modules are imported only when first called, so importing `kernels` never imports
 triton (the op modules import it at the top, for @triton.jit, and also hold the references).
 This package imports nothing from polar_dist: the caller passes the choice in.
@@ -17,8 +20,12 @@ import importlib
 import os
 from enum import Enum
 from types import ModuleType
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:  # imported for annotations only: the op modules load on first call
+    from kernels.mlp_dispatch import MlpDispatch, MlpPlan
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -50,6 +57,7 @@ class KernelOps:
     def __init__(self, backend: Backend) -> None:
         self.backend = backend
         self._triton = backend is Backend.TRITON
+        self._mlp_dispatch: MlpDispatch | None = None  # the measured MLP plans; made on first use
 
     def __repr__(self) -> str:
         return f"KernelOps({self.backend.value})"
@@ -93,6 +101,37 @@ class KernelOps:
     ) -> torch.Tensor:  # [M, d]
         """y = h @ w2t[idx] + b2; see kernels/gather_gemm.py."""
         return self._pick("gather_gemm", "gather_fc2")(h, w2t, idx, b2)
+
+    def sparse_mlp(
+        self,
+        x: torch.Tensor,  # [M, d]
+        w1: torch.Tensor,  # [N, d]
+        b1: torch.Tensor | None,  # [N]
+        w2t: torch.Tensor,  # [N, d]
+        idx: torch.Tensor,  # [k] int32, distinct neuron ids
+    ) -> torch.Tensor:  # [M, d], without the fc2 bias
+        """y = relu(x @ w1[idx].T + b1[idx]) @ w2t[idx], by the gather-GEMM pair or dense cuBLAS on
+        masked weights, whichever the device measured faster for this (shape, M bucket, k); at
+        k = N always dense. The torch backend runs the references (dense at k = N); see
+        kernels/mlp_dispatch.py."""
+        mlp_dispatch = _module("mlp_dispatch")
+        plan = self.mlp_plan(x, w1, b1, w2t, idx.shape[0])
+        if not self._triton and plan.path is mlp_dispatch.MlpPath.GATHER:
+            gather_gemm = _module("gather_gemm")
+            return gather_gemm.gather_fc2_ref(gather_gemm.gather_fc1_ref(x, w1, idx, b1), w2t, idx, None)
+        return mlp_dispatch.run_plan(plan, x, w1, b1, w2t, idx)
+
+    def mlp_plan(self, x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2t: torch.Tensor,
+                 k: int) -> MlpPlan:
+        """The plan sparse_mlp runs for M = x.shape[0] rows and k of w1's N neurons: DENSE at k = N;
+        else on CUDA the measured plan (timed on the first call of its key), elsewhere GATHER."""
+        mlp_dispatch = _module("mlp_dispatch")
+        if not self._triton:
+            path = mlp_dispatch.MlpPath.DENSE if k >= w1.shape[0] else mlp_dispatch.MlpPath.GATHER
+            return mlp_dispatch.MlpPlan(path)
+        if self._mlp_dispatch is None:
+            self._mlp_dispatch = mlp_dispatch.MlpDispatch()
+        return self._mlp_dispatch.plan(x, w1, b1, w2t, k)
 
     def route_heads(
         self,

@@ -3,18 +3,34 @@
     h = gather_fc1(x, w1, idx, b1)   # [M, k] = relu(x @ w1[idx].T + b1[idx])
     y = gather_fc2(h, w2t, idx, b2)  # [M, d] = h @ w2t[idx] + b2
 
-Only the k selected neurons' weights are read. Both weights are indexed by row, and each
-selected row (w1[n, :] and w2t[n, :], w2t = fc2.weight.T made contiguous once at load) is
-contiguous, so a gathered tile is still read in long coalesced segments. The row gather
-happens in-kernel: no torch gather, no scatter, and the compact h [M, k] needs none either,
-since fc2 indexes w2t with the same idx. Block sizes come from a heuristic keyed on M, k and
-d (static shapes), so a call never syncs with the host and can be captured in a CUDA graph.
+Only the k selected neurons' weights are read, for any k (the last tile is masked). Both
+weights are indexed by row, and each selected row (w1[n, :] and w2t[n, :], w2t = fc2.weight.T
+made contiguous once at load) is contiguous, so a gathered tile is still read in long coalesced
+segments. The gather happens in-kernel: no torch gather or scatter, and the compact h [M, k]
+needs none either, since fc2 indexes w2t with the same idx.
+
+Work split. Decode has M = 1..256 rows against thousands of weight rows, so a program owns
+BLOCK_N weight-side columns (fc1: selected neurons; fc2: output columns) and every row of M:
+BLOCK_M is M rounded up to a power of two (16..256, the tile table `_M_TILES`), so each weight
+tile crosses HBM once whatever M is (M > 256 adds M tiles, each re-reading the weights). The
+product is computed transposed, acc[BLOCK_N, BLOCK_M] = W_tile @ act_tile^T ("swap AB"): the
+weight side is the MMA's M dimension, 64 rows per warpgroup as Hopper's wgmma needs, and the
+batch is its N dimension, which may be as small as 16, so M = 1 pads to 16 columns, not 64 rows.
+The K loop reads whole BLOCK_K tiles with no K mask, which is what lets Triton issue 16-byte
+cp.async loads and multi-buffer them (a mask over a runtime K bound made every load a scalar
+2-byte load: ptxas of the previous version); a masked tail in 16-wide steps ends the loop, so
+any d and any k work. When the grid has too few tiles to occupy the GPU, K is split over
+programs (fp32 partials + an epilogue kernel), by the cost model in `_split_count`.
+
+Block sizes and splits depend only on static shapes (M, k, d), so a call never syncs with the
+host and can be captured in a CUDA graph. Which of this pair or dense cuBLAS to run for a
+shape is decided in kernels/mlp_dispatch.py.
 """
 
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
@@ -26,118 +42,177 @@ _ACTIVATIONS = ("relu", "identity")
 
 @dataclass(frozen=True)
 class GemmConfig:
-    block_m: int
-    block_n: int
+    block_m: int  # rows of M per program: M rounded up to a power of two, 16..256
+    block_n: int  # weight-side columns per program; the wgmma M dimension (64 per warpgroup)
     block_k: int
     num_warps: int = 4
     num_stages: int = 4  # cp.async depth: the weight stream needs several tiles in flight
     split_k: int = 1  # > 1: fp32 partials over K slices + an epilogue kernel (more programs)
 
 
-@triton.jit
+# Tiles by M range: (largest M, BLOCK_M, BLOCK_N, BLOCK_K, num_warps, fc1 stages, fc2 stages).
+# Read with ptxas (Triton 3.7, sm_90a; no GPU needed): every entry compiles to wgmma with
+# 16-byte cp.async loads, 40-125 registers and no spills. Shared memory: fc1 keeps `stages`
+# [BLOCK_N + BLOCK_M, BLOCK_K] tiles (80, 96, 96, 96, 120 KiB), so up to 96 KiB two programs fit
+# per SM (228 KiB); fc2's weight rows are an indirect load (idx first), which the pipeliner
+# issues one stage after idx and buffers stages - 2 deep, so fc2 asks one stage more for 3
+# buffers (62, 75, 99, 74, 123 KiB). Past 64 rows the tile holds 128-256 batch columns: 8 warps
+# (two warpgroups) halve the per-thread share of the fp32 accumulator [BLOCK_N, BLOCK_M], and
+# BLOCK_K 64 keeps the 256-row stages within shared memory.
+_M_TILES = (
+    (16, 16, 64, 128, 4, 4, 5),
+    (32, 32, 64, 128, 4, 4, 5),
+    (64, 64, 64, 128, 4, 3, 5),
+    (128, 128, 64, 64, 8, 4, 5),
+    (256, 256, 64, 64, 8, 3, 5),
+)
+MAX_BLOCK_M = 256
+
+# Split-K cost model (static shapes only). Per candidate split count s:
+#   t(s) = max(bytes(s) / HBM, flops / MMA) / min(1, programs(s) / SMs) + (s > 1) * epilogue
+# bytes = the gathered weights + the fp32 partials (written and read back, 8 s M n_out);
+# flops = 2 x BLOCK_M-padded M x n_out x K; a grid of fewer programs than SMs leaves that
+# fraction of the GPU idle. Constants of an H100 / H200-class GPU (copy bandwidth 3.0-4.3 TB/s,
+# cuBLAS reaches 630-730 TFLOP/s); only their ratios matter to the choice. The model replaces
+# version 3's two measured rules (fc1 <= 1 program per SM, fc2 >= 2), fit to a kernel whose
+# loads were scalar; kernels/mlp_dispatch.py times the model's split next to others on the
+# device, so a wrong guess here costs only the direct callers.
+_HBM_BYTES_PER_S = 4.0e12
+_MMA_FLOP_PER_S = 650e12
+_EPILOGUE_S = 3e-6  # one more graph node: launch, ramp, a read of the partials' first bytes
+_MAX_SPLITS = 8
+_MIN_SPLIT_K_TILES = 2  # a split shorter than 2 K tiles is all prologue
+
+
+@triton.jit(do_not_specialize=["M", "K_SEL"])  # one compiled kernel for every batch size and selection length
 def _gather_fc1_kernel(
     x_ptr, w1_ptr, idx_ptr, b1_ptr, h_ptr, ws_ptr,
     M, K_SEL, D_IN, split_len,
-    stride_xm, stride_w1n, stride_hm,
+    stride_xm, stride_w1n, stride_hm, stride_wsm,
     HAS_BIAS: tl.constexpr, RELU: tl.constexpr, UPCAST: tl.constexpr, SPLIT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_n = tl.program_id(0)  # selected-neuron tile (many): axis 0 has no 65535 limit
-    pid_m = tl.program_id(1)
+    pid_m = tl.program_id(1)  # 0 unless M > MAX_BLOCK_M
     pid_k = tl.program_id(2)  # slice [pid_k * split_len, +split_len) of d
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # slots in idx
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    n_mask = offs_n < K_SEL
+    m_mask = offs_m < M
+    # Slots past k read neuron 0 and rows past M read row M - 1: valid memory, so the K loop's
+    # loads need no mask (see the module docstring); the store drops those rows and columns.
+    neuron = tl.load(idx_ptr + offs_n, mask=n_mask, other=0).to(tl.int64)  # [BLOCK_N] rows of w1
+    rows = tl.minimum(offs_m, M - 1).to(tl.int64)  # [BLOCK_M]
     k_lo = pid_k * split_len
     k_hi = tl.minimum(k_lo + split_len, D_IN)
-    offs_k = k_lo + tl.arange(0, BLOCK_K)
-    m_mask = offs_m < M
-    n_mask = offs_n < K_SEL
-    neuron = tl.load(idx_ptr + offs_n, mask=n_mask, other=0).to(tl.int64)  # [BLOCK_N] rows of w1
-    x_ptrs = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + offs_k[None, :]  # [BLOCK_M, BLOCK_K]
-    w_ptrs = w1_ptr + neuron[:, None] * stride_w1n + offs_k[None, :]  # [BLOCK_N, BLOCK_K] gathered
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(k_lo, k_hi, BLOCK_K):
-        k_mask = (k0 - k_lo + offs_k) < k_hi
-        x = tl.load(x_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        w = tl.load(w_ptrs, mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+    k_full = k_lo + (k_hi - k_lo) // BLOCK_K * BLOCK_K  # end of the whole tiles
+    offs_k = tl.arange(0, BLOCK_K)
+    w_ptrs = w1_ptr + neuron[:, None] * stride_w1n + (k_lo + offs_k)[None, :]  # [BLOCK_N, BLOCK_K] gathered
+    x_ptrs = x_ptr + rows[:, None] * stride_xm + (k_lo + offs_k)[None, :]  # [BLOCK_M, BLOCK_K]
+    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)  # h^T tile
+    for _ in range(k_lo, k_full, BLOCK_K):
+        w = tl.load(w_ptrs)
+        x = tl.load(x_ptrs)
         if UPCAST:  # the interpreter computes bf16 on raw bit patterns (env.md section 2)
-            x = x.to(tl.float32)
             w = w.to(tl.float32)
-        acc = tl.dot(x, tl.trans(w), acc)
-        x_ptrs += BLOCK_K
+            x = x.to(tl.float32)
+        acc = tl.dot(w, tl.trans(x), acc)
         w_ptrs += BLOCK_K
-    out_mask = m_mask[:, None] & n_mask[None, :]
-    if SPLIT:  # fp32 partial [pid_k, M, K_SEL]; _split_k_epilogue_kernel adds bias and activation
-        ws_ptrs = ws_ptr + (pid_k * M + offs_m.to(tl.int64))[:, None] * K_SEL + offs_n[None, :]
+        x_ptrs += BLOCK_K
+    offs_t = tl.arange(0, 16)  # the K tail: 16 is the smallest K a tl.dot compiles for
+    for k0 in range(k_full, k_hi, 16):
+        t_mask = (k0 + offs_t) < k_hi
+        w = tl.load(w1_ptr + neuron[:, None] * stride_w1n + (k0 + offs_t)[None, :], mask=t_mask[None, :], other=0.0)
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + (k0 + offs_t)[None, :], mask=t_mask[None, :], other=0.0)
+        if UPCAST:
+            w = w.to(tl.float32)
+            x = x.to(tl.float32)
+        acc = tl.dot(w, tl.trans(x), acc)
+    out_mask = n_mask[:, None] & m_mask[None, :]
+    if SPLIT:  # fp32 partial [pid_k, M, stride_wsm]; _split_k_epilogue_kernel adds bias and activation
+        ws_ptrs = ws_ptr + (pid_k * M + offs_m.to(tl.int64))[None, :] * stride_wsm + offs_n[:, None]
         tl.store(ws_ptrs, acc, mask=out_mask)
     else:
         if HAS_BIAS:
-            acc += tl.load(b1_ptr + neuron, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+            acc += tl.load(b1_ptr + neuron, mask=n_mask, other=0.0).to(tl.float32)[:, None]
         if RELU:
             acc = tl.maximum(acc, 0.0)
-        h_ptrs = h_ptr + offs_m.to(tl.int64)[:, None] * stride_hm + offs_n[None, :]
+        h_ptrs = h_ptr + offs_m.to(tl.int64)[None, :] * stride_hm + offs_n[:, None]
         tl.store(h_ptrs, acc.to(h_ptr.dtype.element_ty), mask=out_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "K_SEL"])
 def _gather_fc2_kernel(
     h_ptr, w2t_ptr, idx_ptr, b2_ptr, y_ptr, ws_ptr,
     M, K_SEL, D_OUT, split_len,
-    stride_hm, stride_w2n, stride_ym,
+    stride_hm, stride_w2n, stride_ym, stride_wsm,
     HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, SPLIT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_n = tl.program_id(0)  # output-column tile
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)  # slice [pid_k * split_len, +split_len) of the selected neurons
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # output columns
-    offs_k = tl.arange(0, BLOCK_K)  # slots in idx
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    n_mask = offs_n < D_OUT  # constant along each 16-column run (D_OUT specializes to a multiple of 16)
     m_mask = offs_m < M
-    n_mask = offs_n < D_OUT
-    h_rows = h_ptr + offs_m.to(tl.int64)[:, None] * stride_hm
+    rows = tl.minimum(offs_m, M - 1).to(tl.int64)  # rows past M re-read row M - 1; the store drops them
     k_lo = pid_k * split_len
     k_hi = tl.minimum(k_lo + split_len, K_SEL)
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(k_lo, k_hi, BLOCK_K):
-        slots = k0 + offs_k
-        k_mask = slots < k_hi
-        neuron = tl.load(idx_ptr + slots, mask=k_mask, other=0).to(tl.int64)  # [BLOCK_K] rows of w2t
-        h = tl.load(h_rows + slots[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        w = tl.load(w2t_ptr + neuron[:, None] * stride_w2n + offs_n[None, :],
-                    mask=k_mask[:, None] & n_mask[None, :], other=0.0)  # [BLOCK_K, BLOCK_N] gathered
+    k_full = k_lo + (k_hi - k_lo) // BLOCK_K * BLOCK_K
+    offs_k = tl.arange(0, BLOCK_K)
+    h_ptrs = h_ptr + rows[:, None] * stride_hm + (k_lo + offs_k)[None, :]  # [BLOCK_M, BLOCK_K]
+    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)  # y^T tile
+    for k0 in range(k_lo, k_full, BLOCK_K):
+        neuron = tl.load(idx_ptr + k0 + offs_k).to(tl.int64)  # [BLOCK_K] rows of w2t
+        w = tl.load(w2t_ptr + neuron[:, None] * stride_w2n + offs_n[None, :], mask=n_mask[None, :],
+                    other=0.0)  # [BLOCK_K, BLOCK_N] gathered
+        h = tl.load(h_ptrs)
         if UPCAST:
-            h = h.to(tl.float32)
             w = w.to(tl.float32)
-        acc = tl.dot(h, w, acc)
-    out_mask = m_mask[:, None] & n_mask[None, :]
-    if SPLIT:  # fp32 partial [pid_k, M, D_OUT]; _split_k_epilogue_kernel adds the bias
-        ws_ptrs = ws_ptr + (pid_k * M + offs_m.to(tl.int64))[:, None] * D_OUT + offs_n[None, :]
+            h = h.to(tl.float32)
+        acc = tl.dot(tl.trans(w), tl.trans(h), acc)
+        h_ptrs += BLOCK_K
+    offs_t = tl.arange(0, 16)  # the tail of the selection, 16 slots at a time
+    for k0 in range(k_full, k_hi, 16):
+        slots = k0 + offs_t
+        t_mask = slots < k_hi
+        neuron = tl.load(idx_ptr + slots, mask=t_mask, other=0).to(tl.int64)
+        w = tl.load(w2t_ptr + neuron[:, None] * stride_w2n + offs_n[None, :],
+                    mask=t_mask[:, None] & n_mask[None, :], other=0.0)
+        h = tl.load(h_ptr + rows[:, None] * stride_hm + slots[None, :], mask=t_mask[None, :], other=0.0)
+        if UPCAST:
+            w = w.to(tl.float32)
+            h = h.to(tl.float32)
+        acc = tl.dot(tl.trans(w), tl.trans(h), acc)
+    out_mask = n_mask[:, None] & m_mask[None, :]
+    if SPLIT:  # fp32 partial [pid_k, M, stride_wsm]; _split_k_epilogue_kernel adds the bias
+        ws_ptrs = ws_ptr + (pid_k * M + offs_m.to(tl.int64))[None, :] * stride_wsm + offs_n[:, None]
         tl.store(ws_ptrs, acc, mask=out_mask)
     else:
         if HAS_BIAS:
-            acc += tl.load(b2_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-        y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
+            acc += tl.load(b2_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
+        y_ptrs = y_ptr + offs_m.to(tl.int64)[None, :] * stride_ym + offs_n[:, None]
         tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "N_OUT"])
 def _split_k_epilogue_kernel(
     ws_ptr, idx_ptr, bias_ptr, out_ptr,
     M, N_OUT, num_splits,
-    stride_om,
+    stride_wsm, stride_om,
     HAS_BIAS: tl.constexpr, BIAS_BY_IDX: tl.constexpr, RELU: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """out = act(sum over splits of ws[s] + bias); ws [num_splits, M, N_OUT] fp32."""
+    """out = act(sum over splits of ws[s] + bias); ws [num_splits, M, stride_wsm] fp32."""
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     n_mask = offs_n < N_OUT
     mask = (offs_m < M)[:, None] & n_mask[None, :]
-    ws_ptrs = ws_ptr + offs_m.to(tl.int64)[:, None] * N_OUT + offs_n[None, :]
+    ws_ptrs = ws_ptr + offs_m.to(tl.int64)[:, None] * stride_wsm + offs_n[None, :]
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for s in range(num_splits):
-        acc += tl.load(ws_ptrs + s * M * N_OUT, mask=mask, other=0.0)
+        acc += tl.load(ws_ptrs + s * M * stride_wsm, mask=mask, other=0.0)
     if HAS_BIAS:
         if BIAS_BY_IDX:  # fc1: the bias of each selected neuron
             cols = tl.load(idx_ptr + offs_n, mask=n_mask, other=0).to(tl.int64)
@@ -155,42 +230,45 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _block_m(m: int) -> int:
-    # tl.dot needs >= 16 rows; past 64 rows a 128-row tile halves the weight re-reads.
-    return min(128, max(16, triton.next_power_of_2(m)))
+def _pad16(n: int) -> int:
+    # Row strides padded to 16 elements: Triton then knows every row starts 32-byte aligned and
+    # issues vector loads and stores along the row.
+    return -(-n // 16) * 16
 
 
-def _gpu_config(m: int, n_out: int, k_loop: int, num_sms: int, programs_per_sm: int = 2) -> GemmConfig:
-    """Weight-streaming config for an [m, n_out] output summed over k_loop.
+def tile_config(m: int, fc1: bool) -> GemmConfig:
+    """The tile of `_M_TILES` for M rows, unsplit."""
+    for max_m, block_m, block_n, block_k, warps, fc1_stages, fc2_stages in _M_TILES:
+        if m <= max_m:
+            return GemmConfig(block_m, block_n, block_k, warps, fc1_stages if fc1 else fc2_stages)
+    return tile_config(MAX_BLOCK_M, fc1)  # more M tiles of 256 rows
 
-    When the output has too few tiles, split K into s slices (one program each, fp32 partials
-    summed by an epilogue kernel). How many programs per SM reach HBM bandwidth is measured,
-    not modelled (H100, OPT shapes; benchmarks/KERNELS_NOTES.md, "Rules in the code"):
-    * fc2 (w2t row gather, 128 B segments), programs_per_sm=2: split until the grid reaches 2
-      programs per SM, overshooting if need be (1 per SM is ~20% slower);
-    * fc1 (w1 rows, 256 B segments), programs_per_sm=1: split only while the grid stays within
-      1 program per SM (past it, the extra partials cost more than the programs gain).
-    The fp32 partials cost 8 * s * m * n_out bytes against 2 * n_out * k_loop bytes of weights,
-    so s is capped to keep that ratio (4 s m / k_loop) under 15%, and every split keeps >= 4 K
-    tiles.
-    """
-    block_m = _block_m(m)
-    if block_m >= 128:  # m > 64: enough FLOPs per byte that wider tiles and 8 warps pay
-        block_n, block_k, warps, stages = 128, 64, 8, 3
-    else:  # 64-wide rows: 128 B segments of w2t rows; (BM + BN) x BK x 2 B x 4 stages <= 128 KiB
-        block_n, block_k, warps, stages = 64, 128, 4, 4
-    tiles = triton.cdiv(m, block_m) * triton.cdiv(n_out, block_n)
-    split = 1
-    target = programs_per_sm * num_sms
-    while ((tiles * split < target if programs_per_sm > 1 else tiles * (split + 1) <= target) and split < 8 and 4 * (split + 1) * m <= 0.15 * k_loop
-           and k_loop // (split + 1) >= 4 * block_k):
-        split += 1
-    return GemmConfig(block_m, block_n, block_k, num_warps=warps, num_stages=stages, split_k=split)
+
+def _model_seconds(m: int, n_out: int, k_loop: int, config: GemmConfig, splits: int, num_sms: int) -> float:
+    m_tiles = triton.cdiv(m, config.block_m)
+    programs = triton.cdiv(n_out, config.block_n) * m_tiles * splits
+    bytes_ = 2 * n_out * k_loop * m_tiles + (8 * splits * m * n_out if splits > 1 else 0)
+    flops = 2 * m_tiles * config.block_m * n_out * k_loop
+    busy = min(1.0, programs / num_sms)
+    return max(bytes_ / _HBM_BYTES_PER_S, flops / _MMA_FLOP_PER_S) / busy + (_EPILOGUE_S if splits > 1 else 0.0)
+
+
+def _split_count(m: int, n_out: int, k_loop: int, config: GemmConfig, num_sms: int) -> int:
+    """The split count in 1.._MAX_SPLITS that the cost model above times fastest (ties: fewer)."""
+    allowed = [s for s in range(1, _MAX_SPLITS + 1) if s == 1 or k_loop // s >= _MIN_SPLIT_K_TILES * config.block_k]
+    return min(allowed, key=lambda s: (_model_seconds(m, n_out, k_loop, config, s, num_sms), s))
+
+
+def gpu_config(m: int, n_out: int, k_loop: int, num_sms: int, fc1: bool) -> GemmConfig:
+    """Tile for M and the model's split count, for an [m, n_out] output summed over k_loop
+    (fc1: n_out = k selected neurons, k_loop = d; fc2: n_out = d, k_loop = k)."""
+    config = tile_config(m, fc1)
+    return replace(config, split_k=_split_count(m, n_out, k_loop, config, num_sms))
 
 
 def _interpreter_config(m: int) -> GemmConfig:
-    # The interpreter costs about one numpy pass per program and tile: use big tiles.
-    return GemmConfig(_block_m(m), 64, 128, num_warps=4, num_stages=1)
+    # The interpreter costs about one numpy pass per program and tile: the table's BLOCK_M, one stage.
+    return replace(tile_config(m, fc1=True), block_k=128, num_warps=4, num_stages=1)
 
 
 def _split_plan(config: GemmConfig, k_loop: int) -> tuple[int, int]:
@@ -207,15 +285,15 @@ def _launch(a: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, bias: torch.Ten
     m, n_out = out.shape
     interpret = a.device.type != "cuda"
     if config is None:
-        config = (_interpreter_config(m) if interpret
-                  else _gpu_config(m, n_out, k_loop, _num_sms(a.device), programs_per_sm=1 if fc1 else 2))
+        config = _interpreter_config(m) if interpret else gpu_config(m, n_out, k_loop, _num_sms(a.device), fc1)
     splits, split_len = _split_plan(config, k_loop)
-    ws = torch.empty(splits, m, n_out, device=a.device, dtype=torch.float32) if splits > 1 else out
+    ws_stride = _pad16(n_out)
+    ws = torch.empty(splits, m, ws_stride, device=a.device, dtype=torch.float32) if splits > 1 else out
     kernel = _gather_fc1_kernel if fc1 else _gather_fc2_kernel
     kernel[(triton.cdiv(n_out, config.block_n), triton.cdiv(m, config.block_m), splits)](
         a, w, idx, a if bias is None else bias, out, ws,
         m, idx.shape[0], w.shape[1], split_len,  # M, K_SEL, d (D_IN of fc1, D_OUT of fc2)
-        a.stride(0), w.stride(0), out.stride(0),
+        a.stride(0), w.stride(0), out.stride(0), ws_stride,
         HAS_BIAS=bias is not None, UPCAST=interpret, SPLIT=splits > 1,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         num_warps=config.num_warps, num_stages=config.num_stages,
@@ -224,7 +302,7 @@ def _launch(a: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, bias: torch.Ten
     if splits > 1:
         _split_k_epilogue_kernel[(triton.cdiv(n_out, 128), triton.cdiv(m, 16))](
             ws, idx, out if bias is None else bias, out,
-            m, n_out, splits, out.stride(0),
+            m, n_out, splits, ws_stride, out.stride(0),
             HAS_BIAS=bias is not None, BIAS_BY_IDX=fc1, RELU=relu,  # fc1's columns are the selected neurons
             BLOCK_M=16, BLOCK_N=128, num_warps=4,
         )
@@ -239,14 +317,15 @@ def _check_common(name: str, a: torch.Tensor, w: torch.Tensor, idx: torch.Tensor
         raise ValueError(f"{name}: dtype {a.dtype} is not supported by the kernel; use fp16/bf16 or the _ref")
     if idx.dim() != 1 or idx.dtype != torch.int32:
         raise ValueError(f"{name}: idx must be a 1-D int32 tensor of neuron ids, got {idx.dtype} {tuple(idx.shape)}")
-    if idx.shape[0] % 16:
-        raise ValueError(f"{name}: idx length ({idx.shape[0]}) must be a multiple of 16; pad the selection")
     if idx.shape[0] > w.shape[0]:
         raise ValueError(f"{name}: idx selects {idx.shape[0]} neurons but the weight has {w.shape[0]}")
     if kernel:
-        for tname, t in (("activations", a), ("weight", w), ("idx", idx)):
+        if a.shape[1] > 1 and a.stride(1) != 1:
+            raise ValueError(f"{name}: activation rows must be contiguous (stride(1) == 1), got strides {a.stride()}")
+        for tname, t in (("weight", w), ("idx", idx)):
             if not t.is_contiguous():
                 raise ValueError(f"{name}: {tname} must be contiguous; make it so once at load")
+        for tname, t in (("weight", w), ("idx", idx)):
             if t.device != a.device:
                 raise ValueError(f"{name}: {tname} is on {t.device} but the activations are on {a.device}")
 
@@ -276,9 +355,13 @@ def _check_fc2(h, w2t, idx, b2, kernel: bool) -> None:
 
 def gather_fc1(x: torch.Tensor, w1: torch.Tensor, idx: torch.Tensor, b1: torch.Tensor | None,
                activation: str = "relu", config: GemmConfig | None = None) -> torch.Tensor:
-    """h [M, k] = act(x [M, d] @ w1[idx].T + b1[idx]); w1 [N, d] is the nn.Linear weight."""
+    """h [M, k] = act(x [M, d] @ w1[idx].T + b1[idx]); w1 [N, d] is the nn.Linear weight.
+
+    h is a view whose row stride is k rounded up to 16 (so gather_fc2 reads it with vector
+    loads): contiguous when k is a multiple of 16."""
     _check_fc1(x, w1, idx, b1, activation, kernel=True)
-    h = torch.empty(x.shape[0], idx.shape[0], device=x.device, dtype=x.dtype)
+    m, k = x.shape[0], idx.shape[0]
+    h = torch.empty(m, _pad16(k), device=x.device, dtype=x.dtype)[:, :k]
     if h.numel():
         _launch(x, w1, idx, b1, h, x.shape[1], config, fc1=True, relu=activation == "relu")
     return h

@@ -4,10 +4,13 @@ of support/tolerance.py with one ulp of slack (each kernel rounds its output onc
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
-from kernels.gather_gemm import GemmConfig, gather_fc1, gather_fc1_ref, gather_fc2, gather_fc2_ref
+from kernels.gather_gemm import (_M_TILES, GemmConfig, gather_fc1, gather_fc1_ref, gather_fc2, gather_fc2_ref,
+                                 gpu_config, tile_config)
 from support.tolerance import assert_close_to_reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -27,22 +30,59 @@ def _make(m, d, n, k, dtype, bias, gen, device=DEVICE):
     return [None if t is None else t.to(device) for t in (x, w1, w2t, b1, b2, idx)]
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("m", [1, 17, 130])  # below one tile, a ragged tile, more than one 128-row tile
-@pytest.mark.parametrize("bias,activation", [(True, "relu"), (False, "identity")])
-@pytest.mark.parametrize("split_k", [1, 3])  # split 3 of BLOCK_K 32: slices of d 96/96/8, of k 32/32/16
-def test_pair_matches_reference(dtype, m, bias, activation, split_k):
-    gen = torch.Generator().manual_seed(m * 7 + bias + 100 * split_k)
-    # d = 200 is not a multiple of the K tile: the K tail must be masked; k = 80 < N = 300.
-    x, w1, w2t, b1, b2, idx = _make(m, 200, 300, 80, dtype, bias, gen)
-    config = None if split_k == 1 else GemmConfig(min(128, max(16, 1 << (m - 1).bit_length())), 64, 32, split_k=3)
-    h = gather_fc1(x, w1, idx, b1, activation, config=config)
+def _check_pair(x, w1, w2t, b1, b2, idx, activation="relu", config1=None, config2=None):
+    h = gather_fc1(x, w1, idx, b1, activation, config=config1)
     assert_close_to_reference(h, gather_fc1_ref(*_fp32(x, w1, idx, b1), activation),
-                              gather_fc1_ref(x, w1, idx, b1, activation))
+                              gather_fc1_ref(x, w1, idx, b1, activation), what="fc1")
     if activation == "relu":
         assert (h >= 0).all()
-    y = gather_fc2(h, w2t, idx, b2, config=config)
-    assert_close_to_reference(y, gather_fc2_ref(*_fp32(h, w2t, idx, b2)), gather_fc2_ref(h, w2t, idx, b2))
+    y = gather_fc2(h, w2t, idx, b2, config=config2)
+    assert_close_to_reference(y, gather_fc2_ref(*_fp32(h, w2t, idx, b2)), gather_fc2_ref(h, w2t, idx, b2),
+                              what="fc2")
+    return h, y
+
+
+# M: one row, below one 16-row tile, a whole tile, one past it, inside each larger tile of
+# gather_gemm._M_TILES (32, 64, 128, 256 rows) and the largest; k: selections that are not a
+# multiple of 16 (the last weight tile and the fc2 K tail are masked), one that is.
+M_K = [(1, 80), (5, 77), (16, 83), (17, 80), (48, 65), (65, 93), (130, 77), (256, 85)]
+
+
+@pytest.mark.parametrize("m,k", M_K)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_pair_matches_reference(m, k, dtype):
+    gen = torch.Generator().manual_seed(m * 7 + k)
+    # d = 200 is not a multiple of the K tile: fc1's K tail runs; N = 300 > k.
+    x, w1, w2t, b1, b2, idx = _make(m, 200, 300, k, dtype, True, gen)
+    _check_pair(x, w1, w2t, b1, b2, idx)
+
+
+@pytest.mark.parametrize("m,k", [(5, 77), (130, 83)])
+@pytest.mark.parametrize("bias,activation", [(True, "relu"), (False, "identity")])
+def test_pair_split_k(m, k, bias, activation):
+    """Split 3 of BLOCK_K 32: slices of d 96/96/8 (the last all tail), of k 32/32/13 or 32/32/19."""
+    gen = torch.Generator().manual_seed(m + k + bias)
+    x, w1, w2t, b1, b2, idx = _make(m, 200, 300, k, torch.bfloat16, bias, gen)
+    config = GemmConfig(min(256, max(16, 1 << (m - 1).bit_length())), 64, 32, split_k=3)
+    _check_pair(x, w1, w2t, b1, b2, idx, activation, config, config)
+
+
+def test_more_rows_than_one_tile():
+    """M = 300 > 256: a second M tile (which reads the weights again)."""
+    gen = torch.Generator().manual_seed(300)
+    x, w1, w2t, b1, b2, idx = _make(300, 64, 96, 40, torch.float16, True, gen)
+    _check_pair(x, w1, w2t, b1, b2, idx)
+
+
+def test_h_row_stride_and_a_contiguous_h():
+    """gather_fc1 returns h with rows padded to 16 elements (a view when k is not a multiple of
+    16); gather_fc2 takes that view and also any h whose rows are contiguous."""
+    gen = torch.Generator().manual_seed(5)
+    x, w1, w2t, b1, b2, idx = _make(3, 64, 96, 21, torch.float16, True, gen)
+    h = gather_fc1(x, w1, idx, b1)
+    assert h.shape == (3, 21) and h.stride() == (32, 1)
+    torch.testing.assert_close(gather_fc2(h.contiguous(), w2t, idx, b2), gather_fc2(h, w2t, idx, b2),
+                               rtol=0, atol=0)
 
 
 def test_all_neurons_equals_dense():
@@ -62,8 +102,8 @@ def test_rejects_bad_inputs():
         gather_fc1(x.float(), w1.float(), idx, b1.float())
     with pytest.raises(ValueError, match="x has d=64 but w1"):
         gather_fc1(x, w1[:, :32].contiguous(), idx, b1)
-    with pytest.raises(ValueError, match="multiple of 16"):
-        gather_fc1(x, w1, idx[:20], b1)
+    with pytest.raises(ValueError, match="selects 97 neurons but the weight has 96"):
+        gather_fc1(x, w1, torch.arange(97, dtype=torch.int32, device=DEVICE), b1)
     with pytest.raises(ValueError, match="idx must be a 1-D int32"):
         gather_fc1(x, w1, idx.long(), b1)
     with pytest.raises(ValueError, match="activation 'gelu'"):
@@ -75,41 +115,39 @@ def test_rejects_bad_inputs():
         gather_fc2(h, w2t, idx, b1)
     with pytest.raises(ValueError, match="weight must be contiguous"):
         gather_fc2(h, w2t.T.contiguous().T, idx, b2)
+    with pytest.raises(ValueError, match="activation rows must be contiguous"):
+        gather_fc2(h.T.contiguous().T, w2t, idx, b2)
+
+
+# GPU: the same checks at OPT-6.7B's shape (d 4096, N 16384), selections of 10% and 50% that
+# are not multiples of 16; bf16 at every M of M_K, fp16 at two.
+GPU_CASES = [(m, k, torch.bfloat16) for (m, _), k in zip(M_K, [1637, 8191] * 4)] + \
+    [(1, 1637, torch.float16), (130, 8191, torch.float16), (300, 1637, torch.bfloat16)]
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("m", [1, 16, 64, 256, 512])
-@pytest.mark.parametrize("frac", [0.05, 0.5, 1.0])
-def test_gpu_opt_shapes(dtype, m, frac):
-    gen = torch.Generator().manual_seed(m)
-    d, n = 4096, 16384  # OPT-6.7B
-    k = int(n * frac) // 16 * 16
-    x, w1, w2t, b1, b2, idx = _make(m, d, n, k, dtype, True, gen)
-    h = gather_fc1(x, w1, idx, b1)
-    assert_close_to_reference(h, gather_fc1_ref(*_fp32(x, w1, idx, b1)), gather_fc1_ref(x, w1, idx, b1))
-    y = gather_fc2(h, w2t, idx, b2)
-    assert_close_to_reference(y, gather_fc2_ref(*_fp32(h, w2t, idx, b2)), gather_fc2_ref(h, w2t, idx, b2))
+@pytest.mark.parametrize("m,k,dtype", GPU_CASES)
+def test_gpu_opt_shapes(m, k, dtype):
+    gen = torch.Generator().manual_seed(m + k)
+    _check_pair(*_make(m, 4096, 16384, k, dtype, True, gen))
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("split_k", [2, 5])
-@pytest.mark.parametrize("m", [1, 64])
+@pytest.mark.parametrize("m", [1, 130])
 def test_gpu_forced_split_k(split_k, m):
     gen = torch.Generator().manual_seed(split_k * 10 + m)
-    x, w1, w2t, b1, b2, idx = _make(m, 9216, 8192, 1024, torch.float16, True, gen)
-    cfg = GemmConfig(64, 64, 128, split_k=split_k)
-    h = gather_fc1(x, w1, idx, b1, config=cfg)
-    assert_close_to_reference(h, gather_fc1_ref(*_fp32(x, w1, idx, b1)), gather_fc1_ref(x, w1, idx, b1))
-    y = gather_fc2(h, w2t, idx, b2, config=cfg)
-    assert_close_to_reference(y, gather_fc2_ref(*_fp32(h, w2t, idx, b2)), gather_fc2_ref(h, w2t, idx, b2))
+    x, w1, w2t, b1, b2, idx = _make(m, 9216, 8192, 1013, torch.float16, True, gen)
+    config1 = replace(tile_config(m, fc1=True), split_k=split_k)
+    config2 = replace(tile_config(m, fc1=False), split_k=split_k)
+    _check_pair(x, w1, w2t, b1, b2, idx, config1=config1, config2=config2)
 
 
 @pytest.mark.gpu
 def test_gpu_cuda_graph_capture():
     """The pair never syncs with the host: it captures, and a replay gives the eager result."""
     gen = torch.Generator().manual_seed(12)
-    x, w1, w2t, b1, b2, idx = _make(8, 4096, 16384, 1024, torch.float16, True, gen)
+    x, w1, w2t, b1, b2, idx = _make(8, 4096, 16384, 1029, torch.float16, True, gen)
     eager = gather_fc2(gather_fc1(x, w1, idx, b1), w2t, idx, b2)
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
@@ -121,13 +159,28 @@ def test_gpu_cuda_graph_capture():
     assert torch.equal(y, eager)
 
 
-def test_split_heuristic_opt66b():
-    """Split counts the v3 rule gives on an H100 (132 SMs), from run 3's sweep (KERNELS_NOTES.md)."""
-    from kernels.gather_gemm import _gpu_config, _split_plan
+def test_tile_table_covers_m_and_fits_shared_memory():
+    """Every M up to 256 gets one tile of >= M rows (weights read once), a power of two >= 16
+    (tl.dot's smallest N); fc1's stages fit the 227 KiB a block may use on sm_90."""
+    for m in range(1, 257):
+        for fc1 in (True, False):
+            c = tile_config(m, fc1)
+            assert m <= c.block_m <= max(16, 2 * m) and c.block_m & (c.block_m - 1) == 0
+            assert c.block_n % 64 == 0  # the wgmma M dimension: 64 rows per warpgroup
+    for _, bm, bn, bk, _, fc1_stages, _ in _M_TILES:
+        assert (bm + bn) * bk * 2 * fc1_stages <= 227 * 1024
 
-    m, d, k = 64, 9216, 3680  # OPT-66B, 10% of 36864 neurons
-    fc1 = _gpu_config(m, k, d, 132, programs_per_sm=1)
-    fc2 = _gpu_config(m, d, k, 132)
-    assert _split_plan(fc1, d)[0] == 2  # 58 tiles -> 116 programs (5 splits, 290, were slower)
-    assert _split_plan(fc2, k)[0] == 2  # 144 tiles -> 288 programs
-    assert _gpu_config(64, 16384, 4096, 132, programs_per_sm=1).split_k == 1  # 256 tiles: no split
+
+def test_split_model_opt66b():
+    """The split cost model (132 SMs): a grid short of the SMs splits, a full one does not, and
+    no split is shorter than 2 K tiles."""
+    m, d, n = 64, 9216, 36864  # OPT-66B
+    k = n // 10
+    fc1 = gpu_config(m, k, d, 132, fc1=True)  # 58 tiles of 64 neurons
+    fc2 = gpu_config(m, d, k, 132, fc1=False)  # 144 tiles of 64 columns
+    assert fc1.split_k >= 2 and 58 * fc1.split_k >= 132
+    assert fc2.split_k == 1
+    assert gpu_config(256, n, d, 132, fc1=True).split_k == 1  # density 1: 576 tiles
+    for kk in (17, 100, 1000):
+        c = gpu_config(1, d, kk, 132, fc1=False)
+        assert c.split_k == 1 or kk // c.split_k >= 2 * c.block_k

@@ -52,3 +52,149 @@ def test_torch_backend_matches_the_reference_exactly() -> None:
     x, w = torch.randn(3, 64), torch.ones(64)
     out = KernelOps(Backend.TORCH).rms_norm(x, w, 1e-6)
     torch.testing.assert_close(out, rms_norm.rms_norm_ref(x, w, 1e-6), rtol=0, atol=0)
+
+
+# ---- the sparse MLP: gather-GEMM pair or dense cuBLAS (kernels/mlp_dispatch.py) ----------------
+
+def _mlp(m: int, d: int, n: int, k: int, dtype: torch.dtype, device: str = "cpu", seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, d, generator=gen).to(device, dtype)
+    w1 = (torch.randn(n, d, generator=gen) / d**0.5).to(device, dtype)
+    b1 = torch.randn(n, generator=gen).to(device, dtype)
+    w2t = (torch.randn(n, d, generator=gen) / k**0.5).to(device, dtype)
+    idx = torch.randperm(n, generator=gen)[:k].sort().values.int().to(device)
+    return x, w1, b1, w2t, idx
+
+
+def _mlp_ref(x, w1, b1, w2t, idx):  # float32 reference and the same in the inputs' dtype
+    from kernels.gather_gemm import gather_fc1_ref, gather_fc2_ref
+
+    def f(*ts):
+        return gather_fc2_ref(gather_fc1_ref(ts[0], ts[1], idx, ts[2]), ts[3], idx, None)
+    return f(*(t.float() for t in (x, w1, b1, w2t))), f(x, w1, b1, w2t)
+
+
+@pytest.mark.parametrize("backend", list(Backend))
+def test_sparse_mlp_is_dense_at_density_1_and_gather_below(backend: Backend) -> None:
+    """At k = N the plan is dense (cuBLAS on CUDA); below it, on the CPU, the gather path: the torch
+    references (torch backend) or the kernels in the interpreter (triton backend). Nothing is
+    measured on the CPU."""
+    from kernels.mlp_dispatch import MlpPath
+
+    ops = KernelOps(backend)
+    x, w1, b1, w2t, _ = _mlp(3, 64, 96, 96, torch.float32)
+    assert ops.mlp_plan(x, w1, b1, w2t, 96).path is MlpPath.DENSE
+    assert ops.mlp_plan(x, w1, b1, w2t, 37).path is MlpPath.GATHER
+    assert ops._mlp_dispatch is None or not ops._mlp_dispatch.plans
+
+
+@pytest.mark.parametrize("k", [37, 96])
+def test_sparse_mlp_on_cpu_matches_the_reference(k: int) -> None:
+    from support.tolerance import assert_close_to_reference
+
+    x, w1, b1, w2t, idx = _mlp(5, 64, 96, k, torch.bfloat16)
+    ref32, ref16 = _mlp_ref(x, w1, b1, w2t, idx)
+    assert_close_to_reference(KernelOps(Backend.TORCH).sparse_mlp(x, w1, b1, w2t, idx), ref32, ref16)
+
+
+@pytest.mark.parametrize("k", [1, 37, 95])
+def test_dense_plan_computes_the_gather_function(k: int) -> None:
+    """DENSE masks the unselected neurons through fc1's bias: the same y as GATHER, on any k."""
+    from kernels.mlp_dispatch import dense_masked_mlp
+    from support.tolerance import assert_close_to_reference
+
+    for dtype in (torch.float32, torch.bfloat16):
+        x, w1, b1, w2t, idx = _mlp(4, 64, 96, k, dtype, seed=k)
+        ref32, ref_same = _mlp_ref(x, w1, b1, w2t, idx)
+        assert_close_to_reference(dense_masked_mlp(x, w1, b1, w2t, idx), ref32, ref_same, ulps=2,
+                                  what=f"{dtype} k={k}")  # 2: dense rounds h at all N, then sums in another order
+
+
+def test_buckets_and_bins() -> None:
+    from kernels.mlp_dispatch import k_bin, m_bucket
+
+    assert [m_bucket(m) for m in (1, 16, 17, 48, 64, 65, 130, 256, 257)] == [16, 16, 32, 64, 64, 128, 256, 256, 512]
+    n = 36864
+    assert k_bin(n, n) == n and k_bin(n - 1, n) == n - 1  # density 1 is its own bin, not measured
+    for k in (1, 1151, 1152, 1153, 3686, 20000):
+        assert k <= k_bin(k, n) < n and k_bin(k, n) - k < n // 32 + 1
+        assert k_bin(k_bin(k, n), n) == k_bin(k, n)  # a bin's representative is in the bin
+
+
+def test_measured_plans_are_fixed_before_capture(monkeypatch: pytest.MonkeyPatch,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    """The decision logic, with the GPU timing replaced: one measurement per (shape, M bucket, k bin),
+    cached; a miss while capturing runs the static gather plan and caches nothing."""
+    from kernels.mlp_dispatch import MlpDispatch, MlpPath, MlpPlan
+
+    measured: list = []
+    capturing = [False]
+    monkeypatch.setattr(MlpDispatch, "_measurable", staticmethod(lambda x: True))
+    monkeypatch.setattr(MlpDispatch, "_capturing", staticmethod(lambda: capturing[0]))
+    monkeypatch.setattr(MlpDispatch, "_measure",
+                        lambda self, key, *a: measured.append(key) or MlpPlan(MlpPath.DENSE))
+    dispatch = MlpDispatch()
+    x, w1, b1, w2t, _ = _mlp(1, 64, 960, 96, torch.bfloat16)
+    for m in (1, 2, 4, 8, 16):  # one M bucket, one k bin
+        assert dispatch.plan(x[:1].expand(m, -1), w1, b1, w2t, 90).path is MlpPath.DENSE
+    assert len(measured) == 1 and measured[0].m_bucket == 16 and measured[0].k_bin == 90
+    dispatch.plan(x.expand(17, -1), w1, b1, w2t, 90)  # the next M bucket
+    dispatch.plan(x, w1, b1, w2t, 91)  # the next k bin
+    assert len(measured) == 3
+    capturing[0] = True
+    assert dispatch.plan(x.expand(40, -1), w1, b1, w2t, 90).path is MlpPath.GATHER  # static, with a warning
+    assert "while capturing" in caplog.text and len(dispatch.plans) == 3
+    assert dispatch.plan(x, w1, b1, w2t, 90).path is MlpPath.DENSE  # cached plans still apply in a capture
+    assert dispatch.plan(x, w1, b1, w2t, 960).path is MlpPath.DENSE  # density 1: never measured
+    assert len(measured) == 3
+
+
+def test_choose_plan() -> None:
+    from kernels.gather_gemm import GemmConfig
+    from kernels.mlp_dispatch import MlpPath, choose_plan
+
+    c = [GemmConfig(16, 64, 128, split_k=s) for s in (1, 2, 4)]
+    plan = choose_plan(0.5, {c[0]: 0.2, c[1]: 0.1, c[2]: 0.1}, {c[0]: 0.15, c[1]: 0.3})
+    assert plan.path is MlpPath.GATHER and plan.fc1 == c[1] and plan.fc2 == c[0]  # ties: fewer splits
+    assert plan.measured_ms["gather"] == pytest.approx(0.25)
+    assert choose_plan(0.25, {c[0]: 0.1}, {c[0]: 0.15}).path is MlpPath.DENSE  # a tie goes to dense
+
+
+@pytest.mark.gpu
+def test_gpu_sparse_mlp_measures_once_and_captures() -> None:
+    """OPT-6.7B shape at 10% (k not a multiple of 16), bf16, M 24: the first call measures and
+    caches a plan, both plans give the reference's result, and after that warm-up the call
+    captures in a CUDA graph whose replay equals the eager result."""
+    from kernels.mlp_dispatch import MlpPath, MlpPlan, run_plan
+    from support.tolerance import assert_close_to_reference
+
+    ops = KernelOps(Backend.TRITON)
+    x, w1, b1, w2t, idx = _mlp(24, 4096, 16384, 1637, torch.bfloat16, "cuda")
+    ref32, ref16 = _mlp_ref(x, w1, b1, w2t, idx)
+    y = ops.sparse_mlp(x, w1, b1, w2t, idx)
+    plan = ops.mlp_plan(x, w1, b1, w2t, 1637)
+    assert len(ops._mlp_dispatch.plans) == 1 and {"dense", "gather"} <= set(plan.measured_ms)
+    assert_close_to_reference(y, ref32, ref16, ulps=2)
+    for other in (MlpPlan(MlpPath.DENSE), MlpPlan(MlpPath.GATHER)):
+        assert_close_to_reference(run_plan(other, x, w1, b1, w2t, idx), ref32, ref16, ulps=2, what=str(other.path))
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = ops.sparse_mlp(x, w1, b1, w2t, idx)
+    captured.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert len(ops._mlp_dispatch.plans) == 1  # the capture ran the cached plan
+    assert_close_to_reference(captured, ref32, ref16, ulps=2, what="replay")
+
+
+@pytest.mark.gpu
+def test_gpu_density_1_is_cublas() -> None:
+    from kernels.mlp_dispatch import MlpPath
+
+    ops = KernelOps(Backend.TRITON)
+    x, w1, b1, w2t, idx = _mlp(8, 1024, 4096, 4096, torch.float16, "cuda")
+    assert ops.mlp_plan(x, w1, b1, w2t, 4096).path is MlpPath.DENSE
+    torch.testing.assert_close(ops.sparse_mlp(x, w1, b1, w2t, idx),
+                               torch.nn.functional.linear(x, w1, b1).relu_() @ w2t, rtol=0, atol=0)
+    assert ops._mlp_dispatch is None or not ops._mlp_dispatch.plans  # nothing measured

@@ -3,10 +3,12 @@
 Dense: y = fc2(relu(fc1(x))), fc1 column-parallel (this rank's neurons), fc2 row-parallel.
 Sparse (`NeuronSparseMLP`), decode steps only: the layer's neuron router scores this rank's
 neurons for every sequence, the batch's summed relu scores pick the top-k (one index vector for
-the whole batch: the union a batch needs), and the gather-GEMM pair computes only those
-neurons: h = relu(x W1[idx]^T + b1[idx]) (B, k), y = h W2^T[idx] (B, d), then the all-reduce and
-the bias. W2 is stored transposed (N_local, d) so each selected neuron's row is contiguous; the
-dense path reads the same tensor, so fc2 is held once.
+the whole batch: the union a batch needs), and only those neurons count:
+y = relu(x W1[idx]^T + b1[idx]) W2^T[idx] (B, d), then the all-reduce and the bias. `ops.sparse_mlp`
+computes it with the gather-GEMM pair or with dense cuBLAS on masked weights, whichever the
+device measured faster for the step's shape (kernels/mlp_dispatch.py): the same function
+either way. W2 is stored transposed (N_local, d) so each selected neuron's row is contiguous;
+the dense path reads the same tensor, so fc2 is held once.
 """
 
 from __future__ import annotations
@@ -22,11 +24,6 @@ from polar_dist.models.tap import Tap
 from polar_dist.parallel.layers import ColumnParallelLinear, RowParallelLinear
 from polar_dist.sparsity.routers import NeuronRouter
 from polar_dist.sparsity.selection import density_to_k, union_topk_neurons
-
-
-# The gather-GEMM kernels take selections of a multiple of 16 neurons (their smallest tile);
-# k is rounded up to it (a few more neurons only raise recall).
-KERNEL_K_MULTIPLE = 16
 
 
 class ReluMLP(nn.Module):
@@ -57,12 +54,12 @@ class NeuronSparseMLP(nn.Module):
         self.router = router
         self.fc1_output = Tap()  # (T, N_local) before the ReLU, on the dense path
         self.buckets = sorted(k_by_bucket)
-        # k_local per bucket; None where dense is the cheaper (and exact) choice
+        # k_local per bucket (any count: the kernels mask their last tile); None where the policy
+        # runs the bucket dense (exact: every neuron, no router)
         self.k_local: list[int | None] = []
         for b in self.buckets:
             k = density_to_k(k_by_bucket[b] / spec.intermediate_size, n_local)
-            k = min(-(-k // KERNEL_K_MULTIPLE) * KERNEL_K_MULTIPLE, n_local)
-            self.k_local.append(None if k > dense_above * n_local or k % KERNEL_K_MULTIPLE else k)
+            self.k_local.append(None if k > dense_above * n_local else k)
 
     def k_for(self, rows: int) -> int | None:
         """Neurons this rank computes for a step of `rows` rows (a graph's bucket size), or None
@@ -78,8 +75,7 @@ class NeuronSparseMLP(nn.Module):
             y = nn.functional.linear(torch.relu(self.fc1_output(self.fc1(x))), self.fc2_t.t())  # (T, d): h @ W2^T
         else:
             idx = union_topk_neurons(self.router(router_input), k, batch.num_rows)  # (k,) int32, ascending
-            h = self.ops.gather_fc1(x, self.fc1.weight, idx, self.fc1.bias)  # (B, k), ReLU applied
-            y = self.ops.gather_fc2(h, self.fc2_t, idx, None)  # (B, d); the bias goes on once, below
+            y = self.ops.sparse_mlp(x, self.fc1.weight, self.fc1.bias, self.fc2_t, idx)  # (B, d); bias below
         return self.comm.all_reduce(y) + self.fc2_bias
 
     def extra_repr(self) -> str:

@@ -1,0 +1,249 @@
+"""Gather-GEMM pair or dense cuBLAS for a neuron-sparse ReLU MLP, chosen per (layer shape, M bucket, k).
+
+    y = KernelOps.sparse_mlp(x, w1, b1, w2t, idx)   # [M, d] = relu(x @ w1[idx].T + b1[idx]) @ w2t[idx]
+
+(no fc2 bias: under tensor parallelism the caller adds it once, after the all-reduce). Two plans
+compute that same function:
+* GATHER: gather_fc1 + gather_fc2 (kernels/gather_gemm.py), reading only the k selected rows of
+  each weight, with the split counts the measurement picked;
+* DENSE: cuBLAS on the full weights with the unselected neurons zeroed. h = relu(x @ w1.T + b),
+  where b is b1 on the selected neurons and the dtype's lowest finite value elsewhere, so an
+  unselected neuron's pre-activation is <= 0 (or -inf) and its ReLU exactly 0; then y = h @ w2t.
+  The mask rides in cuBLAS's bias epilogue, so it costs two N-element kernels, not an [M, N]
+  pass. With k = N (density 1.0) there is nothing to mask: plain dense MLP. idx must hold
+  distinct ids (union_topk_neurons does), else GATHER counts a repeated neuron twice.
+Either plan gives the same result up to rounding: the choice changes speed, never which
+neurons count, so ranks of one tensor-parallel group may choose differently.
+
+Why measured on the device at first use, and not a committed JSON table. A table measured by
+benchmarks/kernel_bench.py holds only the GPU, software versions and shapes it was measured on
+(an H100 run says nothing about an H200, a Triton upgrade moves the crossover, tensor
+parallelism cuts N by tp), so it needs a fallback for every other case and goes stale without
+notice; timing both plans on the device where they will run is right by construction and costs
+a few ms per key. What decides correctness is CUDA-graph capture: the runtime captures decode
+once per batch bucket and replays that graph, so the plan of each bucket must be fixed before
+its capture and must never need a host sync inside it. Measuring is a sync, so it happens only
+outside any capture: DecodeGraphs runs every bucket eagerly twice (on a side stream) before
+capturing it, and the first of those calls measures and caches the plan; the capture and every
+replay then run the cached plan. A miss while capturing (a caller that captures without that
+warm-up) cannot measure: it runs the static plan (GATHER with the cost-model splits; DENSE at
+k = N), logs a warning and caches nothing, so a later eager call still measures.
+
+The key: (device, dtype, d, N, M bucket, k bin). M buckets are the tile table's ranges (<= 16,
+32, 64, 128, 256, then multiples of 256), measured at the bucket's largest M (the gather pads
+M to it anyway); k bins are N/32 wide, measured at the bin's largest k, so a bin's plan is
+measured at its most expensive GATHER. Each candidate is captured in a CUDA graph (as decode
+runs it; host launch time drops out) and its replays are timed with L2 flushed before each, as
+every layer's weights are cold when its turn comes. GATHER's fc1 and fc2 are timed separately
+at split counts around the cost model's (1, s / 2, s, 2 s), and the fastest of each is kept.
+On the CPU nothing is measured: the torch references (Backend.TORCH), or the kernels in the
+interpreter when Backend.TRITON is forced there.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import statistics
+from dataclasses import dataclass, field, replace
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from kernels import gather_gemm
+from kernels.gather_gemm import GemmConfig
+
+log = logging.getLogger(__name__)
+
+K_BINS = 32  # k is keyed in bins of N / K_BINS neurons
+REPS = 5  # timed graph replays per candidate (median); each ~5 us to 1 ms at OPT shapes
+
+
+class MlpPath(enum.Enum):
+    GATHER = "gather"
+    DENSE = "dense"
+
+
+@dataclass(frozen=True)
+class MlpKey:
+    device: str
+    dtype: torch.dtype
+    d: int
+    n: int  # neurons this rank holds (N_local under tensor parallelism)
+    m_bucket: int  # largest M of the bucket
+    k_bin: int  # largest k of the bin
+
+
+@dataclass(frozen=True)
+class MlpPlan:
+    path: MlpPath
+    fc1: GemmConfig | None = None  # GATHER: the configs measured fastest; None = gather_gemm's own
+    fc2: GemmConfig | None = None
+    measured_ms: dict[str, float] = field(default_factory=dict, compare=False)  # candidate -> median ms
+
+    def describe(self) -> str:
+        if self.path is MlpPath.DENSE:
+            return "dense"
+        splits = "" if self.fc1 is None or self.fc2 is None else f" (splits {self.fc1.split_k}/{self.fc2.split_k})"
+        return f"gather{splits}"
+
+
+def m_bucket(m: int) -> int:
+    """Largest M of m's bucket: the gather-GEMM tile table's M ranges, then multiples of 256."""
+    for max_m, *_ in gather_gemm._M_TILES:
+        if m <= max_m:
+            return max_m
+    return -(-m // gather_gemm.MAX_BLOCK_M) * gather_gemm.MAX_BLOCK_M
+
+
+def k_bin(k: int, n: int) -> int:
+    """Largest k of k's bin: bins of n / K_BINS neurons, below n (k = n, density 1.0, is DENSE unmeasured)."""
+    if k >= n:
+        return n
+    index = -(-k * K_BINS // n)  # 1..K_BINS
+    return min(n - 1, -(-index * n // K_BINS))
+
+
+def dense_masked_mlp(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2t: torch.Tensor,
+                     idx: torch.Tensor) -> torch.Tensor:
+    """The DENSE plan: relu(x @ w1.T + b masked to idx) @ w2t; any device (the torch path at k = N)."""
+    n = w1.shape[0]
+    if idx.shape[0] == n:  # every neuron selected: nothing to mask
+        bias = b1
+    else:
+        rows = idx.long()
+        bias = torch.full((n,), torch.finfo(x.dtype).min, dtype=x.dtype, device=x.device)  # (N,)
+        bias.index_copy_(0, rows, torch.zeros_like(rows, dtype=x.dtype) if b1 is None else b1.index_select(0, rows))
+    h = F.linear(x, w1, bias).relu_()  # (M, N); unselected columns exactly 0
+    return h @ w2t  # (M, d)
+
+
+def gather_mlp(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2t: torch.Tensor, idx: torch.Tensor,
+               plan: MlpPlan | None = None) -> torch.Tensor:
+    """The GATHER plan: gather_fc2(gather_fc1(...)) with the plan's configs."""
+    fc1, fc2 = (None, None) if plan is None else (plan.fc1, plan.fc2)
+    h = gather_gemm.gather_fc1(x, w1, idx, b1, config=fc1)  # (M, k)
+    return gather_gemm.gather_fc2(h, w2t, idx, None, config=fc2)  # (M, d)
+
+
+def run_plan(plan: MlpPlan, x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2t: torch.Tensor,
+             idx: torch.Tensor) -> torch.Tensor:
+    if plan.path is MlpPath.DENSE:
+        return dense_masked_mlp(x, w1, b1, w2t, idx)
+    return gather_mlp(x, w1, b1, w2t, idx, plan)
+
+
+class MlpDispatch:
+    """Plans by key, measured on first use (see the module docstring); one per KernelOps."""
+
+    def __init__(self, reps: int = REPS) -> None:
+        self.reps = reps
+        self.plans: dict[MlpKey, MlpPlan] = {}
+
+    @staticmethod
+    def _measurable(x: torch.Tensor) -> bool:
+        return x.device.type == "cuda"
+
+    @staticmethod
+    def _capturing() -> bool:
+        return torch.cuda.is_current_stream_capturing()
+
+    def plan(self, x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2t: torch.Tensor,
+             k: int) -> MlpPlan:
+        """The plan for M = x.shape[0] rows and k selected neurons of w1 [N, d]."""
+        n = w1.shape[0]
+        if k >= n:
+            return MlpPlan(MlpPath.DENSE)  # density 1.0: cuBLAS, nothing to measure
+        if not self._measurable(x):
+            return MlpPlan(MlpPath.GATHER)  # the interpreter: nothing to time
+        key = MlpKey(str(x.device), x.dtype, x.shape[1], n, m_bucket(x.shape[0]), k_bin(k, n))
+        plan = self.plans.get(key)
+        if plan is not None:
+            return plan
+        if self._capturing():
+            log.warning("sparse MLP %s: no measured plan while capturing a CUDA graph; running the static gather "
+                        "plan (run the shape once eagerly before capture to measure it)", key)
+            return MlpPlan(MlpPath.GATHER)
+        plan = self.plans[key] = self._measure(key, w1, b1, w2t)
+        log.info("sparse MLP d=%d N=%d M<=%d k<=%d %s: %s; %s", key.d, key.n, key.m_bucket, key.k_bin, key.dtype,
+                 plan.describe(), ", ".join(f"{c} {ms:.4f} ms" for c, ms in plan.measured_ms.items()))
+        return plan
+
+    def _measure(self, key: MlpKey, w1: torch.Tensor, b1: torch.Tensor | None, w2t: torch.Tensor) -> MlpPlan:
+        """Time DENSE and GATHER's kernels at the key's largest M and k (random x and idx)."""
+        m, k, d, n = key.m_bucket, key.k_bin, key.d, key.n
+        dev = w1.device
+        gen = torch.Generator(device="cpu").manual_seed(k * 131 + m)
+        x = torch.randn(m, d, generator=gen).to(device=dev, dtype=w1.dtype)  # random, never zeros
+        idx = torch.randperm(n, generator=gen)[:k].sort().values.to(device=dev, dtype=torch.int32)
+        h = gather_gemm.gather_fc1(x, w1, idx, b1)  # fc2's input
+        sms = gather_gemm._num_sms(dev)
+        timer = _GraphTimer(torch.empty(2 * _l2_bytes(dev), dtype=torch.int8, device=dev), self.reps)
+        dense_ms = timer(lambda: dense_masked_mlp(x, w1, b1, w2t, idx))
+        fc1: dict[GemmConfig, float] = {}
+        fc2: dict[GemmConfig, float] = {}
+        for times, n_out, k_loop, is_fc1 in ((fc1, k, d, True), (fc2, d, k, False)):
+            base = gather_gemm.gpu_config(m, n_out, k_loop, sms, is_fc1)
+            for s in split_candidates(base.split_k, k_loop, base.block_k):
+                c = replace(base, split_k=s)
+                times[c] = timer((lambda c=c: gather_gemm.gather_fc1(x, w1, idx, b1, config=c)) if is_fc1
+                                 else (lambda c=c: gather_gemm.gather_fc2(h, w2t, idx, None, config=c)))
+        return choose_plan(dense_ms, fc1, fc2)
+
+
+def choose_plan(dense_ms: float, fc1: dict[GemmConfig, float], fc2: dict[GemmConfig, float]) -> MlpPlan:
+    """GATHER with the fastest fc1 and fc2 configs if their sum beats DENSE, else DENSE (ties: DENSE,
+    which reads every weight once and needs no split)."""
+    best1 = min(fc1, key=lambda c: (fc1[c], c.split_k))
+    best2 = min(fc2, key=lambda c: (fc2[c], c.split_k))
+    gather_ms = fc1[best1] + fc2[best2]
+    times = {"dense": dense_ms, "gather": gather_ms}
+    times.update({f"fc1_split{c.split_k}": t for c, t in fc1.items()})
+    times.update({f"fc2_split{c.split_k}": t for c, t in fc2.items()})
+    return MlpPlan(MlpPath.GATHER if gather_ms < dense_ms else MlpPath.DENSE, best1, best2, times)
+
+
+def split_candidates(s: int, k_loop: int, block_k: int) -> list[int]:
+    """1, s / 2, s and 2 s, within gather_gemm's limits (at most 8, no split under 2 K tiles)."""
+    out = []
+    for c in (1, max(1, s // 2), s, 2 * s):
+        if c not in out and c <= gather_gemm._MAX_SPLITS and (c == 1 or k_loop // c >= 2 * block_k):
+            out.append(c)
+    return out
+
+
+def _l2_bytes(device: torch.device) -> int:
+    return int(getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 64 << 20))
+
+
+class _GraphTimer:
+    """Median ms of a callable's CUDA-graph replays, L2 flushed before each."""
+
+    def __init__(self, flush: torch.Tensor, reps: int) -> None:
+        self.flush, self.reps = flush, reps
+        self.stream = torch.cuda.Stream(flush.device)  # captures must not use the legacy default stream
+
+    def __call__(self, fn: Callable[[], torch.Tensor]) -> float:
+        fn()  # compile (Triton) / pick kernels (cuBLAS) outside the capture
+        graph = torch.cuda.CUDAGraph()
+        # capture_begin/end on a side stream, not torch.cuda.graph(): that one also runs
+        # gc.collect() and empty_cache() per capture, tens of ms in a loaded server process.
+        self.stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.stream):
+            graph.capture_begin()
+            try:
+                fn()
+            finally:
+                graph.capture_end()
+        torch.cuda.current_stream().wait_stream(self.stream)
+        graph.replay()  # warm: the first replay uploads the graph
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                  for _ in range(self.reps)]
+        for start, end in events:
+            self.flush.zero_()
+            start.record()
+            graph.replay()
+            end.record()
+        torch.cuda.synchronize()
+        return statistics.median(start.elapsed_time(end) for start, end in events)
