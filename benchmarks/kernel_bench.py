@@ -2,6 +2,7 @@
 
     python3 benchmarks/kernel_bench.py --out benchmarks/results/<gpu>   # on a CUDA GPU
     python3 benchmarks/kernel_bench.py --plot-from benchmarks/results/<gpu>/kernels.json
+    python3 benchmarks/kernel_bench.py --grid --out $OUT   # serving conditions: benchmarks/kernel_grid.py
 
 Writes <out>/kernels.json: {"device", "versions", "copy_TBps", "rows": [{op, shape, dtype, density,
 variant, ms}]} and prints a table. With --sweep, attention rows of >= 512 unsplit programs are also
@@ -90,8 +91,9 @@ def _paged(k: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
     return cache
 
 
-def _head_table(b: int, hkv: int, k: int, gen: torch.Generator) -> torch.Tensor:
-    return torch.stack([torch.randperm(hkv, generator=gen)[:k] for _ in range(b)]).int().cuda()
+def _head_table(b: int, hkv: int, k: int, gen: torch.Generator, device="cuda") -> torch.Tensor:
+    """[B, k] int32: k distinct random KV groups per sequence."""
+    return torch.stack([torch.randperm(hkv, generator=gen)[:k] for _ in range(b)]).int().to(device)
 
 
 # Attention sweep (--sweep). SPLIT_SWEEP: split counts timed at the default block config on every
@@ -192,6 +194,28 @@ PADDED_LENGTHS = [("uniform 1000-5000", 1000, 5000), ("one long among short", 30
 PADDED_WIDTHS = [None, 8192, 32768]  # table width in tokens; None: exactly the longest sequence
 
 
+def _paged_kv(lens: list[int], hkv: int, head_dim: int, dtype: torch.dtype, gen: torch.Generator, device="cuda"):
+    """K and V caches [blocks + 1, Hkv, 16, D] holding sequences of `lens` tokens in shuffled
+    blocks (perm: the blocks in sequence order); the last block is the padding's."""
+    total_blocks = sum(-(-n // BLOCK_SIZE) for n in lens)
+    kc = torch.randn(total_blocks + 1, hkv, BLOCK_SIZE, head_dim, device=device, dtype=dtype)
+    vc = torch.randn_like(kc)
+    perm = torch.randperm(total_blocks, generator=gen).int()
+    return kc, vc, perm
+
+
+def _block_table(lens: list[int], perm: torch.Tensor, cols: int, device="cuda") -> torch.Tensor:
+    """[B, cols] int32: each sequence's blocks from perm, then the spare block (index len(perm))
+    up to the table width, as the CUDA-graph decode path pads its table to max_seq_len."""
+    bt = torch.full((len(lens), cols), perm.numel(), dtype=torch.int32)
+    at = 0
+    for i, n in enumerate(lens):
+        nb = -(-n // BLOCK_SIZE)
+        bt[i, :nb] = perm[at:at + nb]
+        at += nb
+    return bt.to(device)
+
+
 def bench_padded(bw, rows, select_attention, variant="ours"):
     """Mixed lengths in one batch, the block table as wide as the longest sequence or padded to
     a max_seq_len (as the CUDA-graph decode path pads it): time and floor of the real lengths."""
@@ -203,22 +227,13 @@ def bench_padded(bw, rows, select_attention, variant="ours"):
             else:
                 lens = torch.randint(lo, hi + 1, (b,), generator=gen).tolist()
             longest = -(-max(lens) // BLOCK_SIZE)
-            total_blocks = sum(-(-n // BLOCK_SIZE) for n in lens)
-            kc = torch.randn(total_blocks + 1, hkv, BLOCK_SIZE, D_HEAD, device="cuda", dtype=torch.float16)
-            vc = torch.randn_like(kc)
-            perm = torch.randperm(total_blocks, generator=gen).int()
+            kc, vc, perm = _paged_kv(lens, hkv, D_HEAD, torch.float16, gen)
             q = torch.randn(b, hq, D_HEAD, device="cuda", dtype=torch.float16)
             seq_lens = torch.tensor(lens, device="cuda", dtype=torch.int32)
             out = torch.empty_like(q)
             for width in PADDED_WIDTHS:
                 cols = longest if width is None else width // BLOCK_SIZE
-                bt = torch.full((b, cols), total_blocks, dtype=torch.int32)  # padding: a spare block
-                at = 0
-                for i, n in enumerate(lens):
-                    nb = -(-n // BLOCK_SIZE)
-                    bt[i, :nb] = perm[at:at + nb]
-                    at += nb
-                bt = bt.cuda()
+                bt = _block_table(lens, perm, cols)
                 shape = {"name": name, "B": b, "Hq": hq, "Hkv": hkv, "D": D_HEAD, "block_size": BLOCK_SIZE,
                          "lengths": dist, "min_len": min(lens), "max_len": max(lens), "mean_len": sum(lens) / b,
                          "table_tokens": cols * BLOCK_SIZE}
@@ -368,19 +383,40 @@ def main() -> None:
                     help="only mixed lengths with padded block tables (writes kernels_padded.json)")
     ap.add_argument("--compare-module", default=None,
                     help="with --padded: also time this module's select_attention (variant 'compare')")
+    ap.add_argument("--grid", action="store_true",
+                    help="only the serving-conditions grid (benchmarks/kernel_grid.py; writes kernels_grid.json/.png)")
+    ap.add_argument("--smoke", action="store_true", help="with --grid: a few tiny cases on the CPU (torch references)")
     args = ap.parse_args()
+    if args.smoke and not args.grid:
+        ap.error("--smoke goes with --grid")
     if args.plot_from:
         data = json.loads(args.plot_from.read_text())
+        if data.get("grid"):
+            from benchmarks.kernel_grid import plot_from
+
+            plot_from(args.plot_from)
+            return
         _print_table(data)
         plot(data, args.plot_from.with_name("kernels.png"))
         return
+    if args.grid and args.smoke:
+        from benchmarks.kernel_grid import run_grid
+
+        run_grid(args.out or Path("benchmarks/results/cpu"), smoke=True)
+        return
     if not torch.cuda.is_available():
-        sys.exit("benchmarks/kernel_bench.py needs a CUDA GPU (use --plot-from to plot saved results)")
+        sys.exit("benchmarks/kernel_bench.py needs a CUDA GPU (use --plot-from to plot saved results, "
+                 "--grid --smoke for the grid's CPU smoke run)")
     import triton
 
     device = torch.cuda.get_device_name()
     out_dir = args.out or Path("benchmarks/results") / _slug(device)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if args.grid:
+        from benchmarks.kernel_grid import run_grid
+
+        run_grid(out_dir, smoke=False)
+        return
     bw = _copy_tbps()
     rows: list = []
     versions = {"torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda}
