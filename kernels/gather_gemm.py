@@ -208,11 +208,16 @@ def _split_k_epilogue_kernel(
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     n_mask = offs_n < N_OUT
-    mask = (offs_m < M)[:, None] & n_mask[None, :]
+    m_mask = offs_m < M
+    mask = m_mask[:, None] & n_mask[None, :]
+    # The partials are read up to the padded row stride (a multiple of 16, so 16-byte loads; a
+    # mask at N_OUT, unknown at compile time, made them scalar); the pad columns hold garbage
+    # that the store below drops.
+    ws_mask = m_mask[:, None] & (offs_n < stride_wsm)[None, :]
     ws_ptrs = ws_ptr + offs_m.to(tl.int64)[:, None] * stride_wsm + offs_n[None, :]
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for s in range(num_splits):
-        acc += tl.load(ws_ptrs + s * M * stride_wsm, mask=mask, other=0.0)
+        acc += tl.load(ws_ptrs + s * M * stride_wsm, mask=ws_mask, other=0.0)
     if HAS_BIAS:
         if BIAS_BY_IDX:  # fc1: the bias of each selected neuron
             cols = tl.load(idx_ptr + offs_n, mask=n_mask, other=0).to(tl.int64)
