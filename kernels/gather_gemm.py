@@ -17,9 +17,9 @@ product is computed transposed, acc[BLOCK_N, BLOCK_M] = W_tile @ act_tile^T ("sw
 weight side is the MMA's M dimension, 64 rows per warpgroup as Hopper's wgmma needs, and the
 batch is its N dimension, which may be as small as 16, so M = 1 pads to 16 columns, not 64 rows.
 The K loop reads whole BLOCK_K tiles with no K mask, which is what lets Triton issue 16-byte
-cp.async loads and multi-buffer them (a mask over a runtime K bound made every load a scalar
-2-byte load: ptxas of the previous version); a masked tail in 16-wide steps ends the loop, so
-any d and any k work. When the grid has too few tiles to occupy the GPU, K is split over
+cp.async loads and multi-buffer them (in the previous version a mask against a runtime K bound
+made all of fc1's loads and fc2's h loads scalar 2-byte loads, unpipelined: read from its PTX);
+a masked tail in 16-wide steps ends the loop, so any d and any k work. When the grid has too few tiles to occupy the GPU, K is split over
 programs (fp32 partials + an epilogue kernel), by the cost model in `_split_count`.
 
 Block sizes and splits depend only on static shapes (M, k, d), so a call never syncs with the
