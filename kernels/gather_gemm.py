@@ -51,12 +51,12 @@ class GemmConfig:
 
 
 # Tiles by M range: (largest M, BLOCK_M, BLOCK_N, BLOCK_K, num_warps, fc1 stages, fc2 stages).
-# Read with ptxas (Triton 3.7, sm_90a; no GPU needed): every entry compiles to wgmma with
-# 16-byte cp.async loads, 40-125 registers and no spills. Shared memory: fc1 keeps `stages`
-# [BLOCK_N + BLOCK_M, BLOCK_K] tiles (80, 96, 96, 96, 120 KiB), so up to 96 KiB two programs fit
-# per SM (228 KiB); fc2's weight rows are an indirect load (idx first), which the pipeliner
-# issues one stage after idx and buffers stages - 2 deep, so fc2 asks one stage more for 3
-# buffers (62, 75, 99, 74, 123 KiB). Past 64 rows the tile holds 128-256 batch columns: 8 warps
+# Read with ptxas for sm_90a, no GPU needed (benchmarks/gather_gemm_ptx.py, Triton 3.7): every
+# entry compiles to wgmma with 16-byte cp.async loads in the K loop, 40-128 registers and no
+# spills. Shared memory: fc1 keeps `stages` [BLOCK_N + BLOCK_M, BLOCK_K] tiles (80, 96, 96, 96,
+# 120 KiB), so up to 96 KiB two programs fit per SM (228 KiB); fc2's weight rows are an indirect
+# load (idx first), which the pipeliner buffers stages - 2 deep, so fc2 asks one stage more for
+# 3 buffers (61, 73, 97, 73, 121 KiB). Past 64 rows the tile holds 128-256 batch columns: 8 warps
 # (two warpgroups) halve the per-thread share of the fp32 accumulator [BLOCK_N, BLOCK_M], and
 # BLOCK_K 64 keeps the 256-row stages within shared memory.
 _M_TILES = (

@@ -1,0 +1,67 @@
+"""Compile the gather-GEMM kernels for sm_90a on a machine without a GPU and print what ptxas
+gives each entry of the tile table: registers, spills, shared memory, MMA kind, global load widths.
+
+    python3 benchmarks/gather_gemm_ptx.py            # bf16; --dtype fp16 for fp16
+
+Triton's wheel ships ptxas and cuobjdump, so this needs no CUDA device (and no TRITON_INTERPRET).
+It is how the claims in kernels/gather_gemm.py's tile-table comment were read: every entry uses
+wgmma, 16-byte cp.async loads in the K loop, and no local memory (spills). Integer arguments get
+the 16-divisibility Triton gives them at a real launch (strides, d, split length); M and k are
+not specialized (the kernels say do_not_specialize).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+
+def compile_stats(fn, ptr_types: dict, constexprs: dict, num_warps: int, num_stages: int, div16: tuple) -> dict:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    names = [p.name for p in fn.params]
+    signature = {p.name: "constexpr" if p.is_constexpr else ptr_types.get(p.name, "i32") for p in fn.params}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n in ptr_types or n in div16}
+    kernel = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
+                            target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps, "num_stages": num_stages})
+    ptx = kernel.asm["ptx"]
+    cubin = Path("/tmp/gather_gemm_ptx.cubin")
+    cubin.write_bytes(kernel.asm["cubin"])
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    usage = subprocess.run([str(tool), "--dump-resource-usage", str(cubin)], capture_output=True, text=True).stdout
+    loads: collections.Counter = collections.Counter()
+    for ins in re.findall(r"(?:ld\.global|cp\.async\.c[ag]\.shared\.global)[^;]*", ptx):
+        loads["cp.async " + ins.split(",")[2].strip() + " B" if ins.startswith("cp.async") else ins.split()[0]] += 1
+    return {"regs": int(re.search(r"REG:(\d+)", usage).group(1)), "spill_bytes": int(re.search(r"STACK:(\d+)",
+            usage).group(1)), "smem_KiB": kernel.metadata.shared / 1024,
+            "mma": "wgmma" if "wgmma" in ptx else "mma.sync" if "mma.sync" in ptx else "none", "loads": dict(loads)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16")
+    dt = ap.parse_args().dtype
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import kernels.gather_gemm as gg
+
+    ptrs = {name: f"*{dt}" for name in ("x_ptr", "w1_ptr", "b1_ptr", "h_ptr", "w2t_ptr", "b2_ptr", "y_ptr")}
+    ptrs.update(idx_ptr="*i32", ws_ptr="*fp32")
+    for _, bm, bn, bk, warps, fc1_stages, fc2_stages in gg._M_TILES:
+        for split in (False, True):
+            c = dict(HAS_BIAS=True, UPCAST=False, SPLIT=split, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
+            fc1 = compile_stats(gg._gather_fc1_kernel, ptrs, {**c, "RELU": True}, warps, fc1_stages,
+                                ("stride_xm", "stride_w1n", "stride_hm", "stride_wsm", "D_IN", "split_len"))
+            fc2 = compile_stats(gg._gather_fc2_kernel, ptrs, {**c, "HAS_BIAS": False}, warps, fc2_stages,
+                                ("stride_hm", "stride_w2n", "stride_ym", "stride_wsm", "D_OUT", "split_len"))
+            for name, r in (("fc1", fc1), ("fc2", fc2)):
+                print(f"{name} BLOCK_M {bm:3} BLOCK_N {bn} BLOCK_K {bk:3} warps {warps} split {split!s:5} {r}")
+
+
+if __name__ == "__main__":
+    main()
