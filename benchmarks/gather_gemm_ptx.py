@@ -29,7 +29,8 @@ def compile_stats(fn, ptr_types: dict, constexprs: dict, num_warps: int, num_sta
     signature = {p.name: "constexpr" if p.is_constexpr else ptr_types.get(p.name, "i32") for p in fn.params}
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n in ptr_types or n in div16}
     kernel = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
-                            target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps, "num_stages": num_stages})
+                            target=GPUTarget("cuda", 90, 32),
+                            options={"num_warps": num_warps, "num_stages": num_stages})
     ptx = kernel.asm["ptx"]
     cubin = Path("/tmp/gather_gemm_ptx.cubin")
     cubin.write_bytes(kernel.asm["cubin"])

@@ -19,8 +19,9 @@ batch is its N dimension, which may be as small as 16, so M = 1 pads to 16 colum
 The K loop reads whole BLOCK_K tiles with no K mask, which is what lets Triton issue 16-byte
 cp.async loads and multi-buffer them (in the previous version a mask against a runtime K bound
 made all of fc1's loads and fc2's h loads scalar 2-byte loads, unpipelined: read from its PTX);
-a masked tail in 16-wide steps ends the loop, so any d and any k work. When the grid has too few tiles to occupy the GPU, K is split over
-programs (fp32 partials + an epilogue kernel), by the cost model in `_split_count`.
+a masked tail in 16-wide steps ends the loop, so any d and any k work. When the grid has too
+few tiles to occupy the GPU, K is split over programs (fp32 partials + an epilogue kernel), by
+the cost model in `_split_count`.
 
 Block sizes and splits depend only on static shapes (M, k, d), so a call never syncs with the
 host and can be captured in a CUDA graph. Which of this pair or dense cuBLAS to run for a
