@@ -4,7 +4,8 @@
     python3 benchmarks/kernel_bench.py --grid --smoke --out /tmp/grid  # CPU: tiny cases, torch references
     python3 benchmarks/kernel_bench.py --plot-from $OUT/kernels_grid.json
 
-Writes <out>/kernels_grid.json ({"grid": true, device, versions, copy_TBps, rows, skipped}) and
+Writes <out>/kernels_grid.json ({"grid": true, device, versions, copy_TBps, complete, rows,
+skipped}; rewritten after every case, so a run stopped early keeps what it timed) and
 kernels_grid.png (% of floor per case, one panel per family). Rows are kernels.json rows (op,
 shape, dtype, density, variant, ms) plus family and floor_ms. `ours` is what the runtime runs:
 KernelOps.select_attention, and KernelOps.sparse_mlp with its dispatch (gather pair or dense
@@ -314,27 +315,34 @@ def run_grid(out_dir: Path, smoke: bool) -> dict:
     print(f"grid: {len(attn)} attention cases, {len(mlp)} MLP cases, {timings(attn, mlp)} timings, "
           f"~{estimate_seconds(attn, mlp):.0f} s estimated; copy {bw:.2f} TB/s", flush=True)
     t0 = time.time()
-    rows: list = []
-    skipped = []
+    data = {"grid": True, "device": name, "versions": versions, "copy_TBps": bw, "complete": False,
+            "elapsed_s": 0.0, "rows": [], "skipped": []}
+    rows, path = data["rows"], out_dir / "kernels_grid.json"
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:  # after every case: a run cut short by a time limit keeps what it timed
+        data["elapsed_s"] = time.time() - t0
+        path.write_text(json.dumps(data, indent=1))
+
+    for i, case in enumerate(mlp):  # first: the MLP is what the dispatch changes, attention is unchanged
+        run_mlp(case, ops, timer, bw, rows, device, seed=i)
+        if device == "cuda":
+            torch.cuda.empty_cache()
+        save()
+    print(f"MLP done in {time.time() - t0:.0f} s", flush=True)
     for i, case in enumerate(attn):
         reason = skip_reason(case)
         if reason:
-            skipped.append({"case": asdict(case), "reason": reason})
+            data["skipped"].append({"case": asdict(case), "reason": reason})
             continue
         run_attention(case, ops, timer, bw, rows, device, seed=i)
         if device == "cuda":
             torch.cuda.empty_cache()
-    print(f"attention done in {time.time() - t0:.0f} s", flush=True)
-    for i, case in enumerate(mlp):
-        run_mlp(case, ops, timer, bw, rows, device, seed=i)
-        if device == "cuda":
-            torch.cuda.empty_cache()
-    data = {"grid": True, "device": name, "versions": versions, "copy_TBps": bw, "elapsed_s": time.time() - t0,
-            "rows": rows, "skipped": skipped}
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "kernels_grid.json").write_text(json.dumps(data, indent=1))
-    print(f"wrote {out_dir / 'kernels_grid.json'} ({len(rows)} rows, {len(skipped)} cases skipped) "
-          f"in {data['elapsed_s']:.0f} s", flush=True)
+        save()
+    data["complete"] = True
+    save()
+    print(f"wrote {path} ({len(rows)} rows, {len(data['skipped'])} cases skipped) in {data['elapsed_s']:.0f} s",
+          flush=True)
     print_summary(data)
     plot_grid(data, out_dir / "kernels_grid.png")
     return data

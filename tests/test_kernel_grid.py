@@ -72,7 +72,7 @@ def test_smoke_run_writes_the_rows(tmp_path: Path) -> None:
     """The grid's own code path on the CPU: JSON rows as kernels.json's plus family and floor_ms."""
     data = grid.run_grid(tmp_path, smoke=True)
     saved = json.loads((tmp_path / "kernels_grid.json").read_text())
-    assert saved["grid"] is True and saved["rows"] == data["rows"]
+    assert saved["grid"] is True and saved["complete"] is True and saved["rows"] == data["rows"]
     rows = saved["rows"]
     for r in rows:
         assert {"op", "family", "shape", "dtype", "density", "variant", "ms", "floor_ms"} <= set(r)
