@@ -106,6 +106,46 @@ def test_engine_counts_the_attention_it_reads() -> None:
     assert (engine.decode_group_reads, engine.decode_group_reads_dense) == (4 * 5 * 12, 4 * 5 * 18)
     run(PROMPTS[:2], 4)  # 3 decode steps of 2 rows, below head_min_batch
     assert (engine.decode_group_reads, engine.decode_group_reads_dense) == (240 + 2 * 3 * 18, 360 + 2 * 3 * 18)
+    reads, dense = engine.decode_group_reads, engine.decode_group_reads_dense
+    for p in PROMPTS[:3]:  # 3 decoding rows, then a prompt arrives: a mixed step routes its 3 decode rows
+        engine.add_request(p, SamplingParams(max_new_tokens=3, ignore_eos=True))
+    engine.step()
+    engine.step()
+    engine.add_request(PROMPTS[3], SamplingParams(max_new_tokens=1, ignore_eos=True))
+    engine.step()  # mixed: 3 decode rows + 1 prefill
+    assert (engine.decode_group_reads - reads, engine.decode_group_reads_dense - dense) == (2 * 3 * 12, 2 * 3 * 18)
+    while engine.has_unfinished():
+        engine.step()
+    engine.shutdown()
+    rt.ctx.shutdown()
+
+
+@pytest.mark.slow
+def test_decode_rows_of_mixed_steps_are_routed_like_decode_steps() -> None:
+    # Prompts arriving while others decode make mixed (prefill + decode) steps; routed per row,
+    # each sequence's tokens equal the same request alone (pure decode steps only).
+    from polar_dist.engine.engine import Engine
+
+    c = config_from_dict(_cfg({"head_density": 0.5, "routers": "random"}))
+    rt = build_runtime(c, init_parallel(c.parallel, c.model.device))
+    alone = [generate_ids(rt, [p], PARAMS)[0].output_ids for p in PROMPTS]  # type: ignore[index]
+    dense = _tokens(_cfg({"head_density": 1.0, "routers": "random"}))
+    assert dense is not None and all(a != d for a, d in zip(alone, dense))  # routing changed every sequence
+    engine = Engine(rt)
+    tokens: dict[int, list[int]] = {}
+    mixed = 0
+    for step in range(40):
+        arrives = step < len(PROMPTS) * 2 and step % 2 == 0
+        if arrives:
+            tokens[engine.add_request(PROMPTS[step // 2], PARAMS)] = []
+        reads = engine.decode_group_reads
+        for out in engine.step():
+            tokens[out.request_id] += out.new_token_ids
+        mixed += arrives and engine.decode_group_reads > reads  # a prefill beside decoding rows
+        if not engine.has_unfinished() and step >= len(PROMPTS) * 2:
+            break
+    assert mixed >= 3  # arrivals met decoding rows
+    assert list(tokens.values()) == alone
     engine.shutdown()
     rt.ctx.shutdown()
 

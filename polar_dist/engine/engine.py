@@ -78,8 +78,8 @@ class Engine:
         self._pending: list[RequestOutput] = []  # aborts, reported at the next step
         self._faults = FaultInjector.from_env()  # tests only: None unless POLAR_INJECT_FAULT is set
         # Attention actually read by decode rows, in KV group-layers over every rank, and what dense
-        # decode would have read: their ratio is the density served (mixed steps' decode rows and
-        # steps below sparsity.head_min_batch read every group).
+        # decode would have read: their ratio is the density served (steps of fewer decode rows
+        # than sparsity.head_min_batch read every group).
         self.decode_group_reads = 0
         self.decode_group_reads_dense = 0
         self._reads_per_row: dict[int, int] = {}  # rows in the forward -> group-layers per decode row
@@ -199,14 +199,13 @@ class Engine:
 
     def _count_reads(self, step: Step) -> None:
         policy, dense = self.rt.policy, len(self.rt.policy.head_k) * self.rt.policy.num_groups
-        if step.is_decode:
-            rows = self.runner.forward_rows(step)
-            per_row = self._reads_per_row.get(rows)
-            if per_row is None:
-                per_row = self._reads_per_row[rows] = policy.groups_read(
-                    rows, self.runner.num_kv_heads_local, self.rt.ctx.tp_size)
-        else:
-            per_row = dense  # decode rows of a mixed step read every group
+        # the rows the routers see: a decode step's (its graph bucket when replayed), or a mixed
+        # step's decode rows
+        rows = self.runner.forward_rows(step) if step.is_decode else step.num_decode
+        per_row = self._reads_per_row.get(rows)
+        if per_row is None:
+            per_row = self._reads_per_row[rows] = policy.groups_read(
+                rows, self.runner.num_kv_heads_local, self.rt.ctx.tp_size)
         self.decode_group_reads += step.num_decode * per_row
         self.decode_group_reads_dense += step.num_decode * dense
 

@@ -2,9 +2,9 @@
 
 Tokens of a step are packed: T tokens from B sequences, no padding. Every step first writes
 the new K/V of all local heads into the cache (slot_mapping), then:
-- prefill or mixed (any number of new tokens per sequence): single-token rows first, through the
-  dense decode kernel in one launch; then per sequence, dense causal SDPA of its new queries
-  over its whole cached context;
+- prefill or mixed (any number of new tokens per sequence): single-token (decode) rows first,
+  through the decode kernel in one launch, over the groups of their head table (as in a decode
+  step); then per sequence, dense causal SDPA of its new queries over its whole cached context;
 - decode (one token per sequence): `KernelOps.select_attention` over the (sequence, KV group)
   pairs in `head_table` - every group when dense; unselected heads give zeros.
 """
@@ -38,7 +38,7 @@ class AttentionBatch:
     query_lens: tuple[int, ...]  # host copy: new tokens per sequence (prefill loop bounds)
     seq_lens_host: tuple[int, ...]  # host copy of seq_lens (prefill loop bounds)
     num_decode_rows: int = 0  # in a prefill (mixed) step: rows [0, n) are single-token decode rows, read
-    # through the dense decode kernel (head_table then holds every local group for them)
+    # through the decode kernel (head_table's first n rows: every local group, unless a router's table is given)
 
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -53,19 +53,22 @@ def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: t
 def paged_attention(ops: KernelOps, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     batch: AttentionBatch, scale: float, head_table: torch.Tensor | None = None,
                     k: torch.Tensor | None = None, v: torch.Tensor | None = None) -> torch.Tensor:
-    """q: (T, Hq_local, D) -> (T, Hq_local, D). head_table: (B, k) local KV groups each decode
-    sequence reads (-1 = none); None reads every group. k, v: (T, Hkv_local, D) this step's new
+    """q: (T, Hq_local, D) -> (T, Hq_local, D). head_table: (rows, k) local KV groups each decode
+    row reads (-1 = none): every row of a decode step, the first num_decode_rows of a mixed step;
+    None reads every group. k, v: (T, Hkv_local, D) this step's new
     keys and values (already in the cache); a prefill row with no cached prefix reads them directly."""
     if batch.is_decode:
         table = batch.head_table if head_table is None else head_table
         return ops.select_attention(q, k_cache, v_cache, batch.block_tables, batch.seq_lens, table, scale)
     out = torch.empty_like(q)
     n = batch.num_decode_rows
-    if n:  # single-token rows of a mixed step: the (dense) decode kernel, one launch for all of them
-        assert batch.head_table is not None, "a mixed step needs the dense head table for its decode rows"
+    if n:  # single-token rows of a mixed step: the decode kernel, one launch for all of them
+        if head_table is None:
+            assert batch.head_table is not None, "a mixed step needs the dense head table for its decode rows"
+            head_table = batch.head_table[:n]
         width = -(-max(batch.seq_lens_host[:n]) // k_cache.shape[2])
         ops.select_attention(q[:n], k_cache, v_cache, batch.block_tables[:n, :width], batch.seq_lens[:n],
-                             batch.head_table[:n], scale, out=out[:n])
+                             head_table, scale, out=out[:n])
     _prefill_attention(q, k_cache, v_cache, batch, scale, out, k, v)
     return out
 

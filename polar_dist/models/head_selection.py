@@ -1,10 +1,12 @@
 """Which KV groups each sequence's decode attention reads, per layer.
 
 The attention layer asks its `HeadSelection` for a head table (B, k) int32 of local KV groups
-(-1 = none) before the selective kernel runs, and may let it mask the output after. The
+(-1 = none) for the step's decode rows (a decode step's rows, or the single-token rows of a
+mixed prefill + decode step) before the selective kernel runs, and may let it mask the output
+after. The
 choice is made per layer, on the device, from that layer's router input, so a captured decode
 graph recomputes it at every replay. Chosen once at load:
-- `AllGroups`: every local group (the dense model; layer 0 and prefill always read all);
+- `AllGroups`: every local group (the dense model; layer 0 and prefill rows always read all);
 - `RoutedGroups`: the layer's head router scores every group of the model from the replicated
   residual stream; `global` scope takes each sequence's top-k over all groups and this rank
   reads those it holds (no communication: every rank computes the same choice), `local` scope
@@ -21,6 +23,7 @@ import torch
 from torch import nn
 
 from kernels.dispatch import KernelOps
+from polar_dist.models.attention import AttentionBatch
 from polar_dist.models.build import BuildContext
 from polar_dist.parallel.comm import TPComm
 from polar_dist.sparsity.artifact import RoutingScope
@@ -39,10 +42,32 @@ class HeadSelection(nn.Module, ABC):
         """o: (B, Hq_local, D) attention output; heads of unselected groups are already 0."""
         return o
 
+    def decode_table(self, x: torch.Tensor, batch: AttentionBatch) -> torch.Tensor | None:
+        """The table of the step's decode rows: every row of a decode step, the first
+        num_decode_rows of a mixed step (prefill rows read every group); None without decode rows.
+        x: (T, d) router input of the step's tokens."""
+        if batch.is_decode:
+            return self.table(x, batch.head_table)
+        n = batch.num_decode_rows
+        if not n:
+            return None
+        assert batch.head_table is not None, "a mixed step needs the dense head table for its decode rows"
+        return self.table(x[:n], batch.head_table[:n])
+
+    def mask_decode_output(self, o: torch.Tensor, batch: AttentionBatch) -> torch.Tensor:
+        """o: (T, Hq_local, D): mask_output over the step's decode rows (see decode_table)."""
+        if batch.is_decode:
+            return self.mask_output(o)
+        n = batch.num_decode_rows
+        return torch.cat([self.mask_output(o[:n]), o[n:]]) if n else o
+
 
 class AllGroups(HeadSelection):
     def table(self, x: torch.Tensor, dense_table: torch.Tensor) -> torch.Tensor:
         return dense_table
+
+    def mask_decode_output(self, o: torch.Tensor, batch: AttentionBatch) -> torch.Tensor:
+        return o
 
 
 class RoutedGroups(HeadSelection):

@@ -61,15 +61,14 @@ class LlamaAttention(nn.Module):
         T, D = x.shape[0], self.head_dim
         q_size, kv_size = self.num_heads_local * D, self.num_kv_heads_local * D
         x = self.router_input(x)
-        head_table = self.heads.table(x, batch.head_table) if batch.is_decode else None
+        head_table = self.heads.decode_table(x, batch)  # (rows, k) for the decode rows; None if none
         q, k, v = self.qkv(x).split([q_size, kv_size, kv_size], dim=-1)
         q = self.rotary(q.view(T, self.num_heads_local, D), positions)  # (T, Hq_local, D)
         k = self.rotary(k.view(T, self.num_kv_heads_local, D), positions)  # (T, Hkv_local, D)
         v = v.view(T, self.num_kv_heads_local, D)  # (T, Hkv_local, D)
         write_kv(kv_cache[0], kv_cache[1], k, v, batch.slot_mapping)
         o = paged_attention(self.ops, q, kv_cache[0], kv_cache[1], batch, D**-0.5, head_table, k, v)  # (T, Hq_local, D)
-        if batch.is_decode:
-            o = self.heads.mask_output(o)
+        o = self.heads.mask_decode_output(o, batch)
         return self.o_proj(self.head_output(o).reshape(T, q_size))
 
 

@@ -47,12 +47,11 @@ class OPTAttention(nn.Module):
     def forward(self, x: torch.Tensor, batch: AttentionBatch, kv_cache: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         T, D, H = x.shape[0], self.head_dim, self.num_heads_local
         x = self.router_input(x)
-        head_table = self.heads.table(x, batch.head_table) if batch.is_decode else None
+        head_table = self.heads.decode_table(x, batch)  # (rows, k) for the decode rows; None if none
         q, k, v = self.qkv(x).view(T, 3, H, D).unbind(1)  # (T, H_local, D) each
         write_kv(kv_cache[0], kv_cache[1], k, v, batch.slot_mapping)
         o = paged_attention(self.ops, q.contiguous(), kv_cache[0], kv_cache[1], batch, D**-0.5, head_table, k, v)
-        if batch.is_decode:
-            o = self.heads.mask_output(o)
+        o = self.heads.mask_decode_output(o, batch)
         return self.out_proj(self.head_output(o).reshape(T, H * D))
 
 
