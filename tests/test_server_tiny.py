@@ -331,6 +331,10 @@ def test_openapi_spec_is_published(server: ServerProcess) -> None:
     assert {"/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics"} <= set(spec["paths"])
     schema = spec["components"]["schemas"]["CompletionRequest"]
     assert {"prompt", "max_tokens", "n", "stop", "echo", "logprobs"} <= set(schema["properties"])
+    for path in ("/v1/completions", "/v1/chat/completions"):
+        answers = spec["paths"][path]["post"]["responses"]
+        assert "422" not in answers and "400" in answers  # an invalid body is OpenAI's 400, not FastAPI's 422
+        assert {"application/json", "text/event-stream"} <= set(answers["200"]["content"])
 
 
 def test_a_client_that_goes_away_frees_its_blocks(server: ServerProcess) -> None:

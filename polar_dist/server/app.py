@@ -6,7 +6,8 @@ the body size and whether the server is draining before any route runs.
 
 POST /v1/completions, POST /v1/chat/completions (stream: server-sent events), GET /v1/models,
 GET /health (200, or 503 while draining or when the engine failed), GET /metrics (Prometheus
-text), GET /openapi.json. Errors are OpenAI-style bodies (polar_dist/server/errors.py).
+text), GET /openapi.json (FastAPI's spec, corrected: polar_dist/server/openapi.py). Errors are
+OpenAI-style bodies (polar_dist/server/errors.py).
 """
 
 from __future__ import annotations
@@ -34,9 +35,11 @@ from polar_dist.server.engine_loop import EngineLoop
 from polar_dist.server.errors import APIError, error_body, unreadable_body, validation_message
 from polar_dist.server.generation import ClientGone, Generation, RequestFailed
 from polar_dist.server.metrics import ServerMetrics
+from polar_dist.server.openapi import publish_spec
 from polar_dist.server.prepare import Job, Limits, chat_job, completion_job
-from polar_dist.server.protocol import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest,
-                                        CompletionResponse, ErrorResponse, ModelList)
+from polar_dist.server.protocol import (ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse,
+                                        CompletionChunk, CompletionRequest, CompletionResponse, ErrorResponse,
+                                        ModelList)
 
 log = get_logger(__name__)
 
@@ -62,7 +65,8 @@ class ServerState:
 
 
 _ERRORS = {400: {"model": ErrorResponse}, 401: {"model": ErrorResponse}, 404: {"model": ErrorResponse},
-           413: {"model": ErrorResponse}, 429: {"model": ErrorResponse}, 503: {"model": ErrorResponse}}
+           413: {"model": ErrorResponse}, 429: {"model": ErrorResponse}, 500: {"model": ErrorResponse},
+           503: {"model": ErrorResponse}}  # 500: a request that failed alone in the engine
 _BODIES: dict[str, type[BaseModel]] = {"/v1/completions": CompletionRequest,
                                        "/v1/chat/completions": ChatCompletionRequest}
 
@@ -102,6 +106,7 @@ def build_app(state: ServerState) -> ASGIApp:
         state.metrics.healthy.set(1 if state.accepting else 0)
         return PlainTextResponse(state.metrics.render(), media_type="text/plain; version=0.0.4")
 
+    publish_spec(app, streams={"/v1/completions": CompletionChunk, "/v1/chat/completions": ChatCompletionChunk})
     return Guard(app, state)
 
 

@@ -126,6 +126,18 @@ class CompletionResponse(BaseModel):
     usage: Usage | None = None
 
 
+class CompletionChunk(BaseModel):
+    """One event of a streamed completion: a choice's new text; with stream_options.include_usage
+    a last one with no choices and the usage."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
 class TopLogprob(BaseModel):
     token: str
     logprob: float
@@ -143,6 +155,26 @@ class ChatLogprobs(BaseModel):
 class ChatDelta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: ChatDelta
+    logprobs: ChatLogprobs | None = None
+    finish_reason: Literal["stop", "length", "abort", "error"] | None = None
+    token_ids: list[int] | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    """One event of a streamed chat completion (the last, with stream_options.include_usage, has
+    no choices and the usage)."""
+
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
 
 
 class AssistantMessage(BaseModel):
