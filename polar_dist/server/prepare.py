@@ -18,6 +18,7 @@ from polar_dist.server.errors import APIError
 from polar_dist.server.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
 
 _U64 = (1 << 64) - 1
+INT32_MAX = (1 << 31) - 1  # the sampler packs top_k as int32
 
 
 @dataclass(frozen=True)
@@ -81,7 +82,7 @@ def completion_job(req: CompletionRequest, tokenizer: Tokenizer, limits: Limits)
         raise APIError(400, f"logprobs = {req.logprobs} must be in [0, {limits.max_logprobs}] "
                             "(server.max_logprobs)", param="logprobs")
     prompts = _completion_prompts(req.prompt, tokenizer)
-    return _job(req, prompts, req.max_tokens, "max_tokens", req.logprobs, req.echo, tokenizer, limits)
+    return _job(req, prompts, "prompt", req.max_tokens, "max_tokens", req.logprobs, req.echo, limits)
 
 
 def chat_job(req: ChatCompletionRequest, tokenizer: Tokenizer, limits: Limits) -> Job:
@@ -96,7 +97,7 @@ def chat_job(req: ChatCompletionRequest, tokenizer: Tokenizer, limits: Limits) -
         raise APIError(400, "give max_completion_tokens or max_tokens, not both", param="max_tokens")
     messages = []
     for m in req.messages:
-        content = m.content if isinstance(m.content, str) else "".join(p.text for p in m.content or [])
+        content = m.content if isinstance(m.content, str) else "".join(p.text for p in m.content)
         messages.append({"role": "system" if m.role == "developer" else m.role, "content": _utf8(content, "messages")})
     try:
         prompt = tokenizer.chat_prompt(messages)
@@ -104,7 +105,7 @@ def chat_job(req: ChatCompletionRequest, tokenizer: Tokenizer, limits: Limits) -
         raise APIError(400, str(e), param="messages") from None
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     name = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
-    return _job(req, [prompt], max_tokens, name, top, False, tokenizer, limits)
+    return _job(req, [prompt], "messages", max_tokens, name, top, False, limits)
 
 
 def _utf8(text: str, param: str) -> str:
@@ -129,13 +130,15 @@ def _completion_prompts(prompt: str | list, tokenizer: Tokenizer) -> list[list[i
     return [list(p) for p in prompt]
 
 
-def _job(req: SamplingFields, prompts: list[list[int]], max_tokens: int | None, max_tokens_name: str,
-         logprobs: int | None, echo: bool, tokenizer: Tokenizer, limits: Limits) -> Job:
+def _job(req: SamplingFields, prompts: list[list[int]], prompt_name: str, max_tokens: int | None,
+         max_tokens_name: str, logprobs: int | None, echo: bool, limits: Limits) -> Job:
+    """prompt_name: the field the prompts came from ("prompt", or "messages" for a chat), which
+    errors about them name."""
     if not 1 <= req.n <= limits.max_n:
         raise APIError(400, f"n = {req.n} must be in [1, {limits.max_n}] (server.max_n)", param="n")
     if len(prompts) * req.n > limits.max_choices:
         raise APIError(400, f"{len(prompts)} prompts x n = {req.n} is more than the {limits.max_choices} requests "
-                            "the server queues (server.max_queued_requests); send fewer at once", param="prompt")
+                            "the server queues (server.max_queued_requests); send fewer at once", param=prompt_name)
     if req.logit_bias:
         raise APIError(400, "logit_bias is not supported; leave it out", param="logit_bias")
     if max_tokens is not None and max_tokens < 1:
@@ -143,20 +146,25 @@ def _job(req: SamplingFields, prompts: list[list[int]], max_tokens: int | None, 
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     stop_ids = list(req.stop_token_ids or [])
     if len(stop) + len(stop_ids) > limits.max_stop:
-        raise APIError(400, f"{len(stop)} stop strings and {len(stop_ids)} stop token ids are more than "
-                            f"{limits.max_stop} (server.max_stop)", param="stop")
+        raise APIError(400, f"stop has {len(stop)} strings and stop_token_ids {len(stop_ids)} ids: more than "
+                            f"{limits.max_stop} in all (server.max_stop)", param="stop" if stop else "stop_token_ids")
     outside = [t for t in stop_ids if not 0 <= t < limits.vocab_size]
     if outside:
-        raise APIError(400, f"stop token id {outside[0]} is outside the vocabulary [0, {limits.vocab_size})",
+        raise APIError(400, f"stop_token_ids: token id {outside[0]} is outside the vocabulary [0, {limits.vocab_size})",
                        param="stop_token_ids")
     if req.stream_options is not None and not req.stream:
         raise APIError(400, "stream_options needs stream = true", param="stream_options")
+    if not 0 <= req.top_k <= INT32_MAX:
+        raise APIError(400, f"top_k = {req.top_k} must be in [0, 2**31 - 1] (0: no limit)", param="top_k")
+    # top_k >= the vocabulary keeps every token: the same as 0 (no limit)
+    top_k = 0 if req.top_k >= limits.vocab_size else req.top_k
     choices = []
     for i, ids in enumerate(prompts):
         try:
             _check_prompt(ids, limits)
         except UserError as e:
-            raise APIError(400, f"{'prompt' if len(prompts) == 1 else f'prompt {i}'}: {e}", param="prompt") from None
+            where = prompt_name if len(prompts) == 1 else f"{prompt_name} {i}"
+            raise APIError(400, f"{where}: {e}", param=prompt_name) from None
         n_new = max_tokens if max_tokens is not None else min(limits.default_max_tokens, limits.max_seq_len - len(ids))
         if len(ids) + n_new > limits.max_seq_len:
             raise APIError(400, f"the prompt has {len(ids)} tokens and {max_tokens_name} is {n_new}: more than the "
@@ -166,7 +174,7 @@ def _job(req: SamplingFields, prompts: list[list[int]], max_tokens: int | None, 
             seed = None if req.seed is None else derive_seed(req.seed, j)
             try:
                 params = SamplingParams(
-                    max_new_tokens=n_new, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
+                    max_new_tokens=n_new, temperature=req.temperature, top_p=req.top_p, top_k=top_k,
                     min_p=req.min_p, repetition_penalty=req.repetition_penalty,
                     frequency_penalty=req.frequency_penalty, presence_penalty=req.presence_penalty, seed=seed,
                     ignore_eos=req.ignore_eos, logprobs=logprobs,

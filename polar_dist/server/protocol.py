@@ -2,11 +2,19 @@
 /openapi.json).
 
 Requests are strict: a string where a number belongs, a float where an integer belongs, NaN or
-an infinity are 400s, not coerced. Fields of the OpenAI API that this server does not honour are
-refused when set to anything but their neutral value (`suffix`, `logit_bias`, `best_of` != n),
-rather than silently ignored; other unknown fields are ignored, as OpenAI clients send some
-(`user`, `metadata`). Extensions beyond the OpenAI API, as vLLM names them: `top_k`, `min_p`,
-`repetition_penalty`, `stop_token_ids`, `ignore_eos`, `return_token_ids`.
+an infinity (Python's json reads the literals `NaN` and `Infinity`) are 400s naming the field, not
+coerced. Real numbers have ranges, published in the spec: the OpenAI API's where it gives one
+(temperature in [0, 2], penalties in [-2, 2]), for repetition_penalty one that keeps the
+sampler's float32 arithmetic finite (1e308 is inf in float32, and a logit of 0 times inf is
+NaN). Integers are checked in prepare.py, with the limits that depend on the config or the model
+(n, logprobs, max_tokens, top_k, token ids): the spec would publish an integer's bounds as floats
+(FastAPI's OpenAPI model types them so), and a client that reads them, as schemathesis does, then
+sends 5.0 where this server takes 5 only. Fields of the OpenAI API that this server does not
+honour are refused when set to anything but their neutral value (`suffix`, `logit_bias`,
+`best_of` != n), rather than silently ignored; other unknown fields are ignored whatever their
+value, as OpenAI clients send some (`user`, `metadata`). Extensions beyond the OpenAI API, as
+vLLM names them: `top_k`, `min_p`, `repetition_penalty`, `stop_token_ids`, `ignore_eos`,
+`return_token_ids`.
 """
 
 from __future__ import annotations
@@ -31,21 +39,21 @@ class SamplingFields(BaseModel):
 
     model_config = _STRICT
     model: str = Field(description="the served model's id, as GET /v1/models lists it")
-    temperature: float = Field(1.0, description=">= 0; 0 is greedy")
-    top_p: float = Field(1.0, description="in (0, 1]")
+    temperature: float = Field(1.0, ge=0.0, le=2.0, description="in [0, 2]; 0 is greedy")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="in (0, 1]")
     n: int = Field(1, description="choices per prompt, from 1 to server.max_n")
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = Field(None, description="text that ends a choice (not included in it)")
     seed: int | None = Field(None, description="64-bit seed: the same seed gives the same text, in any batch")
-    frequency_penalty: float = 0.0
-    presence_penalty: float = 0.0
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="in [-2, 2]")
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="in [-2, 2]")
     logit_bias: dict[str, float] | None = Field(None, description="not supported: only null or {}")
     user: str | None = None
     # extensions (vLLM's names)
-    top_k: int = Field(0, description="0: no limit")
-    min_p: float = Field(0.0, description="in [0, 1]; 0 disables it")
-    repetition_penalty: float = Field(1.0, description="> 0; 1 disables it")
+    top_k: int = Field(0, description="0: no limit (nor is a value >= the vocabulary size); at most 2**31 - 1")
+    min_p: float = Field(0.0, ge=0.0, le=1.0, description="in [0, 1]; 0 disables it")
+    repetition_penalty: float = Field(1.0, ge=0.01, le=100.0, description="in [0.01, 100]; 1 disables it")
     stop_token_ids: list[int] | None = Field(None, description="token ids that end a choice (kept in it)")
     ignore_eos: bool = False
     return_token_ids: bool = Field(False, description="add token_ids (and prompt_token_ids) to each choice")
@@ -71,7 +79,9 @@ class TextContent(BaseModel):
 class ChatMessage(BaseModel):
     model_config = _STRICT
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextContent] | None = None
+    # required: null content is the OpenAI API's for an assistant turn with tool_calls, which this
+    # server does not take
+    content: str | list[TextContent] = Field(description="text, or a list of text parts")
     name: str | None = None
 
 
@@ -116,6 +126,18 @@ class CompletionResponse(BaseModel):
     usage: Usage | None = None
 
 
+class CompletionChunk(BaseModel):
+    """One event of a streamed completion: a choice's new text; with stream_options.include_usage
+    a last one with no choices and the usage."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
 class TopLogprob(BaseModel):
     token: str
     logprob: float
@@ -133,6 +155,26 @@ class ChatLogprobs(BaseModel):
 class ChatDelta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: ChatDelta
+    logprobs: ChatLogprobs | None = None
+    finish_reason: Literal["stop", "length", "abort", "error"] | None = None
+    token_ids: list[int] | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    """One event of a streamed chat completion (the last, with stream_options.include_usage, has
+    no choices and the usage)."""
+
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
 
 
 class AssistantMessage(BaseModel):

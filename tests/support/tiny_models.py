@@ -68,6 +68,30 @@ def save_tiny_model(arch: str, directory: Path, seed: int = 0, max_shard_size: s
     return directory
 
 
+# ChatML, as SmolLM2 and Qwen write it
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def save_chat_tokenizer(directory: Path) -> Path:
+    """A Hugging Face tokenizer with a chat template for a tiny model's directory: byte-level (ids
+    0-255 are the bytes, no merges) plus <|im_end|> (256) and <|im_start|> (257), so that with
+    `model.tokenizer: auto` a tiny model serves /v1/chat/completions. (The model's EOS stays the one
+    its config.json names.)"""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    vocab = {char: byte for byte, char in bytes_to_unicode().items()}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>",
+                                   additional_special_tokens=["<|im_start|>"], chat_template=CHAT_TEMPLATE)
+    fast.save_pretrained(str(directory))
+    return directory
+
+
 def sequences(seed: int = 1) -> list[list[int]]:
     """The test sequences: prompts of PROMPT_LENS tokens, each followed by DECODE_STEPS more."""
     gen = torch.Generator().manual_seed(seed)
