@@ -121,6 +121,10 @@ def test_penalties_and_logprobs() -> None:
     ("seed", -(1 << 63) - 1, "must be an integer that fits 64 bits"),
     ("logprobs", 21, "logprobs = 21 must be an integer in"),
     ("max_new_tokens", 0, "max_new_tokens = 0 must be >= 1"),
+    ("top_k", -1, "top_k = -1 must be in \\[0, 2147483647\\]"),
+    ("top_k", 1 << 31, "top_k = 2147483648 must be in"),
+    ("temperature", 1e308, "temperature = 1e\\+308 is past float32's range"),
+    ("presence_penalty", -1e39, "presence_penalty = -1e\\+39 is past float32's range"),
 ])
 def test_bad_parameters_are_refused_naming_the_field(field: str, value: object, message: str) -> None:
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):

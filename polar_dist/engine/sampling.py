@@ -27,6 +27,8 @@ from polar_dist.errors import UserError
 
 MAX_LOGPROBS = 20  # the OpenAI API's limit for top logprobs
 _U64 = 1 << 64
+_I32_MAX = (1 << 31) - 1  # top_k travels to the device as int32
+_F32_MAX = float(np.finfo(np.float32).max)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -60,8 +62,13 @@ class SamplingParams:
             raise UserError(f"temperature = {self.temperature} must be >= 0 (0 is greedy)")
         if not 0.0 < self.top_p <= 1.0:
             raise UserError(f"top_p = {self.top_p} must be in (0, 1]")
-        if self.top_k < 0:
-            raise UserError(f"top_k = {self.top_k} must be >= 0 (0 disables it)")
+        if not 0 <= self.top_k <= _I32_MAX:
+            raise UserError(f"top_k = {self.top_k} must be in [0, {_I32_MAX}] (0 disables it; a k at or past the "
+                            "vocabulary size keeps every token)")
+        for name in ("temperature", "repetition_penalty", "frequency_penalty", "presence_penalty"):
+            value = getattr(self, name)
+            if abs(value) > _F32_MAX:  # the device computes in float32: it would become infinite
+                raise UserError(f"{name} = {value!r} is past float32's range (|x| <= {_F32_MAX:.3g})")
         if not 0.0 <= self.min_p <= 1.0:
             raise UserError(f"min_p = {self.min_p} must be in [0, 1] (0 disables it)")
         if self.repetition_penalty <= 0:
