@@ -69,7 +69,7 @@ NUMBERS = {  # field -> JSON literals outside what it takes, besides HUGE
     COMPLETIONS: {
         "temperature": ["-0.5", "2.5"], "top_p": ["0", "-1", "1.5"], "min_p": ["-0.1", "1.5"],
         "frequency_penalty": ["-2.5", "2.5"], "presence_penalty": ["-2.5", "2.5"],
-        "repetition_penalty": ["0", "-1", "1e-300", "100.5"], "top_k": ["-1", str(2 ** 31)],
+        "repetition_penalty": ["0", "-1", "1e-300", "100.5"], "top_k": ["-2", str(2 ** 31)],
         "max_tokens": ["0", "-1", "1000000", "2.0"], "n": ["0", "-1", str(MAX_N + 1)],
         "logprobs": ["-1", str(MAX_LOGPROBS + 1)], "seed": [str(2 ** 64), str(-2 ** 63 - 1), "1.5"],
         "best_of": [str(MAX_N + 1)],
@@ -105,6 +105,7 @@ AT_LIMITS = [  # (case, path, body): each value at the edge of what its field ta
     ("repetition_penalty 100", COMPLETIONS, _completion(temperature=1.0, repetition_penalty=100)),
     ("top_k past the vocabulary", COMPLETIONS, _completion(temperature=1.0, top_k=VOCAB + 1)),
     ("top_k 2**31 - 1", COMPLETIONS, _completion(temperature=1.0, top_k=2 ** 31 - 1)),
+    ("top_k -1 (no limit)", COMPLETIONS, _completion(temperature=1.0, top_k=-1)),
     ("seed 2**64 - 1", COMPLETIONS, _completion(temperature=1.0, seed=2 ** 64 - 1, n=2)),
     ("seed -2**63", COMPLETIONS, _completion(temperature=1.0, seed=-2 ** 63)),
     ("min_p 1", COMPLETIONS, _completion(temperature=1.0, min_p=1.0)),

@@ -151,14 +151,15 @@ def test_unreadable_bodies_say_why() -> None:
     assert unreadable_body(too_long.value).endswith("value has 5000 digits")  # without Python's advice to the server
 
 
-def test_top_k_is_bounded_by_int32_and_past_the_vocabulary_means_no_limit() -> None:
+def test_top_k_is_bounded_by_int32_and_minus_one_or_past_the_vocabulary_means_no_limit() -> None:
     tok = ByteTokenizer()
-    with pytest.raises(APIError, match=r"top_k = 2147483648 must be in \[0, 2\*\*31 - 1\]") as e:
+    with pytest.raises(APIError, match=r"top_k = 2147483648 must be in \[-1, 2\*\*31 - 1\]") as e:
         completion_job(CompletionRequest(model="m", prompt="a", top_k=1 << 31), tok, LIMITS)
     assert e.value.param == "top_k"
     job = completion_job(CompletionRequest(model="m", prompt="a", top_k=(1 << 31) - 1), tok, LIMITS)
     assert job.choices[0].params.top_k == 0  # >= the vocabulary: every token, as 0 says
     assert completion_job(CompletionRequest(model="m", prompt="a", top_k=7), tok, LIMITS).choices[0].params.top_k == 7
+    assert completion_job(CompletionRequest(model="m", prompt="a", top_k=-1), tok, LIMITS).choices[0].params.top_k == 0
 
 
 @pytest.mark.parametrize("field, value, words", [

@@ -154,10 +154,10 @@ def _job(req: SamplingFields, prompts: list[list[int]], prompt_name: str, max_to
                        param="stop_token_ids")
     if req.stream_options is not None and not req.stream:
         raise APIError(400, "stream_options needs stream = true", param="stream_options")
-    if not 0 <= req.top_k <= INT32_MAX:
-        raise APIError(400, f"top_k = {req.top_k} must be in [0, 2**31 - 1] (0: no limit)", param="top_k")
-    # top_k >= the vocabulary keeps every token: the same as 0 (no limit)
-    top_k = 0 if req.top_k >= limits.vocab_size else req.top_k
+    if not -1 <= req.top_k <= INT32_MAX:
+        raise APIError(400, f"top_k = {req.top_k} must be in [-1, 2**31 - 1] (0 or -1: no limit)", param="top_k")
+    # -1 (vLLM's "no limit") and top_k >= the vocabulary keep every token: the same as 0
+    top_k = 0 if req.top_k == -1 or req.top_k >= limits.vocab_size else req.top_k
     choices = []
     for i, ids in enumerate(prompts):
         try:

@@ -51,7 +51,7 @@ class SamplingFields(BaseModel):
     logit_bias: dict[str, float] | None = Field(None, description="not supported: only null or {}")
     user: str | None = None
     # extensions (vLLM's names)
-    top_k: int = Field(0, description="0: no limit (nor is a value >= the vocabulary size); at most 2**31 - 1")
+    top_k: int = Field(0, description="0 or -1: no limit (nor is a value >= the vocabulary size); at most 2**31 - 1")
     min_p: float = Field(0.0, ge=0.0, le=1.0, description="in [0, 1]; 0 disables it")
     repetition_penalty: float = Field(1.0, ge=0.01, le=100.0, description="in [0.01, 100]; 1 disables it")
     stop_token_ids: list[int] | None = Field(None, description="token ids that end a choice (kept in it)")
