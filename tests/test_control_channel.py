@@ -143,7 +143,9 @@ def _channel_ranks(rank: int, world_size: int, out_dir: str) -> None:
             channel.send(m)  # IDLE ones pair with a gloo broadcast
         Path(out_dir, "segments").write_text(json.dumps(sorted(s for s in before if s.startswith(f"polar-control-{os.getpid()}-"))))
         ctx.all_reduce_min(0)  # the workers checked
-        return  # gone: the worker's next read fails once rank 0's process ends, or times out
+        # gone, as a process that ends does (os._exit: no interpreter teardown, where the gloo
+        # group's destructor can abort while the workers still read): their next read fails
+        os._exit(0)
     got = [channel.recv() for _ in msgs]
     assert all(np.array_equal(a, b) for a, b in zip(got, msgs))
     ctx.all_reduce_min(0)
