@@ -96,20 +96,33 @@ def _head_table(b: int, hkv: int, k: int, gen: torch.Generator, device="cuda") -
     return torch.stack([torch.randperm(hkv, generator=gen)[:k] for _ in range(b)]).int().to(device)
 
 
-# Attention sweep (--sweep). SPLIT_SWEEP: split counts timed at the default block config on every
-# row whose unsplit grid has >= SWEEP_MIN_PAIRS programs (the rows a split rule can move).
-# CONFIG_SWEEP: other block configs at CONFIG_ROWS, the target rows and the llama2-7b rows whose
-# best split count is most sensitive to the plan (3-6% between split counts).
+# Attention sweep (--sweep). CHUNK_SWEEP: work-plan chunk sizes in tokens (None: the planner's
+# rule; the whole sequence: uncut) timed at the default block config on every row whose uncut
+# grid has >= SWEEP_MIN_PAIRS programs. CONFIG_SWEEP: other block configs at CONFIG_ROWS, the
+# target rows and the llama2-7b rows most sensitive to the cut (3-6% between cuts in run 5).
 SWEEP_MIN_PAIRS = 512
-SPLIT_SWEEP = (1, 2, 3, 4, 6)
+CHUNK_SWEEP = (None, 512, 1024, 2048, 1 << 20)
 CONFIG_SWEEP = [  # label, (block_n, num_warps, num_stages, maxnreg)
     ("st2", (64, 4, 2, None)), ("w8", (64, 8, 3, None)), ("bn128_w8", (128, 8, 3, None)),
     ("r168", (64, 4, 3, 168)), ("r128", (64, 4, 3, 128)), ("bn32_r128", (32, 4, 3, 128)),
 ]
-CONFIG_ROWS = {  # (name, B, k_max): split counts to time each CONFIG_SWEEP config at
-    ("opt-66b", 64, 22): (1, 2, 3, 4, 6), ("llama2-7b", 64, 10): (1, 2, 3, 4, 6),  # targets (d 0.3)
-    ("llama2-7b", 64, 19): (1, 2, 3), ("llama2-7b", 64, 29): (1, 2, 3), ("llama2-7b", 128, 10): (1, 2, 3),
+CONFIG_ROWS = {  # (name, B, k_max): chunk sizes to time each CONFIG_SWEEP config at
+    ("opt-66b", 64, 22): CHUNK_SWEEP, ("llama2-7b", 64, 10): CHUNK_SWEEP,  # targets (d 0.3)
+    ("llama2-7b", 64, 19): (None, 1024), ("llama2-7b", 64, 29): (None, 1024), ("llama2-7b", 128, 10): (None, 1024),
 }
+
+
+def runtime_plan(lens: list[int], k: int, device="cuda", chunk_tokens: int | None = None):
+    """The attention work plan as the runtime's CUDA-graph path passes it (the bucket's static
+    capacity, partials for all of it); chunk_tokens forces the cut (sweeps)."""
+    from kernels.attention_plan import plan_attention, plan_capacity, plan_views
+
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    cap = plan_capacity(len(lens), k, sms)
+    if chunk_tokens is not None:
+        cap = max(cap, sum(-(-n // chunk_tokens) for n in lens))
+    host = plan_attention(lens, groups=k, num_sms=sms, capacity=cap, chunk_tokens=chunk_tokens)
+    return plan_views(torch.from_numpy(host.flat()).to(device), cap, len(lens), num_parts=cap)
 
 
 def _row_adder(rows: list, op: str, shape: dict):
@@ -144,14 +157,16 @@ def bench_attention(name, b, hq, hkv, n, densities, bw, rows, sweep=False):
         ht = _head_table(b, hkv, kmax, gen)
         real = kmax / hkv
         add("floor", real, b * kmax * n * D_HEAD * 2 * 2 / (bw * 1e12) * 1e3)
-        add("ours", real, *_try_bench(lambda: select_attention(q, kc, vc, bt, seq_lens, ht, scale, out=out)))
+        plan = runtime_plan([n] * b, kmax)
+        add("ours", real, *_try_bench(lambda: select_attention(q, kc, vc, bt, seq_lens, ht, scale, out=out, plan=plan)))
         if kmax == hkv:  # all groups selected: must equal dense SDPA (a GPU-side check of ours)
             dense_out = F.scaled_dot_product_attention(q4, k, v, scale=scale, enable_gqa=g > 1).view(b, hq, D_HEAD)
             diff = out.float() - dense_out.float()
             rows[-1]["max_err_vs_sdpa"] = diff.abs().max().item()
             rows[-1]["rel_err_vs_sdpa"] = (diff.norm() / dense_out.float().norm()).item()
         if b == 64 and dens == 0.3:  # a target row: time it again (spread)
-            add("ours_rerun", real, *_try_bench(lambda: select_attention(q, kc, vc, bt, seq_lens, ht, scale, out=out)))
+            add("ours_rerun", real, *_try_bench(lambda: select_attention(q, kc, vc, bt, seq_lens, ht, scale, out=out,
+                                                                         plan=plan)))
 
         def gather_sdpa():
             ks, vs = k[bidx, ht], v[bidx, ht]  # (B, kmax, N, D) copies
@@ -179,13 +194,11 @@ def bench_attention(name, b, hq, hkv, n, densities, bw, rows, sweep=False):
         cfg_splits = CONFIG_ROWS.get((name, b, kmax), ())
         for label, cfg in [("default", astuple(AttentionConfig()))] + (CONFIG_SWEEP if cfg_splits else []):
             c = AttentionConfig(*cfg)
-            for splits in SPLIT_SWEEP if label == "default" else cfg_splits:
-                if splits > -(-n // 256):
-                    continue
-                ms, extra = timed_check(
-                    lambda: _launch(q, kc, vc, bt, seq_lens, ht, scale, out, num_splits=splits, config=c))
+            for chunk in CHUNK_SWEEP if label == "default" else cfg_splits:
+                cut = runtime_plan([n] * b, kmax, chunk_tokens=chunk)
+                ms, extra = timed_check(lambda: _launch(q, kc, vc, bt, seq_lens, ht, scale, out, cut, config=c))
                 add("sweep", real, ms, extra, config={"label": label, "block_n": cfg[0], "num_warps": cfg[1],
-                                                      "num_stages": cfg[2], "maxnreg": cfg[3], "num_splits": splits},
+                                                      "num_stages": cfg[2], "maxnreg": cfg[3], "chunk_tokens": chunk},
                     pairs=b * kmax)
 
 
@@ -242,8 +255,10 @@ def bench_padded(bw, rows, select_attention, variant="ours"):
                     kmax = max(1, round(dens * hkv))
                     ht = _head_table(b, hkv, kmax, gen)
                     floor = sum(lens) * kmax * D_HEAD * 2 * 2 / (bw * 1e12) * 1e3
+                    # an older module (--compare-module) plans by itself
+                    kw = {"plan": runtime_plan(lens, kmax)} if variant == "ours" else {}
                     ms, extra = _try_bench(lambda: select_attention(q, kc, vc, bt, seq_lens, ht, D_HEAD**-0.5,
-                                                                    out=out))
+                                                                    out=out, **kw))
                     add(variant, kmax / hkv, ms, extra, floor_ms=floor)
                     print(f"{name} {dist} width {cols * BLOCK_SIZE} d {kmax / hkv:.2f} {variant}: {ms:.3f} ms, "
                           f"{100 * floor / ms:.0f}% of floor", flush=True)
@@ -325,14 +340,15 @@ def _print_table(data: dict) -> None:
         print(f"\nsweep checks vs gathered SDPA: {len(checked)} launches, worst max abs err {worst:.3g}, "
               f"{len(bad)} failed (err > 5e-3, NaN, or an unselected head not 0)")
     if any(r["op"] == "attention" for r in sweeps):
-        print("\nattention sweep: ms by split count")
+        print("\nattention sweep: ms by split count (runs up to 5) or chunk tokens")
         line: dict = {}
         for r in sweeps:
             if r["op"] != "attention":
                 continue
             s = r["shape"]
             key = (s["name"], s["B"], round(r["density"], 3), r["pairs"], r["config"]["label"])
-            line.setdefault(key, []).append(f"{r['config']['num_splits']}:{r['ms']:.4f}")
+            cut = r["config"].get("chunk_tokens", r["config"].get("num_splits"))
+            line.setdefault(key, []).append(f"{cut}:{r['ms']:.4f}")
         for (nm, b, dens, pairs, label), cells in line.items():
             print(f"{nm:14} B {b:3} d {dens:5.3f} pairs {pairs:5} {label:10} " + " ".join(cells))
     for r in sweeps:
@@ -386,6 +402,7 @@ def main() -> None:
     ap.add_argument("--grid", action="store_true",
                     help="only the serving-conditions grid (benchmarks/kernel_grid.py; writes kernels_grid.json/.png)")
     ap.add_argument("--smoke", action="store_true", help="with --grid: a few tiny cases on the CPU (torch references)")
+    ap.add_argument("--only", choices=("attention", "mlp"), help="with --grid: time one op's cases")
     args = ap.parse_args()
     if args.smoke and not args.grid:
         ap.error("--smoke goes with --grid")
@@ -415,7 +432,7 @@ def main() -> None:
     if args.grid:
         from benchmarks.kernel_grid import run_grid
 
-        run_grid(out_dir, smoke=False)
+        run_grid(out_dir, smoke=False, only=args.only)
         return
     bw = _copy_tbps()
     rows: list = []

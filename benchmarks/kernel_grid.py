@@ -196,7 +196,7 @@ def timings(attn: list[AttnCase], mlp: list[MlpCase]) -> int:
     n = 0
     for c in attn:
         if skip_reason(c) is None:
-            n += len(k_groups(c)) + 1
+            n += sum(len(plan_variants(c, k)) for k in k_groups(c)) + 1
     for c in mlp:
         n += 2 * len(c.fracs) + 1
     return n
@@ -210,6 +210,45 @@ def _row(rows: list, op: str, family: str, shape: dict, dtype: str, density: flo
          floor_ms: float, **more) -> None:
     rows.append({"op": op, "family": family, "shape": shape, "dtype": dtype, "density": density, "variant": variant,
                  "ms": ms, "floor_ms": floor_ms, **more})
+
+
+# Planner rules timed beside the default (attn-4k cases at densities 0.3 and 0.5): the rows the
+# default's constants were chosen from (benchmarks/KERNELS_NOTES.md, "Work plan").
+PLAN_SWEEP = {"plan_pps8": {"programs_per_sm": 8}, "plan_pps32": {"programs_per_sm": 32},
+              "plan_min128": {"min_chunk": 128}, "plan_min512": {"min_chunk": 512}}
+
+
+def plan_variants(case: AttnCase, k: int) -> list[tuple[str, dict]]:
+    out = [("ours", {})]
+    if case.family == "attn-4k" and round(0.3 * case.heads.hkv) <= k <= round(0.5 * case.heads.hkv):
+        out += list(PLAN_SWEEP.items())
+    return out
+
+
+def graph_plan(lens: list[int], k: int, sms: int, device: str, **rule) -> tuple[object, dict]:
+    """The plan as the runtime's CUDA-graph path passes it: the bucket's static capacity, partial
+    buffers for that capacity (so the merge always launches), cut from the real lengths."""
+    from kernels.attention_plan import PROGRAMS_PER_SM, plan_attention, plan_capacity, plan_views
+
+    cap = plan_capacity(len(lens), k, sms, rule.get("programs_per_sm", PROGRAMS_PER_SM))
+    host = plan_attention(lens, groups=k, num_sms=sms, capacity=cap, **rule)
+    flat = torch.from_numpy(host.flat()).to(device)
+    info = {"items": host.num_items, "capacity": cap, "parts": host.num_parts, "chunk_tokens": host.chunk_tokens}
+    return plan_views(flat, cap, len(lens), num_parts=cap), info
+
+
+def plan_host_us(batch: int = 256, repeats: int = 200) -> dict:
+    """Host time of one step's plan at `batch` (spread lengths up to 8k, 8 groups, 132 SMs)."""
+    from kernels.attention_plan import plan_attention
+
+    lens = torch.randint(100, 8193, (batch,), generator=torch.Generator().manual_seed(0)).numpy()
+    plan_attention(lens, groups=8, num_sms=132)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        plan_attention(lens, groups=8, num_sms=132)
+        times.append((time.perf_counter() - t0) * 1e6)
+    return {"op": "plan", "batch": batch, "median_us": statistics.median(times), "p99_us": sorted(times)[-2]}
 
 
 def run_attention(case: AttnCase, ops, timer: Callable, bw: float, rows: list, device: str, seed: int) -> None:
@@ -227,11 +266,15 @@ def run_attention(case: AttnCase, ops, timer: Callable, bw: float, rows: list, d
              "lengths": case.dist, "longest": case.longest, "min_len": min(lens), "max_len": max(lens),
              "mean_len": tokens / len(lens), "table_tokens": case.table_tokens}
     elt = torch.finfo(dtype).bits // 8
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device != "cpu" else 4
     for k in k_groups(case):
         ht = _head_table(case.batch, h.hkv, k, gen, device)
-        ms, extra = timer(lambda: ops.select_attention(q, kc, vc, bt, seq_lens, ht, scale, out))
-        _row(rows, "attention", case.family, shape, case.dtype, k / h.hkv, "ours", ms,
-             attention_floor_ms(tokens, k, h.d, elt, bw), k_max=k, **extra)
+        floor = attention_floor_ms(tokens, k, h.d, elt, bw)
+        for variant, rule in plan_variants(case, k):
+            plan, info = graph_plan(lens, k, sms, device, **rule)
+            ms, extra = timer(lambda: ops.select_attention(q, kc, vc, bt, seq_lens, ht, scale, out, plan))
+            _row(rows, "attention", case.family, shape, case.dtype, k / h.hkv, variant, ms, floor, k_max=k,
+                 plan=info, **extra)
     del kc, vc
     # SDPA over a contiguous cache of the same bytes: B sequences of the mean length.
     mean_len = max(1, round(tokens / len(lens)))
@@ -294,12 +337,13 @@ def _cpu_copy_tbps() -> float:
     return 4 * 2 * src.numel() * 4 / (time.perf_counter() - t0) / 1e12
 
 
-def run_grid(out_dir: Path, smoke: bool) -> dict:
-    """Time every case (smoke: the tiny cases on the CPU with the torch references); write the JSON
-    and the PNG; return the JSON's dict."""
+def run_grid(out_dir: Path, smoke: bool, only: str | None = None) -> dict:
+    """Time every case (smoke: the tiny cases on the CPU with the torch references; only: "attention"
+    or "mlp" to time one op); write the JSON and the PNG; return the JSON's dict."""
     from kernels.dispatch import Backend, KernelOps
 
     attn, mlp = smoke_cases() if smoke else (attention_cases(), mlp_cases())
+    attn, mlp = ([] if only == "mlp" else attn), ([] if only == "attention" else mlp)
     if smoke:
         device, ops, timer, bw = "cpu", KernelOps(Backend.TORCH), _wall_timer, _cpu_copy_tbps()
         versions = {"torch": torch.__version__}
@@ -316,7 +360,7 @@ def run_grid(out_dir: Path, smoke: bool) -> dict:
           f"~{estimate_seconds(attn, mlp):.0f} s estimated; copy {bw:.2f} TB/s", flush=True)
     t0 = time.time()
     data = {"grid": True, "device": name, "versions": versions, "copy_TBps": bw, "complete": False,
-            "elapsed_s": 0.0, "rows": [], "skipped": []}
+            "elapsed_s": 0.0, "plan_host": plan_host_us(), "rows": [], "skipped": []}
     rows, path = data["rows"], out_dir / "kernels_grid.json"
     out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -367,7 +411,26 @@ def _panels(data: dict) -> dict:
     return panels
 
 
+def attention_target(row: dict) -> bool:
+    """The attention target: within 90% of a floor >= 50 us, within floor + 10 us below that."""
+    floor, ms = row["floor_ms"], row["ms"]
+    return ms <= floor / 0.9 if floor >= 0.05 else ms <= floor + 0.010
+
+
 def print_summary(data: dict) -> None:
+    if "plan_host" in data:
+        p = data["plan_host"]
+        print(f"plan: B {p['batch']} {p['median_us']:.1f} us median, {p['p99_us']:.1f} us p99 (host)")
+    variants: dict = {}
+    for r in data["rows"]:
+        if r["op"] == "attention" and r["variant"] != "sdpa_dense" and r["ms"] > 0:
+            v = variants.setdefault((r["family"], r["variant"]), [0, 0, []])
+            v[0] += attention_target(r)
+            v[1] += 1
+            v[2].append(min(1.0, r["floor_ms"] / r["ms"]) if r["floor_ms"] >= 0.05 else
+                        (r["floor_ms"] + 0.010) / max(r["ms"], 1e-9))
+    for (family, variant), (met, n, ratios) in sorted(variants.items()):
+        print(f"{family:14} {variant:12} target met {met}/{n}; median score {statistics.median(ratios):.2f}")
     for (family, name), cells in _panels(data).items():
         dens = sorted({d for _, d in cells})
         print(f"\n{family} {name}: % of floor" + "".join(f" {d:>6.3f}" for d in dens))

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:  # imported for annotations only: the op modules load on first call
+    from kernels.attention_plan import AttentionPlan
     from kernels.mlp_dispatch import MlpDispatch, MlpPlan
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16)
@@ -76,10 +77,11 @@ class KernelOps:
         head_table: torch.Tensor,  # [B, k_max] int32, -1 = none
         scale: float,
         out: torch.Tensor | None = None,  # [B, Hq, D]
+        plan: AttentionPlan | None = None,  # the step's work plan (kernels/attention_plan.py)
     ) -> torch.Tensor:  # [B, Hq, D]; heads of unselected KV groups are exactly 0
         """Head-selective paged decode attention; see kernels/select_attention.py."""
         fn = self._pick("select_attention", "select_attention")
-        return fn(q, k_cache, v_cache, block_tables, seq_lens, head_table, scale, out)
+        return fn(q, k_cache, v_cache, block_tables, seq_lens, head_table, scale, out, plan)
 
     def gather_fc1(
         self,

@@ -4,16 +4,19 @@ One query token per sequence attends to its paged KV cache, but only for the KV 
 listed in ``head_table[b]``; every other query head's output is exactly 0. With
 ``head_table[b] = arange(Hkv)`` it is plain dense paged decode attention.
 
-Work split: one program per (sequence, selected group, split of the sequence). A program
-loads each K/V tile of its group once and uses it for all G = Hq // Hkv query heads of the
-group (rows of a tl.dot, padded to 16). Splits are merged by a second kernel with a
-log-sum-exp merge. B more programs of the same launch write the zeros of each sequence's
-unselected heads (no memset of out first). The split count comes from static shapes only
-(B, k_max, max_blocks, SM count), never from seq_lens values, so a call never syncs with the
-host and its grid is fixed for a fixed k_max (CUDA-graph capturable). Programs whose split lies past their
-sequence's length, or whose head_table entry is -1, exit at once.
+Work split: one program per (plan item, head-table slot). An item is a chunk of one
+sequence's tokens, cut by the step's work plan from the real lengths
+(kernels/attention_plan.py), so the cost depends on the tokens cached, not on how wide the
+block tables are padded. A program loads each K/V tile of its group once and uses it for all
+G = Hq // Hkv query heads of the group (rows of a tl.dot, padded to 16). A sequence kept whole
+writes its output directly; the chunks of a cut sequence write fp32 partials that a second
+kernel merges (log-sum-exp). B more programs of the same launch write the zeros of each
+sequence's unselected heads (no memset of out first). The grid depends only on the plan's
+capacity and k_max, so with a static-capacity plan a call captures into a CUDA graph; empty
+plan rows and slots whose head_table entry is -1 exit at once.
 
-    out = select_attention(q, k_cache, v_cache, block_tables, seq_lens, head_table, scale)
+    plan = plan_attention(lens, groups=k_max, num_sms=...).to(device)
+    out = select_attention(q, k_cache, v_cache, block_tables, seq_lens, head_table, scale, plan=plan)
 """
 
 from __future__ import annotations
@@ -26,37 +29,12 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.attention_plan import ITEM_FIELDS, AttentionPlan, plan_attention
+
 # Head dims the kernel is tested for (D is a tl.arange length, so a power of two). Public: the
 # runtime checks a model's head dim against it; the torch reference takes any head dim.
 HEAD_DIMS = (64, 128)
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16)
-# At least this many tokens per split: shorter splits spend more on the merge than they
-# gain in parallelism.
-_MIN_SPLIT_TOKENS = 256
-# The merge kernel loads all splits of a head as one [SPLITS_PAD, D] fp32 tile.
-_MAX_SPLITS = 64
-# Programs wanted per SM when the unsplit grid is short (< 8 per SM). The kernel holds 255
-# registers x 128 threads, so 2 programs run per SM and the grid runs in waves; a short grid
-# leaves a long idle tail, which splitting fills (a 2.4-wave grid ran at 83% of the bandwidth
-# floor, the same work split to 9.7 waves at 95%). The partials a split adds (fp32 acc, max,
-# sum: ~(D + 2) x 4 B per head, written and read once) are < 1% of the >= 256 tokens of K/V
-# the split reads.
-_PROGRAMS_PER_SM = 16
-_SHORT_GRID_PROGRAMS_PER_SM = 8
-# From 8 programs per SM up, the best split count follows no wave model; the rule is measured
-# (H100, 132 SMs, block 64 x 4 warps, N 1920 and 3968; the band edges and their margins are in
-# benchmarks/KERNELS_NOTES.md, "Rules in the code"):
-# * programs longer than _LONG_TOKENS tokens, < 15 programs per SM: split into pieces of
-#   _LONG_SPLIT_TOKENS (N 3968: 4 splits, 0-6% faster than unsplit at 9.2-14.1 programs per
-#   SM; unsplit faster at 15.5);
-# * shorter programs at 14-24 programs per SM: 2 splits (N 1920: 1-3% faster at 14.1-20.8 per
-#   SM; unsplit faster at 10.7 and 24.2).
-_LONG_TOKENS = 2048
-_LONG_SPLIT_TOKENS = 1024
-_LONG_MAX_PROGRAMS_PER_SM = 15
-_SHORT_BAND_PROGRAMS_PER_SM = (14, 24)
-
-
 @dataclass(frozen=True)
 class AttentionConfig:
     block_n: int = 64  # tokens per K/V tile; 64 x 128 fp16 = 16 KiB per tile and stage
@@ -97,43 +75,33 @@ def _zero_unselected(ht_ptr, out_ptr, b, k_max, hq, stride_htb, stride_ob, strid
 
 
 @triton.jit
-def _split_len(seq_len, num_splits, BLOCK_N: tl.constexpr, MIN_SPLIT: tl.constexpr):
-    """Tokens per split of one sequence: its own length over the grid's splits (whole BLOCK_N
-    tiles, at least MIN_SPLIT), so the work does not depend on how wide the block table is."""
-    n = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
-    return tl.maximum(n, MIN_SPLIT)
-
-
-@triton.jit
 def _select_attention_kernel(
-    q_ptr, k_ptr, v_ptr, bt_ptr, seq_lens_ptr, ht_ptr, out_ptr,
+    q_ptr, k_ptr, v_ptr, bt_ptr, seq_lens_ptr, ht_ptr, out_ptr, items_ptr,
     o_part_ptr, m_part_ptr, l_part_ptr,
-    scale_log2, k_max, num_splits, hq,
+    scale_log2, k_max, batch, hq,
     stride_qb, stride_qh,
     stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt,
     stride_btb, stride_htb, stride_ob, stride_oh,
     G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    BLOCK_N: tl.constexpr, MIN_SPLIT: tl.constexpr, DIRECT: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    pair = tl.program_id(0)  # b * k_max + slot; pairs B * k_max + b zero sequence b
-    split = tl.program_id(1)
-    n_pairs = tl.num_programs(0) - tl.num_programs(0) // (k_max + 1)  # B * k_max
-    if pair >= n_pairs:  # one program per sequence writes the 0s of its unselected heads
-        if split == 0:
-            _zero_unselected(ht_ptr, out_ptr, pair - n_pairs, k_max, hq, stride_htb, stride_ob,
-                             stride_oh, G, D)
+    pid = tl.program_id(0)  # item * k_max + slot; programs capacity * k_max + b zero sequence b
+    n_pairs = tl.num_programs(0) - batch
+    if pid >= n_pairs:  # one program per sequence writes the 0s of its unselected heads
+        _zero_unselected(ht_ptr, out_ptr, pid - n_pairs, k_max, hq, stride_htb, stride_ob, stride_oh, G, D)
         return
-    b = pair // k_max
-    slot = pair % k_max
+    item = pid // k_max
+    slot = pid % k_max
+    b = tl.load(items_ptr + item * 4)
+    if b < 0:  # an empty row of a static-capacity plan
+        return
     grp = tl.load(ht_ptr + b.to(tl.int64) * stride_htb + slot)
-    seq_len = tl.load(seq_lens_ptr + b)
-    split_tokens = _split_len(seq_len, num_splits, BLOCK_N, MIN_SPLIT)
-    start = split * split_tokens
-    # The grid is static; the work is not: skip unselected slots and splits past the end.
-    if (grp < 0) | (start >= seq_len):
+    if grp < 0:  # an unselected slot
         return
-    end = tl.minimum(start + split_tokens, seq_len)
+    start = tl.load(items_ptr + item * 4 + 1)
+    end = tl.load(items_ptr + item * 4 + 2)
+    part = tl.load(items_ptr + item * 4 + 3)
 
     b64 = b.to(tl.int64)
     grp64 = grp.to(tl.int64)
@@ -155,7 +123,7 @@ def _select_attention_kernel(
     for n0 in range(start, end, BLOCK_N):
         pos = n0 + offs_n  # logical token positions [BLOCK_N]
         valid = pos < end
-        # Page of each token; entries past the sequence are never read (masked).
+        # Page of each token; entries past the item are never read (masked).
         page = tl.load(bt_row + pos // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
         tok = (pos % BLOCK_SIZE).to(tl.int64)
         k_rows = k_base + page * stride_kb + tok * stride_kt  # [BLOCK_N] row pointers
@@ -174,71 +142,59 @@ def _select_attention_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
 
-    if DIRECT:  # one split: normalise and write the output here, no merge kernel
+    if part < 0:  # the item is the whole sequence: normalise and write the output here
         o_ptrs = out_ptr + b64 * stride_ob + (grp64 * G + rows[:, None]) * stride_oh + cols[None, :]
         tl.store(o_ptrs, (acc / l_i[:, None]).to(out_ptr.dtype.element_ty), mask=row_mask[:, None])
     else:
-        part = (pair.to(tl.int64) * num_splits + split) * G + rows  # [G_PAD] partial rows
-        tl.store(o_part_ptr + part[:, None] * D + cols[None, :], acc, mask=row_mask[:, None])
-        tl.store(m_part_ptr + part, m_i, mask=row_mask)
-        tl.store(l_part_ptr + part, l_i, mask=row_mask)
+        prow = (part.to(tl.int64) * k_max + slot) * G + rows  # [G_PAD] partial rows
+        tl.store(o_part_ptr + prow[:, None] * D + cols[None, :], acc, mask=row_mask[:, None])
+        tl.store(m_part_ptr + prow, m_i, mask=row_mask)
+        tl.store(l_part_ptr + prow, l_i, mask=row_mask)
 
 
 @triton.jit
-def _merge_splits_kernel(
-    o_part_ptr, m_part_ptr, l_part_ptr, ht_ptr, seq_lens_ptr, out_ptr,
-    k_max, num_splits,
-    stride_htb, stride_ob, stride_oh,
-    G: tl.constexpr, D: tl.constexpr, SPLITS_PAD: tl.constexpr, BLOCK_N: tl.constexpr, MIN_SPLIT: tl.constexpr,
+def _merge_parts_kernel(
+    o_part_ptr, m_part_ptr, l_part_ptr, ht_ptr, seqs_ptr, out_ptr,
+    k_max, stride_htb, stride_ob, stride_oh,
+    G: tl.constexpr, D: tl.constexpr, PARTS: tl.constexpr,
 ):
+    """Log-sum-exp merge of the partials of each cut sequence, PARTS at a time (any number)."""
     pid = tl.program_id(0)  # (b * k_max + slot) * G + r
     r = pid % G
     pair = pid // G
     b = pair // k_max
     slot = pair % k_max
+    n = tl.load(seqs_ptr + b * 2 + 1)
+    if n == 0:  # not cut: its item wrote the output
+        return
     grp = tl.load(ht_ptr + b.to(tl.int64) * stride_htb + slot)
     if grp < 0:
         return
-    seq_len = tl.load(seq_lens_ptr + b)
-    n_valid = tl.cdiv(seq_len, _split_len(seq_len, num_splits, BLOCK_N, MIN_SPLIT))  # splits that ran
-    s = tl.arange(0, SPLITS_PAD)
-    s_mask = s < n_valid
+    first = tl.load(seqs_ptr + b * 2)
     cols = tl.arange(0, D)
-    part = (pair.to(tl.int64) * num_splits + s) * G + r  # [SPLITS_PAD]
-    m = tl.load(m_part_ptr + part, mask=s_mask, other=float("-inf"))
-    l_s = tl.load(l_part_ptr + part, mask=s_mask, other=0.0)
-    o = tl.load(o_part_ptr + part[:, None] * D + cols[None, :], mask=s_mask[:, None], other=0.0)
-    w = tl.exp2(m - tl.max(m, 0))  # [SPLITS_PAD]; 0 for splits that did not run
-    res = tl.sum(w[:, None] * o, 0) / tl.sum(w * l_s, 0)  # [D]
+    s = tl.arange(0, PARTS)
+    m_run = tl.max(tl.full([PARTS], float("-inf"), tl.float32), 0)
+    l_run = tl.sum(tl.zeros([PARTS], tl.float32), 0)
+    acc = tl.zeros([D], tl.float32)
+    for p0 in range(0, n, PARTS):
+        s_mask = p0 + s < n
+        prow = ((first + p0 + s).to(tl.int64) * k_max + slot) * G + r  # [PARTS]
+        m = tl.load(m_part_ptr + prow, mask=s_mask, other=float("-inf"))
+        l_s = tl.load(l_part_ptr + prow, mask=s_mask, other=0.0)
+        o = tl.load(o_part_ptr + prow[:, None] * D + cols[None, :], mask=s_mask[:, None], other=0.0)
+        m_new = tl.maximum(m_run, tl.max(m, 0))  # finite: every part read >= 1 token
+        alpha = tl.exp2(m_run - m_new)
+        w = tl.exp2(m - m_new)  # [PARTS]; 0 for masked parts
+        l_run = l_run * alpha + tl.sum(w * l_s, 0)
+        acc = acc * alpha + tl.sum(w[:, None] * o, 0)
+        m_run = m_new
     o_ptrs = out_ptr + b.to(tl.int64) * stride_ob + (grp.to(tl.int64) * G + r) * stride_oh + cols
-    tl.store(o_ptrs, res.to(out_ptr.dtype.element_ty))
+    tl.store(o_ptrs, (acc / l_run).to(out_ptr.dtype.element_ty))
 
 
 @functools.lru_cache(maxsize=None)
 def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
-
-
-def _split_plan(batch: int, k_max: int, max_tokens: int, num_sms: int, block_n: int) -> tuple[int, int]:
-    """(num_splits, split_tokens) from static shapes only (B, k_max, the block table's width,
-    the SM count): never from seq_lens, so no host sync and a fixed grid per k_max. The kernel
-    then splits each sequence into num_splits pieces of its own length (_split_len): the work
-    does not depend on how far the table is padded past the lengths (measured on an H100,
-    benchmarks/results/nvidia-h100-80gb-hbm3/kernels_padded.json: one 6,000-token sequence among
-    63 of 300 tokens, table padded to 32,768 tokens, 0.213 ms -> 0.089 ms)."""
-    pairs = max(batch * k_max, 1)  # programs of the unsplit grid
-    lo, hi = _SHORT_BAND_PROGRAMS_PER_SM
-    if pairs < _SHORT_GRID_PROGRAMS_PER_SM * num_sms:
-        want = triton.cdiv(_PROGRAMS_PER_SM * num_sms, pairs)
-    elif max_tokens > _LONG_TOKENS and pairs < _LONG_MAX_PROGRAMS_PER_SM * num_sms:
-        want = triton.cdiv(max_tokens, _LONG_SPLIT_TOKENS)
-    elif max_tokens <= _LONG_TOKENS and lo * num_sms <= pairs < hi * num_sms:
-        want = 2
-    else:
-        want = 1
-    splits = max(1, min(want, triton.cdiv(max_tokens, _MIN_SPLIT_TOKENS), _MAX_SPLITS))
-    split_tokens = triton.cdiv(triton.cdiv(max_tokens, splits), block_n) * block_n
-    return triton.cdiv(max_tokens, split_tokens), split_tokens
 
 
 def _check(q, k_cache, v_cache, block_tables, seq_lens, head_table, out, kernel: bool) -> None:
@@ -288,58 +244,68 @@ def _check(q, k_cache, v_cache, block_tables, seq_lens, head_table, out, kernel:
                 raise ValueError(f"{name} must have a contiguous last dim (stride 1), got stride {t.stride(-1)}")
 
 
+def _check_plan(plan: AttentionPlan, batch: int, device: torch.device) -> None:
+    for name, t, shape in (("plan.items", plan.items, (plan.capacity, ITEM_FIELDS)), ("plan.seqs", plan.seqs, (batch, 2))):
+        if t.dtype != torch.int32 or tuple(t.shape) != shape or not t.is_contiguous() or t.device != device:
+            raise ValueError(f"{name} must be a contiguous int32 {shape} tensor on {device}, got {t.dtype} "
+                             f"{tuple(t.shape)} on {t.device}; build it with kernels.attention_plan.plan_attention")
+
+
+def host_plan(seq_lens: torch.Tensor, k_max: int, device: torch.device, block_n: int) -> AttentionPlan:
+    """The plan for a call that did not bring one: from seq_lens read back to the host (a sync)."""
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        raise ValueError("select_attention under CUDA-graph capture needs a plan (its lengths cannot be read "
+                         "back while capturing): build one with kernels.attention_plan.plan_attention and pass "
+                         "plan=, with a static capacity (plan_capacity)")
+    num_sms = 4 if device.type != "cuda" else _num_sms(device)
+    return plan_attention(seq_lens.tolist(), groups=k_max, num_sms=num_sms, block_n=block_n).to(device)
+
+
 def _launch(q, k_cache, v_cache, block_tables, seq_lens, head_table, scale, out,
-            num_splits: int | None = None, config: AttentionConfig | None = None) -> torch.Tensor:
-    """The kernel launch; tests and benchmarks pass num_splits / config to pin them."""
+            plan: AttentionPlan | None = None, config: AttentionConfig | None = None) -> torch.Tensor:
+    """The kernel launch; tests and benchmarks pass a config to pin it."""
     _check(q, k_cache, v_cache, block_tables, seq_lens, head_table, out, kernel=True)
     batch, hq, d = q.shape
-    _, hkv, block_size, _ = k_cache.shape
     k_max = head_table.shape[1]
-    group = hq // hkv
+    group = hq // k_cache.shape[1]
     interpret = q.device.type != "cuda"
     if config is None:
         config = _INTERPRETER_CONFIG if interpret else AttentionConfig()
-    max_tokens = block_tables.shape[1] * block_size
-    if num_splits is None:
-        num_sms = 4 if interpret else _num_sms(q.device)
-        num_splits, _ = _split_plan(batch, k_max, max_tokens, num_sms, config.block_n)
-    # whole tiles, and the same for tables a few tiles wider (a graph's padded table and an eager step's)
-    min_split = min(_MIN_SPLIT_TOKENS, triton.cdiv(triton.cdiv(max_tokens, num_splits), config.block_n) * config.block_n)
     if k_max == 0:  # no group selected: every head reads exactly 0, and nothing to launch
         return torch.zeros_like(q) if out is None else out.zero_()
     if out is None:
         out = torch.empty_like(q)  # the launch writes every element, the 0s included
     if batch == 0:
         return out
-    direct = num_splits == 1
-    rows = batch * k_max * group
-    if direct:  # dummies: the partial buffers are not touched when DIRECT
-        o_part = m_part = l_part = out
-    else:
-        o_part = torch.empty(rows * num_splits, d, device=q.device, dtype=torch.float32)
-        m_part = torch.empty(rows * num_splits, device=q.device, dtype=torch.float32)
+    if plan is None:
+        plan = host_plan(seq_lens, k_max, q.device, config.block_n)
+    _check_plan(plan, batch, q.device)
+    if plan.num_parts:
+        part_rows = plan.num_parts * k_max * group
+        o_part = torch.empty(part_rows, d, device=q.device, dtype=torch.float32)
+        m_part = torch.empty(part_rows, device=q.device, dtype=torch.float32)
         l_part = torch.empty_like(m_part)
-    # B more programs along dim 0 than pairs: one per sequence (split 0 only) writes its 0s.
-    _select_attention_kernel[(batch * k_max + batch, num_splits)](
-        q, k_cache, v_cache, block_tables, seq_lens, head_table, out,
+    else:  # dummies: no item writes a partial
+        o_part = m_part = l_part = out
+    # batch more programs than (item, slot) pairs: one per sequence writes its 0s.
+    _select_attention_kernel[(plan.capacity * k_max + batch,)](
+        q, k_cache, v_cache, block_tables, seq_lens, head_table, out, plan.items,
         o_part, m_part, l_part,
-        scale * math.log2(math.e), k_max, num_splits, hq,
+        scale * math.log2(math.e), k_max, batch, hq,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_tables.stride(0), head_table.stride(0), out.stride(0), out.stride(1),
-        G=group, G_PAD=max(16, triton.next_power_of_2(group)), D=d, BLOCK_SIZE=block_size,
-        BLOCK_N=config.block_n, MIN_SPLIT=min_split, DIRECT=direct, UPCAST=interpret,
+        G=group, G_PAD=max(16, triton.next_power_of_2(group)), D=d, BLOCK_SIZE=k_cache.shape[2],
+        BLOCK_N=config.block_n, UPCAST=interpret,
         num_warps=config.num_warps, num_stages=config.num_stages,
         **({} if config.maxnreg is None else {"maxnreg": config.maxnreg}),
     )
-    if not direct:
-        _merge_splits_kernel[(rows,)](
-            o_part, m_part, l_part, head_table, seq_lens, out,
-            k_max, num_splits,
-            head_table.stride(0), out.stride(0), out.stride(1),
-            G=group, D=d, SPLITS_PAD=max(2, triton.next_power_of_2(num_splits)), BLOCK_N=config.block_n,
-            MIN_SPLIT=min_split, num_warps=4,
+    if plan.num_parts:
+        _merge_parts_kernel[(batch * k_max * group,)](
+            o_part, m_part, l_part, head_table, plan.seqs, out,
+            k_max, head_table.stride(0), out.stride(0), out.stride(1),
+            G=group, D=d, PARTS=16, num_warps=4,
         )
     return out
 
@@ -353,16 +319,20 @@ def select_attention(
     head_table: torch.Tensor,  # [B, k_max] int32 selected KV groups, -1 = none
     scale: float,
     out: torch.Tensor | None = None,  # [B, Hq, D]
+    plan: AttentionPlan | None = None,  # the step's work plan (kernels/attention_plan.py); None: one
+    # is built from seq_lens, which reads them back to the host
 ) -> torch.Tensor:  # [B, Hq, D]; heads of unselected groups are exactly 0
     """Triton head-selective paged decode attention (see the module docstring)."""
-    return _launch(q, k_cache, v_cache, block_tables, seq_lens, head_table, scale, out)
+    return _launch(q, k_cache, v_cache, block_tables, seq_lens, head_table, scale, out, plan)
 
 
 def select_attention_ref(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
     seq_lens: torch.Tensor, head_table: torch.Tensor, scale: float, out: torch.Tensor | None = None,
+    plan: AttentionPlan | None = None,
 ) -> torch.Tensor:
-    """Pure-PyTorch reference, computed in q's dtype (softmax in fp32); any device."""
+    """Pure-PyTorch reference, computed in q's dtype (softmax in fp32); any device. `plan` is
+    accepted for the kernel's signature and not needed: the reference reads every token."""
     _check(q, k_cache, v_cache, block_tables, seq_lens, head_table, out, kernel=False)
     batch, hq, d = q.shape
     num_blocks, hkv, block_size, _ = k_cache.shape

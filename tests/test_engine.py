@@ -209,8 +209,8 @@ def test_graph_buffers_and_padding_rows_give_eager_results(model_dir: Path, monk
     monkeypatch.setattr(cuda_graphs.torch.cuda, "graph_pool_handle", lambda: None)
     monkeypatch.setattr(DecodeGraphs, "_capture", lambda self, n: ((r := _EagerReplay(self, n)), r.logits))
     runner = rt.runner
-    runner.graphs = DecodeGraphs(runner.model, runner.kv_caches, runner.head_table, max_blocks=128 // 16,
-                                 block_size=16, scratch_block=runner.num_blocks, device=runner.device)
+    runner.graphs = DecodeGraphs(runner.model, runner.kv_caches, runner.head_table, runner.planner,
+                                 max_blocks=128 // 16, block_size=16, scratch_block=runner.num_blocks, device=runner.device)
     assert outputs(rt, PROMPTS[:3], GREEDY) == eager
     assert sorted(runner.graphs._graphs) == [4]
 

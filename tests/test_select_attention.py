@@ -4,9 +4,13 @@ by the rule of support/tolerance.py with one ulp of slack (the output is rounded
 
 from __future__ import annotations
 
+import time
+
+import numpy as np
 import pytest
 import torch
 
+from kernels.attention_plan import plan_attention, plan_capacity
 from kernels.select_attention import AttentionConfig, _launch, select_attention, select_attention_ref
 from support.tolerance import assert_close_to_reference
 
@@ -32,6 +36,13 @@ def _make_case(batch, hq, hkv, d, block_size, max_blocks, k_max, dtype, seq_lens
     return tuple(t.to(device) for t in tensors)
 
 
+def _plan(case, chunk_tokens=None, capacity=None, block_n=64):
+    """The work plan of `case` (seq_lens at index 4, head table at 5), cut into chunks of about
+    `chunk_tokens` tokens (None: the planner's rule for 4 SMs)."""
+    return plan_attention(case[4].tolist(), groups=case[5].shape[1], num_sms=4, block_n=block_n,
+                          chunk_tokens=chunk_tokens, capacity=capacity).to(case[0].device)
+
+
 def _check_close(out, case, scale):
     fp32_case = tuple(t.float() if t.is_floating_point() else t for t in case)
     assert_close_to_reference(out, select_attention_ref(*fp32_case, scale), select_attention_ref(*case, scale))
@@ -50,13 +61,13 @@ def _unselected_mask(head_table, hq, hkv):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("hq,hkv,k_max", [(4, 4, 3), (8, 2, 2)])  # MHA, GQA (G = 4)
-@pytest.mark.parametrize("num_splits", [1, 3])  # direct write, and split-K with the merge kernel
-def test_matches_reference(dtype, d, hq, hkv, k_max, num_splits):
-    gen = torch.Generator().manual_seed(d * 100 + hq * 10 + num_splits + (dtype == torch.bfloat16))
+@pytest.mark.parametrize("chunk", [None, 16])  # whole sequences (direct writes); cut into 16-token chunks (merge)
+def test_matches_reference(dtype, d, hq, hkv, k_max, chunk):
+    gen = torch.Generator().manual_seed(d * 100 + hq * 10 + (chunk or 0) + (dtype == torch.bfloat16))
     # Lengths: 1, mid-block and non-power-of-two (37), exactly full (max_blocks * block_size).
     case = _make_case(3, hq, hkv, d, 16, 6, k_max, dtype, [1, 37, 96], gen)
     out = torch.full_like(case[0], float("nan"))  # poison: every selected element must be written
-    _launch(*case, 0.3, out, num_splits=num_splits)
+    _launch(*case, 0.3, out, _plan(case, chunk, block_n=16), AttentionConfig(block_n=16, num_stages=1))
     unselected = _unselected_mask(case[5], hq, hkv)
     assert not out.isnan().any(), "an output element was not written"
     assert (out[unselected] == 0).all(), "unselected heads must be exactly 0"
@@ -82,12 +93,81 @@ def test_batch_one_and_block_sizes(block_size):
     _check_close(out, case, 0.125)
 
 
-def test_four_splits_many_lengths():
+def test_many_lengths_cut_into_chunks_with_a_padded_plan():
+    """Lengths around tile and chunk edges, some sequences cut into up to 19 chunks (more than
+    the merge loads at once), in a plan with empty rows past its items (a graph's capacity)."""
     gen = torch.Generator().manual_seed(7)
     lens = [1, 15, 16, 17, 100, 255, 300]
     case = _make_case(len(lens), 2, 2, 64, 16, 20, 2, torch.float16, lens, gen)
-    out = _launch(*case, 0.2, None, num_splits=4)
+    plan = _plan(case, chunk_tokens=16, capacity=60, block_n=16)
+    assert plan.num_parts > 16 and int((plan.items[:, 0] < 0).sum()) > 0
+    out = _launch(*case, 0.2, None, plan, AttentionConfig(block_n=16, num_stages=1))
     _check_close(out, case, 0.2)
+    _check_close(select_attention(*case, 0.2), case, 0.2)  # the plan built from seq_lens
+
+
+def test_a_plan_of_the_wrong_batch_is_refused():
+    gen = torch.Generator().manual_seed(8)
+    case = _make_case(3, 4, 2, 64, 16, 6, 2, torch.float16, [1, 37, 96], gen)
+    other = _make_case(2, 4, 2, 64, 16, 6, 2, torch.float16, [1, 37], gen)
+    with pytest.raises(ValueError, match="plan.seqs must be"):
+        select_attention(*case, 0.3, plan=_plan(other))
+
+
+def _covered(plan, lens):
+    """token -> how many items of `plan` read it, per sequence."""
+    seen = [np.zeros(n, dtype=int) for n in lens]
+    for seq, start, end, _ in plan.items[:plan.num_items]:
+        seen[seq][start:end] += 1
+    return seen
+
+
+@pytest.mark.parametrize("lens", [
+    [4096] + [300] * 63,  # one long among many short
+    list(range(1, 2000, 7)),  # 286 lengths from 1 up
+    [131072] * 2,  # two sequences at Llama-3.1's longest context
+    [1] * 256,  # a graph bucket of padding rows
+])
+@pytest.mark.parametrize("groups", [1, 8, 32])
+def test_planner_covers_every_token_once_in_bounded_chunks(lens, groups):
+    sms = 132
+    plan = plan_attention(lens, groups=groups, num_sms=sms)
+    assert plan.items.shape == (plan_capacity(len(lens), groups, sms), 4)  # the static buffer size
+    assert plan.num_items <= plan.items.shape[0] and (plan.items[plan.num_items:] == -1).all()
+    assert all((c == 1).all() for c in _covered(plan, lens)), "a token is read twice or never"
+    real = plan.items[:plan.num_items]
+    sizes = real[:, 2] - real[:, 1]
+    assert (sizes >= 1).all() and sizes.max() <= max(64 * -(-plan.chunk_tokens * 3 // 2 // 64), 64)
+    # Partials: a cut sequence's items own consecutive parts from seqs[b, 0]; whole ones write directly.
+    for b, (first, n) in enumerate(plan.seqs):
+        mine = real[real[:, 0] == b]
+        if len(mine) == 1:
+            assert n == 0 and mine[0, 3] == -1
+        else:
+            assert n == len(mine) and sorted(mine[:, 3]) == list(range(first, first + n))
+    assert plan.num_parts == int(plan.seqs[:, 1].sum())
+
+
+def test_planner_cuts_by_total_work_not_by_table_width():
+    """One 4,096-token sequence among 63 of 300: the long one is cut into about as many chunks
+    as its share of the step's tokens; the short ones stay whole."""
+    lens = [4096] + [300] * 63
+    plan = plan_attention(lens, groups=16, num_sms=132)
+    real = plan.items[:plan.num_items]
+    assert (real[:, 0] == 0).sum() >= 8 and plan.seqs[1:, 1].max() == 0
+    big = plan_attention([4096] * 256, groups=32, num_sms=132)  # 32 programs per SM unsplit
+    assert big.num_parts == 0
+
+
+def test_planner_host_time_at_batch_256():
+    """Planning runs once per step on the host; at batch 256 it must cost well under 50 us
+    (a budget checked with a wide margin here; the benchmark reports the measured time)."""
+    lens = np.random.default_rng(0).integers(100, 8192, 256)
+    plan_attention(lens, groups=8, num_sms=132)
+    t0 = time.perf_counter()
+    for _ in range(50):
+        plan_attention(lens, groups=8, num_sms=132)
+    assert (time.perf_counter() - t0) / 50 < 1e-3
 
 
 def _bad_case():
@@ -149,12 +229,12 @@ def test_gpu_realistic(dtype, hq, hkv, d):
     k_max = max(1, hkv * 3 // 10)
     case = _make_case(len(lens), hq, hkv, d, 16, 64, k_max, dtype, lens, gen)
     out = torch.full_like(case[0], float("nan"))
-    select_attention(*case, d**-0.5, out=out)  # heuristic split plan
+    select_attention(*case, d**-0.5, out=out)  # the planner's rule
     assert not out.isnan().any()
     assert (out[_unselected_mask(case[5], hq, hkv)] == 0).all()
     _check_close(out, case, d**-0.5)
-    for splits in (1, 5):
-        _check_close(_launch(*case, d**-0.5, None, num_splits=splits), case, d**-0.5)
+    for chunk in (64, 200, 4096):  # cut fine, cut coarse, whole
+        _check_close(_launch(*case, d**-0.5, None, _plan(case, chunk, capacity=200)), case, d**-0.5)
 
 
 @pytest.mark.gpu
@@ -166,9 +246,9 @@ def test_gpu_block_configs(cfg):
     gen = torch.Generator().manual_seed(3)
     lens = torch.randint(1, 1024, (16,), generator=gen).tolist() + [1024]
     case = _make_case(len(lens), 32, 32, 128, 16, 64, 10, torch.float16, lens, gen)
-    for splits in (1, 3):
+    for chunk in (4096, 300):  # whole sequences; cut
         out = torch.full_like(case[0], float("nan"))
-        _launch(*case, 128**-0.5, out, num_splits=splits, config=AttentionConfig(*cfg))
+        _launch(*case, 128**-0.5, out, _plan(case, chunk, block_n=cfg[0]), config=AttentionConfig(*cfg))
         assert not out.isnan().any()
         assert (out[_unselected_mask(case[5], 32, 32)] == 0).all()
         _check_close(out, case, 128**-0.5)
@@ -176,31 +256,33 @@ def test_gpu_block_configs(cfg):
 
 @pytest.mark.gpu
 def test_gpu_cuda_graph_capture():
-    """The op never syncs with the host: it captures, and replays give the eager result."""
+    """With a static-capacity plan the op never syncs with the host: it captures, and replays
+    of new plans copied into the captured buffers give each plan's eager result; without a
+    plan, capture is refused with a message saying what to pass."""
     gen = torch.Generator().manual_seed(11)
     case = _make_case(4, 32, 8, 128, 16, 64, 3, torch.float16, [1, 300, 777, 1024], gen)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    capacity = plan_capacity(4, 3, sms)
+    plans = [plan_attention(case[4].tolist(), groups=3, num_sms=sms, capacity=capacity, chunk_tokens=c)
+             for c in (None, 128)]
+    flat = torch.from_numpy(plans[0].flat()).cuda()
+    from kernels.attention_plan import plan_views
+    captured = plan_views(flat, capacity, 4, capacity)  # partials sized for any plan of this capacity
     out = torch.empty_like(case[0])
-    eager = select_attention(*case, 0.1)
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        select_attention(*case, 0.1, out=out)
-    out.fill_(float("nan"))
-    graph.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(out, eager)
+        select_attention(*case, 0.1, out=out, plan=captured)
+    for host in plans:
+        eager = select_attention(*case, 0.1, plan=host.to("cuda"))
+        flat.copy_(torch.from_numpy(host.flat()))
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, eager)
+    assert plans[1].num_parts > 0  # the second plan cut sequences: the merge ran in the graph
+    with pytest.raises(ValueError, match="needs a plan"):
+        with torch.cuda.graph(torch.cuda.CUDAGraph()):
+            select_attention(*case, 0.1, out=out)
 
 
-def test_split_plan_v4():
-    """v4 rule (132 SMs, block_n 64), each case a row of run 5's split sweep."""
-    from kernels.select_attention import _split_plan
-
-    assert _split_plan(64, 10, 3968, 132, 64)[0] == 4  # llama2-7b d 0.31: 640 programs (< 8 per SM)
-    assert _split_plan(64, 2, 8192, 132, 64)[0] == 16  # llama3-8b GQA d 0.25
-    assert _split_plan(64, 22, 1920, 132, 64)[0] == 1  # opt-66b d 0.31: 10.7 per SM, short programs
-    assert _split_plan(64, 29, 1920, 132, 64)[0] == 2  # opt-66b d 0.40: 14.1 per SM
-    assert _split_plan(64, 50, 1920, 132, 64)[0] == 1  # opt-66b d 0.69: 24.2 per SM
-    assert _split_plan(64, 19, 3968, 132, 64)[0] == 4  # llama2-7b d 0.59: 9.2 per SM, long programs
-    assert _split_plan(128, 10, 3968, 132, 64)[0] == 4  # llama2-7b B 128 d 0.31
-    assert _split_plan(64, 29, 3968, 132, 64)[0] == 4  # llama2-7b d 0.91: 14.1 per SM
-    assert _split_plan(64, 32, 3968, 132, 64)[0] == 1  # llama2-7b d 1.0: 15.5 per SM

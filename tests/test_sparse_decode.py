@@ -230,8 +230,8 @@ def test_graph_buffers_keep_sparse_tokens(monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.setattr(cuda_graphs.torch.cuda, "graph_pool_handle", lambda: None)
     monkeypatch.setattr(DecodeGraphs, "_capture", lambda self, n: ((r := EagerReplay(self, n)), r.logits))
     runner = rt.runner
-    runner.graphs = DecodeGraphs(runner.model, runner.kv_caches, runner.head_table, max_blocks=128 // 16,
-                                 block_size=16, scratch_block=runner.num_blocks, device=runner.device)
+    runner.graphs = DecodeGraphs(runner.model, runner.kv_caches, runner.head_table, runner.planner,
+                                 max_blocks=128 // 16, block_size=16, scratch_block=runner.num_blocks, device=runner.device)
     graphed = [s.output_ids for s in generate_ids(rt, PROMPTS[:3], PARAMS)]  # 3 rows in the bucket of 4
     assert graphed == eager
     assert sorted(runner.graphs._graphs) == [4]

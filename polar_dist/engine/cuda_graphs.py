@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from kernels.attention_plan import ITEM_FIELDS, StepPlanner, plan_views
 from polar_dist.engine.step import Step
 from polar_dist.models.attention import AttentionBatch
 
@@ -27,9 +28,10 @@ def batch_buckets(max_batch_size: int) -> list[int]:
 
 class DecodeGraphs:
     def __init__(self, model: nn.Module, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
-                 head_table: torch.Tensor, *, max_blocks: int, block_size: int, scratch_block: int,
-                 device: torch.device) -> None:
-        """head_table: (max_batch_size, k_max) int32 KV groups each row reads; the graphs read it in place."""
+                 head_table: torch.Tensor, planner: StepPlanner, *, max_blocks: int, block_size: int,
+                 scratch_block: int, device: torch.device) -> None:
+        """head_table: (max_batch_size, k_max) int32 KV groups each row reads; the graphs read it in place.
+        planner: cuts each step's attention into work items (a static capacity per bucket)."""
         self.model = model
         self.kv_caches = kv_caches
         self.block_size = block_size
@@ -43,6 +45,10 @@ class DecodeGraphs:
         self.slots = torch.full((n,), scratch_block * block_size, dtype=torch.int64, device=dev)
         self.head_table = head_table
         self.num_rows = torch.zeros((), dtype=torch.int32, device=dev)
+        # The attention work plan: per bucket, `capacity` item rows then one row per sequence,
+        # at the start of one int32 buffer (one copy per step); every layer reads it.
+        self.planner = planner
+        self.plan_buffer = torch.zeros(planner.capacity(n) * ITEM_FIELDS + 2 * n, dtype=torch.int32, device=dev)
         self.max_blocks = max_blocks
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._pool = torch.cuda.graph_pool_handle()
@@ -51,9 +57,11 @@ class DecodeGraphs:
         return next((b for b in self.buckets if b >= batch_size), None)
 
     def _batch(self, n: int) -> AttentionBatch:
+        cap = self.planner.capacity(n)
+        plan = plan_views(self.plan_buffer, cap, n, num_parts=cap)  # partials for any plan of this capacity
         return AttentionBatch(is_decode=True, seq_lens=self.seq_lens[:n], block_tables=self.block_tables[:n],
                               slot_mapping=self.slots[:n], head_table=self.head_table[:n], num_rows=self.num_rows,
-                              query_lens=(), seq_lens_host=())
+                              query_lens=(), seq_lens_host=(), plan=plan)
 
     def _forward(self, n: int) -> torch.Tensor:
         hidden = self.model(self.ids[:n], self.positions[:n], self._batch(n), self.kv_caches)  # (n, d)
@@ -91,6 +99,8 @@ class DecodeGraphs:
         self.seq_lens[:n].copy_(host[2])
         self.slots[:n].copy_(host[3])
         self.block_tables[:n].copy_(torch.from_numpy(tables), non_blocking=True)
+        plan = self.planner.plan(rows[2, :n], capacity=self.planner.capacity(n)).flat()
+        self.plan_buffer[:plan.shape[0]].copy_(torch.from_numpy(plan), non_blocking=True)
         self.num_rows.fill_(b)
         if n not in self._graphs:
             self._graphs[n] = self._capture(n)

@@ -7,6 +7,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from kernels.attention_plan import StepPlanner
 from polar_dist.engine.cuda_graphs import DecodeGraphs
 from polar_dist.engine.kv_cache import allocate_kv_caches, blocks_needed
 from polar_dist.engine.sampling import PromptRows, SampleOutput, SampleRow, Sampler
@@ -22,7 +23,9 @@ class ModelRunner:
 
     def __init__(self, model: nn.Module, spec: ModelSpec, plan: ShardPlan, *, num_blocks: int, block_size: int,
                  dtype: torch.dtype, device: torch.device, max_batch_size: int, max_seq_len: int,
-                 cuda_graphs: bool, sampler: Sampler | None = None) -> None:
+                 cuda_graphs: bool, sampler: Sampler | None = None, attention_groups: int | None = None) -> None:
+        """attention_groups: KV groups per sequence most layers read on this rank (sets how finely
+        decode attention is cut into work items; default every local group)."""
         self.model = model
         self.device = device
         self.block_size = block_size
@@ -38,8 +41,9 @@ class ModelRunner:
         # decode rows use its first B rows, eager or captured.
         self.head_table = torch.arange(plan.num_kv_heads_local, dtype=torch.int32, device=device).expand(
             max_batch_size, -1).contiguous()
+        self.planner = StepPlanner.for_device(attention_groups or plan.num_kv_heads_local, device)
         self.graphs = DecodeGraphs(
-            model, self.kv_caches, self.head_table, max_blocks=self.max_blocks_per_seq,
+            model, self.kv_caches, self.head_table, self.planner, max_blocks=self.max_blocks_per_seq,
             block_size=block_size, scratch_block=num_blocks, device=device) \
             if cuda_graphs and device.type == "cuda" else None
 
@@ -59,6 +63,8 @@ class ModelRunner:
         off = 3 * T + B
         logit_idx = flat[off:off + len(step.logit_indices)]
         block_tables = flat[off + len(step.logit_indices):].view(B, -1).to(torch.int32)  # (B, max_blocks)
+        n_decode = B if step.is_decode else step.num_decode  # rows read by the decode kernel
+        plan = self.planner.plan(step.seq_lens[:n_decode]).to(dev) if n_decode else None
         batch = AttentionBatch(
             is_decode=step.is_decode,
             seq_lens=seq_lens,
@@ -69,6 +75,7 @@ class ModelRunner:
             query_lens=tuple(step.query_lens.tolist()),
             seq_lens_host=tuple(step.seq_lens.tolist()),
             num_decode_rows=0 if step.is_decode else step.num_decode,
+            plan=plan,
         )
         hidden = self.model(ids, positions, batch, self.kv_caches)  # (T, d)
         return self.model.logits(hidden[logit_idx])  # (L, V)

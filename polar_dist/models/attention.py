@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
+from kernels.attention_plan import AttentionPlan
 from kernels.dispatch import KernelOps
 
 
@@ -39,6 +40,8 @@ class AttentionBatch:
     seq_lens_host: tuple[int, ...]  # host copy of seq_lens (prefill loop bounds)
     num_decode_rows: int = 0  # in a prefill (mixed) step: rows [0, n) are single-token decode rows, read
     # through the decode kernel (head_table's first n rows: every local group, unless a router's table is given)
+    plan: AttentionPlan | None = None  # the decode rows' work plan (kernels/attention_plan.py), built on the
+    # host once per step; None: the kernel builds one from seq_lens (a device sync)
 
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -59,7 +62,8 @@ def paged_attention(ops: KernelOps, q: torch.Tensor, k_cache: torch.Tensor, v_ca
     keys and values (already in the cache); a prefill row with no cached prefix reads them directly."""
     if batch.is_decode:
         table = batch.head_table if head_table is None else head_table
-        return ops.select_attention(q, k_cache, v_cache, batch.block_tables, batch.seq_lens, table, scale)
+        return ops.select_attention(q, k_cache, v_cache, batch.block_tables, batch.seq_lens, table, scale,
+                                    plan=batch.plan)
     out = torch.empty_like(q)
     n = batch.num_decode_rows
     if n:  # single-token rows of a mixed step: the decode kernel, one launch for all of them
@@ -68,7 +72,7 @@ def paged_attention(ops: KernelOps, q: torch.Tensor, k_cache: torch.Tensor, v_ca
             head_table = batch.head_table[:n]
         width = -(-max(batch.seq_lens_host[:n]) // k_cache.shape[2])
         ops.select_attention(q[:n], k_cache, v_cache, batch.block_tables[:n, :width], batch.seq_lens[:n],
-                             head_table, scale, out=out[:n])
+                             head_table, scale, out=out[:n], plan=batch.plan)
     _prefill_attention(q, k_cache, v_cache, batch, scale, out, k, v)
     return out
 

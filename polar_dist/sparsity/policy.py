@@ -63,6 +63,14 @@ class SparsityPolicy:
                 total += k
         return total
 
+    def typical_groups_local(self, num_groups_local: int) -> int:
+        """KV groups per sequence that the median layer reads on one rank (how finely decode
+        attention is cut into work items: kernels/attention_plan.py)."""
+        reads = sorted(self.head_k_local(layer, num_groups_local) if self.head_routed(layer)
+                       and self.routing is HeadRouting.ROUTER else num_groups_local
+                       for layer in range(len(self.head_k)))
+        return reads[len(reads) // 2] if reads else num_groups_local
+
     @property
     def is_dense(self) -> bool:
         return self.neuron_k is None and not any(self.head_routed(i) for i in range(len(self.head_k)))
