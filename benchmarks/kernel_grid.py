@@ -222,6 +222,10 @@ def plan_variants(case: AttnCase, k: int) -> list[tuple[str, dict]]:
     out = [("ours", {})]
     if case.family == "attn-4k" and round(0.3 * case.heads.hkv) <= k <= round(0.5 * case.heads.hkv):
         out += list(PLAN_SWEEP.items())
+    if case.family in ("attn-4k", "attn-d64") and case.heads.d in (64, 128):  # the page-id prefetch's A/B
+        from kernels.select_attention import AttentionConfig
+
+        out.append(("no_prefetch", {"config": AttentionConfig(prefetch_pages=False)}))
     return out
 
 
@@ -271,8 +275,13 @@ def run_attention(case: AttnCase, ops, timer: Callable, bw: float, rows: list, d
         ht = _head_table(case.batch, h.hkv, k, gen, device)
         floor = attention_floor_ms(tokens, k, h.d, elt, bw)
         for variant, rule in plan_variants(case, k):
-            plan, info = graph_plan(lens, k, sms, device, **rule)
-            ms, extra = timer(lambda: ops.select_attention(q, kc, vc, bt, seq_lens, ht, scale, out, plan))
+            plan, info = graph_plan(lens, k, sms, device, **{key: v for key, v in rule.items() if key != "config"})
+            if "config" in rule:  # a kernel config other than the default: the launch itself
+                from kernels.select_attention import _launch
+
+                ms, extra = timer(lambda: _launch(q, kc, vc, bt, seq_lens, ht, scale, out, plan, rule["config"]))
+            else:
+                ms, extra = timer(lambda: ops.select_attention(q, kc, vc, bt, seq_lens, ht, scale, out, plan))
             _row(rows, "attention", case.family, shape, case.dtype, k / h.hkv, variant, ms, floor, k_max=k,
                  plan=info, **extra)
     del kc, vc

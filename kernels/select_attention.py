@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.attention_plan import ITEM_FIELDS, AttentionPlan, plan_attention
+from kernels.attention_plan import SEQ_FIELDS, AttentionPlan, plan_attention
 
 # Head dims the kernel is tested for (D is a tl.arange length, so a power of two). Public: the
 # runtime checks a model's head dim against it; the torch reference takes any head dim.
@@ -48,6 +48,8 @@ class AttentionConfig:
     # ptxas register cap (None: Triton's, which lands at 255 with ~0.6 KiB of spills at 64 x 4
     # warps: 2 programs per SM). 168 fits 3 programs, 128 fits 4, at the cost of more spills.
     maxnreg: int | None = None
+    # Load the next tile's page ids before this tile's K/V (see the kernel's loop).
+    prefetch_pages: bool = True
 
 
 # The interpreter runs one numpy pass per program and tile: larger tiles keep CPU tests fast.
@@ -76,7 +78,7 @@ def _zero_unselected(ht_ptr, out_ptr, b, k_max, hq, stride_htb, stride_ob, strid
 
 @triton.jit
 def _select_attention_kernel(
-    q_ptr, k_ptr, v_ptr, bt_ptr, seq_lens_ptr, ht_ptr, out_ptr, items_ptr,
+    q_ptr, k_ptr, v_ptr, bt_ptr, seq_lens_ptr, ht_ptr, out_ptr, items_ptr, seqs_ptr,
     o_part_ptr, m_part_ptr, l_part_ptr,
     scale_log2, k_max, batch, hq,
     stride_qb, stride_qh,
@@ -84,7 +86,7 @@ def _select_attention_kernel(
     stride_vb, stride_vh, stride_vt,
     stride_btb, stride_htb, stride_ob, stride_oh,
     G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, PREFETCH_PAGES: tl.constexpr,
 ):
     pid = tl.program_id(0)  # item * k_max + slot; programs capacity * k_max + b zero sequence b
     n_pairs = tl.num_programs(0) - batch
@@ -93,15 +95,16 @@ def _select_attention_kernel(
         return
     item = pid // k_max
     slot = pid % k_max
-    b = tl.load(items_ptr + item * 4)
+    b = tl.load(items_ptr + item)
     if b < 0:  # an empty row of a static-capacity plan
         return
     grp = tl.load(ht_ptr + b.to(tl.int64) * stride_htb + slot)
     if grp < 0:  # an unselected slot
         return
-    start = tl.load(items_ptr + item * 4 + 1)
-    end = tl.load(items_ptr + item * 4 + 2)
-    part = tl.load(items_ptr + item * 4 + 3)
+    piece = item - tl.load(seqs_ptr + b * 4)  # this item's piece of sequence b
+    size = tl.load(seqs_ptr + b * 4 + 1)  # tokens per piece
+    start = piece * size
+    end = tl.minimum(start + size, tl.load(seq_lens_ptr + b))
 
     b64 = b.to(tl.int64)
     grp64 = grp.to(tl.int64)
@@ -120,11 +123,20 @@ def _select_attention_kernel(
     k_base = k_ptr + grp64 * stride_kh
     v_base = v_ptr + grp64 * stride_vh
     bt_row = bt_ptr + b64 * stride_btb
+    # Page of each token, one tile ahead: the next tile's page ids are loaded before this tile's
+    # K/V, so their latency overlaps instead of adding to each iteration's chain of dependent
+    # loads (table -> K/V). Entries past the item are never read (masked).
+    if PREFETCH_PAGES:
+        page_next = tl.load(bt_row + (start + offs_n) // BLOCK_SIZE, mask=start + offs_n < end, other=0)
     for n0 in range(start, end, BLOCK_N):
         pos = n0 + offs_n  # logical token positions [BLOCK_N]
         valid = pos < end
-        # Page of each token; entries past the item are never read (masked).
-        page = tl.load(bt_row + pos // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
+        if PREFETCH_PAGES:
+            page = page_next.to(tl.int64)
+            ahead = pos + BLOCK_N
+            page_next = tl.load(bt_row + ahead // BLOCK_SIZE, mask=ahead < end, other=0)
+        else:
+            page = tl.load(bt_row + pos // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
         tok = (pos % BLOCK_SIZE).to(tl.int64)
         k_rows = k_base + page * stride_kb + tok * stride_kt  # [BLOCK_N] row pointers
         v_rows = v_base + page * stride_vb + tok * stride_vt
@@ -142,11 +154,12 @@ def _select_attention_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
 
-    if part < 0:  # the item is the whole sequence: normalise and write the output here
+    first_part = tl.load(seqs_ptr + b * 4 + 2)
+    if tl.load(seqs_ptr + b * 4 + 3) == 0:  # the item is the whole sequence: normalise and write here
         o_ptrs = out_ptr + b64 * stride_ob + (grp64 * G + rows[:, None]) * stride_oh + cols[None, :]
         tl.store(o_ptrs, (acc / l_i[:, None]).to(out_ptr.dtype.element_ty), mask=row_mask[:, None])
     else:
-        prow = (part.to(tl.int64) * k_max + slot) * G + rows  # [G_PAD] partial rows
+        prow = ((first_part + piece).to(tl.int64) * k_max + slot) * G + rows  # [G_PAD] partial rows
         tl.store(o_part_ptr + prow[:, None] * D + cols[None, :], acc, mask=row_mask[:, None])
         tl.store(m_part_ptr + prow, m_i, mask=row_mask)
         tl.store(l_part_ptr + prow, l_i, mask=row_mask)
@@ -164,13 +177,13 @@ def _merge_parts_kernel(
     pair = pid // G
     b = pair // k_max
     slot = pair % k_max
-    n = tl.load(seqs_ptr + b * 2 + 1)
+    n = tl.load(seqs_ptr + b * 4 + 3)
     if n == 0:  # not cut: its item wrote the output
         return
     grp = tl.load(ht_ptr + b.to(tl.int64) * stride_htb + slot)
     if grp < 0:
         return
-    first = tl.load(seqs_ptr + b * 2)
+    first = tl.load(seqs_ptr + b * 4 + 2)
     cols = tl.arange(0, D)
     s = tl.arange(0, PARTS)
     m_run = tl.max(tl.full([PARTS], float("-inf"), tl.float32), 0)
@@ -245,7 +258,7 @@ def _check(q, k_cache, v_cache, block_tables, seq_lens, head_table, out, kernel:
 
 
 def _check_plan(plan: AttentionPlan, batch: int, device: torch.device) -> None:
-    for name, t, shape in (("plan.items", plan.items, (plan.capacity, ITEM_FIELDS)), ("plan.seqs", plan.seqs, (batch, 2))):
+    for name, t, shape in (("plan.items", plan.items, (plan.capacity,)), ("plan.seqs", plan.seqs, (batch, SEQ_FIELDS))):
         if t.dtype != torch.int32 or tuple(t.shape) != shape or not t.is_contiguous() or t.device != device:
             raise ValueError(f"{name} must be a contiguous int32 {shape} tensor on {device}, got {t.dtype} "
                              f"{tuple(t.shape)} on {t.device}; build it with kernels.attention_plan.plan_attention")
@@ -289,7 +302,7 @@ def _launch(q, k_cache, v_cache, block_tables, seq_lens, head_table, scale, out,
         o_part = m_part = l_part = out
     # batch more programs than (item, slot) pairs: one per sequence writes its 0s.
     _select_attention_kernel[(plan.capacity * k_max + batch,)](
-        q, k_cache, v_cache, block_tables, seq_lens, head_table, out, plan.items,
+        q, k_cache, v_cache, block_tables, seq_lens, head_table, out, plan.items, plan.seqs,
         o_part, m_part, l_part,
         scale * math.log2(math.e), k_max, batch, hq,
         q.stride(0), q.stride(1),
@@ -297,7 +310,7 @@ def _launch(q, k_cache, v_cache, block_tables, seq_lens, head_table, scale, out,
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_tables.stride(0), head_table.stride(0), out.stride(0), out.stride(1),
         G=group, G_PAD=max(16, triton.next_power_of_2(group)), D=d, BLOCK_SIZE=k_cache.shape[2],
-        BLOCK_N=config.block_n, UPCAST=interpret,
+        BLOCK_N=config.block_n, UPCAST=interpret, PREFETCH_PAGES=config.prefetch_pages,
         num_warps=config.num_warps, num_stages=config.num_stages,
         **({} if config.maxnreg is None else {"maxnreg": config.maxnreg}),
     )

@@ -100,7 +100,7 @@ def test_many_lengths_cut_into_chunks_with_a_padded_plan():
     lens = [1, 15, 16, 17, 100, 255, 300]
     case = _make_case(len(lens), 2, 2, 64, 16, 20, 2, torch.float16, lens, gen)
     plan = _plan(case, chunk_tokens=16, capacity=60, block_n=16)
-    assert plan.num_parts > 16 and int((plan.items[:, 0] < 0).sum()) > 0
+    assert plan.num_parts > 16 and int((plan.items < 0).sum()) > 0
     out = _launch(*case, 0.2, None, plan, AttentionConfig(block_n=16, num_stages=1))
     _check_close(out, case, 0.2)
     _check_close(select_attention(*case, 0.2), case, 0.2)  # the plan built from seq_lens
@@ -117,7 +117,7 @@ def test_a_plan_of_the_wrong_batch_is_refused():
 def _covered(plan, lens):
     """token -> how many items of `plan` read it, per sequence."""
     seen = [np.zeros(n, dtype=int) for n in lens]
-    for seq, start, end, _ in plan.items[:plan.num_items]:
+    for seq, start, end, _ in plan.spans(lens):
         seen[seq][start:end] += 1
     return seen
 
@@ -132,20 +132,20 @@ def _covered(plan, lens):
 def test_planner_covers_every_token_once_in_bounded_chunks(lens, groups):
     sms = 132
     plan = plan_attention(lens, groups=groups, num_sms=sms)
-    assert plan.items.shape == (plan_capacity(len(lens), groups, sms), 4)  # the static buffer size
+    assert plan.items.shape == (plan_capacity(len(lens), groups, sms),)  # the static buffer size
     assert plan.num_items <= plan.items.shape[0] and (plan.items[plan.num_items:] == -1).all()
     assert all((c == 1).all() for c in _covered(plan, lens)), "a token is read twice or never"
-    real = plan.items[:plan.num_items]
+    real = plan.spans(lens)
     sizes = real[:, 2] - real[:, 1]
     assert (sizes >= 1).all() and sizes.max() <= max(64 * -(-plan.chunk_tokens * 3 // 2 // 64), 64)
-    # Partials: a cut sequence's items own consecutive parts from seqs[b, 0]; whole ones write directly.
-    for b, (first, n) in enumerate(plan.seqs):
+    # Partials: a cut sequence's items own consecutive parts from seqs[b, 2]; whole ones write directly.
+    for b, (_, _, first, n) in enumerate(plan.seqs):
         mine = real[real[:, 0] == b]
         if len(mine) == 1:
             assert n == 0 and mine[0, 3] == -1
         else:
             assert n == len(mine) and sorted(mine[:, 3]) == list(range(first, first + n))
-    assert plan.num_parts == int(plan.seqs[:, 1].sum())
+    assert plan.num_parts == int(plan.seqs[:, 3].sum())
 
 
 def test_planner_cuts_by_total_work_not_by_table_width():
@@ -153,8 +153,7 @@ def test_planner_cuts_by_total_work_not_by_table_width():
     as its share of the step's tokens; the short ones stay whole."""
     lens = [4096] + [300] * 63
     plan = plan_attention(lens, groups=16, num_sms=132)
-    real = plan.items[:plan.num_items]
-    assert (real[:, 0] == 0).sum() >= 8 and plan.seqs[1:, 1].max() == 0
+    assert (plan.items == 0).sum() >= 8 and plan.seqs[1:, 3].max() == 0
     big = plan_attention([4096] * 256, groups=32, num_sms=132)  # 32 programs per SM unsplit
     assert big.num_parts == 0
 

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from kernels.attention_plan import ITEM_FIELDS, StepPlanner, plan_views
+from kernels.attention_plan import SEQ_FIELDS, StepPlanner, plan_views
 from polar_dist.engine.step import Step
 from polar_dist.models.attention import AttentionBatch
 
@@ -48,7 +48,7 @@ class DecodeGraphs:
         # The attention work plan: per bucket, `capacity` item rows then one row per sequence,
         # at the start of one int32 buffer (one copy per step); every layer reads it.
         self.planner = planner
-        self.plan_buffer = torch.zeros(planner.capacity(n) * ITEM_FIELDS + 2 * n, dtype=torch.int32, device=dev)
+        self.plan_buffer = torch.zeros(planner.capacity(n) + SEQ_FIELDS * n, dtype=torch.int32, device=dev)
         self.max_blocks = max_blocks
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._pool = torch.cuda.graph_pool_handle()
