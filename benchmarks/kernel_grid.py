@@ -222,10 +222,12 @@ def plan_variants(case: AttnCase, k: int) -> list[tuple[str, dict]]:
     out = [("ours", {})]
     if case.family == "attn-4k" and round(0.3 * case.heads.hkv) <= k <= round(0.5 * case.heads.hkv):
         out += list(PLAN_SWEEP.items())
-    if case.family in ("attn-4k", "attn-d64") and case.heads.d in (64, 128):  # the page-id prefetch's A/B
+    if case.family in ("attn-4k", "attn-d64"):  # the kernel's A/B rows: MHA through the MMA path; 32-token tiles
         from kernels.select_attention import AttentionConfig
 
-        out.append(("no_prefetch", {"config": AttentionConfig(prefetch_pages=False)}))
+        if case.heads.hq == case.heads.hkv:
+            out.append(("mma", {"config": AttentionConfig(one_head_fma=False)}))
+        out.append(("bn32", {"config": AttentionConfig(block_n=32)}))
     return out
 
 

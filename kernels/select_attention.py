@@ -48,8 +48,9 @@ class AttentionConfig:
     # ptxas register cap (None: Triton's, which lands at 255 with ~0.6 KiB of spills at 64 x 4
     # warps: 2 programs per SM). 168 fits 3 programs, 128 fits 4, at the cost of more spills.
     maxnreg: int | None = None
-    # Load the next tile's page ids before this tile's K/V (see the kernel's loop).
-    prefetch_pages: bool = True
+    # One query head per group (MHA): multiply-adds in registers instead of tl.dot (see
+    # _attend_one_head); False runs MHA through the MMA path too (the A/B in the grid benchmark).
+    one_head_fma: bool = True
 
 
 # The interpreter runs one numpy pass per program and tile: larger tiles keep CPU tests fast.
@@ -86,7 +87,7 @@ def _select_attention_kernel(
     stride_vb, stride_vh, stride_vt,
     stride_btb, stride_htb, stride_ob, stride_oh,
     G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, PREFETCH_PAGES: tl.constexpr,
+    BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, FMA: tl.constexpr,
 ):
     pid = tl.program_id(0)  # item * k_max + slot; programs capacity * k_max + b zero sequence b
     n_pairs = tl.num_programs(0) - batch
@@ -106,60 +107,119 @@ def _select_attention_kernel(
     start = piece * size
     end = tl.minimum(start + size, tl.load(seq_lens_ptr + b))
 
+    first_part = tl.load(seqs_ptr + b * 4 + 2)
+    whole = tl.load(seqs_ptr + b * 4 + 3) == 0  # the item is the whole sequence: write the output
+    prow0 = ((first_part + piece).to(tl.int64) * k_max + slot) * G  # its first partial row when cut
     b64 = b.to(tl.int64)
     grp64 = grp.to(tl.int64)
-    rows = tl.arange(0, G_PAD)  # query head within the group, padded to 16 rows for tl.dot
-    cols = tl.arange(0, D)
-    row_mask = rows < G
-    q_ptrs = q_ptr + b64 * stride_qb + (grp64 * G + rows[:, None]) * stride_qh + cols[None, :]
-    q = tl.load(q_ptrs, mask=row_mask[:, None], other=0.0)  # [G_PAD, D]
-    if UPCAST:  # the interpreter computes bf16 on raw bit patterns (env.md section 2)
-        q = q.to(tl.float32)
-
-    m_i = tl.full([G_PAD], float("-inf"), tl.float32)  # running max, log2 domain
-    l_i = tl.zeros([G_PAD], tl.float32)  # running softmax denominator
-    acc = tl.zeros([G_PAD, D], tl.float32)
-    offs_n = tl.arange(0, BLOCK_N)
+    q_row = q_ptr + b64 * stride_qb + grp64 * G * stride_qh
+    o_row = out_ptr + b64 * stride_ob + grp64 * G * stride_oh
     k_base = k_ptr + grp64 * stride_kh
     v_base = v_ptr + grp64 * stride_vh
     bt_row = bt_ptr + b64 * stride_btb
-    # Page of each token, one tile ahead: the next tile's page ids are loaded before this tile's
-    # K/V, so their latency overlaps instead of adding to each iteration's chain of dependent
-    # loads (table -> K/V). Entries past the item are never read (masked).
-    if PREFETCH_PAGES:
-        page_next = tl.load(bt_row + (start + offs_n) // BLOCK_SIZE, mask=start + offs_n < end, other=0)
+    if FMA:
+        _attend_one_head(q_row, k_base, v_base, bt_row, o_row, o_part_ptr, m_part_ptr, l_part_ptr, prow0, whole,
+                         start, end, scale_log2, stride_kb, stride_kt, stride_vb, stride_vt,
+                         D, BLOCK_SIZE, BLOCK_N, UPCAST)
+    else:
+        _attend_group(q_row, k_base, v_base, bt_row, o_row, o_part_ptr, m_part_ptr, l_part_ptr, prow0, whole,
+                      start, end, scale_log2, stride_qh, stride_oh, stride_kb, stride_kt, stride_vb, stride_vt,
+                      G, G_PAD, D, BLOCK_SIZE, BLOCK_N, UPCAST)
+
+
+@triton.jit
+def _tile_rows(bt_row, k_base, v_base, page, pos, end, stride_kb, stride_kt, stride_vb, stride_vt,
+               D: tl.constexpr, BLOCK_SIZE: tl.constexpr, UPCAST: tl.constexpr):
+    """K and V rows [BLOCK_N, D] of the tokens at `pos` (pages `page`), 0 past `end`."""
+    cols = tl.arange(0, D)
+    valid = pos < end
+    tok = (pos % BLOCK_SIZE).to(tl.int64)
+    k_rows = k_base + page * stride_kb + tok * stride_kt  # [BLOCK_N] row pointers
+    v_rows = v_base + page * stride_vb + tok * stride_vt
+    k = tl.load(k_rows[:, None] + cols[None, :], mask=valid[:, None], other=0.0)  # [BLOCK_N, D], rows contiguous
+    v = tl.load(v_rows[:, None] + cols[None, :], mask=valid[:, None], other=0.0)  # [BLOCK_N, D]
+    if UPCAST:  # the interpreter computes bf16 on raw bit patterns (env.md section 2)
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    return k, v
+
+
+@triton.jit
+def _attend_one_head(q_row, k_base, v_base, bt_row, o_row, o_part_ptr, m_part_ptr, l_part_ptr, prow0, whole,
+                     start, end, scale_log2, stride_kb, stride_kt, stride_vb, stride_vt,
+                     D: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr):
+    """One query head per KV group (MHA): scores and the weighted sum of V as multiply-adds in
+    registers. An MMA would pad the one query row to 16 and stage K and V through shared memory
+    on every tile; at decode's one row the loop is bound by load latency, and those steps sit
+    on its critical path."""
+    cols = tl.arange(0, D)
+    offs_n = tl.arange(0, BLOCK_N)
+    q = tl.load(q_row + cols).to(tl.float32) * scale_log2  # [D], log2-domain scores come out of the sum
+    m_i = tl.max(tl.full([BLOCK_N], float("-inf"), tl.float32), 0)  # running max (a scalar)
+    l_i = tl.sum(tl.zeros([BLOCK_N], tl.float32), 0)  # running softmax denominator
+    acc = tl.zeros([D], tl.float32)
+    # Page ids one tile ahead: loaded before this tile's K/V, so their latency overlaps instead of
+    # adding to each iteration's chain of dependent loads (table -> K/V).
+    page_next = tl.load(bt_row + (start + offs_n) // BLOCK_SIZE, mask=start + offs_n < end, other=0)
     for n0 in range(start, end, BLOCK_N):
-        pos = n0 + offs_n  # logical token positions [BLOCK_N]
-        valid = pos < end
-        if PREFETCH_PAGES:
-            page = page_next.to(tl.int64)
-            ahead = pos + BLOCK_N
-            page_next = tl.load(bt_row + ahead // BLOCK_SIZE, mask=ahead < end, other=0)
-        else:
-            page = tl.load(bt_row + pos // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
-        tok = (pos % BLOCK_SIZE).to(tl.int64)
-        k_rows = k_base + page * stride_kb + tok * stride_kt  # [BLOCK_N] row pointers
-        v_rows = v_base + page * stride_vb + tok * stride_vt
-        k = tl.load(k_rows[:, None] + cols[None, :], mask=valid[:, None], other=0.0)  # [BLOCK_N, D], rows contiguous
-        v = tl.load(v_rows[:, None] + cols[None, :], mask=valid[:, None], other=0.0)  # [BLOCK_N, D]
-        if UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
+        pos = n0 + offs_n  # [BLOCK_N] token positions
+        page = page_next.to(tl.int64)
+        page_next = tl.load(bt_row + (pos + BLOCK_N) // BLOCK_SIZE, mask=pos + BLOCK_N < end, other=0)
+        k, v = _tile_rows(bt_row, k_base, v_base, page, pos, end, stride_kb, stride_kt, stride_vb, stride_vt,
+                          D, BLOCK_SIZE, UPCAST)
+        qk = tl.sum(k.to(tl.float32) * q[None, :], 1)  # [BLOCK_N]
+        qk = tl.where(pos < end, qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 0))  # finite: every tile has >= 1 valid token
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(qk - m_new)  # [BLOCK_N]
+        l_i = l_i * alpha + tl.sum(p, 0)
+        acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), 0)
+        m_i = m_new
+    if whole:
+        tl.store(o_row + cols, (acc / l_i).to(o_row.dtype.element_ty))
+    else:
+        tl.store(o_part_ptr + prow0 * D + cols, acc)
+        tl.store(m_part_ptr + prow0, m_i)
+        tl.store(l_part_ptr + prow0, l_i)
+
+
+@triton.jit
+def _attend_group(q_row, k_base, v_base, bt_row, o_row, o_part_ptr, m_part_ptr, l_part_ptr, prow0, whole,
+                  start, end, scale_log2, stride_qh, stride_oh, stride_kb, stride_kt, stride_vb, stride_vt,
+                  G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                  BLOCK_N: tl.constexpr, UPCAST: tl.constexpr):
+    """G > 1 query heads per KV group (GQA): each K/V tile feeds all G rows through tl.dot, the
+    rows padded to 16."""
+    rows = tl.arange(0, G_PAD)
+    cols = tl.arange(0, D)
+    row_mask = rows < G
+    offs_n = tl.arange(0, BLOCK_N)
+    q = tl.load(q_row + rows[:, None] * stride_qh + cols[None, :], mask=row_mask[:, None], other=0.0)  # [G_PAD, D]
+    if UPCAST:
+        q = q.to(tl.float32)
+    m_i = tl.full([G_PAD], float("-inf"), tl.float32)  # running max, log2 domain
+    l_i = tl.zeros([G_PAD], tl.float32)  # running softmax denominator
+    acc = tl.zeros([G_PAD, D], tl.float32)
+    page_next = tl.load(bt_row + (start + offs_n) // BLOCK_SIZE, mask=start + offs_n < end, other=0)
+    for n0 in range(start, end, BLOCK_N):
+        pos = n0 + offs_n
+        page = page_next.to(tl.int64)
+        page_next = tl.load(bt_row + (pos + BLOCK_N) // BLOCK_SIZE, mask=pos + BLOCK_N < end, other=0)
+        k, v = _tile_rows(bt_row, k_base, v_base, page, pos, end, stride_kb, stride_kt, stride_vb, stride_vt,
+                          D, BLOCK_SIZE, UPCAST)
         qk = tl.dot(q, tl.trans(k)) * scale_log2  # [G_PAD, BLOCK_N], fp32
-        qk = tl.where(valid[None, :], qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))  # finite: every tile has >= 1 valid token
+        qk = tl.where((pos < end)[None, :], qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(qk - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
-
-    first_part = tl.load(seqs_ptr + b * 4 + 2)
-    if tl.load(seqs_ptr + b * 4 + 3) == 0:  # the item is the whole sequence: normalise and write here
-        o_ptrs = out_ptr + b64 * stride_ob + (grp64 * G + rows[:, None]) * stride_oh + cols[None, :]
-        tl.store(o_ptrs, (acc / l_i[:, None]).to(out_ptr.dtype.element_ty), mask=row_mask[:, None])
+    if whole:
+        tl.store(o_row + rows[:, None] * stride_oh + cols[None, :], (acc / l_i[:, None]).to(o_row.dtype.element_ty),
+                 mask=row_mask[:, None])
     else:
-        prow = ((first_part + piece).to(tl.int64) * k_max + slot) * G + rows  # [G_PAD] partial rows
+        prow = prow0 + rows  # [G_PAD] partial rows
         tl.store(o_part_ptr + prow[:, None] * D + cols[None, :], acc, mask=row_mask[:, None])
         tl.store(m_part_ptr + prow, m_i, mask=row_mask)
         tl.store(l_part_ptr + prow, l_i, mask=row_mask)
@@ -310,7 +370,7 @@ def _launch(q, k_cache, v_cache, block_tables, seq_lens, head_table, scale, out,
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_tables.stride(0), head_table.stride(0), out.stride(0), out.stride(1),
         G=group, G_PAD=max(16, triton.next_power_of_2(group)), D=d, BLOCK_SIZE=k_cache.shape[2],
-        BLOCK_N=config.block_n, UPCAST=interpret, PREFETCH_PAGES=config.prefetch_pages,
+        BLOCK_N=config.block_n, UPCAST=interpret, FMA=group == 1 and config.one_head_fma,
         num_warps=config.num_warps, num_stages=config.num_stages,
         **({} if config.maxnreg is None else {"maxnreg": config.maxnreg}),
     )
