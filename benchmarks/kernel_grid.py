@@ -222,12 +222,10 @@ def plan_variants(case: AttnCase, k: int) -> list[tuple[str, dict]]:
     out = [("ours", {})]
     if case.family == "attn-4k" and round(0.3 * case.heads.hkv) <= k <= round(0.5 * case.heads.hkv):
         out += list(PLAN_SWEEP.items())
-    if case.family in ("attn-4k", "attn-d64"):  # the kernel's A/B rows: MHA through the MMA path; 32-token tiles
+    if case.family in ("attn-4k", "attn-d64"):  # the A/B of the persistent grid: one program per plan row
         from kernels.select_attention import AttentionConfig
 
-        if case.heads.hq == case.heads.hkv:
-            out.append(("mma", {"config": AttentionConfig(one_head_fma=False)}))
-        out.append(("bn32", {"config": AttentionConfig(block_n=32)}))
+        out.append(("padded_grid", {"config": AttentionConfig(resident_per_sm=None)}))
     return out
 
 

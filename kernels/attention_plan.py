@@ -39,6 +39,7 @@ class AttentionPlan:
     rows (-1) past the real ones (a graph's static capacity); `num_parts` is how many partial
     results the buffers must hold (0: no sequence was cut, no merge runs)."""
 
+    count: torch.Tensor  # (1,) int32: real items (the first rows of `items`)
     items: torch.Tensor  # (capacity,) int32: the item's sequence, -1 = empty
     seqs: torch.Tensor  # (B, 4) int32: first item, tokens per item, first partial, partials
     num_parts: int
@@ -59,8 +60,8 @@ class HostPlan:
     chunk_tokens: int  # the target chunk size the cut used
 
     def flat(self) -> np.ndarray:
-        """items then seqs, one int32 array (one host-to-device copy)."""
-        return np.concatenate([self.items, self.seqs.reshape(-1)])
+        """count, items, then seqs: one int32 array (one host-to-device copy)."""
+        return np.concatenate([np.array([self.num_items], dtype=np.int32), self.items, self.seqs.reshape(-1)])
 
     def to(self, device: torch.device | str, num_parts: int | None = None) -> AttentionPlan:
         flat = torch.from_numpy(self.flat()).to(device, non_blocking=True)
@@ -81,8 +82,8 @@ class HostPlan:
 
 def plan_views(flat: torch.Tensor, capacity: int, batch: int, num_parts: int) -> AttentionPlan:
     """An AttentionPlan over a flat int32 buffer laid out as HostPlan.flat()."""
-    seqs = flat[capacity:capacity + SEQ_FIELDS * batch].view(batch, SEQ_FIELDS)
-    return AttentionPlan(flat[:capacity], seqs, num_parts)
+    seqs = flat[1 + capacity:1 + capacity + SEQ_FIELDS * batch].view(batch, SEQ_FIELDS)
+    return AttentionPlan(flat[:1], flat[1:1 + capacity], seqs, num_parts)
 
 
 def plan_capacity(batch: int, groups: int, num_sms: int, programs_per_sm: int = PROGRAMS_PER_SM) -> int:

@@ -48,9 +48,10 @@ class AttentionConfig:
     # ptxas register cap (None: Triton's, which lands at 255 with ~0.6 KiB of spills at 64 x 4
     # warps: 2 programs per SM). 168 fits 3 programs, 128 fits 4, at the cost of more spills.
     maxnreg: int | None = None
-    # One query head per group (MHA): multiply-adds in registers instead of tl.dot (see
-    # _attend_one_head); False runs MHA through the MMA path too (the A/B in the grid benchmark).
-    one_head_fma: bool = True
+    # Persistent grid: this many programs per SM (what fits: 2 at 255 registers x 128 threads)
+    # stride over the plan's real work; None: one program per work item of the plan's capacity,
+    # whose empty rows still cost a load and a slot each.
+    resident_per_sm: int | None = 2
 
 
 # The interpreter runs one numpy pass per program and tile: larger tiles keep CPU tests fast.
@@ -79,7 +80,7 @@ def _zero_unselected(ht_ptr, out_ptr, b, k_max, hq, stride_htb, stride_ob, strid
 
 @triton.jit
 def _select_attention_kernel(
-    q_ptr, k_ptr, v_ptr, bt_ptr, seq_lens_ptr, ht_ptr, out_ptr, items_ptr, seqs_ptr,
+    q_ptr, k_ptr, v_ptr, bt_ptr, seq_lens_ptr, ht_ptr, out_ptr, count_ptr, items_ptr, seqs_ptr,
     o_part_ptr, m_part_ptr, l_part_ptr,
     scale_log2, k_max, batch, hq,
     stride_qb, stride_qh,
@@ -87,44 +88,57 @@ def _select_attention_kernel(
     stride_vb, stride_vh, stride_vt,
     stride_btb, stride_htb, stride_ob, stride_oh,
     G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, FMA: tl.constexpr,
+    BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, PERSISTENT: tl.constexpr,
 ):
-    pid = tl.program_id(0)  # item * k_max + slot; programs capacity * k_max + b zero sequence b
-    n_pairs = tl.num_programs(0) - batch
-    if pid >= n_pairs:  # one program per sequence writes the 0s of its unselected heads
-        _zero_unselected(ht_ptr, out_ptr, pid - n_pairs, k_max, hq, stride_htb, stride_ob, stride_oh, G, D)
-        return
-    item = pid // k_max
-    slot = pid % k_max
-    b = tl.load(items_ptr + item)
-    if b < 0:  # an empty row of a static-capacity plan
-        return
-    grp = tl.load(ht_ptr + b.to(tl.int64) * stride_htb + slot)
-    if grp < 0:  # an unselected slot
-        return
-    piece = item - tl.load(seqs_ptr + b * 4)  # this item's piece of sequence b
-    size = tl.load(seqs_ptr + b * 4 + 1)  # tokens per piece
-    start = piece * size
-    end = tl.minimum(start + size, tl.load(seq_lens_ptr + b))
-
-    first_part = tl.load(seqs_ptr + b * 4 + 2)
-    whole = tl.load(seqs_ptr + b * 4 + 3) == 0  # the item is the whole sequence: write the output
-    prow0 = ((first_part + piece).to(tl.int64) * k_max + slot) * G  # its first partial row when cut
-    b64 = b.to(tl.int64)
-    grp64 = grp.to(tl.int64)
-    q_row = q_ptr + b64 * stride_qb + grp64 * G * stride_qh
-    o_row = out_ptr + b64 * stride_ob + grp64 * G * stride_oh
-    k_base = k_ptr + grp64 * stride_kh
-    v_base = v_ptr + grp64 * stride_vh
-    bt_row = bt_ptr + b64 * stride_btb
-    if FMA:
-        _attend_one_head(q_row, k_base, v_base, bt_row, o_row, o_part_ptr, m_part_ptr, l_part_ptr, prow0, whole,
-                         start, end, scale_log2, stride_kb, stride_kt, stride_vb, stride_vt,
-                         D, BLOCK_SIZE, BLOCK_N, UPCAST)
+    """Work w < n_work is (item w // k_max, slot w % k_max); the batch jobs after it write the
+    0s of one sequence's unselected heads. PERSISTENT: a fixed grid of resident programs strides
+    over the plan's real work (its count read on the device), so the plan's empty rows cost
+    nothing; else one program per work item of the plan's whole capacity."""
+    pid = tl.program_id(0)
+    if PERSISTENT:
+        n_work = tl.load(count_ptr) * k_max
+        for w in range(pid, n_work + batch, tl.num_programs(0)):
+            _work(w, n_work, q_ptr, k_ptr, v_ptr, bt_ptr, seq_lens_ptr, ht_ptr, out_ptr, items_ptr, seqs_ptr,
+                  o_part_ptr, m_part_ptr, l_part_ptr, scale_log2, k_max, hq, stride_qb, stride_qh,
+                  stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
+                  stride_btb, stride_htb, stride_ob, stride_oh, G, G_PAD, D, BLOCK_SIZE, BLOCK_N, UPCAST)
     else:
-        _attend_group(q_row, k_base, v_base, bt_row, o_row, o_part_ptr, m_part_ptr, l_part_ptr, prow0, whole,
-                      start, end, scale_log2, stride_qh, stride_oh, stride_kb, stride_kt, stride_vb, stride_vt,
-                      G, G_PAD, D, BLOCK_SIZE, BLOCK_N, UPCAST)
+        _work(pid, tl.num_programs(0) - batch, q_ptr, k_ptr, v_ptr, bt_ptr, seq_lens_ptr, ht_ptr, out_ptr,
+              items_ptr, seqs_ptr, o_part_ptr, m_part_ptr, l_part_ptr, scale_log2, k_max, hq, stride_qb, stride_qh,
+              stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
+              stride_btb, stride_htb, stride_ob, stride_oh, G, G_PAD, D, BLOCK_SIZE, BLOCK_N, UPCAST)
+
+
+@triton.jit
+def _work(w, n_work, q_ptr, k_ptr, v_ptr, bt_ptr, seq_lens_ptr, ht_ptr, out_ptr, items_ptr, seqs_ptr,
+          o_part_ptr, m_part_ptr, l_part_ptr, scale_log2, k_max, hq, stride_qb, stride_qh,
+          stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
+          stride_btb, stride_htb, stride_ob, stride_oh,
+          G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+          BLOCK_N: tl.constexpr, UPCAST: tl.constexpr):
+    """One work item (see the kernel): skipped when the plan row is empty or the slot unselected."""
+    if w >= n_work:
+        _zero_unselected(ht_ptr, out_ptr, w - n_work, k_max, hq, stride_htb, stride_ob, stride_oh, G, D)
+    else:
+        item = w // k_max
+        slot = w % k_max
+        b = tl.load(items_ptr + item)  # -1: an empty row of a static-capacity plan
+        grp = tl.load(ht_ptr + tl.maximum(b, 0).to(tl.int64) * stride_htb + slot)  # -1: an unselected slot
+        if (b >= 0) & (grp >= 0):
+            piece = item - tl.load(seqs_ptr + b * 4)  # this item's piece of sequence b
+            size = tl.load(seqs_ptr + b * 4 + 1)  # tokens per piece
+            start = piece * size
+            end = tl.minimum(start + size, tl.load(seq_lens_ptr + b))
+            first_part = tl.load(seqs_ptr + b * 4 + 2)
+            whole = tl.load(seqs_ptr + b * 4 + 3) == 0  # the item is the whole sequence: write the output
+            prow0 = ((first_part + piece).to(tl.int64) * k_max + slot) * G  # its first partial row when cut
+            b64 = b.to(tl.int64)
+            grp64 = grp.to(tl.int64)
+            _attend_group(q_ptr + b64 * stride_qb + grp64 * G * stride_qh, k_ptr + grp64 * stride_kh,
+                          v_ptr + grp64 * stride_vh, bt_ptr + b64 * stride_btb,
+                          out_ptr + b64 * stride_ob + grp64 * G * stride_oh, o_part_ptr, m_part_ptr, l_part_ptr,
+                          prow0, whole, start, end, scale_log2, stride_qh, stride_oh, stride_kb, stride_kt,
+                          stride_vb, stride_vt, G, G_PAD, D, BLOCK_SIZE, BLOCK_N, UPCAST)
 
 
 @triton.jit
@@ -145,51 +159,14 @@ def _tile_rows(bt_row, k_base, v_base, page, pos, end, stride_kb, stride_kt, str
 
 
 @triton.jit
-def _attend_one_head(q_row, k_base, v_base, bt_row, o_row, o_part_ptr, m_part_ptr, l_part_ptr, prow0, whole,
-                     start, end, scale_log2, stride_kb, stride_kt, stride_vb, stride_vt,
-                     D: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr):
-    """One query head per KV group (MHA): scores and the weighted sum of V as multiply-adds in
-    registers. An MMA would pad the one query row to 16 and stage K and V through shared memory
-    on every tile; at decode's one row the loop is bound by load latency, and those steps sit
-    on its critical path."""
-    cols = tl.arange(0, D)
-    offs_n = tl.arange(0, BLOCK_N)
-    q = tl.load(q_row + cols).to(tl.float32) * scale_log2  # [D], log2-domain scores come out of the sum
-    m_i = tl.max(tl.full([BLOCK_N], float("-inf"), tl.float32), 0)  # running max (a scalar)
-    l_i = tl.sum(tl.zeros([BLOCK_N], tl.float32), 0)  # running softmax denominator
-    acc = tl.zeros([D], tl.float32)
-    # Page ids one tile ahead: loaded before this tile's K/V, so their latency overlaps instead of
-    # adding to each iteration's chain of dependent loads (table -> K/V).
-    page_next = tl.load(bt_row + (start + offs_n) // BLOCK_SIZE, mask=start + offs_n < end, other=0)
-    for n0 in range(start, end, BLOCK_N):
-        pos = n0 + offs_n  # [BLOCK_N] token positions
-        page = page_next.to(tl.int64)
-        page_next = tl.load(bt_row + (pos + BLOCK_N) // BLOCK_SIZE, mask=pos + BLOCK_N < end, other=0)
-        k, v = _tile_rows(bt_row, k_base, v_base, page, pos, end, stride_kb, stride_kt, stride_vb, stride_vt,
-                          D, BLOCK_SIZE, UPCAST)
-        qk = tl.sum(k.to(tl.float32) * q[None, :], 1)  # [BLOCK_N]
-        qk = tl.where(pos < end, qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 0))  # finite: every tile has >= 1 valid token
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(qk - m_new)  # [BLOCK_N]
-        l_i = l_i * alpha + tl.sum(p, 0)
-        acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), 0)
-        m_i = m_new
-    if whole:
-        tl.store(o_row + cols, (acc / l_i).to(o_row.dtype.element_ty))
-    else:
-        tl.store(o_part_ptr + prow0 * D + cols, acc)
-        tl.store(m_part_ptr + prow0, m_i)
-        tl.store(l_part_ptr + prow0, l_i)
-
-
-@triton.jit
 def _attend_group(q_row, k_base, v_base, bt_row, o_row, o_part_ptr, m_part_ptr, l_part_ptr, prow0, whole,
                   start, end, scale_log2, stride_qh, stride_oh, stride_kb, stride_kt, stride_vb, stride_vt,
                   G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                   BLOCK_N: tl.constexpr, UPCAST: tl.constexpr):
-    """G > 1 query heads per KV group (GQA): each K/V tile feeds all G rows through tl.dot, the
-    rows padded to 16."""
+    """The G query heads of one KV group over tokens [start, end): each K/V tile feeds all G rows
+    through tl.dot, the rows padded to 16. (Multiply-adds in registers for MHA's one row, with
+    no MMA, ran at 55-65% of the floor where this path runs at ~100%: the reductions over D and
+    over tokens cross threads and warps; benchmarks/KERNELS_NOTES.md, "Work plan".)"""
     rows = tl.arange(0, G_PAD)
     cols = tl.arange(0, D)
     row_mask = rows < G
@@ -318,7 +295,8 @@ def _check(q, k_cache, v_cache, block_tables, seq_lens, head_table, out, kernel:
 
 
 def _check_plan(plan: AttentionPlan, batch: int, device: torch.device) -> None:
-    for name, t, shape in (("plan.items", plan.items, (plan.capacity,)), ("plan.seqs", plan.seqs, (batch, SEQ_FIELDS))):
+    for name, t, shape in (("plan.count", plan.count, (1,)), ("plan.items", plan.items, (plan.capacity,)),
+                           ("plan.seqs", plan.seqs, (batch, SEQ_FIELDS))):
         if t.dtype != torch.int32 or tuple(t.shape) != shape or not t.is_contiguous() or t.device != device:
             raise ValueError(f"{name} must be a contiguous int32 {shape} tensor on {device}, got {t.dtype} "
                              f"{tuple(t.shape)} on {t.device}; build it with kernels.attention_plan.plan_attention")
@@ -361,8 +339,11 @@ def _launch(q, k_cache, v_cache, block_tables, seq_lens, head_table, scale, out,
     else:  # dummies: no item writes a partial
         o_part = m_part = l_part = out
     # batch more programs than (item, slot) pairs: one per sequence writes its 0s.
-    _select_attention_kernel[(plan.capacity * k_max + batch,)](
-        q, k_cache, v_cache, block_tables, seq_lens, head_table, out, plan.items, plan.seqs,
+    work = plan.capacity * k_max + batch
+    persistent = config.resident_per_sm is not None
+    grid = min(work, config.resident_per_sm * (4 if interpret else _num_sms(q.device))) if persistent else work
+    _select_attention_kernel[(grid,)](
+        q, k_cache, v_cache, block_tables, seq_lens, head_table, out, plan.count, plan.items, plan.seqs,
         o_part, m_part, l_part,
         scale * math.log2(math.e), k_max, batch, hq,
         q.stride(0), q.stride(1),
@@ -370,7 +351,7 @@ def _launch(q, k_cache, v_cache, block_tables, seq_lens, head_table, scale, out,
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_tables.stride(0), head_table.stride(0), out.stride(0), out.stride(1),
         G=group, G_PAD=max(16, triton.next_power_of_2(group)), D=d, BLOCK_SIZE=k_cache.shape[2],
-        BLOCK_N=config.block_n, UPCAST=interpret, FMA=group == 1 and config.one_head_fma,
+        BLOCK_N=config.block_n, UPCAST=interpret, PERSISTENT=persistent,
         num_warps=config.num_warps, num_stages=config.num_stages,
         **({} if config.maxnreg is None else {"maxnreg": config.maxnreg}),
     )

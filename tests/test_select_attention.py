@@ -74,16 +74,6 @@ def test_matches_reference(dtype, d, hq, hkv, k_max, chunk):
     _check_close(out, case, 0.3)
 
 
-@pytest.mark.parametrize("chunk", [None, 16])
-def test_one_head_groups_through_the_mma_path(chunk):
-    """MHA runs multiply-adds by default; the MMA path (the grid benchmark's A/B) gives the same."""
-    gen = torch.Generator().manual_seed(40 + (chunk or 0))
-    case = _make_case(3, 4, 4, 64, 16, 6, 3, torch.bfloat16, [1, 37, 96], gen)
-    out = _launch(*case, 0.3, None, _plan(case, chunk, block_n=16),
-                  AttentionConfig(block_n=16, num_stages=1, one_head_fma=False))
-    _check_close(out, case, 0.3)
-
-
 def test_no_group_selected_is_all_zero():
     """k_max = 0 launches nothing: out (given or allocated) must still read exactly 0."""
     gen = torch.Generator().manual_seed(5)
@@ -103,7 +93,8 @@ def test_batch_one_and_block_sizes(block_size):
     _check_close(out, case, 0.125)
 
 
-def test_many_lengths_cut_into_chunks_with_a_padded_plan():
+@pytest.mark.parametrize("resident", [2, None])  # persistent grid; one program per plan row
+def test_many_lengths_cut_into_chunks_with_a_padded_plan(resident):
     """Lengths around tile and chunk edges, some sequences cut into up to 19 chunks (more than
     the merge loads at once), in a plan with empty rows past its items (a graph's capacity)."""
     gen = torch.Generator().manual_seed(7)
@@ -111,7 +102,7 @@ def test_many_lengths_cut_into_chunks_with_a_padded_plan():
     case = _make_case(len(lens), 2, 2, 64, 16, 20, 2, torch.float16, lens, gen)
     plan = _plan(case, chunk_tokens=16, capacity=60, block_n=16)
     assert plan.num_parts > 16 and int((plan.items < 0).sum()) > 0
-    out = _launch(*case, 0.2, None, plan, AttentionConfig(block_n=16, num_stages=1))
+    out = _launch(*case, 0.2, None, plan, AttentionConfig(block_n=16, num_stages=1, resident_per_sm=resident))
     _check_close(out, case, 0.2)
     _check_close(select_attention(*case, 0.2), case, 0.2)  # the plan built from seq_lens
 
@@ -249,7 +240,7 @@ def test_gpu_realistic(dtype, hq, hkv, d):
 @pytest.mark.gpu
 @pytest.mark.parametrize("cfg", [  # (block_n, num_warps, num_stages, maxnreg): every config the v4 sweep times
     (64, 4, 3, None), (64, 4, 2, None), (64, 8, 3, None), (128, 8, 3, None),
-    (64, 4, 3, 168), (64, 4, 3, 128), (32, 4, 3, 128), (64, 4, 3, None, False), (32, 4, 3, None),
+    (64, 4, 3, 168), (64, 4, 3, 128), (32, 4, 3, 128), (32, 4, 3, None), (64, 4, 3, None, None),
 ])
 def test_gpu_block_configs(cfg):
     gen = torch.Generator().manual_seed(3)

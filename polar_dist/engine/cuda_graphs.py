@@ -45,10 +45,10 @@ class DecodeGraphs:
         self.slots = torch.full((n,), scratch_block * block_size, dtype=torch.int64, device=dev)
         self.head_table = head_table
         self.num_rows = torch.zeros((), dtype=torch.int32, device=dev)
-        # The attention work plan: per bucket, `capacity` item rows then one row per sequence,
+        # The attention work plan: per bucket, its item count, `capacity` item rows, one row per sequence,
         # at the start of one int32 buffer (one copy per step); every layer reads it.
         self.planner = planner
-        self.plan_buffer = torch.zeros(planner.capacity(n) + SEQ_FIELDS * n, dtype=torch.int32, device=dev)
+        self.plan_buffer = torch.zeros(1 + planner.capacity(n) + SEQ_FIELDS * n, dtype=torch.int32, device=dev)
         self.max_blocks = max_blocks
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._pool = torch.cuda.graph_pool_handle()
