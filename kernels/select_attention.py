@@ -51,7 +51,7 @@ class AttentionConfig:
     # Persistent grid: this many programs per SM (what fits: 2 at 255 registers x 128 threads)
     # stride over the plan's real work; None: one program per work item of the plan's capacity,
     # whose empty rows still cost a load and a slot each.
-    resident_per_sm: int | None = 2
+    resident_per_sm: int | None = None
 
 
 # The interpreter runs one numpy pass per program and tile: larger tiles keep CPU tests fast.
