@@ -142,7 +142,7 @@ def _work(w, n_work, q_ptr, k_ptr, v_ptr, bt_ptr, seq_lens_ptr, ht_ptr, out_ptr,
 
 
 @triton.jit
-def _tile_rows(bt_row, k_base, v_base, page, pos, end, stride_kb, stride_kt, stride_vb, stride_vt,
+def _tile_rows(k_base, v_base, page, pos, end, stride_kb, stride_kt, stride_vb, stride_vt,
                D: tl.constexpr, BLOCK_SIZE: tl.constexpr, UPCAST: tl.constexpr):
     """K and V rows [BLOCK_N, D] of the tokens at `pos` (pages `page`), 0 past `end`."""
     cols = tl.arange(0, D)
@@ -182,7 +182,7 @@ def _attend_group(q_row, k_base, v_base, bt_row, o_row, o_part_ptr, m_part_ptr, 
         pos = n0 + offs_n
         page = page_next.to(tl.int64)
         page_next = tl.load(bt_row + (pos + BLOCK_N) // BLOCK_SIZE, mask=pos + BLOCK_N < end, other=0)
-        k, v = _tile_rows(bt_row, k_base, v_base, page, pos, end, stride_kb, stride_kt, stride_vb, stride_vt,
+        k, v = _tile_rows(k_base, v_base, page, pos, end, stride_kb, stride_kt, stride_vb, stride_vt,
                           D, BLOCK_SIZE, UPCAST)
         qk = tl.dot(q, tl.trans(k)) * scale_log2  # [G_PAD, BLOCK_N], fp32
         qk = tl.where((pos < end)[None, :], qk, float("-inf"))
