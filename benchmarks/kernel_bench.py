@@ -112,17 +112,19 @@ CONFIG_ROWS = {  # (name, B, k_max): chunk sizes to time each CONFIG_SWEEP confi
 }
 
 
-def runtime_plan(lens: list[int], k: int, device="cuda", chunk_tokens: int | None = None):
+def runtime_plan(lens: list[int], k: int, device="cuda", **rule) -> tuple[object, dict]:
     """The attention work plan as the runtime's CUDA-graph path passes it (the bucket's static
-    capacity, partials for all of it); chunk_tokens forces the cut (sweeps)."""
-    from kernels.attention_plan import plan_attention, plan_capacity, plan_views
+    capacity, partials for all of it), and what it holds; `rule`: plan_attention's chunk_tokens
+    (forces the cut), programs_per_sm, min_chunk."""
+    from kernels.attention_plan import PROGRAMS_PER_SM, num_sms, plan_attention, plan_capacity
 
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    cap = plan_capacity(len(lens), k, sms)
-    if chunk_tokens is not None:
-        cap = max(cap, sum(-(-n // chunk_tokens) for n in lens))
-    host = plan_attention(lens, groups=k, num_sms=sms, capacity=cap, chunk_tokens=chunk_tokens)
-    return plan_views(torch.from_numpy(host.flat()).to(device), cap, len(lens), num_parts=cap)
+    sms = num_sms(torch.device(device))
+    cap = plan_capacity(len(lens), k, sms, rule.get("programs_per_sm", PROGRAMS_PER_SM))
+    if rule.get("chunk_tokens") is not None:
+        cap = max(cap, sum(-(-n // rule["chunk_tokens"]) for n in lens))
+    host = plan_attention(lens, groups=k, num_sms=sms, capacity=cap, **rule)
+    info = {"items": host.num_items, "capacity": cap, "parts": host.num_parts, "chunk_tokens": host.chunk_tokens}
+    return host.to(device, num_parts=cap), info
 
 
 def _row_adder(rows: list, op: str, shape: dict):
@@ -157,7 +159,7 @@ def bench_attention(name, b, hq, hkv, n, densities, bw, rows, sweep=False):
         ht = _head_table(b, hkv, kmax, gen)
         real = kmax / hkv
         add("floor", real, b * kmax * n * D_HEAD * 2 * 2 / (bw * 1e12) * 1e3)
-        plan = runtime_plan([n] * b, kmax)
+        plan, _ = runtime_plan([n] * b, kmax)
         add("ours", real, *_try_bench(lambda: select_attention(q, kc, vc, bt, seq_lens, ht, scale, out=out, plan=plan)))
         if kmax == hkv:  # all groups selected: must equal dense SDPA (a GPU-side check of ours)
             dense_out = F.scaled_dot_product_attention(q4, k, v, scale=scale, enable_gqa=g > 1).view(b, hq, D_HEAD)
@@ -195,7 +197,7 @@ def bench_attention(name, b, hq, hkv, n, densities, bw, rows, sweep=False):
         for label, cfg in [("default", astuple(AttentionConfig()))] + (CONFIG_SWEEP if cfg_splits else []):
             c = AttentionConfig(*cfg)
             for chunk in CHUNK_SWEEP if label == "default" else cfg_splits:
-                cut = runtime_plan([n] * b, kmax, chunk_tokens=chunk)
+                cut, _ = runtime_plan([n] * b, kmax, chunk_tokens=chunk)
                 ms, extra = timed_check(lambda: _launch(q, kc, vc, bt, seq_lens, ht, scale, out, cut, config=c))
                 add("sweep", real, ms, extra, config={"label": label, "block_n": cfg[0], "num_warps": cfg[1],
                                                       "num_stages": cfg[2], "maxnreg": cfg[3], "chunk_tokens": chunk},
@@ -256,7 +258,7 @@ def bench_padded(bw, rows, select_attention, variant="ours"):
                     ht = _head_table(b, hkv, kmax, gen)
                     floor = sum(lens) * kmax * D_HEAD * 2 * 2 / (bw * 1e12) * 1e3
                     # an older module (--compare-module) plans by itself
-                    kw = {"plan": runtime_plan(lens, kmax)} if variant == "ours" else {}
+                    kw = {"plan": runtime_plan(lens, kmax)[0]} if variant == "ours" else {}
                     ms, extra = _try_bench(lambda: select_attention(q, kc, vc, bt, seq_lens, ht, D_HEAD**-0.5,
                                                                     out=out, **kw))
                     add(variant, kmax / hkv, ms, extra, floor_ms=floor)

@@ -55,7 +55,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from benchmarks.kernel_bench import BLOCK_SIZE, _block_table, _head_table, _paged_kv
+from benchmarks.kernel_bench import BLOCK_SIZE, _block_table, _head_table, _paged_kv, runtime_plan
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 MMA_FLOP_PER_S = 650e12  # the MLP floor's FLOP term (cuBLAS dense reached 630-730 TFLOP/s on H100)
@@ -222,23 +222,11 @@ def plan_variants(case: AttnCase, k: int) -> list[tuple[str, dict]]:
     out = [("ours", {})]
     if case.family == "attn-4k" and round(0.3 * case.heads.hkv) <= k <= round(0.5 * case.heads.hkv):
         out += list(PLAN_SWEEP.items())
-    if case.family in ("attn-4k", "attn-d64"):  # the A/B of the persistent grid: one program per plan row
+    if case.family in ("attn-4k", "attn-d64"):  # the A/B of the grid: persistent, 2 programs per SM
         from kernels.select_attention import AttentionConfig
 
-        out.append(("padded_grid", {"config": AttentionConfig(resident_per_sm=None)}))
+        out.append(("persistent_grid", {"config": AttentionConfig(resident_per_sm=2)}))
     return out
-
-
-def graph_plan(lens: list[int], k: int, sms: int, device: str, **rule) -> tuple[object, dict]:
-    """The plan as the runtime's CUDA-graph path passes it: the bucket's static capacity, partial
-    buffers for that capacity (so the merge always launches), cut from the real lengths."""
-    from kernels.attention_plan import PROGRAMS_PER_SM, plan_attention, plan_capacity, plan_views
-
-    cap = plan_capacity(len(lens), k, sms, rule.get("programs_per_sm", PROGRAMS_PER_SM))
-    host = plan_attention(lens, groups=k, num_sms=sms, capacity=cap, **rule)
-    flat = torch.from_numpy(host.flat()).to(device)
-    info = {"items": host.num_items, "capacity": cap, "parts": host.num_parts, "chunk_tokens": host.chunk_tokens}
-    return plan_views(flat, cap, len(lens), num_parts=cap), info
 
 
 def plan_host_us(batch: int = 256, repeats: int = 200) -> dict:
@@ -270,12 +258,11 @@ def run_attention(case: AttnCase, ops, timer: Callable, bw: float, rows: list, d
              "lengths": case.dist, "longest": case.longest, "min_len": min(lens), "max_len": max(lens),
              "mean_len": tokens / len(lens), "table_tokens": case.table_tokens}
     elt = torch.finfo(dtype).bits // 8
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device != "cpu" else 4
     for k in k_groups(case):
         ht = _head_table(case.batch, h.hkv, k, gen, device)
         floor = attention_floor_ms(tokens, k, h.d, elt, bw)
         for variant, rule in plan_variants(case, k):
-            plan, info = graph_plan(lens, k, sms, device, **{key: v for key, v in rule.items() if key != "config"})
+            plan, info = runtime_plan(lens, k, device, **{key: v for key, v in rule.items() if key != "config"})
             if "config" in rule:  # a kernel config other than the default: the launch itself
                 from kernels.select_attention import _launch
 

@@ -21,6 +21,7 @@ shorter chunk spends more on its partial and the merge than it gains in parallel
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -78,6 +79,12 @@ class HostPlan:
         start = piece * size
         return np.stack([seq, start, np.minimum(start + size, lens[seq]),
                          np.where(parts > 0, first_part + piece, -1)], axis=1)
+
+
+@functools.lru_cache(maxsize=None)
+def num_sms(device: torch.device) -> int:
+    """SMs the plan spreads work over: the GPU's, or 4 on the CPU (the Triton interpreter)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
 
 
 def plan_views(flat: torch.Tensor, capacity: int, batch: int, num_parts: int) -> AttentionPlan:
@@ -156,8 +163,7 @@ class StepPlanner:
 
     @classmethod
     def for_device(cls, groups: int, device: torch.device) -> StepPlanner:
-        sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-        return cls(max(1, groups), sms)
+        return cls(max(1, groups), num_sms(device))
 
     def capacity(self, batch: int) -> int:
         return plan_capacity(batch, self.groups, self.num_sms)

@@ -21,7 +21,6 @@ plan rows and slots whose head_table entry is -1 exit at once.
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 
@@ -29,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.attention_plan import SEQ_FIELDS, AttentionPlan, plan_attention
+from kernels.attention_plan import SEQ_FIELDS, AttentionPlan, num_sms, plan_attention
 
 # Head dims the kernel is tested for (D is a tl.arange length, so a power of two). Public: the
 # runtime checks a model's head dim against it; the torch reference takes any head dim.
@@ -242,11 +241,6 @@ def _merge_parts_kernel(
     tl.store(o_ptrs, (acc / l_run).to(out_ptr.dtype.element_ty))
 
 
-@functools.lru_cache(maxsize=None)
-def _num_sms(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def _check(q, k_cache, v_cache, block_tables, seq_lens, head_table, out, kernel: bool) -> None:
     if q.dim() != 3:
         raise ValueError(f"q must be [B, Hq, D], got shape {tuple(q.shape)}")
@@ -308,8 +302,7 @@ def host_plan(seq_lens: torch.Tensor, k_max: int, device: torch.device, block_n:
         raise ValueError("select_attention under CUDA-graph capture needs a plan (its lengths cannot be read "
                          "back while capturing): build one with kernels.attention_plan.plan_attention and pass "
                          "plan=, with a static capacity (plan_capacity)")
-    num_sms = 4 if device.type != "cuda" else _num_sms(device)
-    return plan_attention(seq_lens.tolist(), groups=k_max, num_sms=num_sms, block_n=block_n).to(device)
+    return plan_attention(seq_lens.tolist(), groups=k_max, num_sms=num_sms(device), block_n=block_n).to(device)
 
 
 def _launch(q, k_cache, v_cache, block_tables, seq_lens, head_table, scale, out,
@@ -341,7 +334,7 @@ def _launch(q, k_cache, v_cache, block_tables, seq_lens, head_table, scale, out,
     # batch more programs than (item, slot) pairs: one per sequence writes its 0s.
     work = plan.capacity * k_max + batch
     persistent = config.resident_per_sm is not None
-    grid = min(work, config.resident_per_sm * (4 if interpret else _num_sms(q.device))) if persistent else work
+    grid = min(work, config.resident_per_sm * num_sms(q.device)) if persistent else work
     _select_attention_kernel[(grid,)](
         q, k_cache, v_cache, block_tables, seq_lens, head_table, out, plan.count, plan.items, plan.seqs,
         o_part, m_part, l_part,
