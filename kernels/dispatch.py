@@ -175,7 +175,22 @@ class KernelOps:
             return fn(logits, temperature, top_k, top_p, min_p, seeds, counters)
         return fn(logits, temperature, top_k, top_p, min_p, seeds, counters, **hints)
 
-    def rotary(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-               positions: torch.Tensor) -> torch.Tensor:  # [T, H, D] -> [T, H, D]
-        """Rotary position embedding, half-split layout; see kernels/rotary.py."""
-        return self._pick("rotary", "rotary")(x, cos, sin, positions)
+    def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:  # [T, 2I] -> [T, I]
+        """silu(gate) * up of the fused gate/up projection's output; see kernels/silu_mul.py."""
+        return self._pick("silu_mul", "silu_mul")(gate_up)
+
+    def rotary_store_kv(
+        self,
+        q: torch.Tensor,  # [T, Hq, D]
+        k: torch.Tensor,  # [T, Hkv, D]
+        v: torch.Tensor,  # [T, Hkv, D]
+        slots: torch.Tensor,  # [T] int: cache slot (block * block_size + offset) of each token
+        k_cache: torch.Tensor,  # (num_blocks, Hkv, block_size, D), written in place
+        v_cache: torch.Tensor,
+        cos: torch.Tensor | None = None,  # [P, D/2] float32; None: no rotation (learned positions)
+        sin: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,  # [T] int
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # q, k rotated: [T, Hq, D], [T, Hkv, D] contiguous
+        """Rotary embedding of q and k (half-split layout) and the store of k, v into the paged
+        cache, in one launch; see kernels/rotary.py."""
+        return self._pick("rotary", "rotary_store_kv")(q, k, v, slots, k_cache, v_cache, cos, sin, positions)

@@ -1,13 +1,18 @@
-"""Rotary position embedding (half-split layout) in one pass.
+"""Rotary position embedding (half-split layout) and the paged KV-cache store, in one pass.
 
-    out = rotary(x, cos, sin, positions)   # x [T, H, D] -> [T, H, D], contiguous
+    q, k = rotary_store_kv(q, k, v, slots, k_cache, v_cache, cos, sin, positions)
+    # q [T, Hq, D], k, v [T, Hkv, D] -> q, k rotated [T, Hq, D], [T, Hkv, D], contiguous;
+    # rotated k and v written to the caches (num_blocks, Hkv, block_size, D) at `slots`
 
-With x1, x2 the two halves of each head: out = [x1 cos - x2 sin, x2 cos + x1 sin], computed in
-float32 and rounded once. The eager version is ~10 small kernels per call (casts, chunk, four
-products, cat) for a few rows at decode; here one program reads a token's heads once and
-writes them once. x may be a strided view (q or k sliced out of the fused QKV output).
-Head dims: any D whose half is a power of two (a tl.arange length), every dim in
-`select_attention.HEAD_DIMS` among them, so that tuple is the one limit the runtime checks.
+With x1, x2 the two halves of each head: rotated = [x1 cos - x2 sin, x2 cos + x1 sin], computed
+in float32 and rounded once. Without cos/sin (OPT: learned positions) nothing is rotated and the
+kernel only stores K/V (and returns q contiguous). The eager version is ~10 small kernels per
+rotation plus four for the store (block, offset, two index_puts); at decode each is a few
+microseconds of launch for a few kilobytes, so one layer's share of them cost more than its
+norms. Here program (t, 0) reads token t's query heads once and writes them once; program (t, 1)
+does its key and value heads and their cache rows. q, k, v may be strided views (sliced out of
+the fused QKV output). Every row is stored: CUDA-graph padding rows point at a scratch block.
+Head dims: any even D (the halves are padded to a power of two and masked).
 """
 
 from __future__ import annotations
@@ -20,61 +25,139 @@ _KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 
 
 @triton.jit
-def _rotary_kernel(
-    x_ptr, cos_ptr, sin_ptr, pos_ptr, out_ptr,
-    H,
-    stride_xt, stride_xh, stride_cos, stride_ot, stride_oh,
-    HALF: tl.constexpr, BLOCK_H: tl.constexpr,
+def _rotate(x1, x2, cos, sin, ROTATE: tl.constexpr):
+    if ROTATE:
+        return x1 * cos - x2 * sin, x2 * cos + x1 * sin
+    return x1, x2
+
+
+@triton.jit
+def _rotary_store_kernel(
+    q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr, slot_ptr, q_out_ptr, k_out_ptr, k_cache_ptr, v_cache_ptr,
+    HQ, HKV, HALF,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_cos,
+    stride_cb, stride_ch, stride_cs,  # caches: (block, head, slot in block); the last dim is contiguous
+    BLOCK_SIZE: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HKV: tl.constexpr,
+    ROTATE: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
-    heads = tl.arange(0, BLOCK_H)
-    cols = tl.arange(0, HALF)
-    mask = (heads < H)[:, None]
-    pos = tl.load(pos_ptr + t).to(tl.int64)
-    cos = tl.load(cos_ptr + pos * stride_cos + cols)[None, :]  # [1, HALF] float32
-    sin = tl.load(sin_ptr + pos * stride_cos + cols)[None, :]
-    x_row = x_ptr + t * stride_xt + heads.to(tl.int64)[:, None] * stride_xh  # [BLOCK_H, 1]
-    x1 = tl.load(x_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)  # [BLOCK_H, HALF]
-    x2 = tl.load(x_row + HALF + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    o_row = out_ptr + t * stride_ot + heads.to(tl.int64)[:, None] * stride_oh
-    dtype = out_ptr.dtype.element_ty
-    tl.store(o_row + cols[None, :], (x1 * cos - x2 * sin).to(dtype), mask=mask)
-    tl.store(o_row + HALF + cols[None, :], (x2 * cos + x1 * sin).to(dtype), mask=mask)
+    cols = tl.arange(0, BLOCK_HALF)
+    col_mask = cols < HALF
+    cos = 1.0
+    sin = 0.0
+    if ROTATE:
+        pos = tl.load(pos_ptr + t).to(tl.int64)
+        cos = tl.load(cos_ptr + pos * stride_cos + cols, mask=col_mask, other=0.0)[None, :]  # [1, BLOCK_HALF] fp32
+        sin = tl.load(sin_ptr + pos * stride_cos + cols, mask=col_mask, other=0.0)[None, :]
+    dtype = q_out_ptr.dtype.element_ty
+    if tl.program_id(1) == 0:  # the query heads
+        heads = tl.arange(0, BLOCK_HQ)
+        mask = (heads < HQ)[:, None] & col_mask[None, :]
+        row = q_ptr + t * stride_qt + heads.to(tl.int64)[:, None] * stride_qh + cols[None, :]  # [BLOCK_HQ, BLOCK_HALF]
+        x1 = tl.load(row, mask=mask, other=0.0).to(tl.float32)
+        x2 = tl.load(row + HALF, mask=mask, other=0.0).to(tl.float32)
+        y1, y2 = _rotate(x1, x2, cos, sin, ROTATE)
+        out = q_out_ptr + (t * HQ + heads.to(tl.int64)[:, None]) * (2 * HALF) + cols[None, :]
+        tl.store(out, y1.to(dtype), mask=mask)
+        tl.store(out + HALF, y2.to(dtype), mask=mask)
+    else:  # the key and value heads, and their cache rows
+        heads = tl.arange(0, BLOCK_HKV)
+        mask = (heads < HKV)[:, None] & col_mask[None, :]
+        h64 = heads.to(tl.int64)[:, None]
+        row = k_ptr + t * stride_kt + h64 * stride_kh + cols[None, :]  # [BLOCK_HKV, BLOCK_HALF]
+        x1 = tl.load(row, mask=mask, other=0.0).to(tl.float32)
+        x2 = tl.load(row + HALF, mask=mask, other=0.0).to(tl.float32)
+        k1, k2 = _rotate(x1, x2, cos, sin, ROTATE)
+        k1, k2 = k1.to(dtype), k2.to(dtype)
+        out = k_out_ptr + (t * HKV + h64) * (2 * HALF) + cols[None, :]
+        tl.store(out, k1, mask=mask)
+        tl.store(out + HALF, k2, mask=mask)
+        vrow = v_ptr + t * stride_vt + h64 * stride_vh + cols[None, :]
+        v1 = tl.load(vrow, mask=mask, other=0.0)
+        v2 = tl.load(vrow + HALF, mask=mask, other=0.0)
+        slot = tl.load(slot_ptr + t).to(tl.int64)
+        dst = (slot // BLOCK_SIZE) * stride_cb + h64 * stride_ch + (slot % BLOCK_SIZE) * stride_cs + cols[None, :]
+        tl.store(k_cache_ptr + dst, k1, mask=mask)
+        tl.store(k_cache_ptr + dst + HALF, k2, mask=mask)
+        tl.store(v_cache_ptr + dst, v1, mask=mask)
+        tl.store(v_cache_ptr + dst + HALF, v2, mask=mask)
 
 
-def _check(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor) -> None:
-    if x.dim() != 3 or x.stride(-1) != 1:
-        raise ValueError(f"x must be [T, H, D] with a contiguous last dim, got {tuple(x.shape)} strides {x.stride()}")
-    half = x.shape[2] // 2
-    if x.shape[2] % 2 or half & (half - 1):
-        raise ValueError(f"head dim {x.shape[2]} must be twice a power of two (e.g. 64, 128)")
-    for name, t in (("cos", cos), ("sin", sin)):
-        if t.dim() != 2 or t.shape[1] != half or t.dtype != torch.float32 or not t.is_contiguous():
-            raise ValueError(f"{name} must be a contiguous float32 [positions, {half}] table, got "
-                             f"{tuple(t.shape)} {t.dtype}")
-    if positions.shape != (x.shape[0],) or positions.dtype != torch.int64:
-        raise ValueError(f"positions must be int64 [{x.shape[0]}], got {tuple(positions.shape)} {positions.dtype}")
-    if x.dtype not in _KERNEL_DTYPES:
-        raise ValueError(f"dtype {x.dtype} is not supported by the kernel; use fp16/bf16 or rotary_ref")
+def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor, k_cache: torch.Tensor,
+           v_cache: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None,
+           positions: torch.Tensor | None) -> None:
+    T, D = q.shape[0], q.shape[-1]
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if x.dim() != 3 or x.shape[0] != T or x.shape[2] != D or x.stride(-1) != 1:
+            raise ValueError(f"{name} must be [T={T}, heads, D={D}] with a contiguous last dim, got "
+                             f"{tuple(x.shape)} strides {x.stride()}")
+    if k.shape != v.shape:
+        raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must have the same shape")
+    if D % 2:
+        raise ValueError(f"head dim {D} must be even")
+    for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if c.dim() != 4 or c.shape[1] != k.shape[1] or c.shape[3] != D or c.stride(-1) != 1 or c.dtype != q.dtype:
+            raise ValueError(f"{name} must be (num_blocks, {k.shape[1]}, block_size, {D}) {q.dtype} with a "
+                             f"contiguous last dim, got {tuple(c.shape)} {c.dtype}")
+    if k_cache.shape != v_cache.shape or k_cache.stride() != v_cache.stride():
+        raise ValueError("k_cache and v_cache must have the same shape and strides")
+    if slots.shape != (T,) or slots.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"slots must be int32/int64 [{T}], got {tuple(slots.shape)} {slots.dtype}")
+    if (cos is None) != (sin is None) or (cos is None) != (positions is None):
+        raise ValueError("give cos, sin and positions, or none of them (no rotation)")
+    if cos is not None and sin is not None and positions is not None:
+        for name, c in (("cos", cos), ("sin", sin)):
+            if c.dim() != 2 or c.shape[1] != D // 2 or c.dtype != torch.float32 or not c.is_contiguous():
+                raise ValueError(f"{name} must be a contiguous float32 [positions, {D // 2}] table, got "
+                                 f"{tuple(c.shape)} {c.dtype}")
+        if positions.shape != (T,) or positions.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"positions must be int32/int64 [{T}], got {tuple(positions.shape)} {positions.dtype}")
+    if q.dtype not in _KERNEL_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"dtypes q {q.dtype}, k {k.dtype}, v {v.dtype}: the kernel takes one of fp16/bf16; "
+                         "use rotary_store_kv_ref")
 
 
-def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """x [T, H, D] (fp16/bf16), cos/sin [P, D/2] float32, positions [T] int64 -> [T, H, D]."""
-    _check(x, cos, sin, positions)
-    T, H, D = x.shape
-    out = torch.empty((T, H, D), dtype=x.dtype, device=x.device)
+def rotary_store_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor, k_cache: torch.Tensor,
+                    v_cache: torch.Tensor, cos: torch.Tensor | None = None, sin: torch.Tensor | None = None,
+                    positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [T, Hq, D], k/v [T, Hkv, D] (fp16/bf16), slots [T] int, caches (N, Hkv, bs, D), cos/sin
+    [P, D/2] float32 and positions [T] int, or None (no rotation) -> (q, k) rotated, contiguous;
+    the caches written in place."""
+    _check(q, k, v, slots, k_cache, v_cache, cos, sin, positions)
+    T, Hq, D = q.shape
+    Hkv = k.shape[1]
+    q_out = torch.empty((T, Hq, D), dtype=q.dtype, device=q.device)
+    k_out = torch.empty((T, Hkv, D), dtype=q.dtype, device=q.device)
     if T:
-        _rotary_kernel[(T,)](
-            x, cos, sin, positions, out,
-            H,
-            x.stride(0), x.stride(1), cos.stride(0), out.stride(0), out.stride(1),
-            HALF=D // 2, BLOCK_H=triton.next_power_of_2(H), num_warps=4,
+        rotate = cos is not None
+        # Without rotation the table and position pointers are placeholders the kernel never reads.
+        cos_t, sin_t, pos_t = (cos, sin, positions) if rotate else (q_out, q_out, slots)
+        _rotary_store_kernel[(T, 2)](
+            q, k, v, cos_t, sin_t, pos_t, slots, q_out, k_out, k_cache, v_cache,
+            Hq, Hkv, D // 2,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos_t.stride(0),
+            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+            BLOCK_SIZE=k_cache.shape[2], BLOCK_HALF=triton.next_power_of_2(D // 2),
+            BLOCK_HQ=triton.next_power_of_2(Hq), BLOCK_HKV=triton.next_power_of_2(Hkv), ROTATE=rotate, num_warps=4,
         )
-    return out
+    return q_out, k_out
 
 
-def rotary_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+def rotate_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """x [T, H, D] -> rotated [T, H, D] in x's dtype, computed in float32."""
     c = cos[positions].unsqueeze(1)  # (T, 1, D/2)
     s = sin[positions].unsqueeze(1)
     x1, x2 = x.float().chunk(2, dim=-1)  # (T, H, D/2) each
     return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).to(x.dtype)
+
+
+def rotary_store_kv_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor, k_cache: torch.Tensor,
+                        v_cache: torch.Tensor, cos: torch.Tensor | None = None, sin: torch.Tensor | None = None,
+                        positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    if cos is not None and sin is not None and positions is not None:
+        q, k = rotate_ref(q, cos, sin, positions), rotate_ref(k, cos, sin, positions)
+    block_size = k_cache.shape[2]
+    blocks, offsets = slots // block_size, slots % block_size  # (T,), (T,)
+    k_cache[blocks, :, offsets] = k
+    v_cache[blocks, :, offsets] = v
+    return q.contiguous(), k.contiguous()

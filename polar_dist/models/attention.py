@@ -1,7 +1,7 @@
 """Attention over the paged KV cache, for this rank's heads.
 
 Tokens of a step are packed: T tokens from B sequences, no padding. Every step first writes
-the new K/V of all local heads into the cache (slot_mapping), then:
+the new K/V of all local heads into the cache (slot_mapping; `KernelOps.rotary_store_kv`), then:
 - prefill or mixed (any number of new tokens per sequence): single-token (decode) rows first,
   through the decode kernel in one launch, over the groups of their head table (as in a decode
   step); then per sequence, dense causal SDPA of its new queries over its whole cached context;
@@ -42,15 +42,6 @@ class AttentionBatch:
     # through the decode kernel (head_table's first n rows: every local group, unless a router's table is given)
     plan: AttentionPlan | None = None  # the decode rows' work plan (kernels/attention_plan.py), built on the
     # host once per step; None: the kernel builds one from seq_lens (a device sync)
-
-
-def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-             slot_mapping: torch.Tensor) -> None:
-    # caches: (num_blocks, Hkv_local, block_size, D); k, v: (T, Hkv_local, D)
-    block_size = k_cache.shape[2]
-    blocks, offsets = slot_mapping // block_size, slot_mapping % block_size  # (T,), (T,)
-    k_cache[blocks, :, offsets] = k
-    v_cache[blocks, :, offsets] = v
 
 
 def paged_attention(ops: KernelOps, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

@@ -12,7 +12,7 @@ from torch import nn
 
 from kernels.dispatch import KernelOps
 from polar_dist.model_spec import ModelSpec
-from polar_dist.models.attention import AttentionBatch, paged_attention, write_kv
+from polar_dist.models.attention import AttentionBatch, paged_attention
 from polar_dist.models.build import BuildContext
 from polar_dist.models.checkpoint import Init
 from polar_dist.models.head_selection import make_head_selection
@@ -63,10 +63,10 @@ class LlamaAttention(nn.Module):
         x = self.router_input(x)
         head_table = self.heads.decode_table(x, batch)  # (rows, k) for the decode rows; None if none
         q, k, v = self.qkv(x).split([q_size, kv_size, kv_size], dim=-1)
-        q = self.rotary(q.view(T, self.num_heads_local, D), positions)  # (T, Hq_local, D)
-        k = self.rotary(k.view(T, self.num_kv_heads_local, D), positions)  # (T, Hkv_local, D)
         v = v.view(T, self.num_kv_heads_local, D)  # (T, Hkv_local, D)
-        write_kv(kv_cache[0], kv_cache[1], k, v, batch.slot_mapping)
+        # (T, Hq_local, D), (T, Hkv_local, D) rotated; k, v also in the cache
+        q, k = self.rotary.rotate_and_store(q.view(T, self.num_heads_local, D), k.view(T, self.num_kv_heads_local, D),
+                                            v, positions, batch.slot_mapping, kv_cache)
         o = paged_attention(self.ops, q, kv_cache[0], kv_cache[1], batch, D**-0.5, head_table, k, v)  # (T, Hq_local, D)
         o = self.heads.mask_decode_output(o, batch)
         return self.o_proj(self.head_output(o).reshape(T, q_size))
@@ -80,10 +80,10 @@ class SwiGLU(nn.Module):
                                             dtype=ctx.dtype, device=ctx.device)
         self.down = RowParallelLinear(plan.intermediate_size_local, spec.hidden_size, bias=spec.mlp_bias,
                                       comm=ctx.comm, dtype=ctx.dtype, device=ctx.device)
+        self.ops = ctx.ops
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up(x).chunk(2, dim=-1)  # (T, I_local) each
-        return self.down(nn.functional.silu(gate) * up)
+        return self.down(self.ops.silu_mul(self.gate_up(x)))  # (T, 2 I_local) -> (T, I_local) -> (T, d)
 
 
 class LlamaBlock(nn.Module):

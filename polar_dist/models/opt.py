@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from polar_dist.model_spec import ModelSpec
-from polar_dist.models.attention import AttentionBatch, paged_attention, write_kv
+from polar_dist.models.attention import AttentionBatch, paged_attention
 from polar_dist.models.build import BuildContext
 from polar_dist.models.checkpoint import Init
 from polar_dist.models.head_selection import make_head_selection
@@ -49,8 +49,8 @@ class OPTAttention(nn.Module):
         x = self.router_input(x)
         head_table = self.heads.decode_table(x, batch)  # (rows, k) for the decode rows; None if none
         q, k, v = self.qkv(x).view(T, 3, H, D).unbind(1)  # (T, H_local, D) each
-        write_kv(kv_cache[0], kv_cache[1], k, v, batch.slot_mapping)
-        o = paged_attention(self.ops, q.contiguous(), kv_cache[0], kv_cache[1], batch, D**-0.5, head_table, k, v)
+        q, _ = self.ops.rotary_store_kv(q, k, v, batch.slot_mapping, kv_cache[0], kv_cache[1])  # q contiguous
+        o = paged_attention(self.ops, q, kv_cache[0], kv_cache[1], batch, D**-0.5, head_table, k, v)
         o = self.heads.mask_decode_output(o, batch)
         return self.out_proj(self.head_output(o).reshape(T, H * D))
 

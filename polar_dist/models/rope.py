@@ -43,6 +43,8 @@ class Rotary(torch.nn.Module):
         self.register_buffer("cos", angles.cos(), persistent=False)  # (P, D/2)
         self.register_buffer("sin", angles.sin(), persistent=False)  # (P, D/2)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """x: (T, H, D), positions: (T,) -> (T, H, D), computed in float32 and rounded once."""
-        return self.ops.rotary(x, self.cos, self.sin, positions)
+    def rotate_and_store(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                         slots: torch.Tensor, kv_cache: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """q: (T, Hq, D), k, v: (T, Hkv, D), positions, slots: (T,) -> q, k rotated (computed in
+        float32, rounded once); rotated k and v written to the paged cache at `slots`."""
+        return self.ops.rotary_store_kv(q, k, v, slots, kv_cache[0], kv_cache[1], self.cos, self.sin, positions)
