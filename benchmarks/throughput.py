@@ -18,7 +18,8 @@ weight bytes read + the KV bytes the step reads) / the copy bandwidth measured i
 layer 0 reads every KV group, a sparse layer k of them per sequence; a sparse MLP reads k of its
 neurons' rows of W1 and W2. breakdown_ms splits the step by module (qkv, attention, out_proj,
 mlp, routers, all_reduce, sampling, other): the GPU time of the kernels each module launched in
-one profiled eager step (host gaps not counted), sampling as timed, other = the rest of the
+one profiled eager step (host gaps not counted), sampling its share of the step (from the
+forward's end on the GPU to the tokens on the host), other = the rest of the
 graph step (norms, embedding, LM head, gaps between kernels, the host's part of the step). With --hf,
 transformers' generate (static cache, which compiles the forward in transformers 5.x) on the same
 shape: (t(1 + n) - t(1)) / n, n = --hf-tokens, the minimum of 3 runs each after a warm-up of both.
@@ -123,7 +124,8 @@ def weight_bytes_read(rt: Runtime, batch: int) -> int:
     """Parameters this rank reads in a decode step of `batch` rows: all of them, except that an
     embedding table (tokens, OPT's positions) gives only its `batch` rows unless it is also the
     LM head (tied), and a sparse MLP reads only its k selected rows of W1 and W2 (plus the
-    routers, counted in full)."""
+    routers that run at this row count, counted in full)."""
+    from polar_dist.models.head_selection import RoutedGroups
     from polar_dist.models.relu_mlp import NeuronSparseMLP
     from polar_dist.parallel.layers import VocabParallelEmbedding
 
@@ -132,23 +134,36 @@ def weight_bytes_read(rt: Runtime, batch: int) -> int:
     head = model.lm_head.weight
     for m in model.modules():
         if isinstance(m, (VocabParallelEmbedding, torch.nn.Embedding)) and m.weight is not head:
-            rows, dim = m.weight.shape
-            total -= (rows - min(rows, batch)) * dim * m.weight.element_size()
+            n_rows, dim = m.weight.shape
+            total -= (n_rows - min(n_rows, batch)) * dim * m.weight.element_size()
+    rows = forward_rows(rt, batch)
     for layer in model.layers:
-        mlp = layer.mlp
+        heads, mlp = layer.attn.heads, layer.mlp
+        if isinstance(heads, RoutedGroups) and rows < heads.min_batch:  # reads every group: no router run
+            total -= sum(p.numel() * p.element_size() for p in heads.router.parameters())
         if isinstance(mlp, NeuronSparseMLP):
-            k = mlp.k_for(batch)
-            if k is not None:
+            k = mlp.k_for(rows)
+            if k is not None and mlp.sparse_pays.get(rows, True):
                 n_local = mlp.fc1.weight.shape[0]
                 per_neuron = (mlp.fc1.weight[0].numel() + mlp.fc2_t[0].numel()) * mlp.fc1.weight.element_size()
                 total -= (n_local - k) * per_neuron
+            else:  # dense at this row count: the router is not run
+                total -= sum(p.numel() * p.element_size() for p in mlp.router.parameters())
     return total
+
+
+def forward_rows(rt: Runtime, batch: int) -> int:
+    """Rows a decode step of `batch` sequences runs (its CUDA-graph bucket when replayed): what
+    the per-row-count choices (head routers' min_batch, neuron sparsity) are made on."""
+    graphs = rt.runner.graphs
+    return (graphs.bucket(batch) or batch) if graphs is not None else batch
 
 
 def kv_bytes_read(rt: Runtime, contexts: list[int]) -> float:
     """K and V bytes this rank's attention reads for one decode step (contexts: cached tokens
-    before the step). A routed layer reads k groups per sequence; under `global` scope on tp
-    ranks each rank holds its share of the chosen groups on average."""
+    before the step). A routed layer reads k groups per sequence (every group below its
+    min_batch rows); under `global` scope on tp ranks each rank holds its share of the chosen
+    groups on average."""
     from polar_dist.models.head_selection import RoutedGroups
 
     k_cache = rt.runner.kv_caches[0][0]  # (blocks, Hkv_local, block, D)
@@ -158,7 +173,7 @@ def kv_bytes_read(rt: Runtime, contexts: list[int]) -> float:
     for layer in rt.runner.model.layers:
         heads = layer.attn.heads
         groups = g_local
-        if isinstance(heads, RoutedGroups):
+        if isinstance(heads, RoutedGroups) and forward_rows(rt, len(contexts)) >= heads.min_batch:
             if heads.scope.value == "local":
                 groups = heads.k
             else:
@@ -170,9 +185,13 @@ def kv_bytes_read(rt: Runtime, contexts: list[int]) -> float:
 # ---- timing ------------------------------------------------------------------------------------
 
 def time_steps(rt: Runtime, steps: list[Step]) -> tuple[float, float]:
-    """Median ms of a whole step (forward + sampling + the D2H copy) and of its sampling alone,
-    over the steps after WARMUP_STEPS; rank 0 samples, the others only run the forward."""
+    """Median ms of a whole step (forward + sampling + the D2H copy of the tokens, launched back
+    to back as the engine launches them: the sampler's host work overlaps the forward on the
+    GPU) and of the sampling's share of it (on CUDA: from the forward's end on the GPU to the
+    tokens on the host), over the steps after WARMUP_STEPS; rank 0 samples, the others only
+    run the forward."""
     dev = rt.ctx.device
+    cuda = dev.type == "cuda"
     totals, samples = [], []
     for i, step in enumerate(steps):
         rows = [SampleRow(TEMPERATURE_1, seed=r, counter=i) for r in range(step.batch_size)] \
@@ -180,17 +199,25 @@ def time_steps(rt: Runtime, steps: list[Step]) -> tuple[float, float]:
         sync(dev)
         t0 = time.perf_counter()
         logits = rt.runner.logits(step)
+        sample_ms = 0.0
         if rows is not None:
-            sync(dev)
+            if cuda:
+                forward_done, tokens_home = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                forward_done.record()
             t1 = time.perf_counter()
             rt.runner.sampler.sample(logits, rows)  # ends in the device-to-host copy of the ids
-            t2 = time.perf_counter()
+            if cuda:
+                tokens_home.record()
+                tokens_home.synchronize()
+                sample_ms = forward_done.elapsed_time(tokens_home)
+            else:
+                sample_ms = (time.perf_counter() - t1) * 1e3
         sync(dev)
         t3 = time.perf_counter()
         if i >= WARMUP_STEPS:
             totals.append(t3 - t0)
-            samples.append(t2 - t1 if rows is not None else 0.0)
-    return statistics.median(totals) * 1e3, statistics.median(samples) * 1e3
+            samples.append(sample_ms)
+    return statistics.median(totals) * 1e3, statistics.median(samples)
 
 
 def time_collectives(rt: Runtime, steps: list[Step]) -> tuple[float, int]:

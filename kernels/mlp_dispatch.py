@@ -213,6 +213,13 @@ def split_candidates(s: int, k_loop: int, block_k: int) -> list[int]:
     return out
 
 
+def time_graphs_ms(fns: list[Callable[[], torch.Tensor]], device: torch.device, reps: int = REPS) -> list[float]:
+    """Median ms of each callable's CUDA-graph replays, L2 flushed before each (as _measure times
+    its candidates); call outside any capture."""
+    timer = _GraphTimer(torch.empty(2 * _l2_bytes(device), dtype=torch.int8, device=device), reps)
+    return [timer(fn) for fn in fns]
+
+
 def _l2_bytes(device: torch.device) -> int:
     return int(getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 64 << 20))
 

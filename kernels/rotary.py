@@ -25,10 +25,39 @@ _KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 
 
 @triton.jit
-def _rotate(x1, x2, cos, sin, ROTATE: tl.constexpr):
+def _rotate_heads(x_ptr, stride_t, stride_h, out_ptr, t, H, HALF, cols, col_mask, cos, sin,
+                  BLOCK_H: tl.constexpr, ROTATE: tl.constexpr):
+    """Token t's H heads of x, rotated, to out (T, H, 2 * HALF); returns the halves in out's dtype."""
+    heads = tl.arange(0, BLOCK_H).to(tl.int64)[:, None]
+    mask = (heads < H) & col_mask[None, :]
+    row = x_ptr + t * stride_t + heads * stride_h + cols[None, :]  # [BLOCK_H, BLOCK_HALF]
+    x1 = tl.load(row, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(row + HALF, mask=mask, other=0.0).to(tl.float32)
     if ROTATE:
-        return x1 * cos - x2 * sin, x2 * cos + x1 * sin
-    return x1, x2
+        x1, x2 = x1 * cos - x2 * sin, x2 * cos + x1 * sin
+    dtype = out_ptr.dtype.element_ty
+    y1, y2 = x1.to(dtype), x2.to(dtype)
+    out = out_ptr + (t * H + heads) * (2 * HALF) + cols[None, :]
+    tl.store(out, y1, mask=mask)
+    tl.store(out + HALF, y2, mask=mask)
+    return y1, y2
+
+
+@triton.jit
+def _store_kv(k1, k2, v_ptr, stride_vt, stride_vh, slot_ptr, k_cache_ptr, v_cache_ptr, t, H, HALF, cols, col_mask,
+              stride_cb, stride_ch, stride_cs, BLOCK_SIZE: tl.constexpr, BLOCK_H: tl.constexpr):
+    """Token t's rotated key halves and its value heads into the caches at its slot."""
+    heads = tl.arange(0, BLOCK_H).to(tl.int64)[:, None]
+    mask = (heads < H) & col_mask[None, :]
+    vrow = v_ptr + t * stride_vt + heads * stride_vh + cols[None, :]
+    v1 = tl.load(vrow, mask=mask, other=0.0)
+    v2 = tl.load(vrow + HALF, mask=mask, other=0.0)
+    slot = tl.load(slot_ptr + t).to(tl.int64)
+    dst = (slot // BLOCK_SIZE) * stride_cb + heads * stride_ch + (slot % BLOCK_SIZE) * stride_cs + cols[None, :]
+    tl.store(k_cache_ptr + dst, k1, mask=mask)
+    tl.store(k_cache_ptr + dst + HALF, k2, mask=mask)
+    tl.store(v_cache_ptr + dst, v1, mask=mask)
+    tl.store(v_cache_ptr + dst + HALF, v2, mask=mask)
 
 
 @triton.jit
@@ -43,44 +72,19 @@ def _rotary_store_kernel(
     t = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_HALF)
     col_mask = cols < HALF
-    cos = 1.0
-    sin = 0.0
+    cos = tl.zeros([1, BLOCK_HALF], dtype=tl.float32)  # unused without rotation
+    sin = tl.zeros([1, BLOCK_HALF], dtype=tl.float32)
     if ROTATE:
         pos = tl.load(pos_ptr + t).to(tl.int64)
-        cos = tl.load(cos_ptr + pos * stride_cos + cols, mask=col_mask, other=0.0)[None, :]  # [1, BLOCK_HALF] fp32
+        cos = tl.load(cos_ptr + pos * stride_cos + cols, mask=col_mask, other=0.0)[None, :]  # [1, BLOCK_HALF]
         sin = tl.load(sin_ptr + pos * stride_cos + cols, mask=col_mask, other=0.0)[None, :]
-    dtype = q_out_ptr.dtype.element_ty
     if tl.program_id(1) == 0:  # the query heads
-        heads = tl.arange(0, BLOCK_HQ)
-        mask = (heads < HQ)[:, None] & col_mask[None, :]
-        row = q_ptr + t * stride_qt + heads.to(tl.int64)[:, None] * stride_qh + cols[None, :]  # [BLOCK_HQ, BLOCK_HALF]
-        x1 = tl.load(row, mask=mask, other=0.0).to(tl.float32)
-        x2 = tl.load(row + HALF, mask=mask, other=0.0).to(tl.float32)
-        y1, y2 = _rotate(x1, x2, cos, sin, ROTATE)
-        out = q_out_ptr + (t * HQ + heads.to(tl.int64)[:, None]) * (2 * HALF) + cols[None, :]
-        tl.store(out, y1.to(dtype), mask=mask)
-        tl.store(out + HALF, y2.to(dtype), mask=mask)
+        _rotate_heads(q_ptr, stride_qt, stride_qh, q_out_ptr, t, HQ, HALF, cols, col_mask, cos, sin, BLOCK_HQ, ROTATE)
     else:  # the key and value heads, and their cache rows
-        heads = tl.arange(0, BLOCK_HKV)
-        mask = (heads < HKV)[:, None] & col_mask[None, :]
-        h64 = heads.to(tl.int64)[:, None]
-        row = k_ptr + t * stride_kt + h64 * stride_kh + cols[None, :]  # [BLOCK_HKV, BLOCK_HALF]
-        x1 = tl.load(row, mask=mask, other=0.0).to(tl.float32)
-        x2 = tl.load(row + HALF, mask=mask, other=0.0).to(tl.float32)
-        k1, k2 = _rotate(x1, x2, cos, sin, ROTATE)
-        k1, k2 = k1.to(dtype), k2.to(dtype)
-        out = k_out_ptr + (t * HKV + h64) * (2 * HALF) + cols[None, :]
-        tl.store(out, k1, mask=mask)
-        tl.store(out + HALF, k2, mask=mask)
-        vrow = v_ptr + t * stride_vt + h64 * stride_vh + cols[None, :]
-        v1 = tl.load(vrow, mask=mask, other=0.0)
-        v2 = tl.load(vrow + HALF, mask=mask, other=0.0)
-        slot = tl.load(slot_ptr + t).to(tl.int64)
-        dst = (slot // BLOCK_SIZE) * stride_cb + h64 * stride_ch + (slot % BLOCK_SIZE) * stride_cs + cols[None, :]
-        tl.store(k_cache_ptr + dst, k1, mask=mask)
-        tl.store(k_cache_ptr + dst + HALF, k2, mask=mask)
-        tl.store(v_cache_ptr + dst, v1, mask=mask)
-        tl.store(v_cache_ptr + dst + HALF, v2, mask=mask)
+        k1, k2 = _rotate_heads(k_ptr, stride_kt, stride_kh, k_out_ptr, t, HKV, HALF, cols, col_mask, cos, sin,
+                               BLOCK_HKV, ROTATE)
+        _store_kv(k1, k2, v_ptr, stride_vt, stride_vh, slot_ptr, k_cache_ptr, v_cache_ptr, t, HKV, HALF, cols,
+                  col_mask, stride_cb, stride_ch, stride_cs, BLOCK_SIZE, BLOCK_HKV)
 
 
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor, k_cache: torch.Tensor,

@@ -114,8 +114,8 @@ class DecodeGraphs:
         b, n = step.batch_size, self.bucket(step.batch_size)
         assert n is not None, "batch larger than the largest captured bucket"
         lay, host, bs, scratch = self._inputs[n], self._host_np, self.block_size, self.scratch_block
-        width = step.block_tables.shape[1]
-        assert width <= self.max_blocks, f"block table of {width} blocks past max_seq_len's {self.max_blocks}"
+        width = -(-int(step.seq_lens.max()) // bs)  # the columns any row reads (the engine's tables are wider)
+        assert width <= self.max_blocks, f"a sequence of {width} blocks is past max_seq_len's {self.max_blocks}"
         if self._copied is not None:
             self._copied.synchronize()  # the pinned buffer is free again
         # Padding rows: one token at position 0 of the scratch block.
@@ -127,7 +127,7 @@ class DecodeGraphs:
         plan = self.planner.plan(lay.field(host, 2), capacity=self.planner.capacity(n)).flat()
         host[lay.plan:lay.plan + plan.shape[0]] = plan
         tables = host[lay.header:lay.header + n * width].reshape(n, width)  # the used columns only
-        tables[:b], tables[b:] = step.block_tables, scratch
+        tables[:b], tables[b:] = step.block_tables[:, :width], scratch
         end = lay.header + n * width
         self.staging[:end].copy_(self._host[:end], non_blocking=True)
         if self._copied is not None:

@@ -7,13 +7,18 @@ the whole batch: the union a batch needs), and only those neurons count:
 y = relu(x W1[idx]^T + b1[idx]) W2^T[idx] (B, d), then the all-reduce and the bias. `ops.sparse_mlp`
 computes it with the gather-GEMM pair or with dense cuBLAS on masked weights, whichever the
 device measured faster for the step's shape (kernels/mlp_dispatch.py): the same function
-either way. W2 is stored transposed (N_local, d) so each selected neuron's row is contiguous;
+either way. Whether sparsity pays at all is measured too: per row count (a CUDA graph's bucket)
+the router, the union and the sparse MLP are timed against the dense MLP once, on the device,
+before the bucket's capture; where dense wins (a large batch's union is nearly every neuron,
+and the router costs more than the rows it saves) the layer runs dense at that row count.
+W2 is stored transposed (N_local, d) so each selected neuron's row is contiguous;
 the dense path reads the same tensor, so fc2 is held once.
 """
 
 from __future__ import annotations
 
 import bisect
+import logging
 
 import torch
 from torch import nn
@@ -24,6 +29,8 @@ from polar_dist.models.tap import Tap
 from polar_dist.parallel.layers import ColumnParallelLinear, RowParallelLinear
 from polar_dist.sparsity.routers import NeuronRouter
 from polar_dist.sparsity.selection import density_to_k, union_topk_neurons
+
+log = logging.getLogger(__name__)
 
 
 class ReluMLP(nn.Module):
@@ -60,6 +67,7 @@ class NeuronSparseMLP(nn.Module):
         for b in self.buckets:
             k = density_to_k(k_by_bucket[b] / spec.intermediate_size, n_local)
             self.k_local.append(None if k > dense_above * n_local else k)
+        self.sparse_pays: dict[int, bool] = {}  # rows -> measured: sparse beat dense (the same on every rank)
 
     def k_for(self, rows: int) -> int | None:
         """Neurons this rank computes for a step of `rows` rows (a graph's bucket size), or None
@@ -71,12 +79,38 @@ class NeuronSparseMLP(nn.Module):
         """x: (T, d) the MLP input; router_input: (T, d) the layer's attention input (as in the
         paper: the router can then run beside attention)."""
         k = self.k_for(x.shape[0]) if batch.is_decode else None
-        if k is None:
-            y = nn.functional.linear(torch.relu(self.fc1_output(self.fc1(x))), self.fc2_t.t())  # (T, d): h @ W2^T
+        if k is not None and self._pays(x, router_input, batch.num_rows, k):
+            y = self._sparse(x, router_input, batch.num_rows, k)  # (B, d); bias below
         else:
-            idx = union_topk_neurons(self.router(router_input), k, batch.num_rows)  # (k,) int32, ascending
-            y = self.ops.sparse_mlp(x, self.fc1.weight, self.fc1.bias, self.fc2_t, idx)  # (B, d); bias below
+            y = self._dense(x)  # (T, d)
         return self.comm.all_reduce(y) + self.fc2_bias
+
+    def _dense(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(torch.relu(self.fc1_output(self.fc1(x))), self.fc2_t.t())  # (T, d): h @ W2^T
+
+    def _sparse(self, x: torch.Tensor, router_input: torch.Tensor, num_rows: int | torch.Tensor, k: int) -> torch.Tensor:
+        idx = union_topk_neurons(self.router(router_input), k, num_rows)  # (k,) int32, ascending
+        return self.ops.sparse_mlp(x, self.fc1.weight, self.fc1.bias, self.fc2_t, idx)  # (B, d)
+
+    def _pays(self, x: torch.Tensor, router_input: torch.Tensor, num_rows: int | torch.Tensor, k: int) -> bool:
+        """Sparse at this row count if its router + union + MLP measured faster than the dense MLP
+        (once per row count, outside any capture: DecodeGraphs runs each bucket eagerly before
+        capturing it). The ranks' times are summed, so every rank makes the same choice. Where
+        nothing can be timed (the CPU; a capture without warm-up) sparse is assumed."""
+        rows = x.shape[0]
+        pays = self.sparse_pays.get(rows)
+        if pays is not None:
+            return pays
+        if x.device.type != "cuda" or torch.cuda.is_current_stream_capturing():
+            return True
+        from kernels.mlp_dispatch import time_graphs_ms  # imports triton: only where its kernels run
+
+        times = time_graphs_ms([lambda: self._sparse(x, router_input, num_rows, k), lambda: self._dense(x)], x.device)
+        sparse_ms, dense_ms = self.comm.all_reduce(torch.tensor(times, device=x.device)).tolist()
+        pays = self.sparse_pays[rows] = sparse_ms < dense_ms
+        log.info("neuron-sparse MLP at %d rows, k = %d of %d: sparse %.4f ms, dense %.4f ms (summed over ranks): %s",
+                 rows, k, self.fc1.weight.shape[0], sparse_ms, dense_ms, "sparse" if pays else "dense")
+        return pays
 
     def extra_repr(self) -> str:
         return f"buckets={self.buckets}, k_local={self.k_local}"
