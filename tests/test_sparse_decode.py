@@ -273,3 +273,50 @@ def test_sparse_graph_decode_equals_eager_on_gpu(config: str) -> None:
     scale = eager.abs().max().item()
     assert (graphed - eager).abs().max().item() <= 1e-2 * scale
     assert (graphed.argmax(-1) == eager.argmax(-1)).float().mean() >= 0.9
+
+
+@pytest.mark.gpu
+def test_neuron_sparsity_choice_is_measured_before_capture_on_gpu() -> None:
+    """OPT-6.7B layer shapes (2 layers, fp16, random routers): a bucket's sparse-or-dense MLP
+    choice is timed once per layer and row count, in the eager warm-up before the bucket's graph
+    is captured (a capture cannot time; it would assume sparse and cache nothing); with the
+    choices fixed, graph replays give the eager logits."""
+    import yaml
+
+    from polar_dist.engine.kv_cache import BlockAllocator, blocks_needed
+    from polar_dist.engine.step import Step
+    from polar_dist.models.relu_mlp import NeuronSparseMLP
+
+    raw = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs/opt-6.7b.yaml").read_text())
+    raw["model"]["architecture"]["num_hidden_layers"] = 2
+    raw["model"]["device"] = "cuda"
+    raw["sparsity"] = {"head_density": 1.0, "routers": "random", "mlp": True, "mlp_density": 0.3}
+    raw["engine"] = {"max_batch_size": 16, "max_seq_len": 512, "block_size": 16, "kv_cache_blocks": 16 * 32}
+    steps: dict[int, Step] = {}
+    logits, choices = {}, []
+    for graphs in (False, True):
+        raw["engine"]["cuda_graphs"] = graphs
+        c = config_from_dict(raw)
+        rt = build_runtime(c, init_parallel(c.parallel, c.model.device))
+        torch.manual_seed(0)
+        for k, v in rt.runner.kv_caches:
+            k.normal_()
+            v.normal_()
+        mlps = [layer.mlp for layer in rt.runner.model.layers]
+        assert all(isinstance(m, NeuronSparseMLP) and not m.sparse_pays for m in mlps)
+        if graphs:  # bucket 1 runs the eager run's choices; bucket 16 measures its own
+            for m, chosen in zip(mlps, choices):
+                m.sparse_pays[1] = chosen[1]
+        alloc = BlockAllocator(rt.runner.num_blocks)
+        for batch in (1, 16):  # buckets of their own size: no padding rows
+            lens = [50 + 29 * i for i in range(batch)]
+            tables = [alloc.allocate(blocks_needed(n, 16)) for n in lens]
+            steps[batch] = Step.decode([(13 * i) % 1000 for i in range(batch)], lens, tables, 16)
+            logits[graphs, batch] = torch.stack([rt.runner.logits(steps[batch]) for _ in range(2)])
+            assert all(isinstance(m.sparse_pays.get(batch), bool) for m in mlps)
+        if not graphs:
+            choices = [dict(m.sparse_pays) for m in mlps]
+        del rt
+        torch.cuda.empty_cache()
+    eager, graphed = logits[False, 1], logits[True, 1]
+    assert (graphed - eager).abs().max().item() <= 1e-2 * eager.abs().max().item()

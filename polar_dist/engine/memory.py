@@ -13,6 +13,7 @@ Every rank computes its own number and all take the smallest, so the ranks' cach
 
 from __future__ import annotations
 
+import gc
 from dataclasses import dataclass
 
 import torch
@@ -83,6 +84,11 @@ def size_kv_cache(e: EngineConfig, spec: ModelSpec, plan: ShardPlan, max_seq_len
     if e.kv_cache_blocks:
         return KVSizing(e.kv_cache_blocks, "engine.kv_cache_blocks", f"engine.kv_cache_blocks = {e.kv_cache_blocks}")
     if device.type == "cuda":
+        # Memory a dead runtime of this process left in the caching allocator (or in unreachable
+        # cycles) is free for this one: without this, a second runtime in one process (tests,
+        # benchmarks) counts its predecessor's KV cache as in use and gets no cache at all.
+        gc.collect()
+        torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info(device)
         used = total - free
         peak = profile_peak_bytes(model, spec, plan, e, max_seq_len, dtype, device)
