@@ -237,6 +237,19 @@ def test_graph_buffers_keep_sparse_tokens(monkeypatch: pytest.MonkeyPatch) -> No
     assert sorted(runner.graphs._graphs) == [4]
 
 
+def _gpu_runtime(raw: dict, cuda_graphs: bool) -> Runtime:
+    """The run config `raw` built with or without decode graphs, its K/V cache filled from seed 0
+    (the same cache size gives both builds the same K/V)."""
+    raw["engine"]["cuda_graphs"] = cuda_graphs
+    c = config_from_dict(raw)
+    rt = build_runtime(c, init_parallel(c.parallel, c.model.device))
+    torch.manual_seed(0)
+    for k, v in rt.runner.kv_caches:
+        k.normal_()
+        v.normal_()
+    return rt
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("config", ["configs/llama-2-7b.yaml", "configs/llama-3.1-8b.yaml"])
 def test_sparse_graph_decode_equals_eager_on_gpu(config: str) -> None:
@@ -255,13 +268,7 @@ def test_sparse_graph_decode_equals_eager_on_gpu(config: str) -> None:
     raw["engine"] = {"max_batch_size": 8, "max_seq_len": 1024, "block_size": 16, "kv_cache_blocks": 8 * 64}
     results = {}
     for graphs in (False, True):
-        raw["engine"]["cuda_graphs"] = graphs
-        c = config_from_dict(raw)
-        rt = build_runtime(c, init_parallel(c.parallel, c.model.device))
-        torch.manual_seed(0)
-        for k, v in rt.runner.kv_caches:
-            k.normal_()
-            v.normal_()
+        rt = _gpu_runtime(raw, graphs)
         alloc = BlockAllocator(rt.runner.num_blocks)
         lens = [100, 300, 517, 900, 64, 1000, 250, 777]  # 8 rows: the bucket's own size, no padding rows
         tables = [alloc.allocate(blocks_needed(n, 16)) for n in lens]
@@ -295,13 +302,7 @@ def test_neuron_sparsity_choice_is_measured_before_capture_on_gpu() -> None:
     steps: dict[int, Step] = {}
     logits, choices = {}, []
     for graphs in (False, True):
-        raw["engine"]["cuda_graphs"] = graphs
-        c = config_from_dict(raw)
-        rt = build_runtime(c, init_parallel(c.parallel, c.model.device))
-        torch.manual_seed(0)
-        for k, v in rt.runner.kv_caches:
-            k.normal_()
-            v.normal_()
+        rt = _gpu_runtime(raw, graphs)
         mlps = [layer.mlp for layer in rt.runner.model.layers]
         assert all(isinstance(m, NeuronSparseMLP) and not m.sparse_pays for m in mlps)
         if graphs:  # bucket 1 runs the eager run's choices; bucket 16 measures its own
