@@ -120,8 +120,9 @@ def decode_steps(rt: Runtime, contexts: list[int], steps: int) -> list[Step]:
 
 # ---- bytes a step must move (this rank) ---------------------------------------------------------
 
-def weight_bytes_read(rt: Runtime, batch: int) -> int:
-    """Parameters this rank reads in a decode step of `batch` rows: all of them, except that an
+def weight_bytes_read(rt: Runtime, batch: int, rows: int) -> int:
+    """Parameters this rank reads in a decode step of `batch` sequences run as `rows` rows (its
+    CUDA-graph bucket: what the per-row-count choices are made on): all of them, except that an
     embedding table (tokens, OPT's positions) gives only its `batch` rows unless it is also the
     LM head (tied), and a sparse MLP reads only its k selected rows of W1 and W2 (plus the
     routers that run at this row count, counted in full)."""
@@ -136,7 +137,6 @@ def weight_bytes_read(rt: Runtime, batch: int) -> int:
         if isinstance(m, (VocabParallelEmbedding, torch.nn.Embedding)) and m.weight is not head:
             n_rows, dim = m.weight.shape
             total -= (n_rows - min(n_rows, batch)) * dim * m.weight.element_size()
-    rows = forward_rows(rt, batch)
     for layer in model.layers:
         heads, mlp = layer.attn.heads, layer.mlp
         if isinstance(heads, RoutedGroups) and rows < heads.min_batch:  # reads every group: no router run
@@ -152,18 +152,11 @@ def weight_bytes_read(rt: Runtime, batch: int) -> int:
     return total
 
 
-def forward_rows(rt: Runtime, batch: int) -> int:
-    """Rows a decode step of `batch` sequences runs (its CUDA-graph bucket when replayed): what
-    the per-row-count choices (head routers' min_batch, neuron sparsity) are made on."""
-    graphs = rt.runner.graphs
-    return (graphs.bucket(batch) or batch) if graphs is not None else batch
-
-
-def kv_bytes_read(rt: Runtime, contexts: list[int]) -> float:
+def kv_bytes_read(rt: Runtime, contexts: list[int], rows: int) -> float:
     """K and V bytes this rank's attention reads for one decode step (contexts: cached tokens
-    before the step). A routed layer reads k groups per sequence (every group below its
-    min_batch rows); under `global` scope on tp ranks each rank holds its share of the chosen
-    groups on average."""
+    before the step; rows: the rows it runs). A routed layer reads k groups per sequence (every
+    group below its min_batch rows); under `global` scope on tp ranks each rank holds its share
+    of the chosen groups on average."""
     from polar_dist.models.head_selection import RoutedGroups
 
     k_cache = rt.runner.kv_caches[0][0]  # (blocks, Hkv_local, block, D)
@@ -173,7 +166,7 @@ def kv_bytes_read(rt: Runtime, contexts: list[int]) -> float:
     for layer in rt.runner.model.layers:
         heads = layer.attn.heads
         groups = g_local
-        if isinstance(heads, RoutedGroups) and forward_rows(rt, len(contexts)) >= heads.min_batch:
+        if isinstance(heads, RoutedGroups) and rows >= heads.min_batch:
             if heads.scope.value == "local":
                 groups = heads.k
             else:
@@ -382,7 +375,8 @@ def measure_variant(args: argparse.Namespace, variant: Variant, cases: list[tupl
         steps = decode_steps(rt, contexts, args.steps + WARMUP_STEPS)
         step_ms, sample_ms = time_steps(rt, steps)
         comm_ms, calls = time_collectives(rt, steps[WARMUP_STEPS:])
-        weights, kv = weight_bytes_read(rt, batch), kv_bytes_read(rt, contexts)
+        ran = rt.runner.forward_rows(steps[-1])  # rows the steps ran: their CUDA-graph bucket
+        weights, kv = weight_bytes_read(rt, batch, ran), kv_bytes_read(rt, contexts, ran)
         floor_ms = (weights + kv) / (bw * 1e12) * 1e3
         row = {"model": args.model_name, "tp": rt.ctx.tp_size, "batch": batch, "context": label,
                "mean_context": statistics.mean(contexts), "density": variant.density, "mlp_sparse": variant.mlp_sparse,
