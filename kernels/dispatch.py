@@ -150,13 +150,23 @@ class KernelOps:
         return fn(x, weight, bias, k, group_start, num_groups_local, local_scope)
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:  # [T, d] -> [T, d]
-        """weight * x / rms(x); see kernels/rms_norm.py."""
-        return self._pick("rms_norm", "rms_norm")(x, weight, eps)
+        """weight * x / rms(x); see kernels/norms.py."""
+        return self._pick("norms", "rms_norm")(x, weight, eps)
 
     def add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                      eps: float) -> tuple[torch.Tensor, torch.Tensor]:  # [T, d] x 2 -> ([T, d], [T, d])
-        """(rms_norm(x + residual), x + residual); see kernels/rms_norm.py."""
-        return self._pick("rms_norm", "add_rms_norm")(x, residual, weight, eps)
+        """(rms_norm(x + residual), x + residual); see kernels/norms.py."""
+        return self._pick("norms", "add_rms_norm")(x, residual, weight, eps)
+
+    def layer_norm(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                   eps: float) -> torch.Tensor:  # [T, d] -> [T, d]
+        """weight * (x - mean) / std + bias; see kernels/norms.py."""
+        return self._pick("norms", "layer_norm")(x, weight, bias, eps)
+
+    def add_layer_norm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                       eps: float) -> tuple[torch.Tensor, torch.Tensor]:  # [T, d] x 2 -> ([T, d], [T, d])
+        """(layer_norm(x + residual), x + residual); see kernels/norms.py."""
+        return self._pick("norms", "add_layer_norm")(x, residual, weight, bias, eps)
 
     def sample_tokens(
         self,

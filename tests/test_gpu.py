@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from support.ranks import free_port
-from support.tiny_models import ARCHS, check_against_hf, runtime_logits
+from support.tiny_models import ARCHS, check_against_hf, release_device_memory, runtime_logits
 from support.tolerance import CUDA_MODEL_ULPS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,6 +33,7 @@ def test_logits_match_transformers_cuda(arch: str, dtype: str, cuda_graphs: bool
 
 
 def test_nccl_path_at_world_size_one(tiny_model: Callable[[str], Path], tmp_path: Path) -> None:
+    release_device_memory()  # the runtime in the child sizes its KV cache from this GPU's free memory
     out = tmp_path / "logits.pt"
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_port", str(free_port()),
@@ -43,6 +44,7 @@ def test_nccl_path_at_world_size_one(tiny_model: Callable[[str], Path], tmp_path
 
 
 def test_generate_llama31_8b_shape_on_gpu() -> None:
+    release_device_memory()
     proc = subprocess.run(
         [sys.executable, str(ROOT / "launch/generate.py"), "--config", str(ROOT / "configs/llama-3.1-8b.yaml"),
          "--set", "engine.max_batch_size=16", "--set", "engine.max_seq_len=1024", "--prompt", "hello world",

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import kernels.gather_gemm as gather_gemm
-import kernels.rms_norm as rms_norm
+import kernels.norms as norms
 import kernels.select_attention as select_attention
 from kernels.dispatch import Backend, KernelOps, choose_backend
 
@@ -34,7 +34,7 @@ def test_triton_on_cpu_needs_the_interpreter(monkeypatch: pytest.MonkeyPatch) ->
 def test_ops_call_the_bound_backend(backend: Backend, monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[str] = []
     for mod, op in ((select_attention, "select_attention"), (gather_gemm, "gather_fc1"), (gather_gemm, "gather_fc2"),
-                    (rms_norm, "rms_norm"), (rms_norm, "add_rms_norm")):
+                    (norms, "rms_norm"), (norms, "add_rms_norm"), (norms, "layer_norm"), (norms, "add_layer_norm")):
         for name in (op, f"{op}_ref"):
             monkeypatch.setattr(mod, name, lambda *a, _n=name: calls.append(_n))
     ops = KernelOps(backend)
@@ -43,15 +43,17 @@ def test_ops_call_the_bound_backend(backend: Backend, monkeypatch: pytest.Monkey
     ops.gather_fc2(None, None, None, None)
     ops.rms_norm(None, None, 1e-6)
     ops.add_rms_norm(None, None, None, 1e-6)
+    ops.layer_norm(None, None, None, 1e-5)
+    ops.add_layer_norm(None, None, None, None, 1e-5)
     suffix = "" if backend is Backend.TRITON else "_ref"
     assert calls == [f"{op}{suffix}" for op in ("select_attention", "gather_fc1", "gather_fc2", "rms_norm",
-                                                  "add_rms_norm")]
+                                                  "add_rms_norm", "layer_norm", "add_layer_norm")]
 
 
 def test_torch_backend_matches_the_reference_exactly() -> None:
     x, w = torch.randn(3, 64), torch.ones(64)
     out = KernelOps(Backend.TORCH).rms_norm(x, w, 1e-6)
-    torch.testing.assert_close(out, rms_norm.rms_norm_ref(x, w, 1e-6), rtol=0, atol=0)
+    torch.testing.assert_close(out, norms.rms_norm_ref(x, w, 1e-6), rtol=0, atol=0)
 
 
 # ---- the sparse MLP: gather-GEMM pair or dense cuBLAS (kernels/mlp_dispatch.py) ----------------

@@ -1,4 +1,4 @@
-"""RMSNorm (with fused residual add), SwiGLU's silu * up and the rotary + KV-store kernel against float32
+"""RMSNorm and LayerNorm (with fused residual add), SwiGLU's silu * up and the rotary + KV-store kernel against float32
 references, by the rule of support/tolerance.py with one ulp of slack (each kernel rounds its
 output once); what the store writes is checked bit for bit against what the kernel returned.
 """
@@ -8,7 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.rms_norm import add_rms_norm, add_rms_norm_ref, rms_norm, rms_norm_ref
+from kernels.norms import (add_layer_norm, add_layer_norm_ref, add_rms_norm, add_rms_norm_ref, layer_norm,
+                           layer_norm_ref, rms_norm, rms_norm_ref)
 from kernels.rotary import rotary_store_kv, rotary_store_kv_ref
 from kernels.silu_mul import silu_mul, silu_mul_ref
 from support.tolerance import assert_close_to_reference, ulp
@@ -36,6 +37,24 @@ def test_rms_norm(dtype: torch.dtype, rows: int, dim: int) -> None:
     torch.testing.assert_close(h, same_h, rtol=0, atol=0.0 if h.is_cuda else ulp(dtype, same_h))
     ref_out, _ = add_rms_norm_ref(h.float(), torch.zeros_like(h, dtype=torch.float32), w.float(), 1e-5)
     assert_close_to_reference(out, ref_out, same_out)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows, dim", [(1, 64), (5, 768), (3, 1000)])
+def test_layer_norm(dtype: torch.dtype, rows: int, dim: int) -> None:
+    gen = torch.Generator().manual_seed(rows * dim + 1)
+    # rows far from zero mean: the variance must come from the centred values
+    x = (torch.randn(rows, dim, generator=gen) * 3 + 20).to(device(), dtype)
+    res = torch.randn(rows, dim, generator=gen).to(device(), dtype)
+    w = (1 + 0.2 * torch.randn(dim, generator=gen)).to(device(), dtype)
+    b = (0.5 * torch.randn(dim, generator=gen)).to(device(), dtype)
+    assert_close_to_reference(layer_norm(x, w, b, 1e-5), layer_norm_ref(x.float(), w.float(), b.float(), 1e-5),
+                              layer_norm_ref(x, w, b, 1e-5))
+    out, h = add_layer_norm(x, res, w, b, 1e-5)
+    same_out, same_h = add_layer_norm_ref(x, res, w, b, 1e-5)
+    # the sum rounds once, like x + res (the interpreter truncates: one ulp there, as above)
+    torch.testing.assert_close(h, same_h, rtol=0, atol=0.0 if h.is_cuda else ulp(dtype, same_h))
+    assert_close_to_reference(out, layer_norm_ref(h.float(), w.float(), b.float(), 1e-5), same_out)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -92,6 +111,8 @@ def test_bad_inputs_name_the_problem() -> None:
         rms_norm(x, torch.ones(32, dtype=torch.float16), 1e-5)
     with pytest.raises(ValueError, match="not supported by the kernel"):
         rms_norm(x.float(), torch.ones(64), 1e-5)
+    with pytest.raises(ValueError, match="bias must be"):
+        layer_norm(x, torch.ones(64, dtype=torch.float16), torch.ones(63, dtype=torch.float16), 1e-5)
     q = torch.randn(2, 1, 64, dtype=torch.float16)
     cache = torch.zeros(3, 1, 4, 64, dtype=torch.float16)
     slots = torch.zeros(2, dtype=torch.int64)

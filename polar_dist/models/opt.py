@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from kernels.dispatch import KernelOps
 from polar_dist.model_spec import ModelSpec
 from polar_dist.models.attention import AttentionBatch, paged_attention
 from polar_dist.models.build import BuildContext
@@ -23,10 +24,24 @@ from polar_dist.parallel.layers import ColumnParallelLinear, ParallelLMHead, Row
 POSITION_OFFSET = 2  # OPT's learned position table reserves its first two rows
 
 
-def _layer_norm(dim: int, dtype: torch.dtype, device: torch.device | str) -> nn.LayerNorm:
-    norm = nn.LayerNorm(dim, eps=1e-5, dtype=dtype, device=device)
-    norm.requires_grad_(False)
-    return norm
+class LayerNorm(nn.Module):
+    """torch.nn.LayerNorm's parameters (OPT's eps 1e-5) through the kernel ops, with the residual
+    add fused in `add_forward`."""
+
+    EPS = 1e-5
+
+    def __init__(self, dim: int, ops: KernelOps, dtype: torch.dtype, device: torch.device | str) -> None:
+        super().__init__()
+        self.ops = ops
+        self.weight = nn.Parameter(torch.empty(dim, dtype=dtype, device=device), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(dim, dtype=dtype, device=device), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ops.layer_norm(x, self.weight, self.bias, self.EPS)
+
+    def add_forward(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(x + residual), x + residual)."""
+        return self.ops.add_layer_norm(x, residual, self.weight, self.bias, self.EPS)
 
 
 class OPTAttention(nn.Module):
@@ -59,9 +74,9 @@ class OPTBlock(nn.Module):
     def __init__(self, ctx: BuildContext, layer: int) -> None:
         super().__init__()
         d, dtype, device, policy = ctx.spec.hidden_size, ctx.dtype, ctx.device, ctx.policy
-        self.attn_norm = _layer_norm(d, dtype, device)
+        self.attn_norm = LayerNorm(d, ctx.ops, dtype, device)
         self.attn = OPTAttention(ctx, layer)
-        self.mlp_norm = _layer_norm(d, dtype, device)
+        self.mlp_norm = LayerNorm(d, ctx.ops, dtype, device)
         self.mlp: ReluMLP | NeuronSparseMLP
         if policy.neuron_k is None:
             self.mlp = ReluMLP(ctx)
@@ -69,11 +84,14 @@ class OPTBlock(nn.Module):
             router = NeuronRouter(d, ctx.plan.intermediate_size_local, dtype=dtype, device=device)
             self.mlp = NeuronSparseMLP(ctx, router, policy.neuron_k[layer], policy.mlp_dense_above)
 
-    def forward(self, h: torch.Tensor, positions: torch.Tensor, batch: AttentionBatch,
-                kv_cache: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        a = self.attn_norm(h)  # (T, d): the attention input, which both routers read
-        h = h + self.attn(a, batch, kv_cache)
-        return h + self.mlp(self.mlp_norm(h), batch, a)
+    def forward(self, h: torch.Tensor, residual: torch.Tensor, batch: AttentionBatch,
+                kv_cache: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """h: the previous sublayer's output (the token embeddings for layer 0); residual: the
+        residual stream before adding h (the position embeddings for layer 0). Returns (MLP
+        output, residual)."""
+        a, residual = self.attn_norm.add_forward(h, residual)  # a: the attention input, which both routers read
+        m, residual = self.mlp_norm.add_forward(self.attn(a, batch, kv_cache), residual)
+        return self.mlp(m, batch, a), residual
 
 
 class OPTModel(nn.Module):
@@ -86,17 +104,17 @@ class OPTModel(nn.Module):
         self.positions = nn.Embedding(spec.max_position_embeddings + POSITION_OFFSET, d, dtype=dtype, device=device)
         self.positions.requires_grad_(False)
         self.layers = nn.ModuleList(OPTBlock(ctx, i) for i in range(spec.num_layers))
-        self.norm = _layer_norm(d, dtype, device)
+        self.norm = LayerNorm(d, ctx.ops, dtype, device)
         head_weight = self.embed.weight if spec.tie_word_embeddings else nn.Parameter(
             torch.empty_like(self.embed.weight), requires_grad=False)
         self.lm_head = ParallelLMHead(head_weight, spec.vocab_size, comm=ctx.comm)
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, batch: AttentionBatch,
                 kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-        h = self.embed(ids) + self.positions(positions + POSITION_OFFSET)  # (T, d)
+        h, residual = self.embed(ids), self.positions(positions + POSITION_OFFSET)  # (T, d) each
         for layer, kv in zip(self.layers, kv_caches):
-            h = layer(h, positions, batch, kv)
-        return self.norm(h)
+            h, residual = layer(h, residual, batch, kv)
+        return self.norm.add_forward(h, residual)[0]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)

@@ -80,13 +80,12 @@ class NeuronSparseMLP(nn.Module):
         paper: the router can then run beside attention)."""
         k = self.k_for(x.shape[0]) if batch.is_decode else None
         if k is not None and self._pays(x, router_input, batch.num_rows, k):
-            y = self._sparse(x, router_input, batch.num_rows, k)  # (B, d); bias below
-        else:
-            y = self._dense(x)  # (T, d)
-        return self.comm.all_reduce(y) + self.fc2_bias
+            return self.comm.all_reduce(self._sparse(x, router_input, batch.num_rows, k)) + self.fc2_bias  # (B, d)
+        return self.comm.all_reduce(self._dense(x, self.fc2_bias if self.comm.rank == 0 else None))  # (T, d)
 
-    def _dense(self, x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.linear(torch.relu(self.fc1_output(self.fc1(x))), self.fc2_t.t())  # (T, d): h @ W2^T
+    def _dense(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """(T, d) relu(x W1^T + b1) W2^T (+ bias, in the GEMM's epilogue)."""
+        return nn.functional.linear(torch.relu(self.fc1_output(self.fc1(x))), self.fc2_t.t(), bias)
 
     def _sparse(self, x: torch.Tensor, router_input: torch.Tensor, num_rows: int | torch.Tensor, k: int) -> torch.Tensor:
         idx = union_topk_neurons(self.router(router_input), k, num_rows)  # (k,) int32, ascending

@@ -34,7 +34,9 @@ class ColumnParallelLinear(nn.Module):
 
 
 class RowParallelLinear(nn.Module):
-    """y = all_reduce(x_local @ weight_local^T) + bias; weight_local: [out_features, in_features_local]."""
+    """y = all_reduce(x_local @ weight_local^T) + bias; weight_local: [out_features, in_features_local].
+    The bias joins rank 0's partial sum in the GEMM's epilogue, so it is added once without a
+    kernel of its own."""
 
     def __init__(self, in_features_local: int, out_features: int, *, bias: bool, comm: TPComm,
                  dtype: torch.dtype, device: torch.device | str) -> None:
@@ -44,8 +46,7 @@ class RowParallelLinear(nn.Module):
         self.bias = _empty(out_features, dtype=dtype, device=device) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.comm.all_reduce(nn.functional.linear(x, self.weight))
-        return y if self.bias is None else y + self.bias
+        return self.comm.all_reduce(nn.functional.linear(x, self.weight, self.bias if self.comm.rank == 0 else None))
 
 
 class VocabParallelEmbedding(nn.Module):
