@@ -149,6 +149,19 @@ class KernelOps:
         fn = self._pick("route_heads", "route_heads")
         return fn(x, weight, bias, k, group_start, num_groups_local, local_scope)
 
+    def select_groups(
+        self,
+        scores: torch.Tensor,  # [B, G] x @ router weight^T
+        bias: torch.Tensor,  # [G]
+        k: int,
+        group_start: int,
+        num_groups_local: int,
+        local_scope: bool = False,
+    ) -> torch.Tensor:  # [B, G_local] (global scope) or [B, k] (local scope) int32
+        """route_heads from router scores computed elsewhere (the QKV GEMM's extra columns)."""
+        fn = self._pick("route_heads", "select_groups")
+        return fn(scores, bias, k, group_start, num_groups_local, local_scope)
+
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:  # [T, d] -> [T, d]
         """weight * x / rms(x); see kernels/norms.py."""
         return self._pick("norms", "rms_norm")(x, weight, eps)

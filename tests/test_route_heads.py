@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.route_heads import route_heads, route_heads_ref
+from kernels.route_heads import route_heads, route_heads_ref, select_groups, select_groups_ref
 from polar_dist.sparsity.selection import head_table_global, head_table_local, topk_groups
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -37,6 +37,19 @@ def test_kernel_equals_reference(dtype, B, d, G, k, start, local) -> None:  # no
         ref = route_heads_ref(x, w, b, kk, start, local, local_scope)
         out = route_heads(x, w, b, kk, start, local, local_scope)
         assert torch.equal(out.cpu(), ref.cpu()), (local_scope, out, ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_scores_as_extra_columns_of_a_wider_gemm(dtype: torch.dtype) -> None:
+    # the model's path: the router's rows appended to the QKV weight, scores a strided view
+    x, w, b = _case(5, 128, 8, dtype, seed=7)
+    qkv = torch.randn(40, 128).to(DEVICE, dtype)
+    scores = torch.nn.functional.linear(x, torch.cat([qkv, w]))[:, 40:]  # (B, 8), row stride 48
+    assert scores.stride() == (48, 1)
+    for local_scope, k in ((False, 3), (True, 2)):
+        table = select_groups(scores, b, k, 2, 4, local_scope)
+        assert torch.equal(table.cpu(), select_groups_ref(scores, b, k, 2, 4, local_scope).cpu())
+        assert torch.equal(table.cpu(), route_heads_ref(x, w, b, k, 2, 4, local_scope).cpu())
 
 
 def test_reference_agrees_with_the_selection_functions() -> None:

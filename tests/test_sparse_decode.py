@@ -162,6 +162,27 @@ def test_groups_read_follows_the_scope_and_the_routing() -> None:
     assert oracle.groups_read(8, 8, 1) == 24  # the oracle reads every group, then masks
 
 
+@pytest.mark.parametrize("arch", ["llama", "opt"])
+def test_router_scores_are_columns_of_the_qkv_gemm(arch: str) -> None:
+    """A routed layer's QKV weight and router weight are views of one joint weight (filled by the
+    loader through either), and its one GEMM gives what the two separate ones give."""
+    cfg = _cfg({"head_density": 0.5, "routers": "random"}, **(
+        {"architecture": dict(tiny_models.ARCHS["opt"], vocab_size=tiny_models.VOCAB)} if arch == "opt" else {}))
+    c = config_from_dict(cfg)
+    rt = build_runtime(c, init_parallel(c.parallel, c.model.device))
+    attn = rt.runner.model.layers[1].attn
+    router, project = attn.heads.router, attn.project
+    assert project.weight is not None
+    assert attn.qkv.weight.data_ptr() == project.weight.data_ptr()
+    assert router.weight.data_ptr() == project.weight[project.n].data_ptr()
+    assert float(router.weight.abs().sum()) > 0 and float(attn.qkv.weight.abs().sum()) > 0  # both loaded
+    x = torch.randn(5, router.hidden_size, generator=torch.Generator().manual_seed(0))
+    qkv, scores = project(x)
+    torch.testing.assert_close(qkv, attn.qkv(x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(scores + router.bias, router(x), rtol=1e-5, atol=1e-5)
+    rt.ctx.shutdown()
+
+
 @pytest.mark.parametrize("tp", [2, 3])
 def test_local_scope_follows_its_per_rank_rule(tp: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """At tp = N the local scope takes top-k_local of each rank's block of groups. Reference: one
@@ -172,7 +193,8 @@ def test_local_scope_follows_its_per_rank_rule(tp: int, tmp_path: Path, monkeypa
     per = groups // tp
     k_local = density_to_k(density_to_k(0.5, groups) / groups, per)  # the policy's rule for the local scope
 
-    def table(self: RoutedGroups, x: torch.Tensor, dense_table: torch.Tensor) -> torch.Tensor:
+    def table(self: RoutedGroups, x: torch.Tensor, dense_table: torch.Tensor,
+              scores: torch.Tensor | None = None) -> torch.Tensor:
         scores = self.router(x)  # (B, G)
         parts = [head_table_local(scores[:, b * per:(b + 1) * per], k_local) + b * per for b in range(tp)]
         return torch.cat(parts, dim=1)  # (B, tp * k_local) global ids, every group local at tp = 1

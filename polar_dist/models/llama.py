@@ -15,7 +15,7 @@ from polar_dist.model_spec import ModelSpec
 from polar_dist.models.attention import AttentionBatch, paged_attention
 from polar_dist.models.build import BuildContext
 from polar_dist.models.checkpoint import Init
-from polar_dist.models.head_selection import make_head_selection
+from polar_dist.models.head_selection import ScoredQKV, make_head_selection
 from polar_dist.models.rope import Rotary
 from polar_dist.models.tap import Tap
 from polar_dist.models.weights import Dim, HFTensor, Weight, router_weights, weight
@@ -53,6 +53,7 @@ class LlamaAttention(nn.Module):
         qkv_local = (plan.num_heads_local + 2 * plan.num_kv_heads_local) * spec.head_dim
         self.qkv = ColumnParallelLinear(spec.hidden_size, qkv_local, bias=spec.qkv_bias, dtype=ctx.dtype,
                                         device=ctx.device)
+        self.project = ScoredQKV(self.qkv, self.heads)  # one GEMM: q, k, v and the head router's scores
         self.o_proj = RowParallelLinear(plan.num_heads_local * spec.head_dim, spec.hidden_size, bias=spec.o_bias,
                                         comm=ctx.comm, dtype=ctx.dtype, device=ctx.device)
 
@@ -61,8 +62,9 @@ class LlamaAttention(nn.Module):
         T, D = x.shape[0], self.head_dim
         q_size, kv_size = self.num_heads_local * D, self.num_kv_heads_local * D
         x = self.router_input(x)
-        head_table = self.heads.decode_table(x, batch)  # (rows, k) for the decode rows; None if none
-        q, k, v = self.qkv(x).split([q_size, kv_size, kv_size], dim=-1)
+        qkv, scores = self.project(x)  # (T, q_size + 2 kv_size), (T, G) or None
+        head_table = self.heads.decode_table(x, batch, scores)  # (rows, k) for the decode rows; None if none
+        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
         v = v.view(T, self.num_kv_heads_local, D)  # (T, Hkv_local, D)
         # (T, Hq_local, D), (T, Hkv_local, D) rotated; k, v also in the cache
         q, k = self.rotary.rotate_and_store(q.view(T, self.num_heads_local, D), k.view(T, self.num_kv_heads_local, D),

@@ -13,7 +13,7 @@ from polar_dist.model_spec import ModelSpec
 from polar_dist.models.attention import AttentionBatch, paged_attention
 from polar_dist.models.build import BuildContext
 from polar_dist.models.checkpoint import Init
-from polar_dist.models.head_selection import make_head_selection
+from polar_dist.models.head_selection import ScoredQKV, make_head_selection
 from polar_dist.models.relu_mlp import NeuronSparseMLP, ReluMLP
 from polar_dist.models.tap import Tap
 from polar_dist.models.weights import Dim, HFTensor, Transform, Weight, router_weights, weight
@@ -56,14 +56,16 @@ class OPTAttention(nn.Module):
         self.num_heads_local = plan.num_heads_local
         self.qkv = ColumnParallelLinear(spec.hidden_size, 3 * plan.num_heads_local * spec.head_dim, bias=True,
                                         dtype=ctx.dtype, device=ctx.device)
+        self.project = ScoredQKV(self.qkv, self.heads)  # one GEMM: q, k, v and the head router's scores
         self.out_proj = RowParallelLinear(plan.num_heads_local * spec.head_dim, spec.hidden_size, bias=True,
                                           comm=ctx.comm, dtype=ctx.dtype, device=ctx.device)
 
     def forward(self, x: torch.Tensor, batch: AttentionBatch, kv_cache: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         T, D, H = x.shape[0], self.head_dim, self.num_heads_local
         x = self.router_input(x)
-        head_table = self.heads.decode_table(x, batch)  # (rows, k) for the decode rows; None if none
-        q, k, v = self.qkv(x).view(T, 3, H, D).unbind(1)  # (T, H_local, D) each
+        qkv, scores = self.project(x)  # (T, 3 H_local D), (T, G) or None
+        head_table = self.heads.decode_table(x, batch, scores)  # (rows, k) for the decode rows; None if none
+        q, k, v = qkv.view(T, 3, H, D).unbind(1)  # (T, H_local, D) each
         q, _ = self.ops.rotary_store_kv(q, k, v, batch.slot_mapping, kv_cache[0], kv_cache[1])  # q contiguous
         o = paged_attention(self.ops, q, kv_cache[0], kv_cache[1], batch, D**-0.5, head_table, k, v)
         o = self.heads.mask_decode_output(o, batch)
