@@ -36,6 +36,7 @@ benchmarks/results/<gpu>x<tp>[-dp<R>]/throughput-<model>.json and a PNG.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import os
@@ -178,39 +179,78 @@ def kv_bytes_read(rt: Runtime, contexts: list[int], rows: int) -> float:
 # ---- timing ------------------------------------------------------------------------------------
 
 def time_steps(rt: Runtime, steps: list[Step]) -> tuple[float, float]:
-    """Median ms of a whole step (forward + sampling + the D2H copy of the tokens, launched back
-    to back as the engine launches them: the sampler's host work overlaps the forward on the
-    GPU) and of the sampling's share of it (on CUDA: from the forward's end on the GPU to the
-    tokens on the host), over the steps after WARMUP_STEPS; rank 0 samples, the others only
-    run the forward."""
+    """Median ms of a step and of the sampling's share of it, over the steps after WARMUP_STEPS,
+    run as the engine runs them: the driver samples (the others only run the forward), forward
+    and sampling launched back to back, the tokens copied to the host once. With
+    engine.overlap_steps (the default) every step after the first is chained: launched before
+    the previous step's tokens are on the host, with those tokens as its inputs on the device,
+    and a step's time is the interval between two steps' tokens reaching the host. Without it a
+    step waits for the previous one's tokens and is timed from its launch to its own tokens.
+    Sampling's share (CUDA): from the forward's end on the GPU to the tokens copied (events).
+    The other ranks time the interval between their steps' ends (CUDA events; wall time on the
+    CPU), never waiting for their device: a rank that waited would hold the replica back."""
+    if not rt.ctx.is_driver:
+        return _time_worker_steps(rt, steps), 0.0
     dev = rt.ctx.device
     cuda = dev.type == "cuda"
+    overlap = rt.cfg.engine.overlap_steps
     totals, samples = [], []
-    for i, step in enumerate(steps):
-        rows = [SampleRow(TEMPERATURE_1, seed=r, counter=i) for r in range(step.batch_size)] \
-            if rt.ctx.is_driver else None
-        sync(dev)
-        t0 = time.perf_counter()
-        logits = rt.runner.logits(step)
-        sample_ms = 0.0
-        if rows is not None:
-            if cuda:
-                forward_done, tokens_home = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                forward_done.record()
-            t1 = time.perf_counter()
-            rt.runner.sampler.sample(logits, rows)  # ends in the device-to-host copy of the ids
-            if cuda:
-                tokens_home.record()
-                tokens_home.synchronize()
-                sample_ms = forward_done.elapsed_time(tokens_home)
-            else:
-                sample_ms = (time.perf_counter() - t1) * 1e3
-        sync(dev)
-        t3 = time.perf_counter()
+
+    def collect(launched, since: float) -> float:  # noqa: ANN001 - (pending, events, index, host ms)
+        pending, events, i, host_ms = launched
+        pending.result()
+        now = time.perf_counter()
         if i >= WARMUP_STEPS:
-            totals.append(t3 - t0)
-            samples.append(sample_ms)
+            totals.append(now - since)
+            samples.append(events[0].elapsed_time(events[1]) if events else host_ms)  # CPU: sampling runs in launch
+        return now
+
+    sync(dev)
+    last = time.perf_counter()
+    prev = None  # the step launched last and not collected (overlap)
+    for i, step in enumerate(steps):
+        rows = [SampleRow(TEMPERATURE_1, seed=r, counter=i) for r in range(step.batch_size)]
+        if not overlap:
+            sync(dev)
+            last = time.perf_counter()
+        chained = overlap and prev is not None
+        logits = rt.runner.logits(dataclasses.replace(step, chained=True) if chained else step,
+                                  prev[0].tokens if chained else None)
+        events = [torch.cuda.Event(enable_timing=True) for _ in range(2)] if cuda else []
+        t1 = time.perf_counter()
+        if events:
+            events[0].record()
+        pending = rt.runner.sampler.launch(logits, rows)
+        if events:
+            events[1].record()
+        launched = (pending, events, i, (time.perf_counter() - t1) * 1e3)
+        if not overlap:
+            collect(launched, last)
+            continue
+        if prev is not None:
+            last = collect(prev, last)
+        prev = launched
+    if prev is not None:
+        collect(prev, last)
+    sync(dev)
     return statistics.median(totals) * 1e3, statistics.median(samples)
+
+
+def _time_worker_steps(rt: Runtime, steps: list[Step]) -> float:
+    """A non-driver rank's median ms between the ends of consecutive steps after the warm-up."""
+    dev, overlap = rt.ctx.device, rt.cfg.engine.overlap_steps
+    ends: list[torch.cuda.Event | float] = []
+    for i, step in enumerate(steps):
+        rt.runner.logits(dataclasses.replace(step, chained=True) if overlap and i > 0 else step)
+        if dev.type == "cuda":
+            ends.append(torch.cuda.Event(enable_timing=True))
+            ends[-1].record()
+        else:
+            ends.append(time.perf_counter())
+    sync(dev)
+    gaps = [a.elapsed_time(b) if isinstance(a, torch.cuda.Event) else (b - a) * 1e3  # type: ignore[operator]
+            for a, b in zip(ends[WARMUP_STEPS - 1:], ends[WARMUP_STEPS:])]
+    return statistics.median(gaps)
 
 
 def time_collectives(rt: Runtime, steps: list[Step]) -> tuple[float, int]:

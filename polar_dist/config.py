@@ -122,6 +122,9 @@ class EngineConfig:
     max_new_tokens: int = 64
     max_num_batched_tokens: int = 2048  # tokens per step; >= max_batch_size
     cuda_graphs: bool = True  # replay decode steps as CUDA graphs (CUDA only)
+    # launch the next decode step before this one's tokens reach the host (its inputs are this
+    # step's samples on the device), so the host's work between steps overlaps the device's
+    overlap_steps: bool = True
 
 
 @dataclass(frozen=True, kw_only=True)

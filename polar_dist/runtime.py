@@ -161,7 +161,7 @@ def build_runtime(cfg: RunConfig, ctx: ParallelContext) -> Runtime:
     runner = ModelRunner(model, spec, plan, num_blocks=num_blocks, block_size=e.block_size, dtype=dtype,
                          device=ctx.device, max_batch_size=e.max_batch_size, max_seq_len=max_seq_len,
                          cuda_graphs=e.cuda_graphs,
-                         attention_groups=policy.typical_groups_local(plan.num_kv_heads_local))
+                         attention_groups=policy.typical_groups_local(plan.num_kv_heads_local), comm=ctx.tp_comm)
     return Runtime(cfg, ctx, spec, runner, tokenizer, max_seq_len, sizing.setting, policy)
 
 

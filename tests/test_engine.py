@@ -128,6 +128,42 @@ def test_seeded_sampling_is_the_same_alone_and_in_a_busy_batch(model_dir: Path) 
     assert alone != outputs(rt, [PROMPTS[1]], SamplingParams(**{**hot.__dict__, "seed": 8}))[0]
 
 
+def test_overlapped_steps_give_the_tokens_of_steps_that_wait(model_dir: Path) -> None:
+    """With engine.overlap_steps the next decode step is launched before this one's tokens are
+    on the host: the tokens must be those of the engine that waits, through finishes at
+    different steps (a stop token, max_new_tokens), seeded sampling, an abort, penalties (which
+    do not chain) and arrivals, and every block must come back."""
+    wait_rt = runtime(model_dir, max_batch_size=4, max_num_batched_tokens=16, overlap_steps=False)
+    free = outputs(wait_rt, [PROMPTS[0]], GREEDY)[0]
+    stop = SamplingParams(max_new_tokens=20, stop_token_ids=(free[6],))  # ends at its 7th token (or before)
+    hot = SamplingParams(max_new_tokens=15, temperature=1.0, seed=5, ignore_eos=True)
+    short = SamplingParams(max_new_tokens=4, ignore_eos=True)
+    penalized = SamplingParams(max_new_tokens=6, repetition_penalty=1.3, seed=1, temperature=0.7, ignore_eos=True)
+    arrivals = {0: [(PROMPTS[0], stop), (PROMPTS[1], hot), (PROMPTS[2], short), (PROMPTS[3], GREEDY)],
+                14: [(PROMPTS[2], penalized)], 16: [(PROMPTS[1], GREEDY)]}
+
+    def run(rt: Runtime) -> tuple[dict[int, list[int]], Engine]:
+        engine = Engine(rt)
+        steps = 0
+
+        def abort_late(outs: list[RequestOutput]) -> None:
+            nonlocal steps
+            steps += 1
+            if steps == 10:
+                assert engine.abort(3)  # the greedy one, mid-decode
+        got = drive(engine, arrivals, abort_late)
+        assert engine.num_free_blocks == rt.runner.num_blocks
+        engine.shutdown()
+        return got, engine
+
+    expected, waited = run(wait_rt)
+    assert waited.chained_steps == 0
+    assert len(expected[0]) <= 7 and expected[0][-1] == free[6] and len(expected[2]) == 4
+    got, overlapped = run(runtime(model_dir, max_batch_size=4, max_num_batched_tokens=16))
+    assert got == expected
+    assert overlapped.chained_steps > 5
+
+
 def test_abort_frees_blocks_and_reports(model_dir: Path) -> None:
     rt = runtime(model_dir, max_batch_size=2, max_num_batched_tokens=8)
     engine = Engine(rt)

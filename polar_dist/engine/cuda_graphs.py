@@ -109,8 +109,9 @@ class DecodeGraphs:
         return graph, logits
 
     @torch.inference_mode()
-    def run(self, step: Step) -> torch.Tensor:
-        """Copy the decode step into the captured buffers and replay; (B, V) float32 logits."""
+    def run(self, step: Step, ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Copy the decode step into the captured buffers and replay; (B, V) float32 logits.
+        ids: (B,) input tokens already on the device (a chained step), in place of step.token_ids."""
         b, n = step.batch_size, self.bucket(step.batch_size)
         assert n is not None, "batch larger than the largest captured bucket"
         lay, host, bs, scratch = self._inputs[n], self._host_np, self.block_size, self.scratch_block
@@ -133,6 +134,8 @@ class DecodeGraphs:
         if self._copied is not None:
             self._copied.record()
         self.block_tables[:n, :width].copy_(self.staging[lay.header:end].view(n, width))
+        if ids is not None:
+            lay.field(self.staging, 0)[:b].copy_(ids)
         if n not in self._graphs:
             self._graphs[n] = self._capture(n)
         graph, logits = self._graphs[n]

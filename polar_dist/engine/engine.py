@@ -16,6 +16,14 @@ collective timeout; a rank that dies still ends the others of its replica within
 the closed connection or the timeout, the driver through its next message). Other replicas are
 not involved: each has its own engine, control group and heartbeat. Engine methods are called
 from one thread.
+
+Overlapped steps (engine.overlap_steps): once a decode step is launched, the next one is
+scheduled and launched behind it on the device (Scheduler.chain_decode; its inputs are this
+step's samples, still on the device) before `step` waits for this step's tokens, so the host's
+work between two steps (accepting tokens, scheduling, the next step's inputs) runs while the
+device computes. A sequence that finishes at a step still has a row in the step launched behind
+it; that row's token is dropped. Where the next step cannot be chained (a request to admit, a
+preemption, penalties), `step` waits for the tokens and schedules after them, as without overlap.
 """
 
 from __future__ import annotations
@@ -31,9 +39,9 @@ import torch
 from polar_dist.engine.control import ControlChannel, buffer_capacity
 from polar_dist.engine.faults import FaultInjector
 from polar_dist.engine.kv_cache import BlockAllocator
-from polar_dist.engine.sampling import PromptRows, SampleOutput, SampleRow, SamplingParams, TokenLogprobs
+from polar_dist.engine.sampling import PendingSample, PromptRows, SampleOutput, SampleRow, SamplingParams, TokenLogprobs
 from polar_dist.engine.scheduler import Scheduler, Sequence
-from polar_dist.engine.step import BatchMirror, MsgKind, Step, control_message, encode
+from polar_dist.engine.step import BatchMirror, MsgKind, Step, StepDelta, control_message, encode
 from polar_dist.log import get_logger
 
 if TYPE_CHECKING:
@@ -56,6 +64,17 @@ class RequestOutput:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+
+@dataclass
+class _Launched:
+    """A step sent to the ranks, run and sampled on the device; its tokens not yet on the host."""
+
+    step: Step
+    rows: list[SampleRow]
+    prompt: PromptRows | None
+    logits: torch.Tensor  # (R + P, V) float32
+    pending: PendingSample | None  # None: launching the sampling failed; the rows are sampled one by one
 
 
 class EngineDeadError(RuntimeError):
@@ -83,6 +102,9 @@ class Engine:
         self.decode_group_reads = 0
         self.decode_group_reads_dense = 0
         self._reads_per_row: dict[int, int] = {}  # rows in the forward -> group-layers per decode row
+        self.overlap = e.overlap_steps
+        self.chained_steps = 0  # steps launched behind the previous one (overlap_steps), ever
+        self._inflight: _Launched | None = None  # launched behind the last step, collected by the next call
         self._lock = threading.Lock()  # held while a message or a step's collectives are in flight
         self._failure: BaseException | None = None
         self._closed = False
@@ -109,7 +131,7 @@ class Engine:
         return True
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_work() or bool(self._pending)
+        return self.scheduler.has_work() or bool(self._pending) or self._inflight is not None
 
     @property
     def num_free_blocks(self) -> int:
@@ -126,44 +148,73 @@ class Engine:
         self._check_alive()
         outputs, self._pending = self._pending, []
         with self._lock:
-            delta = self.scheduler.schedule()
-            if delta is None:
-                return outputs
+            launched, self._inflight = self._inflight, None
             try:
-                msg = encode(delta)
-                self.channel.send(msg)
-                self._last_send = time.monotonic()
-                step = self.mirror.apply(msg)
-                rows = self.scheduler.sample_rows(step)
-                prompt = None
-                if step.prompt_spans:
-                    n = max(self.scheduler.requests[i].params.prompt_logprobs or 0 for i, _, _ in step.prompt_spans)
-                    prompt = PromptRows(self.scheduler.prompt_targets(step), n)
-                logits = self.runner.logits(step)  # (R + P, V); every rank's part of the step is done
+                if launched is None:
+                    delta = self.scheduler.schedule()
+                    if delta is None:
+                        return outputs
+                    launched = self._launch(delta)
+                if self.overlap and launched.pending is not None:
+                    chained = self.scheduler.chain_decode(launched.step)
+                    if chained is not None:
+                        self._inflight = self._launch(chained, launched)
+                        self.chained_steps += 1
+                if launched.pending is not None:
+                    out, errors = launched.pending.result(), {}  # waits for this step's tokens
             except BaseException as e:
                 self._failure = failure = self._named_failure(e)
                 if failure is e:
                     raise
                 raise failure from e
-            out, errors = self._sample(step, logits, rows, prompt)
-            stepped = self.scheduler.accept(step, out, errors)
-        self._count_reads(step)
+            if launched.pending is None:
+                out, errors = self._sample_alone(launched)
+            stepped = self.scheduler.accept(launched.step, out, errors)
+        self._count_reads(launched.step)
         outputs += [self._output(s) for s in stepped]
         return outputs
 
-    def _sample(self, step: Step, logits: torch.Tensor, rows: list[SampleRow],
-                prompt: PromptRows | None) -> tuple[SampleOutput, dict[int, str]]:
+    def _launch(self, delta: StepDelta, prev: _Launched | None = None) -> _Launched:
+        """Send the step to the workers, run its forward and launch its sampling. prev: the step
+        whose samples are a chained step's inputs."""
+        msg = encode(delta)
+        self.channel.send(msg)
+        self._last_send = time.monotonic()
+        step = self.mirror.apply(msg)
+        rows = self.scheduler.sample_rows(step)
+        prompt = None
+        if step.prompt_spans:
+            n = max(self.scheduler.requests[i].params.prompt_logprobs or 0 for i, _, _ in step.prompt_spans)
+            prompt = PromptRows(self.scheduler.prompt_targets(step), n)
+        ids = None
+        if prev is not None:
+            assert prev.pending is not None
+            order = self.scheduler.chained_rows(prev.step, step)
+            ids = prev.pending.tokens  # (R_prev,)
+            if order != list(range(len(ids))):  # rows left since prev (aborted): gather the others'
+                ids = ids[torch.tensor(order, device=ids.device)]
+        logits = self.runner.logits(step, ids)  # (R + P, V); every rank's part of the step is queued
+        return _Launched(step, rows, prompt, logits, self._launch_sampling(logits, rows, prompt))
+
+    def _launch_sampling(self, logits: torch.Tensor, rows: list[SampleRow],
+                         prompt: PromptRows | None) -> PendingSample | None:
+        """The step's sampling on the driver's device, or None where it failed to launch (bad
+        parameters, a row's logits): then `_sample_alone` isolates the rows that fail."""
+        try:
+            if self._faults is not None:
+                self._faults.before_sampling(logits, rows)
+            return self.runner.sampler.launch(logits, rows, prompt)
+        except Exception as e:  # noqa: BLE001 - isolated by _sample_alone, row by row
+            log.warning("sampling a step of %d rows failed (%s: %s); sampling them one by one", len(rows),
+                        type(e).__name__, e)
+            return None
+
+    def _sample_alone(self, launched: _Launched) -> tuple[SampleOutput, dict[int, str]]:
         """The step's tokens, and {request id: why} for requests that failed alone. Sampling runs
         on the driver only, after the forward: a failure here is one request's (its parameters,
         its logits), so the step is sampled again row by row and only the rows that fail again
         fail their requests; the other ranks never know."""
-        try:
-            if self._faults is not None:
-                self._faults.before_sampling(logits, rows)
-            return self.runner.sampler.sample(logits, rows, prompt), {}
-        except Exception as e:  # noqa: BLE001 - isolated below, row by row
-            log.warning("sampling a step of %d rows failed (%s: %s); sampling them one by one", len(rows),
-                        type(e).__name__, e)
+        step, logits, rows, prompt = launched.step, launched.logits, launched.rows, launched.prompt
         tokens: list[int] = []
         logprobs: list[TokenLogprobs | None] = []
         errors: dict[int, str] = {}

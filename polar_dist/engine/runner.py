@@ -1,5 +1,9 @@
 """ModelRunner: runs one Step on this rank's shard; on rank 0 it also samples the step's tokens
-on the device and returns them (with logprobs when asked), never the logits."""
+on the device and returns them (with logprobs when asked), never the logits.
+
+A chained step (Step.chained) takes its input tokens from the previous step's samples, still
+on the device: the driver passes them in, and with tensor parallelism they are broadcast from
+it to the replica's other ranks, in stream order before the forward."""
 
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ from polar_dist.engine.sampling import PromptRows, SampleOutput, SampleRow, Samp
 from polar_dist.engine.step import Step
 from polar_dist.models.attention import AttentionBatch
 from polar_dist.model_spec import ModelSpec
+from polar_dist.parallel.comm import SingleRank, TPComm
 from polar_dist.parallel.plan import ShardPlan
 
 
@@ -23,11 +28,15 @@ class ModelRunner:
 
     def __init__(self, model: nn.Module, spec: ModelSpec, plan: ShardPlan, *, num_blocks: int, block_size: int,
                  dtype: torch.dtype, device: torch.device, max_batch_size: int, max_seq_len: int,
-                 cuda_graphs: bool, sampler: Sampler | None = None, attention_groups: int | None = None) -> None:
+                 cuda_graphs: bool, sampler: Sampler | None = None, attention_groups: int | None = None,
+                 comm: TPComm | None = None) -> None:
         """attention_groups: KV groups per sequence most layers read on this rank (sets how finely
-        decode attention is cut into work items; default every local group)."""
+        decode attention is cut into work items; default every local group). comm: the
+        replica's tensor-parallel group (a chained step's tokens come from its first rank)."""
         self.model = model
         self.device = device
+        self.comm = comm or SingleRank()
+        self._chained_ids = torch.zeros(max_batch_size, dtype=torch.int64, device=device)  # (max_batch_size,)
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.max_batch_size = max_batch_size
@@ -48,17 +57,23 @@ class ModelRunner:
             if cuda_graphs and device.type == "cuda" else None
 
     @torch.inference_mode()
-    def logits(self, step: Step) -> torch.Tensor:
+    def logits(self, step: Step, ids: torch.Tensor | None = None) -> torch.Tensor:
         """Run the step's tokens through the model: (L, V) float32 logits of `step.logit_indices`
-        (the sampled rows' last tokens, then the prompt-logprob positions)."""
+        (the sampled rows' last tokens, then the prompt-logprob positions). ids: a chained step's
+        (B,) int64 input tokens on the device (the driver's; None on the other ranks)."""
+        if step.chained:
+            ids = self._take_chained_ids(step.batch_size, ids)
+        elif ids is not None:
+            raise ValueError("input ids on the device are for chained steps only")
         if self._graphed(step):
-            return self.graphs.run(step)
+            return self.graphs.run(step, ids)
         dev, T, B = self.device, step.num_tokens, step.batch_size
         # One host-to-device copy for every int64 array of the step.
         packed = np.concatenate([step.token_ids, step.positions, step.slot_mapping, step.seq_lens,
                                  step.logit_indices, step.block_tables.reshape(-1).astype(np.int64)])
         flat = torch.from_numpy(packed).to(dev, non_blocking=True)
-        ids, positions, slots = flat[:T], flat[T:2 * T], flat[2 * T:3 * T]
+        positions, slots = flat[T:2 * T], flat[2 * T:3 * T]
+        ids = flat[:T] if ids is None else ids
         seq_lens = flat[3 * T:3 * T + B].to(torch.int32)
         off = 3 * T + B
         logit_idx = flat[off:off + len(step.logit_indices)]
@@ -80,6 +95,16 @@ class ModelRunner:
         hidden = self.model(ids, positions, batch, self.kv_caches)  # (T, d)
         return self.model.logits(hidden[logit_idx])  # (L, V)
 
+    def _take_chained_ids(self, batch: int, ids: torch.Tensor | None) -> torch.Tensor:
+        """(batch,) int64: the driver's `ids`, on every rank of the replica."""
+        buf = self._chained_ids[:batch]
+        if self.comm.rank == 0:
+            if ids is None or ids.shape != (batch,):
+                raise ValueError(f"a chained step of {batch} rows needs its {batch} input ids from the previous "
+                                 f"step's samples, got {None if ids is None else tuple(ids.shape)}")
+            buf.copy_(ids).clamp_(min=0)  # a failed sample (-1) feeds token 0: its row is dropped
+        return self.comm.broadcast_from_first(buf)
+
     def _graphed(self, step: Step) -> bool:
         return step.is_decode and not step.prompt_spans and self.graphs is not None \
             and self.graphs.bucket(step.batch_size) is not None
@@ -94,7 +119,8 @@ class ModelRunner:
     def execute(self, step: Step, rows: list[SampleRow] | None = None,
                 prompt: PromptRows | None = None) -> SampleOutput | None:
         """Run the step; with `rows` (rank 0) sample its tokens on the device and return them. The
-        other ranks pass None: they take part in the forward's collectives and return None."""
+        other ranks pass None: they take part in the forward's collectives (and a chained step's
+        broadcast of its input tokens) and return None."""
         logits = self.logits(step)
         if rows is None:
             return None

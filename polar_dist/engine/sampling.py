@@ -2,6 +2,8 @@
 
     sampler = Sampler(vocab_size, device, use_kernel=device.type == "cuda")
     out = sampler.sample(logits, rows, prompt_rows)   # logits (R + P, V) float32 on the device
+    pending = sampler.launch(logits, rows)            # the same, without waiting: pending.tokens is
+    out = pending.result()                            # on the device at once, result() waits for the host
 
 Per row, in order: repetition / frequency / presence penalties on the raw logits (repetition
 over prompt + output, the other two over the output, as in the OpenAI API and vLLM), then
@@ -17,7 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -132,6 +134,28 @@ class SampleOutput:
     prompt_logprobs: list[TokenLogprobs]  # (P,)
 
 
+class PendingSample:
+    """A step's sampling, launched: `tokens` (R,) int64 on the device (valid until the sampler's
+    next launch), and the copy of everything the host needs already queued behind it into
+    pinned memory; `result()` waits for that copy alone (one device-to-host copy per step)."""
+
+    def __init__(self, tokens: torch.Tensor, packed: torch.Tensor, unpack: Callable[[np.ndarray], SampleOutput]) -> None:
+        self.tokens = tokens
+        self._unpack = unpack
+        if packed.is_cuda:
+            self._host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
+            self._host.copy_(packed, non_blocking=True)
+            self._copied: torch.cuda.Event | None = torch.cuda.Event()
+            self._copied.record()
+        else:
+            self._host, self._copied = packed, None
+
+    def result(self) -> SampleOutput:
+        if self._copied is not None:
+            self._copied.synchronize()
+        return self._unpack(self._host.numpy())
+
+
 class Sampler:
     """`graph_rows`: on CUDA with the Triton draw, batches of up to this many rows replay the
     draw from a CUDA graph (see _DrawGraphs); 0 turns that off."""
@@ -143,9 +167,13 @@ class Sampler:
         self.graphs = _DrawGraphs(self.ops, device, graph_rows) \
             if use_kernel and device.type == "cuda" and graph_rows > 0 else None
 
-    @torch.inference_mode()
     def sample(self, logits: torch.Tensor, rows: Sequence[SampleRow], prompt: PromptRows | None = None) -> SampleOutput:
         """logits: (R + P, V) float32 on the device, the R sampled rows first."""
+        return self.launch(logits, rows, prompt).result()
+
+    @torch.inference_mode()
+    def launch(self, logits: torch.Tensor, rows: Sequence[SampleRow], prompt: PromptRows | None = None) -> PendingSample:
+        """sample() without waiting for the host copy. Bad parameters raise here."""
         R, dev = len(rows), self.device
         P = len(prompt.targets) if prompt else 0
         assert logits.shape[0] == R + P, (logits.shape, R, P)
@@ -169,7 +197,7 @@ class Sampler:
             tokens = self.ops.sample_tokens(penalized, *_param_views(d, R), **hints)  # (R,)
         n_lp = max((p.logprobs for p in distinct if p.logprobs is not None), default=-1)
         if n_lp < 0 and not P:  # tokens only: no packing
-            return SampleOutput(tokens.cpu().tolist(), [None] * R, [])  # the step's one device-to-host copy
+            return PendingSample(tokens, tokens, lambda host: SampleOutput(host.tolist(), [None] * R, []))
         parts = [tokens.to(torch.int32)]
         if n_lp >= 0:
             lp = torch.log_softmax(raw, dim=-1)  # (R, V)
@@ -179,18 +207,22 @@ class Sampler:
             lp = torch.log_softmax(logits[R:], dim=-1)  # (P, V)
             targets = torch.tensor(prompt.targets, dtype=torch.int64).to(dev, non_blocking=True)
             parts += _logprob_parts(lp, targets, prompt.n)
-        host = torch.cat([p.reshape(-1) for p in parts]).cpu().numpy()  # the step's one device-to-host copy
-        token_ids = host[:R].astype(np.int64).tolist()
-        off = R
-        logprobs: list[TokenLogprobs | None] = [None] * R
-        if n_lp >= 0:
-            chosen, off = _unpack(host, off, R, n_lp)
-            logprobs = [None if p.logprobs is None else _trim(c, p.logprobs) for p, c in zip(ps, chosen)]
-        prompt_lps: list[TokenLogprobs] = []
-        if P:
-            assert prompt is not None
-            prompt_lps, off = _unpack(host, off, P, prompt.n)
-        return SampleOutput(token_ids, logprobs, prompt_lps)
+        packed = torch.cat([p.reshape(-1) for p in parts])
+
+        def unpack(host: np.ndarray) -> SampleOutput:
+            token_ids = host[:R].astype(np.int64).tolist()
+            off = R
+            logprobs: list[TokenLogprobs | None] = [None] * R
+            if n_lp >= 0:
+                chosen, off = _unpack(host, off, R, n_lp)
+                logprobs = [None if p.logprobs is None else _trim(c, p.logprobs) for p, c in zip(ps, chosen)]
+            prompt_lps: list[TokenLogprobs] = []
+            if P:
+                assert prompt is not None
+                prompt_lps, off = _unpack(host, off, P, prompt.n)
+            return SampleOutput(token_ids, logprobs, prompt_lps)
+
+        return PendingSample(tokens, packed, unpack)
 
     def _penalize(self, raw: torch.Tensor, rows: Sequence[SampleRow]) -> torch.Tensor:
         which = [i for i, r in enumerate(rows) if r.params.has_penalties]

@@ -12,6 +12,13 @@ Each step, in this order:
 A request is admitted when its prompt's blocks fit with one spare block per running sequence
 (so admitting it does not force the next decode to preempt it again). The step goes out as a
 `StepDelta` (polar_dist/engine/step.py); `accept` takes the sampled tokens back.
+
+`chain_decode` schedules the next decode step while the previous one still runs, before its
+tokens are known (the engine then keeps the device busy while the host waits): the same
+sequences, each one token further, their input tokens taken from the previous step's samples
+on the device. It is made only where it is the step `schedule` would make after those tokens
+came back, or that step with rows whose sequence then finished (their tokens are dropped);
+otherwise it returns None and the engine waits and schedules as usual.
 """
 
 from __future__ import annotations
@@ -69,8 +76,9 @@ class Sequence:
     def wants_prompt_logprobs(self) -> bool:
         return self.params.prompt_logprobs is not None and len(self.prompt_logprobs) < len(self.prompt_ids) - 1
 
-    def sample_row(self) -> SampleRow:
-        return SampleRow(self.params, self.seed, len(self.output_ids), self.prompt_ids, self.output_ids)
+    def sample_row(self, ahead: int = 0) -> SampleRow:
+        """ahead: tokens sampled but not accepted yet (a chained step's row: 1)."""
+        return SampleRow(self.params, self.seed, len(self.output_ids) + ahead, self.prompt_ids, self.output_ids)
 
 
 class Scheduler:
@@ -176,6 +184,42 @@ class Scheduler:
             return None
         return delta
 
+    def chain_decode(self, prev: Step) -> StepDelta | None:
+        """The decode step after `prev`, scheduled before prev's tokens are accepted (see the
+        module docstring); None unless prev decoded only, every sequence still running was one of
+        its rows (in the same order: the inputs are prev's samples, gathered by the runner), no
+        waiting request could be admitted, each has a slot without preempting, none reaches
+        max_seq_len and none needs its token history on the host (penalties)."""
+        if not prev.is_decode or prev.prompt_spans or not self.running:
+            return None
+        if self.waiting and len(self.running) < self.max_batch_size:
+            return None  # admit it: a step with its prefill, scheduled once prev's tokens are in
+        rows = {seq_id: r for r, seq_id in enumerate(prev.sample_ids)}
+        bs = self.block_size
+        short = 0
+        for s in self.running:
+            if s.request_id not in rows or s.params.has_penalties or s.num_computed + 1 > self.max_seq_len:
+                return None
+            short += s.num_computed >= len(s.blocks) * bs
+        if short > self.allocator.num_free:
+            return None
+        delta = StepDelta(chained=True)
+        for row, s in enumerate(self.running):
+            if s.num_computed >= len(s.blocks) * bs:
+                s.blocks += self.allocator.allocate(1)
+            s.num_computed += 1
+            if len(s.blocks) > s.blocks_sent:
+                delta.new_blocks += [(row, i, s.blocks[i]) for i in range(s.blocks_sent, len(s.blocks))]
+                s.blocks_sent = len(s.blocks)
+        delta.token_ids = [0] * len(self.running)  # placeholders: the runner takes prev's samples
+        delta.removed, self._removed = self._removed, []
+        return delta
+
+    def chained_rows(self, prev: Step, step: Step) -> list[int]:
+        """For each row of the chained `step`, the row of `prev` whose sample is its input."""
+        rows = {seq_id: r for r, seq_id in enumerate(prev.sample_ids)}
+        return [rows[seq_id] for seq_id in step.sample_ids]
+
     def _chunk(self, seq: Sequence, budget: int, delta: StepDelta) -> int:
         n = min(seq.prefill_len - seq.num_computed, budget)
         ids = seq.all_ids
@@ -221,7 +265,8 @@ class Scheduler:
         del self.requests[seq.request_id]
 
     def sample_rows(self, step: Step) -> list[SampleRow]:
-        return [self.requests[i].sample_row() for i in step.sample_ids]
+        ahead = int(step.chained)  # the previous step's token is not accepted yet
+        return [self.requests[i].sample_row(ahead) for i in step.sample_ids]
 
     def prompt_targets(self, step: Step) -> list[int]:
         """The prompt token each prompt-logprob row predicts (position p predicts token p + 1)."""

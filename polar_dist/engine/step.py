@@ -30,6 +30,7 @@ class MsgKind(IntEnum):
     STEP = 1
     IDLE = 2  # a heartbeat: rank 0 is alive and has no work
     STOP = 3  # workers leave their loop
+    CHAINED_STEP = 4  # a decode step whose input tokens are the previous step's samples (see Step.chained)
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,9 @@ class StepDelta:
     new_blocks: list[tuple[int, int, int]] = field(default_factory=list)
     prefill: list[tuple[int, int]] = field(default_factory=list)  # (seq id, new tokens) in row order
     token_ids: list[int] = field(default_factory=list)  # decode rows' inputs (running order), then prefill tokens
+    # decode only, sent before the previous step's tokens reached the host: its token ids are
+    # placeholders, the inputs come from the previous step's samples on the device
+    chained: bool = False
 
 
 def encode(delta: StepDelta) -> np.ndarray:
@@ -58,7 +62,8 @@ def encode(delta: StepDelta) -> np.ndarray:
     blocks = [x for triple in delta.new_blocks for x in triple] if delta.new_blocks else []
     prefill = [x for pair in delta.prefill for x in pair] if delta.prefill else []
     total = HEADER + len(delta.removed) + len(new_flat) + len(blocks) + len(prefill) + len(delta.token_ids)
-    header = [MsgKind.STEP.value, total, len(delta.removed), len(delta.new), len(new_flat), len(delta.new_blocks),
+    kind = MsgKind.CHAINED_STEP if delta.chained else MsgKind.STEP
+    header = [kind.value, total, len(delta.removed), len(delta.new), len(new_flat), len(delta.new_blocks),
               len(delta.prefill), len(delta.token_ids)]
     # One conversion of one list: the token ids dominate, and numpy converts a list in one pass.
     return np.array(header + delta.removed + new_flat + blocks + prefill + delta.token_ids, dtype=np.int64)
@@ -83,6 +88,9 @@ class Step:
     logit_indices: np.ndarray  # (L,) int64 tokens whose logits are needed: the sampled rows' last, then prompt positions
     sample_ids: list[int]  # (R,) sequence of each sampled row (shared between decode steps: do not mutate)
     prompt_spans: list[tuple[int, int, int]]  # (seq id, first position, count): prompt-logprob rows after the R
+    # token_ids are placeholders: the inputs are the previous step's samples, on the device (the
+    # driver passes them in; ModelRunner broadcasts them to the other ranks)
+    chained: bool = False
 
     @classmethod
     def decode(cls, token_ids: list[int], seq_lens: list[int], block_tables: list[list[int]],
@@ -181,7 +189,7 @@ class BatchMirror:
 
     def apply(self, msg: np.ndarray) -> Step:
         kind, total, n_removed, n_new, new_len, n_blocks, n_prefill, n_tokens = msg[:HEADER].tolist()
-        assert kind == MsgKind.STEP and total == len(msg), "not a whole STEP message"
+        assert kind in (MsgKind.STEP, MsgKind.CHAINED_STEP) and total == len(msg), "not a whole STEP message"
         off = HEADER
         if n_removed or n_new:
             self._ids_list = self._row_of = None
@@ -208,7 +216,9 @@ class BatchMirror:
             slots = self.table.reshape(-1)[self._row_base[:n] + col] * bs + offset  # block * bs stays far below 2**31
             return Step(token_ids=token_ids, positions=positions, query_lens=self._ones[:n], seq_lens=seq_lens,
                         block_tables=self.table[:n, :width].copy(), slot_mapping=slots,
-                        num_decode=n, logit_indices=self._arange[:n], sample_ids=self.order, prompt_spans=[])
+                        num_decode=n, logit_indices=self._arange[:n], sample_ids=self.order, prompt_spans=[],
+                        chained=kind == MsgKind.CHAINED_STEP)
+        assert kind == MsgKind.STEP, "a chained step decodes only"
         return self._mixed(prefill, token_ids)
 
     def _mixed(self, prefill: np.ndarray, token_ids: np.ndarray) -> Step:

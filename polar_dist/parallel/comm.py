@@ -25,6 +25,10 @@ class TPComm(Protocol):
         """Concatenate every rank's `x` along the last dimension, in rank order."""
         ...
 
+    def broadcast_from_first(self, x: torch.Tensor) -> torch.Tensor:
+        """Overwrite `x` with the group's first rank's (the replica's driver), in place; returns `x`."""
+        ...
+
 
 class SingleRank:
     rank = 0
@@ -34,6 +38,9 @@ class SingleRank:
         return x
 
     def all_gather_last_dim(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def broadcast_from_first(self, x: torch.Tensor) -> torch.Tensor:
         return x
 
 
@@ -56,6 +63,10 @@ class GroupComm:
         parts = [torch.empty_like(x) for _ in range(self.size)]
         self._dist.all_gather(parts, x.contiguous(), group=self.group)
         return torch.cat(parts, dim=-1)
+
+    def broadcast_from_first(self, x: torch.Tensor) -> torch.Tensor:
+        self._dist.broadcast(x, group=self.group, group_src=0)
+        return x
 
 
 class TimedComm:
@@ -95,3 +106,6 @@ class TimedComm:
 
     def all_gather_last_dim(self, x: torch.Tensor) -> torch.Tensor:
         return self._timed(self.inner.all_gather_last_dim, x)
+
+    def broadcast_from_first(self, x: torch.Tensor) -> torch.Tensor:
+        return self._timed(self.inner.broadcast_from_first, x)
