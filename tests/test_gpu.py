@@ -54,3 +54,38 @@ def test_generate_llama31_8b_shape_on_gpu() -> None:
     lines = [json.loads(x) for x in proc.stdout.splitlines() if x.startswith("{")]
     assert [len(x["token_ids"]) for x in lines] == [64, 64]
     print(proc.stderr.strip().splitlines()[-1])  # tokens/s
+
+
+def test_overlapped_steps_give_the_tokens_of_steps_that_wait_on_gpu(tiny_model: Callable[[str], Path]) -> None:
+    """CUDA graphs with chained steps (inputs copied from the previous draw's output on the
+    device): the same tokens as the engine that waits, through finishes at different steps."""
+    from polar_dist.config import config_from_dict
+    from polar_dist.engine.engine import Engine
+    from polar_dist.engine.sampling import SamplingParams
+    from polar_dist.parallel.context import init_parallel
+    from polar_dist.runtime import build_runtime
+
+    prompts = [[5, 6, 7], list(range(10, 40)), list(range(100, 117)), [9]]
+    params = [SamplingParams(max_new_tokens=n, temperature=1.0, seed=i, ignore_eos=True)
+              for i, n in enumerate((24, 9, 17, 30))]
+    got = []
+    for overlap in (False, True):
+        cfg = config_from_dict({"model": {"path": str(tiny_model("llama-gqa")), "tokenizer": "bytes", "device": "cuda",
+                                          "dtype": "bfloat16"},
+                                "engine": {"max_seq_len": 128, "max_batch_size": 4, "kv_cache_blocks": 64,
+                                           "overlap_steps": overlap}})
+        rt = build_runtime(cfg, init_parallel(cfg.parallel, cfg.model.device))
+        engine = Engine(rt)
+        ids = [engine.add_request(p, sp) for p, sp in zip(prompts, params)]
+        tokens: dict[int, list[int]] = {i: [] for i in ids}
+        while engine.has_unfinished():
+            for out in engine.step():
+                tokens[out.request_id] += out.new_token_ids
+        assert (engine.chained_steps > 10) == overlap
+        engine.shutdown()
+        rt.ctx.shutdown()
+        got.append([tokens[i] for i in ids])
+        del rt, engine
+        release_device_memory()
+    assert [len(t) for t in got[1]] == [24, 9, 17, 30]
+    assert got[1] == got[0]

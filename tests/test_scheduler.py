@@ -345,3 +345,70 @@ def test_bad_prompts_are_rejected_with_the_way_out() -> None:
     with pytest.raises(ValueError, match="max_num_batched_tokens = 4 must be >= engine.max_batch_size"):
         make_scheduler(max_batch_size=8, budget=4)
     assert not s.has_work()
+
+
+# Chained decode steps (the engine's overlap)
+
+def test_chained_steps_give_the_tokens_of_steps_that_wait() -> None:
+    """chain_decode schedules the next decode before this step's tokens are accepted; its inputs
+    are this step's samples (filled in here as the runner does on the device). Through an EOS, a
+    length finish, admissions and a cache boundary, the tokens are the waiting scheduler's, and
+    no block leaks."""
+    specs = [(6, SamplingParams(max_new_tokens=10)), (3, SamplingParams(max_new_tokens=12, ignore_eos=True)),
+             (9, SamplingParams(max_new_tokens=3, ignore_eos=True)), (5, SamplingParams(max_new_tokens=20,
+                                                                                         ignore_eos=True))]
+
+    def run(overlap: bool) -> tuple[list[list[int]], list[str | None], int]:
+        s = make_scheduler(num_blocks=40, max_batch_size=3)
+        model = PretendModel(eos_as_fifth_token(6))
+        mirror = BatchMirror(s.max_batch_size, blocks_needed(s.max_seq_len, BLOCK) + 1, BLOCK)
+        seqs = [s.add(prompt(n, start=10 + n), p, seed=0) for n, p in specs]
+        chained, inflight = 0, None
+        while s.has_work() or inflight is not None:
+            if inflight is None:
+                delta = s.schedule()
+                assert delta is not None
+                step = mirror.apply(encode(delta))
+                check_step(s, step)
+                inflight = (step, model(step))
+            (step, tokens), inflight = inflight, None
+            nxt_delta = s.chain_decode(step) if overlap else None
+            if nxt_delta is not None:
+                nxt = mirror.apply(encode(nxt_delta))
+                assert nxt.chained and nxt.is_decode
+                nxt.token_ids[:] = [tokens[r] for r in s.chained_rows(step, nxt)]  # the device's copy
+                inflight = (nxt, model(nxt))
+                chained += 1
+            s.accept(step, SampleOutput(tokens, [None] * len(tokens), []))
+            check_blocks(s)
+        assert s.allocator.num_free == s.allocator.num_blocks, "a block leaked"
+        return [q.output_ids for q in seqs], [q.finish_reason for q in seqs], chained
+
+    waited = run(overlap=False)
+    overlapped = run(overlap=True)
+    assert waited[2] == 0 and overlapped[2] > 10
+    assert overlapped[:2] == waited[:2]
+    assert waited[1] == ["stop", "length", "length", "length"] and len(waited[0][0]) == 5
+
+
+def test_chain_decode_refuses_what_it_cannot_know() -> None:
+    s = make_scheduler(max_batch_size=2)
+    d = driver(s)
+    d.add(4, SamplingParams(max_new_tokens=8, ignore_eos=True))
+    step, _ = d.step()  # the prefill: not a decode step
+    assert s.chain_decode(step) is None
+    step, _ = d.step()
+    assert s.chain_decode(step) is not None  # the same sequence, one token further
+    s2 = make_scheduler(max_batch_size=2)
+    d2 = driver(s2)
+    d2.add(4, SamplingParams(max_new_tokens=8, ignore_eos=True))
+    d2.step()
+    step, _ = d2.step()
+    d2.add(3)  # a request that can be admitted now: the next step is its prefill
+    assert s2.chain_decode(step) is None
+    s3 = make_scheduler()
+    d3 = driver(s3)
+    d3.add(4, SamplingParams(max_new_tokens=8, repetition_penalty=1.2))
+    d3.step()
+    step, _ = d3.step()
+    assert s3.chain_decode(step) is None  # penalties read the token history on the host

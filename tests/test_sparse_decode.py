@@ -91,7 +91,9 @@ def test_engine_counts_the_attention_it_reads() -> None:
     # per decode row; steps of fewer rows than head_min_batch read all 18 (what /metrics reports).
     from polar_dist.engine.engine import Engine
 
-    c = config_from_dict(_cfg({"head_density": 0.5, "routers": "random", "head_min_batch": 3}))
+    raw = _cfg({"head_density": 0.5, "routers": "random", "head_min_batch": 3})
+    raw["engine"]["overlap_steps"] = False  # each step as scheduled after the previous one's tokens (mixed below)
+    c = config_from_dict(raw)
     rt = build_runtime(c, init_parallel(c.parallel, c.model.device))
     assert rt.policy.groups_read(4, 6, 1) == 12 and rt.policy.groups_read(2, 6, 1) == 18
     engine = Engine(rt)

@@ -189,7 +189,8 @@ class Scheduler:
         module docstring); None unless prev decoded only, every sequence still running was one of
         its rows (in the same order: the inputs are prev's samples, gathered by the runner), no
         waiting request could be admitted, each has a slot without preempting, none reaches
-        max_seq_len and none needs its token history on the host (penalties)."""
+        max_seq_len, none needs its token history on the host (penalties) and not every one of
+        them ends at prev by length (the whole step would be wasted)."""
         if not prev.is_decode or prev.prompt_spans or not self.running:
             return None
         if self.waiting and len(self.running) < self.max_batch_size:
@@ -197,11 +198,13 @@ class Scheduler:
         rows = {seq_id: r for r, seq_id in enumerate(prev.sample_ids)}
         bs = self.block_size
         short = 0
+        last = 0  # sequences whose token from prev is their last by length: their row here is wasted
         for s in self.running:
             if s.request_id not in rows or s.params.has_penalties or s.num_computed + 1 > self.max_seq_len:
                 return None
             short += s.num_computed >= len(s.blocks) * bs
-        if short > self.allocator.num_free:
+            last += len(s.output_ids) + 1 >= s.params.max_new_tokens or s.num_computed >= self.max_seq_len
+        if short > self.allocator.num_free or last == len(self.running):
             return None
         delta = StepDelta(chained=True)
         for row, s in enumerate(self.running):
