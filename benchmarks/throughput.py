@@ -18,7 +18,8 @@ weight bytes read + the KV bytes the step reads) / the copy bandwidth measured i
 layer 0 reads every KV group, a sparse layer k of them per sequence; a sparse MLP reads k of its
 neurons' rows of W1 and W2. breakdown_ms splits the step by module (qkv, attention, out_proj,
 mlp, routers, all_reduce, sampling, other): the GPU time of the kernels each module launched in
-one profiled eager step (host gaps not counted), sampling its share of the step (from the
+one profiled eager step (host gaps not counted; a routed layer's router scores are columns of its
+QKV GEMM, so they count in qkv and routers holds the selection), sampling its share of the step (from the
 forward's end on the GPU to the tokens on the host), other = the rest of the
 graph step (norms, embedding, LM head, gaps between kernels, the host's part of the step). With --hf,
 transformers' generate (static cache, which compiles the forward in transformers 5.x) on the same
@@ -313,10 +314,11 @@ def breakdown(rt: Runtime, step: Step, sample_ms: float, step_ms: float) -> dict
         if cat is not None:
             handles.append(module.register_forward_pre_hook(lambda m, a, cat=cat: enter(cat)))
             handles.append(module.register_forward_hook(lambda m, a, o: leave()))
-    patched = []  # (object, attribute, original)
+    patched = []  # (object, attribute, what its instance dict held: restored after)
 
     def wrap(obj: object, attr: str, cat: str) -> None:
         original = getattr(obj, attr)
+        patched.append((obj, attr, vars(obj).get(attr)))
 
         def timed(*a, **k):  # noqa: ANN002, ANN003, ANN202
             enter(cat)
@@ -326,10 +328,10 @@ def breakdown(rt: Runtime, step: Step, sample_ms: float, step_ms: float) -> dict
                 leave()
 
         setattr(obj, attr, timed)
-        patched.append((obj, attr))
 
     for layer in rt.runner.model.layers:
         wrap(layer.attn.heads, "table", "routers")
+        wrap(layer.attn, "project", "qkv")  # the QKV GEMM (with the router's columns where routed)
     comm = next(m.comm for m in rt.runner.model.modules() if hasattr(m, "comm"))  # the one tensor-parallel comm
     wrap(comm, "all_reduce", "all_reduce")
     graphs, rt.runner.graphs = rt.runner.graphs, None  # eager: the kernels can be told apart
@@ -341,8 +343,11 @@ def breakdown(rt: Runtime, step: Step, sample_ms: float, step_ms: float) -> dict
             sync(dev)
     finally:
         rt.runner.graphs = graphs
-        for obj, attr in patched:
-            delattr(obj, attr)
+        for obj, attr, held in reversed(patched):
+            if held is None:
+                delattr(obj, attr)
+            else:
+                setattr(obj, attr, held)
         for h in handles:
             h.remove()
     # Each kernel is charged to the innermost annotated region open when it was launched (by
