@@ -193,7 +193,7 @@ class Sampler:
             assert graphs is not None
             tokens = graphs.draw(penalized, buf, n, hints)  # (R,) a view of the graph's output
         else:
-            d = torch.from_numpy(buf).to(dev, non_blocking=True)
+            d = _host_to_device(buf, dev)
             tokens = self.ops.sample_tokens(penalized, *_param_views(d, R), **hints)  # (R,)
         n_lp = max((p.logprobs for p in distinct if p.logprobs is not None), default=-1)
         if n_lp < 0 and not P:  # tokens only: no packing
@@ -278,6 +278,18 @@ def _pack(rows: Sequence[SampleRow], ps: list[SamplingParams], distinct: list[Sa
     return buf
 
 
+def _pinned(buf: np.ndarray) -> torch.Tensor:
+    """buf in page-locked memory (a block of PyTorch's caching host allocator, kept until the copy
+    out of it is done): a copy from pageable memory waits on the host for the work queued ahead of
+    it on the stream (the step's forward), which would stall the next step's launch."""
+    t = torch.from_numpy(buf)
+    return t.pin_memory() if torch.cuda.is_available() else t
+
+
+def _host_to_device(buf: np.ndarray, device: torch.device) -> torch.Tensor:
+    return (_pinned(buf) if device.type == "cuda" else torch.from_numpy(buf)).to(device, non_blocking=True)
+
+
 def _param_views(d: torch.Tensor, n: int) -> tuple[torch.Tensor, ...]:
     """sample_tokens' (temperature, top_k, top_p, min_p, seeds, counters) in _pack's device buffer."""
     return (d[4 * n:5 * n].view(torch.float32), d[7 * n:], d[5 * n:6 * n].view(torch.float32),
@@ -312,7 +324,7 @@ class _DrawGraphs:
             static = self._inputs[(n, V)] = (torch.zeros(n, V, dtype=torch.float32, device=self.device),
                                              torch.empty(8 * n, dtype=torch.int32, device=self.device))
         static_logits, static_params = static
-        static_params.copy_(torch.from_numpy(buf), non_blocking=True)
+        static_params.copy_(_pinned(buf), non_blocking=True)
         static_logits[:R].copy_(logits)
         key = (n, V, hints["any_hot"], hints["any_top_k"], hints["any_top_p"])
         entry = self._graphs.get(key)
