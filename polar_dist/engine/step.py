@@ -13,6 +13,9 @@ Message layout (int64):
      removed ids..., new records (id, prefill_len, flags, n_blocks, blocks...)...,
      (row, index, block) triples..., (id, tokens) prefill rows..., token ids...]
 A steady decode step at batch B is about B + 10 integers: the input tokens and a block now and then.
+kind CHAINED_STEP is a decode step sent before the previous step's tokens reached the host
+(engine.overlap_steps): its token ids are placeholders, and every rank takes the previous step's
+samples from the driver's device instead (polar_dist/engine/runner.py).
 """
 
 from __future__ import annotations
