@@ -100,12 +100,15 @@ def _replica_ranks(rank: int, world_size: int, out_dir: str) -> None:
     assert ctx.tp_comm.size == tp and ctx.tp_comm.rank == rank % tp
     if not ctx.is_driver:
         worker_loop(rt)
-        return
-    with Engine(rt) as engine:
-        tokens = _generate(engine, _requests(ctx.replica))
-    Path(out_dir, f"replica-{ctx.replica}.json").write_text(json.dumps(tokens))
-    gathered = ctx.gather_replicas(ctx.replica * 10)
-    assert gathered == ([0, 10] if ctx.replica == 0 else None)
+    else:
+        with Engine(rt) as engine:
+            tokens = _generate(engine, _requests(ctx.replica))
+        Path(out_dir, f"replica-{ctx.replica}.json").write_text(json.dumps(tokens))
+        gathered = ctx.gather_replicas(ctx.replica * 10)
+        assert gathered == ([0, 10] if ctx.replica == 0 else None)
+    # Process groups left to the interpreter's exit can abort it: gloo's worker threads may still
+    # hold finished work whose tensors they free without the interpreter (see pytorch/pytorch#179291).
+    ctx.shutdown()
 
 
 @pytest.mark.slow
