@@ -139,7 +139,8 @@ class PendingSample:
     next launch), and the copy of everything the host needs already queued behind it into
     pinned memory; `result()` waits for that copy alone (one device-to-host copy per step)."""
 
-    def __init__(self, tokens: torch.Tensor, packed: torch.Tensor, unpack: Callable[[np.ndarray], SampleOutput]) -> None:
+    def __init__(self, tokens: torch.Tensor, packed: torch.Tensor,
+                 unpack: Callable[[np.ndarray], SampleOutput]) -> None:
         self.tokens = tokens
         self._unpack = unpack
         if packed.is_cuda:
@@ -172,7 +173,8 @@ class Sampler:
         return self.launch(logits, rows, prompt).result()
 
     @torch.inference_mode()
-    def launch(self, logits: torch.Tensor, rows: Sequence[SampleRow], prompt: PromptRows | None = None) -> PendingSample:
+    def launch(self, logits: torch.Tensor, rows: Sequence[SampleRow],
+               prompt: PromptRows | None = None) -> PendingSample:
         """sample() without waiting for the host copy. Bad parameters raise here."""
         R, dev = len(rows), self.device
         P = len(prompt.targets) if prompt else 0
