@@ -165,9 +165,9 @@ class Scheduler:
             budget -= self._chunk(s, budget, delta)
         while self.waiting and budget > 0 and len(self.running) < self.max_batch_size:
             seq = self.waiting[0]
-            need = blocks_needed(seq.num_tokens, self.block_size)
-            if need + len(self.running) > self.allocator.num_free:
+            if not self._admissible(seq):
                 break
+            need = blocks_needed(seq.num_tokens, self.block_size)
             self.waiting.popleft()
             seq.blocks = self.allocator.allocate(need)
             seq.blocks_sent = need
@@ -187,13 +187,14 @@ class Scheduler:
     def chain_decode(self, prev: Step) -> StepDelta | None:
         """The decode step after `prev`, scheduled before prev's tokens are accepted (see the
         module docstring); None unless prev decoded only, every sequence still running was one of
-        its rows (in the same order: the inputs are prev's samples, gathered by the runner), no
-        waiting request could be admitted, each has a slot without preempting, none reaches
+        its rows (in the same order: the inputs are prev's samples, gathered by the runner), the
+        first waiting request could not be admitted now (batch full, or its blocks do not fit),
+        each has a slot without preempting, none reaches
         max_seq_len, none needs its token history on the host (penalties) and not every one of
         them ends at prev by length (the whole step would be wasted)."""
         if not prev.is_decode or prev.prompt_spans or not self.running:
             return None
-        if self.waiting and len(self.running) < self.max_batch_size:
+        if self.waiting and len(self.running) < self.max_batch_size and self._admissible(self.waiting[0]):
             return None  # admit it: a step with its prefill, scheduled once prev's tokens are in
         rows = {seq_id: r for r, seq_id in enumerate(prev.sample_ids)}
         bs = self.block_size
@@ -222,6 +223,10 @@ class Scheduler:
         """For each row of the chained `step`, the row of `prev` whose sample is its input."""
         rows = {seq_id: r for r, seq_id in enumerate(prev.sample_ids)}
         return [rows[seq_id] for seq_id in step.sample_ids]
+
+    def _admissible(self, seq: Sequence) -> bool:
+        """Its prompt's blocks fit with one spare block per running sequence."""
+        return blocks_needed(seq.num_tokens, self.block_size) + len(self.running) <= self.allocator.num_free
 
     def _chunk(self, seq: Sequence, budget: int, delta: StepDelta) -> int:
         n = min(seq.prefill_len - seq.num_computed, budget)
