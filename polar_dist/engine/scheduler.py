@@ -154,10 +154,7 @@ class Scheduler:
                 prefilling.append(s)
                 continue
             delta.token_ids.append(s.output_ids[-1])  # a decoding sequence has sampled at least once
-            s.num_computed += 1
-            if len(s.blocks) > s.blocks_sent:
-                delta.new_blocks += [(row, i, s.blocks[i]) for i in range(s.blocks_sent, len(s.blocks))]
-                s.blocks_sent = len(s.blocks)
+            self._decode_one(row, s, delta)
         budget -= len(delta.token_ids)
         for s in prefilling:  # part-way through their prefill, oldest first
             if budget <= 0:
@@ -187,34 +184,31 @@ class Scheduler:
     def chain_decode(self, prev: Step) -> StepDelta | None:
         """The decode step after `prev`, scheduled before prev's tokens are accepted (see the
         module docstring); None unless prev decoded only, every sequence still running was one of
-        its rows (in the same order: the inputs are prev's samples, gathered by the runner), the
-        first waiting request could not be admitted now (batch full, or its blocks do not fit),
-        each has a slot without preempting, none reaches
-        max_seq_len, none needs its token history on the host (penalties) and not every one of
-        them ends at prev by length (the whole step would be wasted)."""
+        its rows (the runner gathers their samples), the first waiting request could not be
+        admitted now (batch full, or its blocks do not fit), each has a slot without preempting,
+        none reaches max_seq_len (prev's token would end it), none needs its token history on the
+        host (penalties) and not every one of them ends at prev by max_new_tokens (the whole step
+        would be wasted)."""
         if not prev.is_decode or prev.prompt_spans or not self.running:
             return None
         if self.waiting and len(self.running) < self.max_batch_size and self._admissible(self.waiting[0]):
             return None  # admit it: a step with its prefill, scheduled once prev's tokens are in
-        rows = {seq_id: r for r, seq_id in enumerate(prev.sample_ids)}
+        in_prev = set(prev.sample_ids)
         bs = self.block_size
         short = 0
-        last = 0  # sequences whose token from prev is their last by length: their row here is wasted
+        last = 0  # sequences whose token from prev is their last: their row here is wasted
         for s in self.running:
-            if s.request_id not in rows or s.params.has_penalties or s.num_computed + 1 > self.max_seq_len:
+            if s.request_id not in in_prev or s.params.has_penalties or s.num_computed + 1 > self.max_seq_len:
                 return None
             short += s.num_computed >= len(s.blocks) * bs
-            last += len(s.output_ids) + 1 >= s.params.max_new_tokens or s.num_computed >= self.max_seq_len
+            last += len(s.output_ids) + 1 >= s.params.max_new_tokens
         if short > self.allocator.num_free or last == len(self.running):
             return None
         delta = StepDelta(chained=True)
         for row, s in enumerate(self.running):
             if s.num_computed >= len(s.blocks) * bs:
                 s.blocks += self.allocator.allocate(1)
-            s.num_computed += 1
-            if len(s.blocks) > s.blocks_sent:
-                delta.new_blocks += [(row, i, s.blocks[i]) for i in range(s.blocks_sent, len(s.blocks))]
-                s.blocks_sent = len(s.blocks)
+            self._decode_one(row, s, delta)
         delta.token_ids = [0] * len(self.running)  # placeholders: the runner takes prev's samples
         delta.removed, self._removed = self._removed, []
         return delta
@@ -223,6 +217,14 @@ class Scheduler:
         """For each row of the chained `step`, the row of `prev` whose sample is its input."""
         rows = {seq_id: r for r, seq_id in enumerate(prev.sample_ids)}
         return [rows[seq_id] for seq_id in step.sample_ids]
+
+    def _decode_one(self, row: int, s: Sequence, delta: StepDelta) -> None:
+        """s (at `row` of the running order) computes one more token; its blocks the workers do
+        not know yet go into the delta."""
+        s.num_computed += 1
+        if len(s.blocks) > s.blocks_sent:
+            delta.new_blocks += [(row, i, s.blocks[i]) for i in range(s.blocks_sent, len(s.blocks))]
+            s.blocks_sent = len(s.blocks)
 
     def _admissible(self, seq: Sequence) -> bool:
         """Its prompt's blocks fit with one spare block per running sequence."""

@@ -26,7 +26,7 @@ from torch import nn
 from polar_dist.models.attention import AttentionBatch
 from polar_dist.models.build import BuildContext
 from polar_dist.models.tap import Tap
-from polar_dist.parallel.layers import ColumnParallelLinear, RowParallelLinear
+from polar_dist.parallel.layers import ColumnParallelLinear, RowParallelLinear, first_rank_bias
 from polar_dist.sparsity.routers import NeuronRouter
 from polar_dist.sparsity.selection import density_to_k, union_topk_neurons
 
@@ -81,7 +81,7 @@ class NeuronSparseMLP(nn.Module):
         k = self.k_for(x.shape[0]) if batch.is_decode else None
         if k is not None and self._pays(x, router_input, batch.num_rows, k):
             return self.comm.all_reduce(self._sparse(x, router_input, batch.num_rows, k)) + self.fc2_bias  # (B, d)
-        return self.comm.all_reduce(self._dense(x, self.fc2_bias if self.comm.rank == 0 else None))  # (T, d)
+        return self.comm.all_reduce(self._dense(x, first_rank_bias(self.fc2_bias, self.comm)))  # (T, d)
 
     def _dense(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """(T, d) relu(x W1^T + b1) W2^T (+ bias, in the GEMM's epilogue)."""

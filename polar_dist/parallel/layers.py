@@ -33,6 +33,12 @@ class ColumnParallelLinear(nn.Module):
         return nn.functional.linear(x, self.weight, self.bias)
 
 
+def first_rank_bias(bias: torch.Tensor | None, comm: TPComm) -> torch.Tensor | None:
+    """The bias for this rank's partial sum of a row-parallel product: rank 0's alone carries it
+    (added in the GEMM's epilogue), so the all-reduce adds it once."""
+    return bias if comm.rank == 0 else None
+
+
 class RowParallelLinear(nn.Module):
     """y = all_reduce(x_local @ weight_local^T) + bias; weight_local: [out_features, in_features_local].
     The bias joins rank 0's partial sum in the GEMM's epilogue, so it is added once without a
@@ -46,7 +52,7 @@ class RowParallelLinear(nn.Module):
         self.bias = _empty(out_features, dtype=dtype, device=device) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.comm.all_reduce(nn.functional.linear(x, self.weight, self.bias if self.comm.rank == 0 else None))
+        return self.comm.all_reduce(nn.functional.linear(x, self.weight, first_rank_bias(self.bias, self.comm)))
 
 
 class VocabParallelEmbedding(nn.Module):
