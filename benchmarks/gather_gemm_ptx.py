@@ -51,18 +51,20 @@ def main() -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import kernels.gather_gemm as gg
 
-    ptrs = {name: f"*{dt}" for name in ("x_ptr", "w1_ptr", "b1_ptr", "h_ptr", "w2t_ptr", "b2_ptr", "y_ptr")}
-    ptrs.update(idx_ptr="*i32", ws_ptr="*fp32")
+    ptrs = {name: f"*{dt}" for name in ("a_ptr", "w_ptr", "bias_ptr", "out_ptr")}
+    ptrs.update(idx_ptr="*i32", ws_ptr="*fp32", count_ptr="*i32")
+    div16 = ("stride_am", "stride_wn", "stride_om", "stride_wsm", "D", "split_len")
     for _, bm, bn, bk, warps, fc1_stages, fc2_stages in gg._M_TILES:
-        for split in (False, True):
-            c = dict(HAS_BIAS=True, UPCAST=False, SPLIT=split, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
-            fc1 = compile_stats(gg._gather_fc1_kernel, ptrs, {**c, "RELU": True}, warps, fc1_stages,
-                                ("stride_xm", "stride_w1n", "stride_hm", "stride_wsm", "D_IN", "split_len"))
-            fc2 = compile_stats(gg._gather_fc2_kernel, ptrs, {**c, "HAS_BIAS": False}, warps, fc2_stages,
-                                ("stride_hm", "stride_w2n", "stride_ym", "stride_wsm", "D_OUT", "split_len"))
-            for name, r in (("fc1", fc1), ("fc2", fc2)):
-                print(f"{name} BLOCK_M {bm:3} BLOCK_N {bn} BLOCK_K {bk:3} warps {warps} split {split!s:5} {r}")
-
+        for fc1 in (True, False):
+            c = dict(FC1=fc1, HAS_BIAS=fc1, RELU=fc1, UPCAST=False, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
+            stages = fc1_stages if fc1 else fc2_stages
+            for kind in ("grid", "split", "stream"):
+                if kind == "stream":
+                    r = compile_stats(gg._gather_stream_kernel, ptrs, c, warps, stages, div16)
+                else:
+                    r = compile_stats(gg._gather_kernel, ptrs, {**c, "SPLIT": kind == "split"}, warps, stages, div16)
+                print(f"{'fc1' if fc1 else 'fc2'} BLOCK_M {bm:3} BLOCK_N {bn} BLOCK_K {bk:3} warps {warps} "
+                      f"{kind:6} {r}")
 
 if __name__ == "__main__":
     main()

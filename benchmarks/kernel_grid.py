@@ -283,7 +283,7 @@ def run_attention(case: AttnCase, ops, timer: Callable, bw: float, rows: list, d
 
 
 def run_mlp(case: MlpCase, ops, timer: Callable, bw: float, rows: list, device: str, seed: int) -> None:
-    from kernels.mlp_dispatch import MlpPath, run_plan
+    from kernels.mlp_dispatch import MlpPath, run_plan, work_split
 
     gen = torch.Generator().manual_seed(seed)
     dtype, d, n, m = DTYPES[case.dtype], case.d, case.n, case.m
@@ -304,8 +304,8 @@ def run_mlp(case: MlpCase, ops, timer: Callable, bw: float, rows: list, device: 
             _row(rows, "mlp", case.family, shape, case.dtype, k / n, "ours", ms, floor, k=k, **extra)
             continue
         plan = ops.mlp_plan(x, w1, b1, w2t, k)
-        plan_row = {"path": plan.path.value, "fc1_split": plan.fc1.split_k if plan.fc1 else None,
-                    "fc2_split": plan.fc2.split_k if plan.fc2 else None, "measured_ms": plan.measured_ms}
+        plan_row = {"path": plan.path.value, "fc1": work_split(plan.fc1) if plan.fc1 else None,
+                    "fc2": work_split(plan.fc2) if plan.fc2 else None, "measured_ms": plan.measured_ms}
         _row(rows, "mlp", case.family, shape, case.dtype, k / n, "ours", ms, floor, k=k, plan=plan_row, **extra)
         if plan.path is MlpPath.DENSE and k < n:
             gather_plan = type(plan)(MlpPath.GATHER, plan.fc1, plan.fc2)

@@ -380,10 +380,9 @@ def breakdown(rt: Runtime, step: Step, sample_ms: float, step_ms: float) -> dict
 
 # Our Triton kernels by the category of the module that launches them (tests check each name is
 # a kernel in kernels/). The norms' kernel is left to "other", as the paper's breakdown leaves them.
-_TRITON_KERNELS = {"_select_attention_kernel": "attention", "_merge_parts_kernel": "attention",
-                   "_rotary_store_kernel": "attention", "_select_groups_kernel": "routers",
-                   "_gather_fc1_kernel": "mlp", "_gather_fc2_kernel": "mlp", "_split_k_epilogue_kernel": "mlp",
-                   "_silu_mul_kernel": "mlp"}
+_TRITON_KERNELS = {"_select_attention_kernel": "attention", "_rotary_store_kernel": "attention",
+                   "_select_groups_kernel": "routers", "_gather_kernel": "mlp", "_gather_stream_kernel": "mlp",
+                   "_split_k_epilogue_kernel": "mlp", "_silu_mul_kernel": "mlp"}
 
 
 def _triton_category(kernel_name: str) -> str | None:

@@ -37,6 +37,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels import arrivals
+
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 _ACTIVATIONS = ("relu", "identity")
 
@@ -49,6 +51,7 @@ class GemmConfig:
     num_warps: int = 4
     num_stages: int = 4  # cp.async depth: the weight stream needs several tiles in flight
     split_k: int = 1  # > 1: fp32 partials over K slices + an epilogue kernel (more programs)
+    stream: int = 0  # > 0: stream-K with this many programs per SM (split_k unused)
 
 
 # Tiles by M range: (largest M, BLOCK_M, BLOCK_N, BLOCK_K, num_warps, fc1 stages, fc2 stages).
@@ -83,118 +86,164 @@ _MMA_FLOP_PER_S = 650e12
 _EPILOGUE_S = 3e-6  # one more graph node: launch, ramp, a read of the partials' first bytes
 _MAX_SPLITS = 8
 _MIN_SPLIT_K_TILES = 2  # a split shorter than 2 K tiles is all prologue
+_MIN_STREAM_STEPS = 4  # BLOCK_K steps per stream-K program, at least
+
+
+@triton.jit
+def _tile_sum(a_ptr, w_ptr, idx_ptr, offs_n, rows, neuron, k_lo, k_full, k_hi, stride_am, stride_wn, n_mask,
+              FC1: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              BLOCK_K: tl.constexpr):
+    """acc [BLOCK_N, BLOCK_M] (the output tile, transposed) summed over [k_lo, k_hi): whole BLOCK_K
+    tiles up to k_full with unmasked loads, then the tail 16 at a time.
+    fc1: a = x [M, d], w = w1 [N, d] read at rows `neuron`, k runs over d.
+    fc2: a = h [M, k], w = w2t [N, d] read at rows idx[k] and columns offs_n, k runs over the selection."""
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + rows[:, None] * stride_am + (k_lo + offs_k)[None, :]  # [BLOCK_M, BLOCK_K]
+    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    if FC1:
+        w_ptrs = w_ptr + neuron[:, None] * stride_wn + (k_lo + offs_k)[None, :]  # [BLOCK_N, BLOCK_K] gathered
+        for _ in range(k_lo, k_full, BLOCK_K):
+            w = tl.load(w_ptrs)
+            a = tl.load(a_ptrs)
+            if UPCAST:  # the interpreter computes bf16 on raw bit patterns (env.md section 2)
+                w = w.to(tl.float32)
+                a = a.to(tl.float32)
+            acc = tl.dot(w, tl.trans(a), acc)
+            w_ptrs += BLOCK_K
+            a_ptrs += BLOCK_K
+    else:
+        for k0 in range(k_lo, k_full, BLOCK_K):
+            rows_w = tl.load(idx_ptr + k0 + offs_k).to(tl.int64)  # [BLOCK_K] rows of w2t
+            w = tl.load(w_ptr + rows_w[:, None] * stride_wn + offs_n[None, :], mask=n_mask[None, :],
+                        other=0.0)  # [BLOCK_K, BLOCK_N] gathered
+            a = tl.load(a_ptrs)
+            if UPCAST:
+                w = w.to(tl.float32)
+                a = a.to(tl.float32)
+            acc = tl.dot(tl.trans(w), tl.trans(a), acc)
+            a_ptrs += BLOCK_K
+    offs_t = tl.arange(0, 16)  # the K tail: 16 is the smallest K a tl.dot compiles for
+    for k0 in range(k_full, k_hi, 16):
+        t = k0 + offs_t
+        t_mask = t < k_hi
+        a = tl.load(a_ptr + rows[:, None] * stride_am + t[None, :], mask=t_mask[None, :], other=0.0)
+        if FC1:
+            w = tl.load(w_ptr + neuron[:, None] * stride_wn + t[None, :], mask=t_mask[None, :], other=0.0)
+        else:
+            rows_w = tl.load(idx_ptr + t, mask=t_mask, other=0).to(tl.int64)
+            w = tl.trans(tl.load(w_ptr + rows_w[:, None] * stride_wn + offs_n[None, :],
+                                 mask=t_mask[:, None] & n_mask[None, :], other=0.0))
+        if UPCAST:
+            w = w.to(tl.float32)
+            a = a.to(tl.float32)
+        acc = tl.dot(w, tl.trans(a), acc)
+    return acc
+
+
+@triton.jit
+def _tile_store(acc, bias_ptr, out_ptr, offs_n, offs_m, neuron, n_mask, m_mask, stride_om,
+                FC1: tl.constexpr, HAS_BIAS: tl.constexpr, RELU: tl.constexpr):
+    """out[m, n] = act(acc[n, m] + bias): fc1's bias by neuron, fc2's by output column."""
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + (neuron if FC1 else offs_n), mask=n_mask, other=0.0).to(tl.float32)[:, None]
+    if RELU:
+        acc = tl.maximum(acc, 0.0)
+    out_ptrs = out_ptr + offs_m.to(tl.int64)[None, :] * stride_om + offs_n[:, None]
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=n_mask[:, None] & m_mask[None, :])
+
+
+@triton.jit
+def _tile_coords(tile_n, tile_m, idx_ptr, M, N_OUT, FC1: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr):
+    """A tile's columns (fc1: slots of idx; fc2: output columns), rows, and fc1's neuron ids. Slots
+    past k read neuron 0 and rows past M read row M - 1: valid memory, so the K loop's loads need
+    no mask (see the module docstring); the store drops those rows and columns."""
+    offs_n = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    n_mask = offs_n < N_OUT  # fc2: constant along each 16-column run (D_OUT specializes to a multiple of 16)
+    m_mask = offs_m < M
+    if FC1:
+        neuron = tl.load(idx_ptr + offs_n, mask=n_mask, other=0).to(tl.int64)  # [BLOCK_N] rows of w1
+    else:
+        neuron = offs_n.to(tl.int64)
+    rows = tl.minimum(offs_m, M - 1).to(tl.int64)  # [BLOCK_M]
+    return offs_n, offs_m, n_mask, m_mask, neuron, rows
 
 
 @triton.jit(do_not_specialize=["M", "K_SEL"])  # one compiled kernel for every batch size and selection length
-def _gather_fc1_kernel(
-    x_ptr, w1_ptr, idx_ptr, b1_ptr, h_ptr, ws_ptr,
-    M, K_SEL, D_IN, split_len,
-    stride_xm, stride_w1n, stride_hm, stride_wsm,
-    HAS_BIAS: tl.constexpr, RELU: tl.constexpr, UPCAST: tl.constexpr, SPLIT: tl.constexpr,
+def _gather_kernel(
+    a_ptr, w_ptr, idx_ptr, bias_ptr, out_ptr, ws_ptr,
+    M, K_SEL, D, split_len,
+    stride_am, stride_wn, stride_om, stride_wsm,
+    FC1: tl.constexpr, HAS_BIAS: tl.constexpr, RELU: tl.constexpr, UPCAST: tl.constexpr, SPLIT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)  # selected-neuron tile (many): axis 0 has no 65535 limit
-    pid_m = tl.program_id(1)  # 0 unless M > MAX_BLOCK_M
-    pid_k = tl.program_id(2)  # slice [pid_k * split_len, +split_len) of d
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # slots in idx
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    n_mask = offs_n < K_SEL
-    m_mask = offs_m < M
-    # Slots past k read neuron 0 and rows past M read row M - 1: valid memory, so the K loop's
-    # loads need no mask (see the module docstring); the store drops those rows and columns.
-    neuron = tl.load(idx_ptr + offs_n, mask=n_mask, other=0).to(tl.int64)  # [BLOCK_N] rows of w1
-    rows = tl.minimum(offs_m, M - 1).to(tl.int64)  # [BLOCK_M]
-    k_lo = pid_k * split_len
-    k_hi = tl.minimum(k_lo + split_len, D_IN)
+    """fc1 (FC1) or fc2 over a grid of (output tile, M tile, K slice) programs. D is d: fc1's
+    input width, fc2's output width."""
+    n_out = K_SEL if FC1 else D
+    k_loop = D if FC1 else K_SEL
+    offs_n, offs_m, n_mask, m_mask, neuron, rows = _tile_coords(
+        tl.program_id(0), tl.program_id(1), idx_ptr, M, n_out, FC1, BLOCK_M, BLOCK_N)
+    k_lo = tl.program_id(2) * split_len  # slice [k_lo, +split_len) of the K loop
+    k_hi = tl.minimum(k_lo + split_len, k_loop)
     k_full = k_lo + (k_hi - k_lo) // BLOCK_K * BLOCK_K  # end of the whole tiles
-    offs_k = tl.arange(0, BLOCK_K)
-    w_ptrs = w1_ptr + neuron[:, None] * stride_w1n + (k_lo + offs_k)[None, :]  # [BLOCK_N, BLOCK_K] gathered
-    x_ptrs = x_ptr + rows[:, None] * stride_xm + (k_lo + offs_k)[None, :]  # [BLOCK_M, BLOCK_K]
-    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)  # h^T tile
-    for _ in range(k_lo, k_full, BLOCK_K):
-        w = tl.load(w_ptrs)
-        x = tl.load(x_ptrs)
-        if UPCAST:  # the interpreter computes bf16 on raw bit patterns (env.md section 2)
-            w = w.to(tl.float32)
-            x = x.to(tl.float32)
-        acc = tl.dot(w, tl.trans(x), acc)
-        w_ptrs += BLOCK_K
-        x_ptrs += BLOCK_K
-    offs_t = tl.arange(0, 16)  # the K tail: 16 is the smallest K a tl.dot compiles for
-    for k0 in range(k_full, k_hi, 16):
-        t_mask = (k0 + offs_t) < k_hi
-        w = tl.load(w1_ptr + neuron[:, None] * stride_w1n + (k0 + offs_t)[None, :], mask=t_mask[None, :], other=0.0)
-        x = tl.load(x_ptr + rows[:, None] * stride_xm + (k0 + offs_t)[None, :], mask=t_mask[None, :], other=0.0)
-        if UPCAST:
-            w = w.to(tl.float32)
-            x = x.to(tl.float32)
-        acc = tl.dot(w, tl.trans(x), acc)
-    out_mask = n_mask[:, None] & m_mask[None, :]
+    acc = _tile_sum(a_ptr, w_ptr, idx_ptr, offs_n, rows, neuron, k_lo, k_full, k_hi, stride_am, stride_wn, n_mask,
+                    FC1, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
     if SPLIT:  # fp32 partial [pid_k, M, stride_wsm]; _split_k_epilogue_kernel adds bias and activation
-        ws_ptrs = ws_ptr + (pid_k * M + offs_m.to(tl.int64))[None, :] * stride_wsm + offs_n[:, None]
-        tl.store(ws_ptrs, acc, mask=out_mask)
+        ws_ptrs = ws_ptr + (tl.program_id(2) * M + offs_m.to(tl.int64))[None, :] * stride_wsm + offs_n[:, None]
+        tl.store(ws_ptrs, acc, mask=n_mask[:, None] & m_mask[None, :])
     else:
-        if HAS_BIAS:
-            acc += tl.load(b1_ptr + neuron, mask=n_mask, other=0.0).to(tl.float32)[:, None]
-        if RELU:
-            acc = tl.maximum(acc, 0.0)
-        h_ptrs = h_ptr + offs_m.to(tl.int64)[None, :] * stride_hm + offs_n[:, None]
-        tl.store(h_ptrs, acc.to(h_ptr.dtype.element_ty), mask=out_mask)
+        _tile_store(acc, bias_ptr, out_ptr, offs_n, offs_m, neuron, n_mask, m_mask, stride_om, FC1, HAS_BIAS, RELU)
 
 
 @triton.jit(do_not_specialize=["M", "K_SEL"])
-def _gather_fc2_kernel(
-    h_ptr, w2t_ptr, idx_ptr, b2_ptr, y_ptr, ws_ptr,
-    M, K_SEL, D_OUT, split_len,
-    stride_hm, stride_w2n, stride_ym, stride_wsm,
-    HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, SPLIT: tl.constexpr,
+def _gather_stream_kernel(
+    a_ptr, w_ptr, idx_ptr, bias_ptr, out_ptr, ws_ptr, count_ptr,
+    M, K_SEL, D, n_full, per, total, m_tiles,
+    stride_am, stride_wn, stride_om,
+    FC1: tl.constexpr, HAS_BIAS: tl.constexpr, RELU: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)  # output-column tile
-    pid_m = tl.program_id(1)
-    pid_k = tl.program_id(2)  # slice [pid_k * split_len, +split_len) of the selected neurons
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # output columns
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    n_mask = offs_n < D_OUT  # constant along each 16-column run (D_OUT specializes to a multiple of 16)
-    m_mask = offs_m < M
-    rows = tl.minimum(offs_m, M - 1).to(tl.int64)  # rows past M re-read row M - 1; the store drops them
-    k_lo = pid_k * split_len
-    k_hi = tl.minimum(k_lo + split_len, K_SEL)
-    k_full = k_lo + (k_hi - k_lo) // BLOCK_K * BLOCK_K
-    offs_k = tl.arange(0, BLOCK_K)
-    h_ptrs = h_ptr + rows[:, None] * stride_hm + (k_lo + offs_k)[None, :]  # [BLOCK_M, BLOCK_K]
-    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)  # y^T tile
-    for k0 in range(k_lo, k_full, BLOCK_K):
-        neuron = tl.load(idx_ptr + k0 + offs_k).to(tl.int64)  # [BLOCK_K] rows of w2t
-        w = tl.load(w2t_ptr + neuron[:, None] * stride_w2n + offs_n[None, :], mask=n_mask[None, :],
-                    other=0.0)  # [BLOCK_K, BLOCK_N] gathered
-        h = tl.load(h_ptrs)
-        if UPCAST:
-            w = w.to(tl.float32)
-            h = h.to(tl.float32)
-        acc = tl.dot(tl.trans(w), tl.trans(h), acc)
-        h_ptrs += BLOCK_K
-    offs_t = tl.arange(0, 16)  # the tail of the selection, 16 slots at a time
-    for k0 in range(k_full, k_hi, 16):
-        slots = k0 + offs_t
-        t_mask = slots < k_hi
-        neuron = tl.load(idx_ptr + slots, mask=t_mask, other=0).to(tl.int64)
-        w = tl.load(w2t_ptr + neuron[:, None] * stride_w2n + offs_n[None, :],
-                    mask=t_mask[:, None] & n_mask[None, :], other=0.0)
-        h = tl.load(h_ptr + rows[:, None] * stride_hm + slots[None, :], mask=t_mask[None, :], other=0.0)
-        if UPCAST:
-            w = w.to(tl.float32)
-            h = h.to(tl.float32)
-        acc = tl.dot(tl.trans(w), tl.trans(h), acc)
-    out_mask = n_mask[:, None] & m_mask[None, :]
-    if SPLIT:  # fp32 partial [pid_k, M, stride_wsm]; _split_k_epilogue_kernel adds the bias
-        ws_ptrs = ws_ptr + (pid_k * M + offs_m.to(tl.int64))[None, :] * stride_wsm + offs_n[:, None]
-        tl.store(ws_ptrs, acc, mask=out_mask)
-    else:
-        if HAS_BIAS:
-            acc += tl.load(b2_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
-        y_ptrs = y_ptr + offs_m.to(tl.int64)[None, :] * stride_ym + offs_n[:, None]
-        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
+    """fc1 or fc2 with the work split evenly ("stream-K"): the output tiles' whole BLOCK_K steps,
+    n_full per tile and `total` in all, are laid end to end and program p takes steps
+    [p * per, (p + 1) * per), so every program reads the same bytes whatever the tile count. A
+    tile that one program covers whole is written directly; the pieces of a tile cut between
+    programs go to fp32 partials (two slots per program: its first and its last piece), and the
+    last piece to arrive (kernels/arrivals.py) sums them and writes the tile."""
+    p = tl.program_id(0)
+    n_out = K_SEL if FC1 else D
+    k_loop = D if FC1 else K_SEL
+    start = p * per
+    end = tl.minimum(total, start + per)
+    cells = tl.arange(0, BLOCK_N)[:, None] * BLOCK_M + tl.arange(0, BLOCK_M)[None, :]  # a partial's layout
+    it = start
+    while it < end:
+        tile = it // n_full
+        k_first = it - tile * n_full  # this piece's steps [k_first, k_last) of the tile
+        k_last = tl.minimum(n_full, k_first + end - it)
+        offs_n, offs_m, n_mask, m_mask, neuron, rows = _tile_coords(
+            tile // m_tiles, tile % m_tiles, idx_ptr, M, n_out, FC1, BLOCK_M, BLOCK_N)
+        k_hi = tl.where(k_last == n_full, k_loop, k_last * BLOCK_K)  # the tile's last piece adds the tail
+        acc = _tile_sum(a_ptr, w_ptr, idx_ptr, offs_n, rows, neuron, k_first * BLOCK_K, k_last * BLOCK_K, k_hi,
+                        stride_am, stride_wn, n_mask, FC1, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
+        if (k_first == 0) & (k_last == n_full):
+            _tile_store(acc, bias_ptr, out_ptr, offs_n, offs_m, neuron, n_mask, m_mask, stride_om, FC1, HAS_BIAS,
+                        RELU)
+        else:
+            slot = 2 * p + (it != start).to(tl.int32)  # this program's first piece, or its last
+            tl.store(ws_ptr + slot.to(tl.int64) * (BLOCK_N * BLOCK_M) + cells, acc)
+            tl.debug_barrier()  # every thread's partial stored before the count below releases them
+            first = tile * n_full // per  # the programs holding a piece of this tile
+            last = ((tile + 1) * n_full - 1) // per
+            if tl.atomic_add(count_ptr + tile, 1, sem="acq_rel") == last - first:  # the last piece
+                tl.atomic_xchg(count_ptr + tile, 0)  # zero again for the next launch
+                acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+                for q in range(first, last + 1):
+                    q_slot = 2 * q + (q * per < tile * n_full).to(tl.int32)  # q began in an earlier tile: its last
+                    acc += tl.load(ws_ptr + q_slot.to(tl.int64) * (BLOCK_N * BLOCK_M) + cells, cache_modifier=".cg")
+                _tile_store(acc, bias_ptr, out_ptr, offs_n, offs_m, neuron, n_mask, m_mask, stride_om, FC1,
+                            HAS_BIAS, RELU)
+        it += k_last - k_first
 
 
 @triton.jit(do_not_specialize=["M", "N_OUT"])
@@ -286,24 +335,25 @@ def _split_plan(config: GemmConfig, k_loop: int) -> tuple[int, int]:
 def _launch(a: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor,
             k_loop: int, config: GemmConfig | None, fc1: bool, relu: bool = False) -> None:
     """Launch fc1 or fc2 into out [m, n_out], summing over k_loop (fc1: d; fc2: the k selected
-    neurons), and the split-K epilogue when the config splits K. Both kernels take the same
-    arguments; fc1 also takes its activation, and its bias is indexed by neuron."""
+    neurons): the stream-K kernel when the config asks for it, else the tile grid and, when the
+    config splits K, the split-K epilogue. fc1's bias is indexed by neuron."""
     m, n_out = out.shape
     interpret = a.device.type != "cuda"
     if config is None:
         config = _interpreter_config(m) if interpret else gpu_config(m, n_out, k_loop, _num_sms(a.device), fc1)
+    if config.stream and k_loop >= config.block_k:
+        _launch_stream(a, w, idx, bias, out, k_loop, config, fc1, relu)
+        return
     splits, split_len = _split_plan(config, k_loop)
     ws_stride = _pad16(n_out)
     ws = torch.empty(splits, m, ws_stride, device=a.device, dtype=torch.float32) if splits > 1 else out
-    kernel = _gather_fc1_kernel if fc1 else _gather_fc2_kernel
-    kernel[(triton.cdiv(n_out, config.block_n), triton.cdiv(m, config.block_m), splits)](
+    _gather_kernel[(triton.cdiv(n_out, config.block_n), triton.cdiv(m, config.block_m), splits)](
         a, w, idx, a if bias is None else bias, out, ws,
         m, idx.shape[0], w.shape[1], split_len,  # M, K_SEL, d (D_IN of fc1, D_OUT of fc2)
         a.stride(0), w.stride(0), out.stride(0), ws_stride,
-        HAS_BIAS=bias is not None, UPCAST=interpret, SPLIT=splits > 1,
+        FC1=fc1, HAS_BIAS=bias is not None, RELU=relu, UPCAST=interpret, SPLIT=splits > 1,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         num_warps=config.num_warps, num_stages=config.num_stages,
-        **({"RELU": relu} if fc1 else {}),
     )
     if splits > 1:
         _split_k_epilogue_kernel[(triton.cdiv(n_out, 128), triton.cdiv(m, 16))](
@@ -312,6 +362,33 @@ def _launch(a: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, bias: torch.Ten
             HAS_BIAS=bias is not None, BIAS_BY_IDX=fc1, RELU=relu,  # fc1's columns are the selected neurons
             BLOCK_M=16, BLOCK_N=128, num_warps=4,
         )
+
+
+def stream_plan(m: int, n_out: int, k_loop: int, config: GemmConfig, num_sms: int) -> tuple[int, int, int, int]:
+    """(programs, steps per program, total steps, tiles) of a stream-K launch: config.stream
+    programs per SM, each at least _MIN_STREAM_STEPS whole BLOCK_K steps (shorter pieces cost more
+    in partials and merges than they gain), the steps split as evenly as whole steps allow."""
+    tiles = triton.cdiv(n_out, config.block_n) * triton.cdiv(m, config.block_m)
+    total = tiles * (k_loop // config.block_k)
+    programs = max(1, min(config.stream * num_sms, total // _MIN_STREAM_STEPS))
+    per = triton.cdiv(total, programs)
+    return triton.cdiv(total, per), per, total, tiles
+
+
+def _launch_stream(a: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, bias: torch.Tensor | None,
+                   out: torch.Tensor, k_loop: int, config: GemmConfig, fc1: bool, relu: bool) -> None:
+    m, n_out = out.shape
+    interpret = a.device.type != "cuda"
+    programs, per, total, tiles = stream_plan(m, n_out, k_loop, config, 4 if interpret else _num_sms(a.device))
+    ws = torch.empty(2 * programs, config.block_n * config.block_m, device=a.device, dtype=torch.float32)
+    _gather_stream_kernel[(programs,)](
+        a, w, idx, a if bias is None else bias, out, ws, arrivals.counters(a.device, tiles),
+        m, idx.shape[0], w.shape[1], k_loop // config.block_k, per, total, triton.cdiv(m, config.block_m),
+        a.stride(0), w.stride(0), out.stride(0),
+        FC1=fc1, HAS_BIAS=bias is not None, RELU=relu, UPCAST=interpret,
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )
 
 
 def _check_common(name: str, a: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, kernel: bool) -> None:

@@ -5,7 +5,7 @@
 (no fc2 bias: under tensor parallelism the caller adds it once, after the all-reduce). Two plans
 compute that same function:
 * GATHER: gather_fc1 + gather_fc2 (kernels/gather_gemm.py), reading only the k selected rows of
-  each weight, with the split counts the measurement picked;
+  each weight, with the work split (K slices or stream-K) the measurement picked;
 * DENSE: cuBLAS on the full weights with the unselected neurons zeroed. h = relu(x @ w1.T + b),
   where b is b1 on the selected neurons and the dtype's lowest finite value elsewhere, so an
   unselected neuron's pre-activation is <= 0 (or -inf) and its ReLU exactly 0; then y = h @ w2t.
@@ -35,7 +35,9 @@ M to it anyway); k bins are N/32 wide, measured at the bin's largest k, so a bin
 measured at its most expensive GATHER. Each candidate is captured in a CUDA graph (as decode
 runs it; host launch time drops out) and its replays are timed with L2 flushed before each, as
 every layer's weights are cold when its turn comes. GATHER's fc1 and fc2 are timed separately
-at split counts around the cost model's (1, s / 2, s, 2 s), and the fastest of each is kept.
+at split counts around the cost model's (1, s / 2, s, 2 s) and as stream-K (1 and 2 programs
+per SM: every program reads the same bytes, so no SM idles while others finish a second tile),
+and the fastest of each is kept.
 On the CPU nothing is measured: the torch references (Backend.TORCH), or the kernels in the
 interpreter when Backend.TRITON is forced there.
 """
@@ -58,6 +60,7 @@ log = logging.getLogger(__name__)
 
 K_BINS = 32  # k is keyed in bins of N / K_BINS neurons
 REPS = 5  # timed graph replays per candidate (median); each ~5 us to 1 ms at OPT shapes
+STREAM_CANDIDATES = (1, 2)  # stream-K programs per SM timed next to the tile grid's splits
 
 
 class MlpPath(enum.Enum):
@@ -85,8 +88,14 @@ class MlpPlan:
     def describe(self) -> str:
         if self.path is MlpPath.DENSE:
             return "dense"
-        splits = "" if self.fc1 is None or self.fc2 is None else f" (splits {self.fc1.split_k}/{self.fc2.split_k})"
+        splits = "" if self.fc1 is None or self.fc2 is None else f" ({work_split(self.fc1)}/{work_split(self.fc2)})"
         return f"gather{splits}"
+
+
+def work_split(config: GemmConfig) -> str:
+    """How a config spreads the work: "split<s>" (a grid of tiles, K in s slices) or "stream<n>"
+    (stream-K, n programs per SM)."""
+    return f"stream{config.stream}" if config.stream else f"split{config.split_k}"
 
 
 def m_bucket(m: int) -> int:
@@ -185,8 +194,9 @@ class MlpDispatch:
         fc2: dict[GemmConfig, float] = {}
         for times, n_out, k_loop, is_fc1 in ((fc1, k, d, True), (fc2, d, k, False)):
             base = gather_gemm.gpu_config(m, n_out, k_loop, sms, is_fc1)
-            for s in split_candidates(base.split_k, k_loop, base.block_k):
-                c = replace(base, split_k=s)
+            candidates = [replace(base, split_k=s) for s in split_candidates(base.split_k, k_loop, base.block_k)]
+            candidates += [replace(base, split_k=1, stream=n) for n in STREAM_CANDIDATES]
+            for c in candidates:
                 times[c] = timer((lambda c=c: gather_gemm.gather_fc1(x, w1, idx, b1, config=c)) if is_fc1
                                  else (lambda c=c: gather_gemm.gather_fc2(h, w2t, idx, None, config=c)))
         return choose_plan(dense_ms, fc1, fc2)
@@ -195,12 +205,12 @@ class MlpDispatch:
 def choose_plan(dense_ms: float, fc1: dict[GemmConfig, float], fc2: dict[GemmConfig, float]) -> MlpPlan:
     """GATHER with the fastest fc1 and fc2 configs if their sum beats DENSE, else DENSE (ties: DENSE,
     which reads every weight once and needs no split)."""
-    best1 = min(fc1, key=lambda c: (fc1[c], c.split_k))
-    best2 = min(fc2, key=lambda c: (fc2[c], c.split_k))
+    best1 = min(fc1, key=lambda c: (fc1[c], c.stream, c.split_k))
+    best2 = min(fc2, key=lambda c: (fc2[c], c.stream, c.split_k))
     gather_ms = fc1[best1] + fc2[best2]
     times = {"dense": dense_ms, "gather": gather_ms}
-    times.update({f"fc1_split{c.split_k}": t for c, t in fc1.items()})
-    times.update({f"fc2_split{c.split_k}": t for c, t in fc2.items()})
+    times.update({f"fc1_{work_split(c)}": t for c, t in fc1.items()})
+    times.update({f"fc2_{work_split(c)}": t for c, t in fc2.items()})
     return MlpPlan(MlpPath.GATHER if gather_ms < dense_ms else MlpPath.DENSE, best1, best2, times)
 
 

@@ -9,8 +9,8 @@ sequence's tokens, cut by the step's work plan from the real lengths
 (kernels/attention_plan.py), so the cost depends on the tokens cached, not on how wide the
 block tables are padded. A program loads each K/V tile of its group once and uses it for all
 G = Hq // Hkv query heads of the group (rows of a tl.dot, padded to 16). A sequence kept whole
-writes its output directly; the chunks of a cut sequence write fp32 partials that a second
-kernel merges (log-sum-exp). B more programs of the same launch write the zeros of each
+writes its output directly; the chunks of a cut sequence write fp32 partials, and the last chunk
+to finish merges them (log-sum-exp) in the same launch (kernels/arrivals.py). B more programs of the same launch write the zeros of each
 sequence's unselected heads (no memset of out first). The grid depends only on the plan's
 capacity and k_max, so with a static-capacity plan a call captures into a CUDA graph; empty
 plan rows and slots whose head_table entry is -1 exit at once.
@@ -28,6 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels import arrivals
 from kernels.attention_plan import SEQ_FIELDS, AttentionPlan, num_sms, plan_attention
 
 # Head dims the kernel is tested for (D is a tl.arange length, so a power of two). Public: the
@@ -80,7 +81,7 @@ def _zero_unselected(ht_ptr, out_ptr, b, k_max, hq, stride_htb, stride_ob, strid
 @triton.jit
 def _select_attention_kernel(
     q_ptr, k_ptr, v_ptr, bt_ptr, seq_lens_ptr, ht_ptr, out_ptr, count_ptr, items_ptr, seqs_ptr,
-    o_part_ptr, m_part_ptr, l_part_ptr,
+    o_part_ptr, m_part_ptr, l_part_ptr, arrivals_ptr,
     scale_log2, k_max, batch, hq,
     stride_qb, stride_qh,
     stride_kb, stride_kh, stride_kt,
@@ -98,19 +99,20 @@ def _select_attention_kernel(
         n_work = tl.load(count_ptr) * k_max
         for w in range(pid, n_work + batch, tl.num_programs(0)):
             _work(w, n_work, q_ptr, k_ptr, v_ptr, bt_ptr, seq_lens_ptr, ht_ptr, out_ptr, items_ptr, seqs_ptr,
-                  o_part_ptr, m_part_ptr, l_part_ptr, scale_log2, k_max, hq, stride_qb, stride_qh,
+                  o_part_ptr, m_part_ptr, l_part_ptr, arrivals_ptr, scale_log2, k_max, hq, stride_qb, stride_qh,
                   stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
                   stride_btb, stride_htb, stride_ob, stride_oh, G, G_PAD, D, BLOCK_SIZE, BLOCK_N, UPCAST)
     else:
         _work(pid, tl.num_programs(0) - batch, q_ptr, k_ptr, v_ptr, bt_ptr, seq_lens_ptr, ht_ptr, out_ptr,
-              items_ptr, seqs_ptr, o_part_ptr, m_part_ptr, l_part_ptr, scale_log2, k_max, hq, stride_qb, stride_qh,
+              items_ptr, seqs_ptr, o_part_ptr, m_part_ptr, l_part_ptr, arrivals_ptr, scale_log2, k_max, hq,
+              stride_qb, stride_qh,
               stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
               stride_btb, stride_htb, stride_ob, stride_oh, G, G_PAD, D, BLOCK_SIZE, BLOCK_N, UPCAST)
 
 
 @triton.jit
 def _work(w, n_work, q_ptr, k_ptr, v_ptr, bt_ptr, seq_lens_ptr, ht_ptr, out_ptr, items_ptr, seqs_ptr,
-          o_part_ptr, m_part_ptr, l_part_ptr, scale_log2, k_max, hq, stride_qb, stride_qh,
+          o_part_ptr, m_part_ptr, l_part_ptr, arrivals_ptr, scale_log2, k_max, hq, stride_qb, stride_qh,
           stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
           stride_btb, stride_htb, stride_ob, stride_oh,
           G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
@@ -129,14 +131,14 @@ def _work(w, n_work, q_ptr, k_ptr, v_ptr, bt_ptr, seq_lens_ptr, ht_ptr, out_ptr,
             start = piece * size
             end = tl.minimum(start + size, tl.load(seq_lens_ptr + b))
             first_part = tl.load(seqs_ptr + b * 4 + 2)
-            whole = tl.load(seqs_ptr + b * 4 + 3) == 0  # the item is the whole sequence: write the output
-            prow0 = ((first_part + piece).to(tl.int64) * k_max + slot) * G  # its first partial row when cut
+            n_parts = tl.load(seqs_ptr + b * 4 + 3)  # 0: the item is the whole sequence, write the output
             b64 = b.to(tl.int64)
             grp64 = grp.to(tl.int64)
             _attend_group(q_ptr + b64 * stride_qb + grp64 * G * stride_qh, k_ptr + grp64 * stride_kh,
                           v_ptr + grp64 * stride_vh, bt_ptr + b64 * stride_btb,
                           out_ptr + b64 * stride_ob + grp64 * G * stride_oh, o_part_ptr, m_part_ptr, l_part_ptr,
-                          prow0, whole, start, end, scale_log2, stride_qh, stride_oh, stride_kb, stride_kt,
+                          arrivals_ptr + b64 * k_max + slot, first_part, piece, n_parts, slot, k_max, start, end,
+                          scale_log2, stride_qh, stride_oh, stride_kb, stride_kt,
                           stride_vb, stride_vt, G, G_PAD, D, BLOCK_SIZE, BLOCK_N, UPCAST)
 
 
@@ -158,14 +160,17 @@ def _tile_rows(k_base, v_base, page, pos, end, stride_kb, stride_kt, stride_vb, 
 
 
 @triton.jit
-def _attend_group(q_row, k_base, v_base, bt_row, o_row, o_part_ptr, m_part_ptr, l_part_ptr, prow0, whole,
-                  start, end, scale_log2, stride_qh, stride_oh, stride_kb, stride_kt, stride_vb, stride_vt,
+def _attend_group(q_row, k_base, v_base, bt_row, o_row, o_part_ptr, m_part_ptr, l_part_ptr, arrival_ptr,
+                  first_part, piece, n_parts, slot, k_max, start, end, scale_log2, stride_qh, stride_oh,
+                  stride_kb, stride_kt, stride_vb, stride_vt,
                   G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                   BLOCK_N: tl.constexpr, UPCAST: tl.constexpr):
     """The G query heads of one KV group over tokens [start, end): each K/V tile feeds all G rows
     through tl.dot, the rows padded to 16. (Multiply-adds in registers for MHA's one row, with
     no MMA, ran at 55-65% of the floor where this path runs at ~100%: the reductions over D and
-    over tokens cross threads and warps; benchmarks/KERNELS_NOTES.md, "Work plan".)"""
+    over tokens cross threads and warps; benchmarks/KERNELS_NOTES.md, "Work plan".)
+    A sequence cut into n_parts pieces: each piece writes fp32 partials, and the last of the
+    (sequence, slot)'s pieces to finish merges them into the output (kernels/arrivals.py)."""
     rows = tl.arange(0, G_PAD)
     cols = tl.arange(0, D)
     row_mask = rows < G
@@ -191,54 +196,46 @@ def _attend_group(q_row, k_base, v_base, bt_row, o_row, o_part_ptr, m_part_ptr, 
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
-    if whole:
+    if n_parts == 0:
         tl.store(o_row + rows[:, None] * stride_oh + cols[None, :], (acc / l_i[:, None]).to(o_row.dtype.element_ty),
                  mask=row_mask[:, None])
     else:
-        prow = prow0 + rows  # [G_PAD] partial rows
+        prow = ((first_part + piece).to(tl.int64) * k_max + slot) * G + rows  # [G_PAD] partial rows
         tl.store(o_part_ptr + prow[:, None] * D + cols[None, :], acc, mask=row_mask[:, None])
         tl.store(m_part_ptr + prow, m_i, mask=row_mask)
         tl.store(l_part_ptr + prow, l_i, mask=row_mask)
+        tl.debug_barrier()  # every thread's partials stored before the count below releases them
+        if tl.atomic_add(arrival_ptr, 1, sem="acq_rel") == n_parts - 1:  # the last piece to finish
+            tl.atomic_xchg(arrival_ptr, 0)  # zero again for the next launch
+            for r in tl.static_range(G):
+                _merge_row(o_part_ptr, m_part_ptr, l_part_ptr, o_row + r * stride_oh, first_part, n_parts, slot,
+                           k_max, r, G, D)
 
 
 @triton.jit
-def _merge_parts_kernel(
-    o_part_ptr, m_part_ptr, l_part_ptr, ht_ptr, seqs_ptr, out_ptr,
-    k_max, stride_htb, stride_ob, stride_oh,
-    G: tl.constexpr, D: tl.constexpr, PARTS: tl.constexpr,
-):
-    """Log-sum-exp merge of the partials of each cut sequence, PARTS at a time (any number)."""
-    pid = tl.program_id(0)  # (b * k_max + slot) * G + r
-    r = pid % G
-    pair = pid // G
-    b = pair // k_max
-    slot = pair % k_max
-    n = tl.load(seqs_ptr + b * 4 + 3)
-    if n == 0:  # not cut: its item wrote the output
-        return
-    grp = tl.load(ht_ptr + b.to(tl.int64) * stride_htb + slot)
-    if grp < 0:
-        return
-    first = tl.load(seqs_ptr + b * 4 + 2)
+def _merge_row(o_part_ptr, m_part_ptr, l_part_ptr, o_ptr, first_part, n_parts, slot, k_max, r,
+               G: tl.constexpr, D: tl.constexpr, PARTS: tl.constexpr = 8):
+    """Log-sum-exp merge of query head r's n_parts partials (PARTS at a time), written to o_ptr.
+    The partials are read from L2 (.cg): other programs wrote them during this launch."""
     cols = tl.arange(0, D)
     s = tl.arange(0, PARTS)
     m_run = tl.max(tl.full([PARTS], float("-inf"), tl.float32), 0)
     l_run = tl.sum(tl.zeros([PARTS], tl.float32), 0)
     acc = tl.zeros([D], tl.float32)
-    for p0 in range(0, n, PARTS):
-        s_mask = p0 + s < n
-        prow = ((first + p0 + s).to(tl.int64) * k_max + slot) * G + r  # [PARTS]
-        m = tl.load(m_part_ptr + prow, mask=s_mask, other=float("-inf"))
-        l_s = tl.load(l_part_ptr + prow, mask=s_mask, other=0.0)
-        o = tl.load(o_part_ptr + prow[:, None] * D + cols[None, :], mask=s_mask[:, None], other=0.0)
+    for p0 in range(0, n_parts, PARTS):
+        s_mask = p0 + s < n_parts
+        prow = ((first_part + p0 + s).to(tl.int64) * k_max + slot) * G + r  # [PARTS]
+        m = tl.load(m_part_ptr + prow, mask=s_mask, other=float("-inf"), cache_modifier=".cg")
+        l_s = tl.load(l_part_ptr + prow, mask=s_mask, other=0.0, cache_modifier=".cg")
+        o = tl.load(o_part_ptr + prow[:, None] * D + cols[None, :], mask=s_mask[:, None], other=0.0,
+                    cache_modifier=".cg")
         m_new = tl.maximum(m_run, tl.max(m, 0))  # finite: every part read >= 1 token
         alpha = tl.exp2(m_run - m_new)
         w = tl.exp2(m - m_new)  # [PARTS]; 0 for masked parts
         l_run = l_run * alpha + tl.sum(w * l_s, 0)
         acc = acc * alpha + tl.sum(w[:, None] * o, 0)
         m_run = m_new
-    o_ptrs = out_ptr + b.to(tl.int64) * stride_ob + (grp.to(tl.int64) * G + r) * stride_oh + cols
-    tl.store(o_ptrs, (acc / l_run).to(out_ptr.dtype.element_ty))
+    tl.store(o_ptr + cols, (acc / l_run).to(o_ptr.dtype.element_ty))
 
 
 def _check(q, k_cache, v_cache, block_tables, seq_lens, head_table, out, kernel: bool) -> None:
@@ -337,7 +334,7 @@ def _launch(q, k_cache, v_cache, block_tables, seq_lens, head_table, scale, out,
     grid = min(work, config.resident_per_sm * num_sms(q.device)) if persistent else work
     _select_attention_kernel[(grid,)](
         q, k_cache, v_cache, block_tables, seq_lens, head_table, out, plan.count, plan.items, plan.seqs,
-        o_part, m_part, l_part,
+        o_part, m_part, l_part, arrivals.counters(q.device, batch * k_max),
         scale * math.log2(math.e), k_max, batch, hq,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -348,12 +345,6 @@ def _launch(q, k_cache, v_cache, block_tables, seq_lens, head_table, scale, out,
         num_warps=config.num_warps, num_stages=config.num_stages,
         **({} if config.maxnreg is None else {"maxnreg": config.maxnreg}),
     )
-    if plan.num_parts:
-        _merge_parts_kernel[(batch * k_max * group,)](
-            o_part, m_part, l_part, head_table, plan.seqs, out,
-            k_max, head_table.stride(0), out.stride(0), out.stride(1),
-            G=group, D=d, PARTS=16, num_warps=4,
-        )
     return out
 
 

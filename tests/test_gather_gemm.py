@@ -9,8 +9,9 @@ from dataclasses import replace
 import pytest
 import torch
 
+from kernels import arrivals
 from kernels.gather_gemm import (_M_TILES, GemmConfig, gather_fc1, gather_fc1_ref, gather_fc2, gather_fc2_ref,
-                                 gpu_config, tile_config)
+                                 gpu_config, stream_plan, tile_config)
 from support.tolerance import assert_close_to_reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -65,6 +66,37 @@ def test_pair_split_k(m, k, bias, activation):
     x, w1, w2t, b1, b2, idx = _make(m, 200, 300, k, torch.bfloat16, bias, gen)
     config = GemmConfig(min(256, max(16, 1 << (m - 1).bit_length())), 64, 32, split_k=3)
     _check_pair(x, w1, w2t, b1, b2, idx, activation, config, config)
+
+
+# Stream-K: (M, d, k, BLOCK_K, programs per SM); the interpreter counts 4 SMs. Cases cut one tile
+# between up to 8 programs (d 512 at BLOCK_K 16: 32 steps, 4 per program), cut tiles unevenly
+# across program boundaries (9 steps over 2 programs), leave whole tiles between cut ones, run a
+# K tail in the tile's last piece (d 200, k 77), and span M tiles (M 300).
+STREAM_CASES = [(5, 512, 40, 16, 2), (20, 96, 160, 32, 2), (1, 200, 77, 32, 1), (48, 200, 300, 16, 3),
+                (300, 64, 50, 16, 1)]
+
+
+@pytest.mark.parametrize("m,d,k,block_k,stream", STREAM_CASES)
+@pytest.mark.parametrize("bias,activation", [(True, "relu"), (False, "identity")])
+def test_pair_stream_k(m, d, k, block_k, stream, bias, activation):
+    gen = torch.Generator().manual_seed(m + d + k + bias)
+    x, w1, w2t, b1, b2, idx = _make(m, d, 320, k, torch.bfloat16, bias, gen)
+    config = GemmConfig(min(256, max(16, 1 << (m - 1).bit_length())), 64, block_k, stream=stream)
+    _check_pair(x, w1, w2t, b1, b2, idx, activation, config, config)
+    # every launch leaves its arrival counters at 0 for the next one
+    assert not arrivals.counters(x.device, 64).any()
+
+
+def test_stream_plan_covers_every_step_once():
+    """Programs take [p * per, (p + 1) * per) of the steps: all steps, none twice, none empty,
+    and at least 4 steps each unless the whole launch has fewer."""
+    for m, n_out, k_loop, block_k, stream, sms in [(32, 12288, 4096, 128, 2, 132), (1, 819, 4096, 128, 1, 132),
+                                                   (64, 4096, 1000, 128, 2, 132), (300, 64, 64, 16, 1, 4)]:
+        config = GemmConfig(min(256, max(16, 1 << (m - 1).bit_length())), 64, block_k, stream=stream)
+        programs, per, total, tiles = stream_plan(m, n_out, k_loop, config, sms)
+        assert total == tiles * (k_loop // block_k)
+        assert programs <= stream * sms and (per >= 4 or programs == 1)
+        assert (programs - 1) * per < total <= programs * per  # the last program has work
 
 
 def test_more_rows_than_one_tile():
@@ -141,6 +173,27 @@ def test_gpu_forced_split_k(split_k, m):
     config1 = replace(tile_config(m, fc1=True), split_k=split_k)
     config2 = replace(tile_config(m, fc1=False), split_k=split_k)
     _check_pair(x, w1, w2t, b1, b2, idx, config1=config1, config2=config2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("stream", [1, 2])
+@pytest.mark.parametrize("m,k", [(1, 1637), (64, 8191), (130, 12000)])
+def test_gpu_stream_k(stream, m, k):
+    """Stream-K at OPT-6.7B's shape, eager and in a CUDA graph replayed three times (the arrival
+    counters return to 0 after every launch, so every replay merges the same way)."""
+    gen = torch.Generator().manual_seed(stream * 100 + m)
+    x, w1, w2t, b1, b2, idx = _make(m, 4096, 16384, k, torch.bfloat16, True, gen)
+    config1 = replace(tile_config(m, fc1=True), stream=stream)
+    config2 = replace(tile_config(m, fc1=False), stream=stream)
+    _, eager = _check_pair(x, w1, w2t, b1, b2, idx, config1=config1, config2=config2)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = gather_fc2(gather_fc1(x, w1, idx, b1, config=config1), w2t, idx, b2, config=config2)
+    for _ in range(3):
+        y.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(y, eager)
 
 
 @pytest.mark.gpu

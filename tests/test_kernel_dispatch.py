@@ -160,6 +160,10 @@ def test_choose_plan() -> None:
     assert plan.path is MlpPath.GATHER and plan.fc1 == c[1] and plan.fc2 == c[0]  # ties: fewer splits
     assert plan.measured_ms["gather"] == pytest.approx(0.25)
     assert choose_plan(0.25, {c[0]: 0.1}, {c[0]: 0.15}).path is MlpPath.DENSE  # a tie goes to dense
+    stream = GemmConfig(16, 64, 128, stream=2)
+    plan = choose_plan(0.5, {c[0]: 0.2, stream: 0.05}, {c[0]: 0.15, stream: 0.15})
+    assert plan.fc1 == stream and plan.fc2 == c[0]  # ties: the tile grid
+    assert plan.measured_ms["fc1_stream2"] == 0.05 and plan.describe() == "gather (stream2/split1)"
 
 
 @pytest.mark.gpu

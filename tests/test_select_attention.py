@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from kernels import arrivals
 from kernels.attention_plan import plan_attention, plan_capacity
 from kernels.select_attention import AttentionConfig, _launch, select_attention, select_attention_ref
 from support.tolerance import assert_close_to_reference
@@ -96,14 +97,17 @@ def test_batch_one_and_block_sizes(block_size):
 @pytest.mark.parametrize("resident", [2, None])  # persistent grid; one program per plan row
 def test_many_lengths_cut_into_chunks_with_a_padded_plan(resident):
     """Lengths around tile and chunk edges, some sequences cut into up to 19 chunks (more than
-    the merge loads at once), in a plan with empty rows past its items (a graph's capacity)."""
+    the merge loads at once), in a plan with empty rows past its items (a graph's capacity). The
+    last chunk of each cut (sequence, slot) merges, and leaves its arrival counter at 0."""
     gen = torch.Generator().manual_seed(7)
     lens = [1, 15, 16, 17, 100, 255, 300]
     case = _make_case(len(lens), 2, 2, 64, 16, 20, 2, torch.float16, lens, gen)
     plan = _plan(case, chunk_tokens=16, capacity=60, block_n=16)
     assert plan.num_parts > 16 and int((plan.items < 0).sum()) > 0
-    out = _launch(*case, 0.2, None, plan, AttentionConfig(block_n=16, num_stages=1, resident_per_sm=resident))
-    _check_close(out, case, 0.2)
+    for _ in range(2):  # a second launch merges the same way
+        out = _launch(*case, 0.2, None, plan, AttentionConfig(block_n=16, num_stages=1, resident_per_sm=resident))
+        _check_close(out, case, 0.2)
+        assert not arrivals.counters(out.device, len(lens) * 2).any()
     _check_close(select_attention(*case, 0.2), case, 0.2)  # the plan built from seq_lens
 
 
@@ -269,6 +273,7 @@ def test_gpu_cuda_graph_capture():
     from kernels.attention_plan import plan_views
     captured = plan_views(flat, capacity, 4, capacity)  # partials sized for any plan of this capacity
     out = torch.empty_like(case[0])
+    select_attention(*case, 0.1, out=out, plan=captured)  # once eagerly first, as DecodeGraphs does
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
@@ -281,6 +286,7 @@ def test_gpu_cuda_graph_capture():
         torch.cuda.synchronize()
         assert torch.equal(out, eager)
     assert plans[1].num_parts > 0  # the second plan cut sequences: the merge ran in the graph
+    assert not arrivals.counters(out.device, 4 * 3).any()  # and left its arrival counters at 0
     with pytest.raises(ValueError, match="needs a plan"):
         with torch.cuda.graph(torch.cuda.CUDAGraph()):
             select_attention(*case, 0.1, out=out)
