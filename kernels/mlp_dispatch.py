@@ -46,20 +46,18 @@ from __future__ import annotations
 
 import enum
 import logging
-import statistics
 from dataclasses import dataclass, field, replace
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 from kernels import gather_gemm
+from kernels.graph_timer import REPS, GraphTimer
 from kernels.gather_gemm import GemmConfig
 
 log = logging.getLogger(__name__)
 
 K_BINS = 32  # k is keyed in bins of N / K_BINS neurons
-REPS = 5  # timed graph replays per candidate (median); each ~5 us to 1 ms at OPT shapes
 STREAM_CANDIDATES = (1, 2)  # stream-K programs per SM timed next to the tile grid's splits
 
 
@@ -188,7 +186,7 @@ class MlpDispatch:
         idx = torch.randperm(n, generator=gen)[:k].sort().values.to(device=dev, dtype=torch.int32)
         h = gather_gemm.gather_fc1(x, w1, idx, b1)  # fc2's input
         sms = gather_gemm._num_sms(dev)
-        timer = _GraphTimer(torch.empty(2 * _l2_bytes(dev), dtype=torch.int8, device=dev), self.reps)
+        timer = GraphTimer(dev, self.reps)
         dense_ms = timer(lambda: dense_masked_mlp(x, w1, b1, w2t, idx))
         fc1: dict[GemmConfig, float] = {}
         fc2: dict[GemmConfig, float] = {}
@@ -221,46 +219,3 @@ def split_candidates(s: int, k_loop: int, block_k: int) -> list[int]:
         if c not in out and c <= gather_gemm._MAX_SPLITS and (c == 1 or k_loop // c >= 2 * block_k):
             out.append(c)
     return out
-
-
-def time_graphs_ms(fns: list[Callable[[], torch.Tensor]], device: torch.device, reps: int = REPS) -> list[float]:
-    """Median ms of each callable's CUDA-graph replays, L2 flushed before each (as _measure times
-    its candidates); call outside any capture."""
-    timer = _GraphTimer(torch.empty(2 * _l2_bytes(device), dtype=torch.int8, device=device), reps)
-    return [timer(fn) for fn in fns]
-
-
-def _l2_bytes(device: torch.device) -> int:
-    return int(getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 64 << 20))
-
-
-class _GraphTimer:
-    """Median ms of a callable's CUDA-graph replays, L2 flushed before each."""
-
-    def __init__(self, flush: torch.Tensor, reps: int) -> None:
-        self.flush, self.reps = flush, reps
-        self.stream = torch.cuda.Stream(flush.device)  # captures must not use the legacy default stream
-
-    def __call__(self, fn: Callable[[], torch.Tensor]) -> float:
-        fn()  # compile (Triton) / pick kernels (cuBLAS) outside the capture
-        graph = torch.cuda.CUDAGraph()
-        # capture_begin/end on a side stream, not torch.cuda.graph(): that one also runs
-        # gc.collect() and empty_cache() per capture, tens of ms in a loaded server process.
-        self.stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(self.stream):
-            graph.capture_begin()
-            try:
-                fn()
-            finally:
-                graph.capture_end()
-        torch.cuda.current_stream().wait_stream(self.stream)
-        graph.replay()  # warm: the first replay uploads the graph
-        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-                  for _ in range(self.reps)]
-        for start, end in events:
-            self.flush.zero_()
-            start.record()
-            graph.replay()
-            end.record()
-        torch.cuda.synchronize()
-        return statistics.median(start.elapsed_time(end) for start, end in events)

@@ -204,3 +204,64 @@ def test_gpu_density_1_is_cublas() -> None:
     torch.testing.assert_close(ops.sparse_mlp(x, w1, b1, w2t, idx),
                                torch.nn.functional.linear(x, w1, b1).relu_() @ w2t, rtol=0, atol=0)
     assert ops._mlp_dispatch is None or not ops._mlp_dispatch.plans  # nothing measured
+
+
+def test_linear_dispatch_choice_and_capture(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The decision logic with the GPU timing replaced: cuBLAS unless a stream-K config beats it by
+    the margin; one measurement per (shape, M bucket); a miss while capturing runs cuBLAS and
+    caches nothing; calls the kernel cannot take (off CUDA, M past 256) are never measured."""
+    from kernels import linear_dispatch
+    from kernels.gather_gemm import GemmConfig
+    from kernels.linear_dispatch import MARGIN, LinearDispatch, LinearPlan, choose
+
+    configs = {"stream1": GemmConfig(16, 64, 128, stream=1), "stream2": GemmConfig(16, 64, 128, stream=2)}
+    assert choose({"cublas": 1.0, "stream1": 0.9, "stream2": 0.8}, configs).config == configs["stream2"]
+    assert choose({"cublas": 1.0, "stream1": 1.0 - MARGIN / 2, "stream2": 1.1}, configs).config is None
+    measured: list = []
+    capturing = [False]
+    monkeypatch.setattr(linear_dispatch, "takes", lambda x, w: x.shape[0] <= 256)
+    monkeypatch.setattr(LinearDispatch, "_capturing", staticmethod(lambda: capturing[0]))
+    monkeypatch.setattr(LinearDispatch, "_measure", lambda self, key, *a: measured.append(key) or LinearPlan(None))
+    dispatch = LinearDispatch()
+    w = torch.randn(48, 32)
+    for m in (1, 5, 16):
+        assert torch.equal(dispatch.linear(torch.ones(m, 32), w, None), torch.ones(m, 32) @ w.T)
+    assert [k.m_bucket for k in measured] == [16]
+    capturing[0] = True
+    dispatch.plan(torch.ones(40, 32), w, None)
+    assert len(measured) == 1 and len(dispatch.plans) == 1
+    capturing[0] = False
+    dispatch.plan(torch.ones(300, 32), w, None)  # prefill sizes: cuBLAS, unmeasured
+    assert len(measured) == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m,n,k,bias", [(1, 4096, 4096, False), (32, 12320, 4096, True), (64, 4096, 11008, False)])
+def test_gpu_skinny_linear_and_its_dispatch(m: int, n: int, k: int, bias: bool) -> None:
+    """Stream-K skinny GEMM against cuBLAS at Llama shapes (bf16, fp32 reference), and what the
+    dispatch runs for the shape gives the same result eagerly and from a CUDA graph."""
+    from kernels.gather_gemm import GemmConfig, skinny_linear, tile_config
+    from support.tolerance import assert_close_to_reference
+    from dataclasses import replace
+
+    gen = torch.Generator().manual_seed(m + n)
+    x = torch.randn(m, k, generator=gen).to("cuda", torch.bfloat16)
+    w = (torch.randn(n, k, generator=gen) / k**0.5).to("cuda", torch.bfloat16)
+    b = torch.randn(n, generator=gen).to("cuda", torch.bfloat16) if bias else None
+    ref32 = torch.nn.functional.linear(x.float(), w.float(), None if b is None else b.float())
+    ref16 = torch.nn.functional.linear(x, w, b)
+    for stream in (1, 2):
+        assert_close_to_reference(skinny_linear(x, w, b, replace(tile_config(m, fc1=True), stream=stream)),
+                                  ref32, ref16, what=f"stream{stream}")
+    assert_close_to_reference(skinny_linear(x, w, b, GemmConfig(tile_config(m, True).block_m, 64, 128, split_k=3)),
+                              ref32, ref16, what="split3")
+    ops = KernelOps(Backend.TRITON)
+    eager = ops.linear(x, w, b)
+    assert_close_to_reference(eager, ref32, ref16, what="dispatched")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = ops.linear(x, w, b)
+    captured.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(captured, eager)

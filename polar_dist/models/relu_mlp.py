@@ -37,8 +37,10 @@ class ReluMLP(nn.Module):
     def __init__(self, ctx: BuildContext) -> None:
         super().__init__()
         d, n_local = ctx.spec.hidden_size, ctx.plan.intermediate_size_local
-        self.fc1 = ColumnParallelLinear(d, n_local, bias=True, dtype=ctx.dtype, device=ctx.device)
-        self.fc2 = RowParallelLinear(n_local, d, bias=True, comm=ctx.comm, dtype=ctx.dtype, device=ctx.device)
+        self.fc1 = ColumnParallelLinear(d, n_local, bias=True, dtype=ctx.dtype, device=ctx.device,
+                                        linear=ctx.ops.linear)
+        self.fc2 = RowParallelLinear(n_local, d, bias=True, comm=ctx.comm, dtype=ctx.dtype, device=ctx.device,
+                                     linear=ctx.ops.linear)
         self.fc1_output = Tap()  # (T, N_local) before the ReLU: neuron labels are > 0
 
     def forward(self, x: torch.Tensor, batch: AttentionBatch, router_input: torch.Tensor) -> torch.Tensor:
@@ -102,7 +104,7 @@ class NeuronSparseMLP(nn.Module):
             return pays
         if x.device.type != "cuda" or torch.cuda.is_current_stream_capturing():
             return True
-        from kernels.mlp_dispatch import time_graphs_ms  # imports triton: only where its kernels run
+        from kernels.graph_timer import time_graphs_ms  # imports triton: only where its kernels run
 
         times = time_graphs_ms([lambda: self._sparse(x, router_input, num_rows, k), lambda: self._dense(x)], x.device)
         sparse_ms, dense_ms = self.comm.all_reduce(torch.tensor(times, device=x.device)).tolist()

@@ -1,0 +1,57 @@
+"""Timing of candidate kernels as decode runs them: captured in a CUDA graph (host launch time
+drops out), replays timed with L2 flushed before each (every layer's weights are cold when its
+turn comes), the median of a few. The measured dispatchers (kernels/mlp_dispatch.py,
+kernels/linear_dispatch.py) time their candidates with it, outside any capture.
+"""
+
+from __future__ import annotations
+
+import statistics
+from typing import Callable
+
+import torch
+
+REPS = 5  # timed graph replays per candidate (median); each ~5 us to 1 ms at decode shapes
+
+
+def l2_bytes(device: torch.device) -> int:
+    return int(getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 64 << 20))
+
+
+class GraphTimer:
+    """Median ms of a callable's CUDA-graph replays, L2 flushed before each."""
+
+    def __init__(self, device: torch.device, reps: int = REPS) -> None:
+        self.flush = torch.empty(2 * l2_bytes(device), dtype=torch.int8, device=device)
+        self.reps = reps
+        self.stream = torch.cuda.Stream(device)  # captures must not use the legacy default stream
+
+    def __call__(self, fn: Callable[[], torch.Tensor]) -> float:
+        fn()  # compile (Triton) / pick kernels (cuBLAS) outside the capture
+        graph = torch.cuda.CUDAGraph()
+        # capture_begin/end on a side stream, not torch.cuda.graph(): that one also runs
+        # gc.collect() and empty_cache() per capture, tens of ms in a loaded server process.
+        self.stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.stream):
+            graph.capture_begin()
+            try:
+                fn()
+            finally:
+                graph.capture_end()
+        torch.cuda.current_stream().wait_stream(self.stream)
+        graph.replay()  # warm: the first replay uploads the graph
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                  for _ in range(self.reps)]
+        for start, end in events:
+            self.flush.zero_()
+            start.record()
+            graph.replay()
+            end.record()
+        torch.cuda.synchronize()
+        return statistics.median(start.elapsed_time(end) for start, end in events)
+
+
+def time_graphs_ms(fns: list[Callable[[], torch.Tensor]], device: torch.device, reps: int = REPS) -> list[float]:
+    """Median ms of each callable's CUDA-graph replays, L2 flushed before each; call outside any capture."""
+    timer = GraphTimer(device, reps)
+    return [timer(fn) for fn in fns]
