@@ -26,7 +26,6 @@ import torch
 
 if TYPE_CHECKING:  # imported for annotations only: the op modules load on first call
     from kernels.attention_plan import AttentionPlan
-    from kernels.linear_dispatch import LinearDispatch
     from kernels.mlp_dispatch import MlpDispatch, MlpPlan
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16)
@@ -60,7 +59,6 @@ class KernelOps:
         self.backend = backend
         self._triton = backend is Backend.TRITON
         self._mlp_dispatch: MlpDispatch | None = None  # the measured MLP plans; made on first use
-        self._linear_dispatch: LinearDispatch | None = None  # the measured linear plans; made on first use
 
     def __repr__(self) -> str:
         return f"KernelOps({self.backend.value})"
@@ -136,20 +134,6 @@ class KernelOps:
         if self._mlp_dispatch is None:
             self._mlp_dispatch = mlp_dispatch.MlpDispatch()
         return self._mlp_dispatch.plan(x, w1, b1, w2t, k)
-
-    def linear(
-        self,
-        x: torch.Tensor,  # [T, K]
-        w: torch.Tensor,  # [N, K]
-        bias: torch.Tensor | None,  # [N]
-    ) -> torch.Tensor:  # [T, N]
-        """x @ w.T + bias: cuBLAS, or at decode's few rows on CUDA the stream-K skinny GEMM where the
-        device measured it faster for this (shape, M bucket); see kernels/linear_dispatch.py."""
-        if not self._triton:
-            return torch.nn.functional.linear(x, w, bias)
-        if self._linear_dispatch is None:
-            self._linear_dispatch = _module("linear_dispatch").LinearDispatch()
-        return self._linear_dispatch.linear(x, w, bias)
 
     def route_heads(
         self,

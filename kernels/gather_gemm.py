@@ -153,20 +153,17 @@ def _tile_store(acc, bias_ptr, out_ptr, offs_n, offs_m, neuron, n_mask, m_mask, 
 
 
 @triton.jit
-def _tile_coords(tile_n, tile_m, idx_ptr, M, N_OUT, FC1: tl.constexpr, GATHER: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """A tile's columns (fc1: slots of idx, or rows of w1 when not GATHER; fc2: output columns),
-    rows, and fc1's neuron ids. Slots past k read a valid neuron and rows past M read row M - 1:
-    valid memory, so the K loop's loads need no mask (see the module docstring); the store drops
-    those rows and columns."""
+def _tile_coords(tile_n, tile_m, idx_ptr, M, N_OUT, FC1: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr):
+    """A tile's columns (fc1: slots of idx; fc2: output columns), rows, and fc1's neuron ids. Slots
+    past k read neuron 0 and rows past M read row M - 1: valid memory, so the K loop's loads need
+    no mask (see the module docstring); the store drops those rows and columns."""
     offs_n = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
     n_mask = offs_n < N_OUT  # fc2: constant along each 16-column run (D_OUT specializes to a multiple of 16)
     m_mask = offs_m < M
-    if FC1 and GATHER:
+    if FC1:
         neuron = tl.load(idx_ptr + offs_n, mask=n_mask, other=0).to(tl.int64)  # [BLOCK_N] rows of w1
-    elif FC1:
-        neuron = tl.minimum(offs_n, N_OUT - 1).to(tl.int64)
     else:
         neuron = offs_n.to(tl.int64)
     rows = tl.minimum(offs_m, M - 1).to(tl.int64)  # [BLOCK_M]
@@ -178,8 +175,7 @@ def _gather_kernel(
     a_ptr, w_ptr, idx_ptr, bias_ptr, out_ptr, ws_ptr,
     M, K_SEL, D, split_len,
     stride_am, stride_wn, stride_om, stride_wsm,
-    FC1: tl.constexpr, GATHER: tl.constexpr, HAS_BIAS: tl.constexpr, RELU: tl.constexpr, UPCAST: tl.constexpr,
-    SPLIT: tl.constexpr,
+    FC1: tl.constexpr, HAS_BIAS: tl.constexpr, RELU: tl.constexpr, UPCAST: tl.constexpr, SPLIT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """fc1 (FC1) or fc2 over a grid of (output tile, M tile, K slice) programs. D is d: fc1's
@@ -187,7 +183,7 @@ def _gather_kernel(
     n_out = K_SEL if FC1 else D
     k_loop = D if FC1 else K_SEL
     offs_n, offs_m, n_mask, m_mask, neuron, rows = _tile_coords(
-        tl.program_id(0), tl.program_id(1), idx_ptr, M, n_out, FC1, GATHER, BLOCK_M, BLOCK_N)
+        tl.program_id(0), tl.program_id(1), idx_ptr, M, n_out, FC1, BLOCK_M, BLOCK_N)
     k_lo = tl.program_id(2) * split_len  # slice [k_lo, +split_len) of the K loop
     k_hi = tl.minimum(k_lo + split_len, k_loop)
     k_full = k_lo + (k_hi - k_lo) // BLOCK_K * BLOCK_K  # end of the whole tiles
@@ -205,7 +201,7 @@ def _gather_stream_kernel(
     a_ptr, w_ptr, idx_ptr, bias_ptr, out_ptr, ws_ptr, count_ptr,
     M, K_SEL, D, n_full, per, total, m_tiles,
     stride_am, stride_wn, stride_om,
-    FC1: tl.constexpr, GATHER: tl.constexpr, HAS_BIAS: tl.constexpr, RELU: tl.constexpr, UPCAST: tl.constexpr,
+    FC1: tl.constexpr, HAS_BIAS: tl.constexpr, RELU: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """fc1 or fc2 with the work split evenly ("stream-K"): the output tiles' whole BLOCK_K steps,
@@ -226,7 +222,7 @@ def _gather_stream_kernel(
         k_first = it - tile * n_full  # this piece's steps [k_first, k_last) of the tile
         k_last = tl.minimum(n_full, k_first + end - it)
         offs_n, offs_m, n_mask, m_mask, neuron, rows = _tile_coords(
-            tile // m_tiles, tile % m_tiles, idx_ptr, M, n_out, FC1, GATHER, BLOCK_M, BLOCK_N)
+            tile // m_tiles, tile % m_tiles, idx_ptr, M, n_out, FC1, BLOCK_M, BLOCK_N)
         k_hi = tl.where(k_last == n_full, k_loop, k_last * BLOCK_K)  # the tile's last piece adds the tail
         acc = _tile_sum(a_ptr, w_ptr, idx_ptr, offs_n, rows, neuron, k_first * BLOCK_K, k_last * BLOCK_K, k_hi,
                         stride_am, stride_wn, n_mask, FC1, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
@@ -336,12 +332,11 @@ def _split_plan(config: GemmConfig, k_loop: int) -> tuple[int, int]:
     return max(1, triton.cdiv(k_loop, split_len)), split_len
 
 
-def _launch(a: torch.Tensor, w: torch.Tensor, idx: torch.Tensor | None, bias: torch.Tensor | None,
-            out: torch.Tensor, k_loop: int, config: GemmConfig | None, fc1: bool, relu: bool = False) -> None:
+def _launch(a: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor,
+            k_loop: int, config: GemmConfig | None, fc1: bool, relu: bool = False) -> None:
     """Launch fc1 or fc2 into out [m, n_out], summing over k_loop (fc1: d; fc2: the k selected
     neurons): the stream-K kernel when the config asks for it, else the tile grid and, when the
-    config splits K, the split-K epilogue. fc1's bias is indexed by neuron; fc1 with idx None
-    reads every row of w (a dense linear)."""
+    config splits K, the split-K epilogue. fc1's bias is indexed by neuron."""
     m, n_out = out.shape
     interpret = a.device.type != "cuda"
     if config is None:
@@ -353,20 +348,18 @@ def _launch(a: torch.Tensor, w: torch.Tensor, idx: torch.Tensor | None, bias: to
     ws_stride = _pad16(n_out)
     ws = torch.empty(splits, m, ws_stride, device=a.device, dtype=torch.float32) if splits > 1 else out
     _gather_kernel[(triton.cdiv(n_out, config.block_n), triton.cdiv(m, config.block_m), splits)](
-        a, w, w if idx is None else idx, a if bias is None else bias, out, ws,
-        m, n_out if idx is None else idx.shape[0], w.shape[1], split_len,  # M, K_SEL, d (fc1's D_IN, fc2's D_OUT)
+        a, w, idx, a if bias is None else bias, out, ws,
+        m, idx.shape[0], w.shape[1], split_len,  # M, K_SEL, d (D_IN of fc1, D_OUT of fc2)
         a.stride(0), w.stride(0), out.stride(0), ws_stride,
-        FC1=fc1, GATHER=idx is not None, HAS_BIAS=bias is not None, RELU=relu, UPCAST=interpret,
-        SPLIT=splits > 1,
+        FC1=fc1, HAS_BIAS=bias is not None, RELU=relu, UPCAST=interpret, SPLIT=splits > 1,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     if splits > 1:
         _split_k_epilogue_kernel[(triton.cdiv(n_out, 128), triton.cdiv(m, 16))](
-            ws, ws if idx is None else idx, out if bias is None else bias, out,
+            ws, idx, out if bias is None else bias, out,
             m, n_out, splits, ws_stride, out.stride(0),
-            # fc1's columns are the selected neurons
-            HAS_BIAS=bias is not None, BIAS_BY_IDX=fc1 and idx is not None, RELU=relu,
+            HAS_BIAS=bias is not None, BIAS_BY_IDX=fc1, RELU=relu,  # fc1's columns are the selected neurons
             BLOCK_M=16, BLOCK_N=128, num_warps=4,
         )
 
@@ -382,18 +375,17 @@ def stream_plan(m: int, n_out: int, k_loop: int, config: GemmConfig, num_sms: in
     return triton.cdiv(total, per), per, total, tiles
 
 
-def _launch_stream(a: torch.Tensor, w: torch.Tensor, idx: torch.Tensor | None, bias: torch.Tensor | None,
+def _launch_stream(a: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, bias: torch.Tensor | None,
                    out: torch.Tensor, k_loop: int, config: GemmConfig, fc1: bool, relu: bool) -> None:
     m, n_out = out.shape
     interpret = a.device.type != "cuda"
     programs, per, total, tiles = stream_plan(m, n_out, k_loop, config, 4 if interpret else _num_sms(a.device))
     ws = torch.empty(2 * programs, config.block_n * config.block_m, device=a.device, dtype=torch.float32)
     _gather_stream_kernel[(programs,)](
-        a, w, w if idx is None else idx, a if bias is None else bias, out, ws, arrivals.counters(a.device, tiles),
-        m, n_out if idx is None else idx.shape[0], w.shape[1], k_loop // config.block_k, per, total,
-        triton.cdiv(m, config.block_m),
+        a, w, idx, a if bias is None else bias, out, ws, arrivals.counters(a.device, tiles),
+        m, idx.shape[0], w.shape[1], k_loop // config.block_k, per, total, triton.cdiv(m, config.block_m),
         a.stride(0), w.stride(0), out.stride(0),
-        FC1=fc1, GATHER=idx is not None, HAS_BIAS=bias is not None, RELU=relu, UPCAST=interpret,
+        FC1=fc1, HAS_BIAS=bias is not None, RELU=relu, UPCAST=interpret,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
@@ -469,24 +461,6 @@ def gather_fc2(h: torch.Tensor, w2t: torch.Tensor, idx: torch.Tensor, b2: torch.
     if k == 0:  # no neuron selected: only the bias is left
         return y.copy_((torch.zeros((), dtype=y.dtype, device=y.device) if b2 is None else b2).expand_as(y))
     _launch(h, w2t, idx, b2, y, k, config, fc1=False)
-    return y
-
-
-def skinny_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
-                  config: GemmConfig | None = None) -> torch.Tensor:
-    """y [M, N] = x [M, K] @ w [N, K].T + bias: fc1's kernel over every row of w, for decode's
-    few rows (kernels/linear_dispatch.py times it against cuBLAS). K must be a multiple of 16."""
-    if x.dim() != 2 or w.dim() != 2 or x.shape[1] != w.shape[1]:
-        raise ValueError(f"skinny_linear: x {tuple(x.shape)} and w {tuple(w.shape)} must be [M, K] and [N, K]")
-    if x.dtype != w.dtype or x.dtype not in _KERNEL_DTYPES or x.stride(1) != 1 or not w.is_contiguous():
-        raise ValueError(f"skinny_linear: x and w must be fp16/bf16 of one dtype with contiguous rows, got "
-                         f"{x.dtype}/{w.dtype}, strides {x.stride()}/{w.stride()}")
-    if x.shape[1] % 16:
-        raise ValueError(f"skinny_linear: K = {x.shape[1]} is not a multiple of 16; use torch.nn.functional.linear")
-    _check_bias("skinny_linear", bias, w.shape[0], x)
-    y = torch.empty(x.shape[0], w.shape[0], device=x.device, dtype=x.dtype)
-    if y.numel():
-        _launch(x, w, None, bias, y, x.shape[1], config, fc1=True)
     return y
 
 

@@ -1,7 +1,7 @@
 """Timing of candidate kernels as decode runs them: captured in a CUDA graph (host launch time
 drops out), replays timed with L2 flushed before each (every layer's weights are cold when its
-turn comes), the median of a few. The measured dispatchers (kernels/mlp_dispatch.py,
-kernels/linear_dispatch.py) time their candidates with it, outside any capture.
+turn comes), the median of a few. kernels/mlp_dispatch.py times its candidates with it, and
+NeuronSparseMLP its sparse and dense paths, outside any capture.
 """
 
 from __future__ import annotations

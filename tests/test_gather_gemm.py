@@ -11,7 +11,7 @@ import torch
 
 from kernels import arrivals
 from kernels.gather_gemm import (_M_TILES, GemmConfig, gather_fc1, gather_fc1_ref, gather_fc2, gather_fc2_ref,
-                                 gpu_config, skinny_linear, stream_plan, tile_config)
+                                 gpu_config, stream_plan, tile_config)
 from support.tolerance import assert_close_to_reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -85,28 +85,6 @@ def test_pair_stream_k(m, d, k, block_k, stream, bias, activation):
     _check_pair(x, w1, w2t, b1, b2, idx, activation, config, config)
     # every launch leaves its arrival counters at 0 for the next one
     assert not arrivals.counters(x.device, 64).any()
-
-
-@pytest.mark.parametrize("m,n,k,block_k,split_k,stream", [(3, 200, 64, 32, 1, 0), (20, 300, 96, 32, 1, 2),
-                                                         (40, 64, 128, 16, 3, 0), (300, 80, 64, 16, 1, 1)])
-@pytest.mark.parametrize("bias", [True, False])
-def test_skinny_linear(m, n, k, block_k, split_k, stream, bias):
-    """The dense linear over every row of w (fc1's kernel without idx): tile grid, split K, stream-K."""
-    gen = torch.Generator().manual_seed(m + n + bias)
-    x = torch.randn(m, k, generator=gen).to(torch.bfloat16).to(DEVICE)
-    w = (torch.randn(n, k, generator=gen) / k**0.5).to(torch.bfloat16).to(DEVICE)
-    b = torch.randn(n, generator=gen).to(torch.bfloat16).to(DEVICE) if bias else None
-    config = GemmConfig(min(256, max(16, 1 << (m - 1).bit_length())), 64, block_k, split_k=split_k, stream=stream)
-    y = skinny_linear(x, w, b, config)
-    assert_close_to_reference(y, torch.nn.functional.linear(*_fp32(x, w, b)), torch.nn.functional.linear(x, w, b))
-
-
-def test_skinny_linear_rejects_what_it_cannot_run():
-    x, w = torch.randn(2, 40, dtype=torch.bfloat16), torch.randn(8, 40, dtype=torch.bfloat16)
-    with pytest.raises(ValueError, match="K = 40 is not a multiple of 16"):
-        skinny_linear(x, w)
-    with pytest.raises(ValueError, match=r"must be \[M, K\] and \[N, K\]"):
-        skinny_linear(x, w[:, :32])
 
 
 def test_stream_plan_covers_every_step_once():

@@ -52,10 +52,10 @@ class LlamaAttention(nn.Module):
         self.rotary = rotary
         qkv_local = (plan.num_heads_local + 2 * plan.num_kv_heads_local) * spec.head_dim
         self.qkv = ColumnParallelLinear(spec.hidden_size, qkv_local, bias=spec.qkv_bias, dtype=ctx.dtype,
-                                        device=ctx.device, linear=ctx.ops.linear)
+                                        device=ctx.device)
         self.project = ScoredQKV(self.qkv, self.heads)  # one GEMM: q, k, v and the head router's scores
         self.o_proj = RowParallelLinear(plan.num_heads_local * spec.head_dim, spec.hidden_size, bias=spec.o_bias,
-                                        comm=ctx.comm, dtype=ctx.dtype, device=ctx.device, linear=ctx.ops.linear)
+                                        comm=ctx.comm, dtype=ctx.dtype, device=ctx.device)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, batch: AttentionBatch,
                 kv_cache: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -79,9 +79,9 @@ class SwiGLU(nn.Module):
         super().__init__()
         spec, plan = ctx.spec, ctx.plan
         self.gate_up = ColumnParallelLinear(spec.hidden_size, 2 * plan.intermediate_size_local, bias=spec.mlp_bias,
-                                            dtype=ctx.dtype, device=ctx.device, linear=ctx.ops.linear)
+                                            dtype=ctx.dtype, device=ctx.device)
         self.down = RowParallelLinear(plan.intermediate_size_local, spec.hidden_size, bias=spec.mlp_bias,
-                                      comm=ctx.comm, dtype=ctx.dtype, device=ctx.device, linear=ctx.ops.linear)
+                                      comm=ctx.comm, dtype=ctx.dtype, device=ctx.device)
         self.ops = ctx.ops
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -55,10 +55,10 @@ class OPTAttention(nn.Module):
         self.head_dim = spec.head_dim
         self.num_heads_local = plan.num_heads_local
         self.qkv = ColumnParallelLinear(spec.hidden_size, 3 * plan.num_heads_local * spec.head_dim, bias=True,
-                                        dtype=ctx.dtype, device=ctx.device, linear=ctx.ops.linear)
+                                        dtype=ctx.dtype, device=ctx.device)
         self.project = ScoredQKV(self.qkv, self.heads)  # one GEMM: q, k, v and the head router's scores
         self.out_proj = RowParallelLinear(plan.num_heads_local * spec.head_dim, spec.hidden_size, bias=True,
-                                          comm=ctx.comm, dtype=ctx.dtype, device=ctx.device, linear=ctx.ops.linear)
+                                          comm=ctx.comm, dtype=ctx.dtype, device=ctx.device)
 
     def forward(self, x: torch.Tensor, batch: AttentionBatch, kv_cache: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         T, D, H = x.shape[0], self.head_dim, self.num_heads_local

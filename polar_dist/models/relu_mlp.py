@@ -37,10 +37,8 @@ class ReluMLP(nn.Module):
     def __init__(self, ctx: BuildContext) -> None:
         super().__init__()
         d, n_local = ctx.spec.hidden_size, ctx.plan.intermediate_size_local
-        self.fc1 = ColumnParallelLinear(d, n_local, bias=True, dtype=ctx.dtype, device=ctx.device,
-                                        linear=ctx.ops.linear)
-        self.fc2 = RowParallelLinear(n_local, d, bias=True, comm=ctx.comm, dtype=ctx.dtype, device=ctx.device,
-                                     linear=ctx.ops.linear)
+        self.fc1 = ColumnParallelLinear(d, n_local, bias=True, dtype=ctx.dtype, device=ctx.device)
+        self.fc2 = RowParallelLinear(n_local, d, bias=True, comm=ctx.comm, dtype=ctx.dtype, device=ctx.device)
         self.fc1_output = Tap()  # (T, N_local) before the ReLU: neuron labels are > 0
 
     def forward(self, x: torch.Tensor, batch: AttentionBatch, router_input: torch.Tensor) -> torch.Tensor:

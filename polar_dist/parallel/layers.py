@@ -10,17 +10,10 @@ needs exactly one all-reduce.
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 from torch import nn
 
 from polar_dist.parallel.comm import TPComm
-
-
-# x [T, K], weight [N, K], bias [N] or None -> [T, N]: nn.functional.linear, or the model's
-# KernelOps.linear (which picks cuBLAS or its own kernel per shape at decode sizes).
-LinearFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
 
 
 def _empty(*shape: int, dtype: torch.dtype, device: torch.device | str) -> nn.Parameter:
@@ -31,14 +24,13 @@ class ColumnParallelLinear(nn.Module):
     """y_local = x @ weight_local^T + bias_local; weight_local: [out_features_local, in_features]."""
 
     def __init__(self, in_features: int, out_features_local: int, *, bias: bool, dtype: torch.dtype,
-                 device: torch.device | str, linear: LinearFn = nn.functional.linear) -> None:
+                 device: torch.device | str) -> None:
         super().__init__()
         self.weight = _empty(out_features_local, in_features, dtype=dtype, device=device)
         self.bias = _empty(out_features_local, dtype=dtype, device=device) if bias else None
-        self.linear = linear
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear(x, self.weight, self.bias)
+        return nn.functional.linear(x, self.weight, self.bias)
 
 
 def first_rank_bias(bias: torch.Tensor | None, comm: TPComm) -> torch.Tensor | None:
@@ -53,15 +45,14 @@ class RowParallelLinear(nn.Module):
     kernel of its own."""
 
     def __init__(self, in_features_local: int, out_features: int, *, bias: bool, comm: TPComm,
-                 dtype: torch.dtype, device: torch.device | str, linear: LinearFn = nn.functional.linear) -> None:
+                 dtype: torch.dtype, device: torch.device | str) -> None:
         super().__init__()
         self.comm = comm
         self.weight = _empty(out_features, in_features_local, dtype=dtype, device=device)
         self.bias = _empty(out_features, dtype=dtype, device=device) if bias else None
-        self.linear = linear
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.comm.all_reduce(self.linear(x, self.weight, first_rank_bias(self.bias, self.comm)))
+        return self.comm.all_reduce(nn.functional.linear(x, self.weight, first_rank_bias(self.bias, self.comm)))
 
 
 class VocabParallelEmbedding(nn.Module):
