@@ -214,7 +214,7 @@ def _attend_group(q_row, k_base, v_base, bt_row, o_row, o_part_ptr, m_part_ptr, 
 
 @triton.jit
 def _merge_row(o_part_ptr, m_part_ptr, l_part_ptr, o_ptr, first_part, n_parts, slot, k_max, r,
-               G: tl.constexpr, D: tl.constexpr, PARTS: tl.constexpr = 16):
+               G: tl.constexpr, D: tl.constexpr, PARTS: tl.constexpr = 8):
     """Log-sum-exp merge of query head r's n_parts partials (PARTS at a time), written to o_ptr.
     The partials are read from L2 (.cg): other programs wrote them during this launch."""
     cols = tl.arange(0, D)
