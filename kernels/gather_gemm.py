@@ -21,7 +21,11 @@ cp.async loads and multi-buffer them (in the previous version a mask against a r
 made all of fc1's loads and fc2's h loads scalar 2-byte loads, unpipelined: read from its PTX);
 a masked tail in 16-wide steps ends the loop, so any d and any k work. When the grid has too
 few tiles to occupy the GPU, K is split over programs (fp32 partials + an epilogue kernel), by
-the cost model in `_split_count`.
+the cost model in `_split_count`. Or stream-K (`GemmConfig.stream`): a fixed number of programs
+per SM each take the same number of BLOCK_K steps of the tiles laid end to end, so no SM idles
+while others finish a second tile; the last program holding a piece of a cut tile sums the
+pieces in the same launch (kernels/arrivals.py). Which split wins is timed per shape by the
+dispatch (benchmarks/KERNELS_NOTES.md, runs 23-26: stream-K at the large OPT shapes).
 
 Block sizes and splits depend only on static shapes (M, k, d), so a call never syncs with the
 host and can be captured in a CUDA graph. Which of this pair or dense cuBLAS to run for a
