@@ -50,6 +50,7 @@ def main() -> None:
     dt = ap.parse_args().dtype
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import kernels.gather_gemm as gg
+    import kernels.gather_gemm_kernels as gk
 
     ptrs = {name: f"*{dt}" for name in ("a_ptr", "w_ptr", "bias_ptr", "out_ptr")}
     ptrs.update(idx_ptr="*i32", ws_ptr="*fp32", count_ptr="*i32")
@@ -60,9 +61,9 @@ def main() -> None:
             stages = fc1_stages if fc1 else fc2_stages
             for kind in ("grid", "split", "stream"):
                 if kind == "stream":
-                    r = compile_stats(gg._gather_stream_kernel, ptrs, c, warps, stages, div16)
+                    r = compile_stats(gk._gather_stream_kernel, ptrs, c, warps, stages, div16)
                 else:
-                    r = compile_stats(gg._gather_kernel, ptrs, {**c, "SPLIT": kind == "split"}, warps, stages, div16)
+                    r = compile_stats(gk._gather_kernel, ptrs, {**c, "SPLIT": kind == "split"}, warps, stages, div16)
                 print(f"{'fc1' if fc1 else 'fc2'} BLOCK_M {bm:3} BLOCK_N {bn} BLOCK_K {bk:3} warps {warps} "
                       f"{kind:6} {r}")
 

@@ -23,6 +23,7 @@ import logging
 import torch
 from torch import nn
 
+from kernels.graph_timer import time_graphs_ms
 from polar_dist.models.attention import AttentionBatch
 from polar_dist.models.build import BuildContext
 from polar_dist.models.tap import Tap
@@ -102,8 +103,6 @@ class NeuronSparseMLP(nn.Module):
             return pays
         if x.device.type != "cuda" or torch.cuda.is_current_stream_capturing():
             return True
-        from kernels.graph_timer import time_graphs_ms  # imports triton: only where its kernels run
-
         times = time_graphs_ms([lambda: self._sparse(x, router_input, num_rows, k), lambda: self._dense(x)], x.device)
         sparse_ms, dense_ms = self.comm.all_reduce(torch.tensor(times, device=x.device)).tolist()
         pays = self.sparse_pays[rows] = sparse_ms < dense_ms
