@@ -9,8 +9,8 @@ compute that same function:
 * DENSE: cuBLAS on the full weights with the unselected neurons zeroed. h = relu(x @ w1.T + b),
   where b is b1 on the selected neurons and the dtype's lowest finite value elsewhere, so an
   unselected neuron's pre-activation is <= 0 (or -inf) and its ReLU exactly 0; then y = h @ w2t.
-  The mask rides in cuBLAS's bias epilogue, so it costs two N-element kernels, not an [M, N]
-  pass. With k = N (density 1.0) there is nothing to mask: plain dense MLP. idx must hold
+  The mask rides in cuBLAS's bias epilogue, so it costs one N-element kernel
+  (kernels/masked_bias.py), not an [M, N] pass. With k = N (density 1.0) there is nothing to mask: plain dense MLP. idx must hold
   distinct ids (union_topk_neurons does), else GATHER counts a repeated neuron twice.
 Either plan gives the same result up to rounding: the choice changes speed, never which
 neurons count, so ranks of one tensor-parallel group may choose differently.
@@ -54,6 +54,7 @@ import torch.nn.functional as F
 from kernels import gather_gemm
 from kernels.graph_timer import REPS, GraphTimer
 from kernels.gather_gemm import GemmConfig
+from kernels.masked_bias import masked_bias, masked_bias_ref
 
 log = logging.getLogger(__name__)
 
@@ -118,10 +119,9 @@ def dense_masked_mlp(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None,
     n = w1.shape[0]
     if idx.shape[0] == n:  # every neuron selected: nothing to mask
         bias = b1
-    else:
-        rows = idx.long()
-        bias = torch.full((n,), torch.finfo(x.dtype).min, dtype=x.dtype, device=x.device)  # (N,)
-        bias.index_copy_(0, rows, torch.zeros_like(rows, dtype=x.dtype) if b1 is None else b1.index_select(0, rows))
+    else:  # one kernel on the GPU, three torch ops elsewhere
+        build = masked_bias if x.is_cuda else masked_bias_ref
+        bias = build(b1, idx, n, x.dtype, x.device)  # (N,)
     h = F.linear(x, w1, bias).relu_()  # (M, N); unselected columns exactly 0
     return h @ w2t  # (M, d)
 

@@ -204,3 +204,22 @@ def test_gpu_density_1_is_cublas() -> None:
     torch.testing.assert_close(ops.sparse_mlp(x, w1, b1, w2t, idx),
                                torch.nn.functional.linear(x, w1, b1).relu_() @ w2t, rtol=0, atol=0)
     assert ops._mlp_dispatch is None or not ops._mlp_dispatch.plans  # nothing measured
+
+
+@pytest.mark.parametrize("n, k, spread", [(1000, 1, True), (1000, 999, True), (5000, 300, True), (5000, 100, False),
+                                          (300, 129, True), (257, 256, True), (200, 0, True)])
+def test_masked_bias_kernel_equals_the_torch_build(n: int, k: int, spread: bool) -> None:
+    """The DENSE plan's bias in one kernel: b1 at the selected ids, the dtype's lowest value
+    elsewhere, bit-equal to the torch ops' fill + gather + scatter (a copy: no rounding), with
+    ids spread or bunched, blocks of ids cut anywhere, with and without b1, every dtype."""
+    from kernels.masked_bias import masked_bias, masked_bias_ref
+
+    gen = torch.Generator().manual_seed(n + k)
+    ids = torch.randperm(n, generator=gen)[:k] if spread else torch.arange(n - k - 7, n - 7)
+    idx = ids.sort().values.to(torch.int32)
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        for b1 in (torch.randn(n, generator=gen).to(dtype), None):
+            got = masked_bias(b1, idx, n, dtype, idx.device)
+            assert torch.equal(got, masked_bias_ref(b1, idx, n, dtype, idx.device)), f"{dtype} bias={b1 is not None}"
+    with pytest.raises(ValueError, match="idx must be"):
+        masked_bias(None, idx.long(), n, torch.float16, idx.device)
