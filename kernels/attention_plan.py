@@ -10,9 +10,8 @@ n partial results, and the last of them to finish merges them (the per-sequence 
 its partials start and how many there are); a whole sequence writes its output directly.
 Everything a program needs before its first K/V load is in its item's record or one load away
 from it (the head table, the block table, the length), so a program's start costs two
-dependent loads, not a chain through per-sequence tables. Items go longest first: the grid
-runs in program order, and the short items fill in behind the long ones, so the step does not
-end on a long item started last.
+dependent loads, not a chain through per-sequence tables. Items are in sequence order (ordering
+them longest first timed no faster: benchmarks/KERNELS_NOTES.md, run 28).
 
 The plan is built on the host from the lengths the scheduler already holds (no device sync),
 once per step, and every layer of the step reads it. For CUDA graphs it has a static
@@ -114,15 +113,13 @@ def plan_capacity(batch: int, groups: int, num_sms: int, programs_per_sm: int = 
 
 def plan_attention(seq_lens: Sequence[int] | np.ndarray, *, groups: int, num_sms: int, block_n: int = 64,
                    capacity: int | None = None, chunk_tokens: int | None = None,
-                   programs_per_sm: int = PROGRAMS_PER_SM, min_chunk: int = MIN_CHUNK_TOKENS,
-                   longest_first: bool = True) -> HostPlan:
+                   programs_per_sm: int = PROGRAMS_PER_SM, min_chunk: int = MIN_CHUNK_TOKENS) -> HostPlan:
     """Cut B sequences of `seq_lens` tokens into items for `groups` head-table slots each.
 
     groups: slots per sequence the step's layers read (the plan holds for any head-table width;
     this only sets how finely work is cut). chunk_tokens: force the target chunk size (tests).
     capacity: rows of `items` (a graph bucket's static size); default: the real items, or
-    plan_capacity(...) when the chunk size is the rule's. longest_first: order the items by
-    tokens, most first (else by sequence and piece). Host time matters (once per step):
+    plan_capacity(...) when the chunk size is the rule's. Host time matters (once per step):
     a few vector operations, no per-sequence Python."""
     lens = np.asarray(seq_lens, dtype=np.int64)  # (B,)
     if lens.ndim != 1:
@@ -153,10 +150,9 @@ def plan_attention(seq_lens: Sequence[int] | np.ndarray, *, groups: int, num_sms
     items[total:] = -1
     seqs = np.zeros((batch, SEQ_FIELDS), dtype=np.int32)
     if total == batch:  # nothing cut: one item per sequence (the common case at large batch)
-        seq = np.argsort(-lens, kind="stable") if longest_first else np.arange(batch)
-        items[:total, 0] = seq
+        items[:total, 0] = np.arange(batch)
         items[:total, 1] = 0
-        items[:total, 2] = size[seq]
+        items[:total, 2] = size
         items[:total, 3] = -1
         return HostPlan(items, seqs, total, 0, chunk)
     seq = np.repeat(np.arange(batch), counts)  # (total,) each item's sequence, in sequence order
@@ -168,13 +164,10 @@ def plan_attention(seq_lens: Sequence[int] | np.ndarray, *, groups: int, num_sms
     part_ends = np.cumsum(parts)
     seqs[:, 0] = part_ends - parts
     seqs[:, 1] = parts
-    part = np.where(parts[seq] > 0, seqs[seq, 0] + piece, -1)
-    tokens = np.minimum(end, lens[seq]) - start
-    order = np.argsort(-tokens, kind="stable") if longest_first else slice(None)  # most tokens first
-    items[:total, 0] = seq[order]
-    items[:total, 1] = start[order]
-    items[:total, 2] = end[order]
-    items[:total, 3] = part[order]
+    items[:total, 0] = seq
+    items[:total, 1] = start
+    items[:total, 2] = end
+    items[:total, 3] = np.where(parts[seq] > 0, seqs[seq, 0] + piece, -1)
     return HostPlan(items, seqs, total, int(part_ends[-1]), chunk)
 
 

@@ -10,7 +10,8 @@ sequence's tokens, cut by the step's work plan from the real lengths
 block tables are padded. A program loads each K/V tile of its group once and uses it for all
 G = Hq // Hkv query heads of the group (rows of a tl.dot, padded to 16). A sequence kept whole
 writes its output directly; the chunks of a cut sequence write fp32 partials, and the last chunk
-to finish merges them (log-sum-exp) in the same launch (kernels/arrivals.py). B more programs
+to finish merges them (log-sum-exp, the group's heads at once) in the same launch
+(kernels/arrivals.py). B more programs
 of the same launch write the zeros of each sequence's unselected heads (no memset of out first).
 The grid depends only on the plan's capacity and k_max, so with a static-capacity plan a call
 captures into a CUDA graph; empty plan rows and slots whose head_table entry is -1 exit at once.
@@ -214,35 +215,45 @@ def _attend_group(q_row, k_base, v_base, bt_row, page_next, o_row, o_part_ptr, m
         tl.debug_barrier()  # every thread's partials stored before the count below releases them
         if tl.atomic_add(arrival_ptr, 1, sem="acq_rel") == n_parts - 1:  # the last piece to finish
             tl.atomic_xchg(arrival_ptr, 0)  # zero again for the next launch
-            for r in tl.static_range(G):
-                _merge_row(o_part_ptr, m_part_ptr, l_part_ptr, o_row + r * stride_oh, first_part, n_parts, slot,
-                           k_max, r, G, D)
+            _merge_group(o_part_ptr, m_part_ptr, l_part_ptr, o_row, stride_oh, first_part, n_parts, slot, k_max,
+                         G, D)
 
 
 @triton.jit
-def _merge_row(o_part_ptr, m_part_ptr, l_part_ptr, o_ptr, first_part, n_parts, slot, k_max, r,
-               G: tl.constexpr, D: tl.constexpr, PARTS: tl.constexpr = 8):
-    """Log-sum-exp merge of query head r's n_parts partials (PARTS at a time), written to o_ptr.
-    The partials are read from L2 (.cg): other programs wrote them during this launch."""
+def _merge_group(o_part_ptr, m_part_ptr, l_part_ptr, o_row, stride_oh, first_part, n_parts, slot, k_max,
+                 G: tl.constexpr, D: tl.constexpr):
+    """Log-sum-exp merge of the n_parts partials of a (sequence, slot)'s G query heads, all heads
+    at once: each pass loads a [parts, heads, D] tile (32 rows: 32 parts of one head, 8 of four,
+    ...), so a group's merge costs as many dependent L2 round trips as one head's. The partials
+    are read from L2 (.cg): other programs wrote them during this launch."""
+    GM: tl.constexpr = triton.next_power_of_2(G)  # heads padded to a power of two (reshape)
+    PARTS: tl.constexpr = max(1, 32 // GM)
     cols = tl.arange(0, D)
-    s = tl.arange(0, PARTS)
-    m_run = tl.max(tl.full([PARTS], float("-inf"), tl.float32), 0)
-    l_run = tl.sum(tl.zeros([PARTS], tl.float32), 0)
-    acc = tl.zeros([D], tl.float32)
+    heads = tl.arange(0, GM)
+    j = tl.arange(0, PARTS * GM)  # row j: part j // GM, head j % GM
+    head = j % GM
+    m_run = tl.full([GM], float("-inf"), tl.float32)
+    l_run = tl.zeros([GM], tl.float32)
+    acc = tl.zeros([GM, D], tl.float32)
     for p0 in range(0, n_parts, PARTS):
-        s_mask = p0 + s < n_parts
-        prow = ((first_part + p0 + s).to(tl.int64) * k_max + slot) * G + r  # [PARTS]
-        m = tl.load(m_part_ptr + prow, mask=s_mask, other=float("-inf"), cache_modifier=".cg")
-        l_s = tl.load(l_part_ptr + prow, mask=s_mask, other=0.0, cache_modifier=".cg")
-        o = tl.load(o_part_ptr + prow[:, None] * D + cols[None, :], mask=s_mask[:, None], other=0.0,
+        part = p0 + j // GM
+        valid = (part < n_parts) & (head < G)
+        prow = ((first_part + part).to(tl.int64) * k_max + slot) * G + head  # [PARTS * GM]
+        m = tl.load(m_part_ptr + prow, mask=valid, other=float("-inf"), cache_modifier=".cg")
+        l_s = tl.load(l_part_ptr + prow, mask=valid, other=0.0, cache_modifier=".cg")
+        o = tl.load(o_part_ptr + prow[:, None] * D + cols[None, :], mask=valid[:, None], other=0.0,
                     cache_modifier=".cg")
-        m_new = tl.maximum(m_run, tl.max(m, 0))  # finite: every part read >= 1 token
+        m = tl.reshape(tl.where(head < G, m, 0.0), [PARTS, GM])  # padding heads: finite, never stored
+        l_s = tl.reshape(tl.where(head < G, l_s, 1.0), [PARTS, GM])
+        o = tl.reshape(o, [PARTS, GM, D])
+        m_new = tl.maximum(m_run, tl.max(m, 0))  # [GM]; finite: every pass holds >= 1 part read >= 1 token
         alpha = tl.exp2(m_run - m_new)
-        w = tl.exp2(m - m_new)  # [PARTS]; 0 for masked parts
+        w = tl.exp2(m - m_new[None, :])  # [PARTS, GM]; 0 for parts past n_parts
         l_run = l_run * alpha + tl.sum(w * l_s, 0)
-        acc = acc * alpha + tl.sum(w[:, None] * o, 0)
+        acc = acc * alpha[:, None] + tl.sum(w[:, :, None] * o, 0)
         m_run = m_new
-    tl.store(o_ptr + cols, (acc / l_run).to(o_ptr.dtype.element_ty))
+    tl.store(o_row + heads[:, None] * stride_oh + cols[None, :], (acc / l_run[:, None]).to(o_row.dtype.element_ty),
+             mask=(heads < G)[:, None])
 
 
 def _check(q, k_cache, v_cache, block_tables, seq_lens, head_table, out, kernel: bool) -> None:
