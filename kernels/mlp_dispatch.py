@@ -10,7 +10,8 @@ compute that same function:
   where b is b1 on the selected neurons and the dtype's lowest finite value elsewhere, so an
   unselected neuron's pre-activation is <= 0 (or -inf) and its ReLU exactly 0; then y = h @ w2t.
   The mask rides in cuBLAS's bias epilogue, so it costs one N-element kernel
-  (kernels/masked_bias.py), not an [M, N] pass; on the GPU the ReLU rides in the epilogue too. With k = N (density 1.0) there is nothing to mask: plain dense MLP. idx must hold
+  (kernels/masked_bias.py), not an [M, N] pass. (cuBLASLt's ReLU epilogue, torch._addmm_activation,
+  timed 2-3 us faster at M 64 and up to 26 us slower at OPT-66B M 256, where DENSE is chosen.) With k = N (density 1.0) there is nothing to mask: plain dense MLP. idx must hold
   distinct ids (union_topk_neurons does), else GATHER counts a repeated neuron twice.
 Either plan gives the same result up to rounding: the choice changes speed, never which
 neurons count, so ranks of one tensor-parallel group may choose differently.
@@ -119,11 +120,9 @@ def dense_masked_mlp(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None,
     n = w1.shape[0]
     if idx.shape[0] == n:  # every neuron selected: nothing to mask
         return F.linear(x, w1, b1).relu_() @ w2t
-    if not x.is_cuda:
-        h = F.linear(x, w1, masked_bias_ref(b1, idx, n, x.dtype, x.device)).relu_()  # (M, N)
-    else:  # the bias in one kernel, and the ReLU in cuBLASLt's epilogue (no [M, N] pass of its own)
-        h = torch._addmm_activation(masked_bias(b1, idx, n, x.dtype, x.device), x, w1.t())  # (M, N)
-    return h @ w2t  # (M, d); h's unselected columns exactly 0
+    build = masked_bias if x.is_cuda else masked_bias_ref  # one kernel on the GPU, three torch ops elsewhere
+    h = F.linear(x, w1, build(b1, idx, n, x.dtype, x.device)).relu_()  # (M, N); unselected columns exactly 0
+    return h @ w2t  # (M, d)
 
 
 def gather_mlp(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2t: torch.Tensor, idx: torch.Tensor,
