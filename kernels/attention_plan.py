@@ -1,17 +1,13 @@
 """Work plan of one decode step's attention: (sequence, chunk) items cut from the real lengths.
 
 The decode kernel (kernels/select_attention.py) runs one program per (item, head-table slot).
-An item is a chunk of one sequence's cached tokens, stored as a record the kernel reads whole:
-(sequence, first token, end token, partial row). The chunk size comes from the step's total
-tokens, so every program reads about the same number of tokens whatever the mix of lengths
-(one long sequence among many short ones is cut into many chunks, the short ones stay whole),
-and nothing depends on how far a block table is padded. A sequence cut into n > 1 items writes
-n partial results, and the last of them to finish merges them (the per-sequence rows say where
-its partials start and how many there are); a whole sequence writes its output directly.
-Everything a program needs before its first K/V load is in its item's record or one load away
-from it (the head table, the block table, the length), so a program's start costs two
-dependent loads, not a chain through per-sequence tables. Items are in sequence order (ordering
-them longest first timed no faster: benchmarks/KERNELS_NOTES.md, run 28).
+An item is a chunk of one sequence's cached tokens (the item's sequence, and per sequence the
+first item and the tokens per item: the kernel derives [start, end) from them); the chunk size comes from
+the step's total tokens, so every program reads about the same number of tokens whatever the
+mix of lengths (one long sequence among many short ones is cut into many chunks, the short
+ones stay whole), and nothing depends on how far a block table is padded. A sequence cut into
+n > 1 items writes n partial results that a merge kernel combines; a whole sequence writes
+its output directly.
 
 The plan is built on the host from the lengths the scheduler already holds (no device sync),
 once per step, and every layer of the step reads it. For CUDA graphs it has a static
@@ -34,22 +30,19 @@ import torch
 
 PROGRAMS_PER_SM = 16
 MIN_CHUNK_TOKENS = 256
-ITEM_FIELDS = 4  # per item: sequence (-1: an empty row), first token, end token, partial row (-1: whole)
-SEQ_FIELDS = 2  # per sequence: first partial, partials (0: not cut)
+SEQ_FIELDS = 4  # per sequence: first item, tokens per item, first partial, partials (0: not cut)
 
 
 @dataclass(frozen=True)
 class AttentionPlan:
-    """A plan on the kernel's device. Item i reads tokens [items[i, 1], min(items[i, 2],
-    seq_len)) of sequence items[i, 0] (the end is a whole number of tiles; the kernel clamps it
-    to the sequence's length) and writes partial row items[i, 3] (-1: the output).
-    `items` may hold empty rows (sequence -1) past the real ones (a graph's static capacity);
-    `num_parts` is how many partial results the buffers must hold (0: no sequence was cut, no
-    merge runs)."""
+    """A plan on the kernel's device. Item i is piece `i - first_item[s]` of sequence s =
+    items[i]: tokens [piece * size, min((piece + 1) * size, seq_len)). `items` may hold empty
+    rows (-1) past the real ones (a graph's static capacity); `num_parts` is how many partial
+    results the buffers must hold (0: no sequence was cut, no merge runs)."""
 
     count: torch.Tensor  # (1,) int32: real items (the first rows of `items`)
-    items: torch.Tensor  # (capacity, ITEM_FIELDS) int32: sequence (-1 = empty), start, end, partial row
-    seqs: torch.Tensor  # (B, SEQ_FIELDS) int32: first partial, partials (0: not cut)
+    items: torch.Tensor  # (capacity,) int32: the item's sequence, -1 = empty
+    seqs: torch.Tensor  # (B, 4) int32: first item, tokens per item, first partial, partials
     num_parts: int
 
     @property
@@ -61,16 +54,15 @@ class AttentionPlan:
 class HostPlan:
     """The same plan as numpy arrays, before its copy to the device."""
 
-    items: np.ndarray  # (capacity, ITEM_FIELDS) int32
-    seqs: np.ndarray  # (B, SEQ_FIELDS) int32
+    items: np.ndarray  # (capacity,) int32
+    seqs: np.ndarray  # (B, 4) int32
     num_items: int  # real items; rows past it are empty
     num_parts: int
     chunk_tokens: int  # the target chunk size the cut used
 
     def flat(self) -> np.ndarray:
         """count, items, then seqs: one int32 array (one host-to-device copy)."""
-        return np.concatenate([np.array([self.num_items], dtype=np.int32), self.items.reshape(-1),
-                               self.seqs.reshape(-1)])
+        return np.concatenate([np.array([self.num_items], dtype=np.int32), self.items, self.seqs.reshape(-1)])
 
     def to(self, device: torch.device | str, num_parts: int | None = None) -> AttentionPlan:
         flat = torch.from_numpy(self.flat()).to(device, non_blocking=True)
@@ -79,10 +71,14 @@ class HostPlan:
 
     def spans(self, seq_lens: Sequence[int] | np.ndarray) -> np.ndarray:
         """(num_items, 4) int64: sequence, first token, end token, partial index (-1: written
-        directly) of each real item, as the kernel reads them (the end clamped to the length)."""
+        directly) of each real item, as the kernel reads them."""
         lens = np.asarray(seq_lens, dtype=np.int64)
-        real = self.items[:self.num_items].astype(np.int64)
-        return np.stack([real[:, 0], real[:, 1], np.minimum(real[:, 2], lens[real[:, 0]]), real[:, 3]], axis=1)
+        seq = self.items[:self.num_items].astype(np.int64)
+        first, size, first_part, parts = (self.seqs[seq, j].astype(np.int64) for j in range(SEQ_FIELDS))
+        piece = np.arange(self.num_items) - first
+        start = piece * size
+        return np.stack([seq, start, np.minimum(start + size, lens[seq]),
+                         np.where(parts > 0, first_part + piece, -1)], axis=1)
 
 
 @functools.lru_cache(maxsize=None)
@@ -91,17 +87,10 @@ def num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
 
 
-def plan_words(capacity: int, batch: int) -> int:
-    """int32 words of HostPlan.flat() for a plan of `capacity` items over `batch` sequences."""
-    return 1 + ITEM_FIELDS * capacity + SEQ_FIELDS * batch
-
-
 def plan_views(flat: torch.Tensor, capacity: int, batch: int, num_parts: int) -> AttentionPlan:
     """An AttentionPlan over a flat int32 buffer laid out as HostPlan.flat()."""
-    items_end = 1 + ITEM_FIELDS * capacity
-    items = flat[1:items_end].view(capacity, ITEM_FIELDS)
-    seqs = flat[items_end:items_end + SEQ_FIELDS * batch].view(batch, SEQ_FIELDS)
-    return AttentionPlan(flat[:1], items, seqs, num_parts)
+    seqs = flat[1 + capacity:1 + capacity + SEQ_FIELDS * batch].view(batch, SEQ_FIELDS)
+    return AttentionPlan(flat[:1], flat[1:1 + capacity], seqs, num_parts)
 
 
 def plan_capacity(batch: int, groups: int, num_sms: int, programs_per_sm: int = PROGRAMS_PER_SM) -> int:
@@ -146,28 +135,21 @@ def plan_attention(seq_lens: Sequence[int] | np.ndarray, *, groups: int, num_sms
         capacity = total if chunk_tokens is not None else plan_capacity(batch, groups, num_sms, programs_per_sm)
     if total > capacity:
         raise ValueError(f"the plan needs {total} items but its buffers hold {capacity}")
-    items = np.empty((capacity, ITEM_FIELDS), dtype=np.int32)
+    items = np.empty(capacity, dtype=np.int32)
     items[total:] = -1
     seqs = np.zeros((batch, SEQ_FIELDS), dtype=np.int32)
+    seqs[:, 1] = size
     if total == batch:  # nothing cut: one item per sequence (the common case at large batch)
-        items[:total, 0] = np.arange(batch)
-        items[:total, 1] = 0
-        items[:total, 2] = size
-        items[:total, 3] = -1
+        items[:total] = np.arange(batch)
+        seqs[:, 0] = items[:total]
         return HostPlan(items, seqs, total, 0, chunk)
-    seq = np.repeat(np.arange(batch), counts)  # (total,) each item's sequence, in sequence order
-    first_item = np.cumsum(counts) - counts  # (B,)
-    piece = np.arange(total) - first_item[seq]  # (total,) the item's piece of its sequence
-    start = piece * size.astype(np.int64)[seq]
-    end = start + size.astype(np.int64)[seq]  # the kernel clamps it to the length (the last piece)
+    items[:total] = np.repeat(np.arange(batch, dtype=np.int32), counts)
+    ends = np.cumsum(counts)
+    seqs[:, 0] = ends - counts
     parts = np.where(counts > 1, counts, 0)  # (B,) partials of each sequence
     part_ends = np.cumsum(parts)
-    seqs[:, 0] = part_ends - parts
-    seqs[:, 1] = parts
-    items[:total, 0] = seq
-    items[:total, 1] = start
-    items[:total, 2] = end
-    items[:total, 3] = np.where(parts[seq] > 0, seqs[seq, 0] + piece, -1)
+    seqs[:, 2] = part_ends - parts
+    seqs[:, 3] = parts
     return HostPlan(items, seqs, total, int(part_ends[-1]), chunk)
 
 

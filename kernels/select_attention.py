@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from kernels import arrivals
-from kernels.attention_plan import ITEM_FIELDS, SEQ_FIELDS, AttentionPlan, num_sms, plan_attention
+from kernels.attention_plan import SEQ_FIELDS, AttentionPlan, num_sms, plan_attention
 
 # Head dims the kernel is tested for (D is a tl.arange length, so a power of two). Public: the
 # runtime checks a model's head dim against it; the torch reference takes any head dim.
@@ -118,34 +118,27 @@ def _work(w, n_work, q_ptr, k_ptr, v_ptr, bt_ptr, seq_lens_ptr, ht_ptr, out_ptr,
           stride_btb, stride_htb, stride_ob, stride_oh,
           G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
           BLOCK_N: tl.constexpr, UPCAST: tl.constexpr):
-    """One work item (see the kernel): skipped when the plan row is empty or the slot unselected.
-    Every load a program needs before its first K/V tile depends on the item's record alone
-    (the head table, the length, the first tile's page ids, the sequence's partials), so they
-    are all issued before the branch: two dependent loads, not a chain."""
+    """One work item (see the kernel): skipped when the plan row is empty or the slot unselected."""
     if w >= n_work:
         _zero_unselected(ht_ptr, out_ptr, w - n_work, k_max, hq, stride_htb, stride_ob, stride_oh, G, D)
     else:
         item = w // k_max
         slot = w % k_max
-        rec = items_ptr + item * 4  # (sequence, start, end, partial row)
-        b = tl.load(rec)  # -1: an empty row of a static-capacity plan
-        start = tl.load(rec + 1)
-        end = tl.load(rec + 2)
-        part = tl.load(rec + 3)  # -1: the item is the whole sequence, write the output
-        b64 = tl.maximum(b, 0).to(tl.int64)
-        grp = tl.load(ht_ptr + b64 * stride_htb + slot)  # -1: an unselected slot
-        end = tl.minimum(end, tl.load(seq_lens_ptr + b64))
-        first_part = tl.load(seqs_ptr + b64 * 2)
-        n_parts = tl.load(seqs_ptr + b64 * 2 + 1)
-        bt_row = bt_ptr + b64 * stride_btb
-        offs_n = tl.arange(0, BLOCK_N)
-        pages = tl.load(bt_row + (start + offs_n) // BLOCK_SIZE, mask=(b >= 0) & (start + offs_n < end), other=0)
+        b = tl.load(items_ptr + item)  # -1: an empty row of a static-capacity plan
+        grp = tl.load(ht_ptr + tl.maximum(b, 0).to(tl.int64) * stride_htb + slot)  # -1: an unselected slot
         if (b >= 0) & (grp >= 0):
+            piece = item - tl.load(seqs_ptr + b * 4)  # this item's piece of sequence b
+            size = tl.load(seqs_ptr + b * 4 + 1)  # tokens per piece
+            start = piece * size
+            end = tl.minimum(start + size, tl.load(seq_lens_ptr + b))
+            first_part = tl.load(seqs_ptr + b * 4 + 2)
+            n_parts = tl.load(seqs_ptr + b * 4 + 3)  # 0: the item is the whole sequence, write the output
+            b64 = b.to(tl.int64)
             grp64 = grp.to(tl.int64)
             _attend_group(q_ptr + b64 * stride_qb + grp64 * G * stride_qh, k_ptr + grp64 * stride_kh,
-                          v_ptr + grp64 * stride_vh, bt_row, pages,
+                          v_ptr + grp64 * stride_vh, bt_ptr + b64 * stride_btb,
                           out_ptr + b64 * stride_ob + grp64 * G * stride_oh, o_part_ptr, m_part_ptr, l_part_ptr,
-                          arrivals_ptr + b64 * k_max + slot, first_part, part, n_parts, slot, k_max, start, end,
+                          arrivals_ptr + b64 * k_max + slot, first_part, piece, n_parts, slot, k_max, start, end,
                           scale_log2, stride_qh, stride_oh, stride_kb, stride_kt,
                           stride_vb, stride_vt, G, G_PAD, D, BLOCK_SIZE, BLOCK_N, UPCAST)
 
@@ -168,8 +161,8 @@ def _tile_rows(k_base, v_base, page, pos, end, stride_kb, stride_kt, stride_vb, 
 
 
 @triton.jit
-def _attend_group(q_row, k_base, v_base, bt_row, page_next, o_row, o_part_ptr, m_part_ptr, l_part_ptr, arrival_ptr,
-                  first_part, part, n_parts, slot, k_max, start, end, scale_log2, stride_qh, stride_oh,
+def _attend_group(q_row, k_base, v_base, bt_row, o_row, o_part_ptr, m_part_ptr, l_part_ptr, arrival_ptr,
+                  first_part, piece, n_parts, slot, k_max, start, end, scale_log2, stride_qh, stride_oh,
                   stride_kb, stride_kt, stride_vb, stride_vt,
                   G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                   BLOCK_N: tl.constexpr, UPCAST: tl.constexpr):
@@ -177,9 +170,8 @@ def _attend_group(q_row, k_base, v_base, bt_row, page_next, o_row, o_part_ptr, m
     through tl.dot, the rows padded to 16. (Multiply-adds in registers for MHA's one row, with
     no MMA, ran at 55-65% of the floor where this path runs at ~100%: the reductions over D and
     over tokens cross threads and warps; benchmarks/KERNELS_NOTES.md, "Work plan".)
-    page_next: the first tile's page ids, loaded by the caller. A sequence cut into n_parts
-    pieces: each piece writes fp32 partials to its row `part`, and the last of the (sequence,
-    slot)'s pieces to finish merges them into the output (kernels/arrivals.py)."""
+    A sequence cut into n_parts pieces: each piece writes fp32 partials, and the last of the
+    (sequence, slot)'s pieces to finish merges them into the output (kernels/arrivals.py)."""
     rows = tl.arange(0, G_PAD)
     cols = tl.arange(0, D)
     row_mask = rows < G
@@ -190,6 +182,7 @@ def _attend_group(q_row, k_base, v_base, bt_row, page_next, o_row, o_part_ptr, m
     m_i = tl.full([G_PAD], float("-inf"), tl.float32)  # running max, log2 domain
     l_i = tl.zeros([G_PAD], tl.float32)  # running softmax denominator
     acc = tl.zeros([G_PAD, D], tl.float32)
+    page_next = tl.load(bt_row + (start + offs_n) // BLOCK_SIZE, mask=start + offs_n < end, other=0)
     for n0 in range(start, end, BLOCK_N):
         pos = n0 + offs_n
         page = page_next.to(tl.int64)
@@ -204,11 +197,11 @@ def _attend_group(q_row, k_base, v_base, bt_row, page_next, o_row, o_part_ptr, m
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
-    if part < 0:
+    if n_parts == 0:
         tl.store(o_row + rows[:, None] * stride_oh + cols[None, :], (acc / l_i[:, None]).to(o_row.dtype.element_ty),
                  mask=row_mask[:, None])
     else:
-        prow = (part.to(tl.int64) * k_max + slot) * G + rows  # [G_PAD] partial rows
+        prow = ((first_part + piece).to(tl.int64) * k_max + slot) * G + rows  # [G_PAD] partial rows
         tl.store(o_part_ptr + prow[:, None] * D + cols[None, :], acc, mask=row_mask[:, None])
         tl.store(m_part_ptr + prow, m_i, mask=row_mask)
         tl.store(l_part_ptr + prow, l_i, mask=row_mask)
@@ -304,8 +297,7 @@ def _check(q, k_cache, v_cache, block_tables, seq_lens, head_table, out, kernel:
 
 
 def _check_plan(plan: AttentionPlan, batch: int, device: torch.device) -> None:
-    for name, t, shape in (("plan.count", plan.count, (1,)),
-                           ("plan.items", plan.items, (plan.capacity, ITEM_FIELDS)),
+    for name, t, shape in (("plan.count", plan.count, (1,)), ("plan.items", plan.items, (plan.capacity,)),
                            ("plan.seqs", plan.seqs, (batch, SEQ_FIELDS))):
         if t.dtype != torch.int32 or tuple(t.shape) != shape or not t.is_contiguous() or t.device != device:
             raise ValueError(f"{name} must be a contiguous int32 {shape} tensor on {device}, got {t.dtype} "

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from kernels import arrivals
-from kernels.attention_plan import ITEM_FIELDS, plan_attention, plan_capacity
+from kernels.attention_plan import plan_attention, plan_capacity
 from kernels.select_attention import AttentionConfig, _launch, select_attention, select_attention_ref
 from support.tolerance import assert_close_to_reference
 
@@ -138,22 +138,20 @@ def _covered(plan, lens):
 def test_planner_covers_every_token_once_in_bounded_chunks(lens, groups):
     sms = 132
     plan = plan_attention(lens, groups=groups, num_sms=sms)
-    assert plan.items.shape == (plan_capacity(len(lens), groups, sms), ITEM_FIELDS)  # the static buffer size
+    assert plan.items.shape == (plan_capacity(len(lens), groups, sms),)  # the static buffer size
     assert plan.num_items <= plan.items.shape[0] and (plan.items[plan.num_items:] == -1).all()
-    spans = plan.spans(lens)
-    assert (np.lexsort((spans[:, 1], spans[:, 0])) == np.arange(len(spans))).all(), "not in (sequence, start) order"
     assert all((c == 1).all() for c in _covered(plan, lens)), "a token is read twice or never"
     real = plan.spans(lens)
     sizes = real[:, 2] - real[:, 1]
     assert (sizes >= 1).all() and sizes.max() <= max(64 * -(-plan.chunk_tokens * 3 // 2 // 64), 64)
     # Partials: a cut sequence's items own consecutive parts from seqs[b, 2]; whole ones write directly.
-    for b, (first, n) in enumerate(plan.seqs):
+    for b, (_, _, first, n) in enumerate(plan.seqs):
         mine = real[real[:, 0] == b]
         if len(mine) == 1:
             assert n == 0 and mine[0, 3] == -1
         else:
             assert n == len(mine) and sorted(mine[:, 3]) == list(range(first, first + n))
-    assert plan.num_parts == int(plan.seqs[:, 1].sum())
+    assert plan.num_parts == int(plan.seqs[:, 3].sum())
 
 
 def test_planner_cuts_by_total_work_not_by_table_width():
@@ -161,7 +159,7 @@ def test_planner_cuts_by_total_work_not_by_table_width():
     as its share of the step's tokens; the short ones stay whole."""
     lens = [4096] + [300] * 63
     plan = plan_attention(lens, groups=16, num_sms=132)
-    assert (plan.items[:, 0] == 0).sum() >= 8 and plan.seqs[1:, 1].max() == 0
+    assert (plan.items == 0).sum() >= 8 and plan.seqs[1:, 3].max() == 0
     big = plan_attention([4096] * 256, groups=32, num_sms=132)  # 32 programs per SM unsplit
     assert big.num_parts == 0
 

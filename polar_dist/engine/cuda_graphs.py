@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from kernels.attention_plan import StepPlanner, plan_views, plan_words
+from kernels.attention_plan import SEQ_FIELDS, StepPlanner, plan_views
 from polar_dist.engine.step import Step
 from polar_dist.models.attention import AttentionBatch
 
@@ -66,7 +66,7 @@ class DecodeGraphs:
         # Per bucket, its inputs' layout: the work plan is its item count, `capacity` item rows and
         # one row per sequence (every layer reads it).
         self.planner = planner
-        self._inputs = {b: _Inputs(b, plan_words(planner.capacity(b), b)) for b in self.buckets}
+        self._inputs = {b: _Inputs(b, 1 + planner.capacity(b) + SEQ_FIELDS * b) for b in self.buckets}
         words = max(lay.header + b * max_blocks for b, lay in self._inputs.items())
         self.staging = torch.zeros(words, dtype=torch.int32, device=dev)
         cuda = dev.type == "cuda"  # (the CPU tests replay the same buffers eagerly)
