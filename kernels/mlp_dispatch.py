@@ -11,7 +11,8 @@ compute that same function:
   unselected neuron's pre-activation is <= 0 (or -inf) and its ReLU exactly 0; then y = h @ w2t.
   The mask rides in cuBLAS's bias epilogue, so it costs one N-element kernel
   (kernels/masked_bias.py), not an [M, N] pass. (cuBLASLt's ReLU epilogue, torch._addmm_activation,
-  timed 2-3 us faster at M 64 and up to 26 us slower at OPT-66B M 256, where DENSE is chosen.) With k = N (density 1.0) there is nothing to mask: plain dense MLP. idx must hold
+  timed 2-3 us faster at M 64 and up to 26 us slower at OPT-66B M 256, where DENSE is chosen.)
+  With k = N (density 1.0) there is nothing to mask: plain dense MLP. idx must hold
   distinct ids (union_topk_neurons does), else GATHER counts a repeated neuron twice.
 Either plan gives the same result up to rounding: the choice changes speed, never which
 neurons count, so ranks of one tensor-parallel group may choose differently.
