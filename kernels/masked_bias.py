@@ -1,6 +1,6 @@
 """The DENSE MLP plan's bias: b1 on the selected neurons, the dtype's lowest value elsewhere.
 
-    bias = masked_bias(b1, idx, n, dtype)   # (N,); idx: (k,) int32 ascending, distinct
+    bias = masked_bias(b1, idx, n, dtype, device)   # (N,); idx: (k,) int32 ascending, distinct
 
 relu(x @ w1.T + bias) is then exactly 0 on every unselected neuron, so cuBLAS computes the
 sparse MLP's function over the full weights (kernels/mlp_dispatch.py). Built with torch ops

@@ -11,8 +11,8 @@ block tables are padded. A program loads each K/V tile of its group once and use
 G = Hq // Hkv query heads of the group (rows of a tl.dot, padded to 16). A sequence kept whole
 writes its output directly; the chunks of a cut sequence write fp32 partials, and the last chunk
 to finish merges them (log-sum-exp, the group's heads at once) in the same launch
-(kernels/arrivals.py). B more programs
-of the same launch write the zeros of each sequence's unselected heads (no memset of out first).
+(kernels/arrivals.py). B more programs of the same launch write the zeros of each sequence's
+unselected heads (no memset of out first).
 The grid depends only on the plan's capacity and k_max, so with a static-capacity plan a call
 captures into a CUDA graph; empty plan rows and slots whose head_table entry is -1 exit at once.
 
