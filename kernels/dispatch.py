@@ -6,6 +6,9 @@ calls a kernel is handed the same `KernelOps`:
   which the tests use to run the kernels in the interpreter);
 - `Backend.TORCH`: each op's pure-PyTorch `_ref` (any device and dtype; what float32 models
   and CPU runs use).
+With `pdl` (chosen by `choose_pdl`), the decode step's small Triton kernels (norms, head
+selection, rotary, attention, SiLU x up) launch with programmatic dependent launch
+(kernels/pdl.py): each may be scheduled while the kernel before it is finishing.
 The MLP of a neuron-sparse layer goes through `sparse_mlp`, which also chooses between the
 gather-GEMM pair and dense cuBLAS (kernels/mlp_dispatch.py: measured on the device at first
 use, fixed before any CUDA-graph capture).
@@ -48,6 +51,13 @@ def choose_backend(requested: str, device: torch.device, dtype: torch.dtype) -> 
     return backend
 
 
+def choose_pdl(requested: bool, backend: Backend, device: torch.device) -> bool:
+    """Programmatic dependent launch where asked and possible: the Triton backend on a GPU and
+    Triton that support it (compute capability >= 9); off otherwise, with no error (it changes no
+    result, only the gaps between kernels)."""
+    return requested and backend is Backend.TRITON and _module("pdl").supported(device)
+
+
 def _module(name: str) -> ModuleType:
     return importlib.import_module(f"kernels.{name}")
 
@@ -55,13 +65,18 @@ def _module(name: str) -> ModuleType:
 class KernelOps:
     """The kernels of one backend; the models call these and nothing below them."""
 
-    def __init__(self, backend: Backend) -> None:
+    def __init__(self, backend: Backend, pdl: bool = False) -> None:
         self.backend = backend
         self._triton = backend is Backend.TRITON
+        if pdl and not self._triton:
+            raise ValueError("programmatic dependent launch is a launch option of the Triton kernels; the torch "
+                             "backend has none (choose it with choose_pdl)")
+        self.pdl = pdl
+        self._launch = {"pdl": True} if pdl else {}  # extra keywords of the Triton launches that take it
         self._mlp_dispatch: MlpDispatch | None = None  # the measured MLP plans; made on first use
 
     def __repr__(self) -> str:
-        return f"KernelOps({self.backend.value})"
+        return f"KernelOps({self.backend.value}{', pdl' if self.pdl else ''})"
 
     def _pick(self, module: str, op: str):  # noqa: ANN202 - the op's function
         mod = _module(module)
@@ -81,7 +96,7 @@ class KernelOps:
     ) -> torch.Tensor:  # [B, Hq, D]; heads of unselected KV groups are exactly 0
         """Head-selective paged decode attention; see kernels/select_attention.py."""
         fn = self._pick("select_attention", "select_attention")
-        return fn(q, k_cache, v_cache, block_tables, seq_lens, head_table, scale, out, plan)
+        return fn(q, k_cache, v_cache, block_tables, seq_lens, head_table, scale, out, plan, **self._launch)
 
     def gather_fc1(
         self,
@@ -147,7 +162,7 @@ class KernelOps:
     ) -> torch.Tensor:  # [B, G_local] (global scope) or [B, k] (local scope) int32
         """Head router + per-sequence top-k + this rank's head table; see kernels/route_heads.py."""
         fn = self._pick("route_heads", "route_heads")
-        return fn(x, weight, bias, k, group_start, num_groups_local, local_scope)
+        return fn(x, weight, bias, k, group_start, num_groups_local, local_scope, **self._launch)
 
     def select_groups(
         self,
@@ -160,26 +175,26 @@ class KernelOps:
     ) -> torch.Tensor:  # [B, G_local] (global scope) or [B, k] (local scope) int32
         """route_heads from router scores computed elsewhere (the QKV GEMM's extra columns)."""
         fn = self._pick("route_heads", "select_groups")
-        return fn(scores, bias, k, group_start, num_groups_local, local_scope)
+        return fn(scores, bias, k, group_start, num_groups_local, local_scope, **self._launch)
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:  # [T, d] -> [T, d]
         """weight * x / rms(x); see kernels/norms.py."""
-        return self._pick("norms", "rms_norm")(x, weight, eps)
+        return self._pick("norms", "rms_norm")(x, weight, eps, **self._launch)
 
     def add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                      eps: float) -> tuple[torch.Tensor, torch.Tensor]:  # [T, d] x 2 -> ([T, d], [T, d])
         """(rms_norm(x + residual), x + residual); see kernels/norms.py."""
-        return self._pick("norms", "add_rms_norm")(x, residual, weight, eps)
+        return self._pick("norms", "add_rms_norm")(x, residual, weight, eps, **self._launch)
 
     def layer_norm(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                    eps: float) -> torch.Tensor:  # [T, d] -> [T, d]
         """weight * (x - mean) / std + bias; see kernels/norms.py."""
-        return self._pick("norms", "layer_norm")(x, weight, bias, eps)
+        return self._pick("norms", "layer_norm")(x, weight, bias, eps, **self._launch)
 
     def add_layer_norm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                        eps: float) -> tuple[torch.Tensor, torch.Tensor]:  # [T, d] x 2 -> ([T, d], [T, d])
         """(layer_norm(x + residual), x + residual); see kernels/norms.py."""
-        return self._pick("norms", "add_layer_norm")(x, residual, weight, bias, eps)
+        return self._pick("norms", "add_layer_norm")(x, residual, weight, bias, eps, **self._launch)
 
     def sample_tokens(
         self,
@@ -200,7 +215,7 @@ class KernelOps:
 
     def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:  # [T, 2I] -> [T, I]
         """silu(gate) * up of the fused gate/up projection's output; see kernels/silu_mul.py."""
-        return self._pick("silu_mul", "silu_mul")(gate_up)
+        return self._pick("silu_mul", "silu_mul")(gate_up, **self._launch)
 
     def rotary_store_kv(
         self,
@@ -216,4 +231,5 @@ class KernelOps:
     ) -> tuple[torch.Tensor, torch.Tensor]:  # q, k rotated: [T, Hq, D], [T, Hkv, D] contiguous
         """Rotary embedding of q and k (half-split layout) and the store of k, v into the paged
         cache, in one launch; see kernels/rotary.py."""
-        return self._pick("rotary", "rotary_store_kv")(q, k, v, slots, k_cache, v_cache, cos, sin, positions)
+        return self._pick("rotary", "rotary_store_kv")(q, k, v, slots, k_cache, v_cache, cos, sin, positions,
+                                                       **self._launch)

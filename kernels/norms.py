@@ -20,6 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.pdl import launch_options, wait_then_release
+
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 
 
@@ -28,8 +30,9 @@ def _norm_kernel(
     x_ptr, res_ptr, w_ptr, b_ptr, out_ptr, h_ptr,
     D, eps,
     stride_x, stride_res, stride_out, stride_h,
-    ADD_RESIDUAL: tl.constexpr, LAYER_NORM: tl.constexpr, BLOCK_D: tl.constexpr,
+    ADD_RESIDUAL: tl.constexpr, LAYER_NORM: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr,
 ):
+    wait_then_release(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_D)
     mask = cols < D
@@ -67,7 +70,7 @@ def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, res
 
 
 def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor | None,
-            eps: float, layer_norm: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+            eps: float, layer_norm: bool, pdl: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     _check(x, weight, bias, residual)
     out = torch.empty_like(x)
     h = torch.empty_like(x) if residual is not None else None
@@ -78,33 +81,34 @@ def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor
             x.shape[1], eps,
             x.stride(0), res.stride(0), out.stride(0), h_arg.stride(0),
             ADD_RESIDUAL=residual is not None, LAYER_NORM=layer_norm, BLOCK_D=triton.next_power_of_2(x.shape[1]),
-            num_warps=4 if x.shape[1] <= 4096 else 8,
+            PDL=pdl, num_warps=4 if x.shape[1] <= 4096 else 8, **launch_options(pdl),
         )
     return out, h
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """x: [T, d] -> [T, d]."""
-    return _launch(x, None, weight, None, eps, layer_norm=False)[0]
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, pdl: bool = False) -> torch.Tensor:
+    """x: [T, d] -> [T, d]. pdl: launch with programmatic dependent launch (kernels/pdl.py)."""
+    return _launch(x, None, weight, None, eps, layer_norm=False, pdl=pdl)[0]
 
 
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
-                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+                 eps: float, pdl: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """x, residual: [T, d] -> (rms_norm(x + residual), x + residual)."""
-    out, h = _launch(x, residual, weight, None, eps, layer_norm=False)
+    out, h = _launch(x, residual, weight, None, eps, layer_norm=False, pdl=pdl)
     assert h is not None
     return out, h
 
 
-def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
+               pdl: bool = False) -> torch.Tensor:
     """x: [T, d] -> [T, d]."""
-    return _launch(x, None, weight, bias, eps, layer_norm=True)[0]
+    return _launch(x, None, weight, bias, eps, layer_norm=True, pdl=pdl)[0]
 
 
 def add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                   eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+                   eps: float, pdl: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """x, residual: [T, d] -> (layer_norm(x + residual), x + residual)."""
-    out, h = _launch(x, residual, weight, bias, eps, layer_norm=True)
+    out, h = _launch(x, residual, weight, bias, eps, layer_norm=True, pdl=pdl)
     assert h is not None
     return out, h
 

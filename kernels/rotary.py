@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.pdl import launch_options, wait_then_release
+
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 
 
@@ -67,8 +69,9 @@ def _rotary_store_kernel(
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_cos,
     stride_cb, stride_ch, stride_cs,  # caches: (block, head, slot in block); the last dim is contiguous
     BLOCK_SIZE: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HKV: tl.constexpr,
-    ROTATE: tl.constexpr,
+    ROTATE: tl.constexpr, PDL: tl.constexpr,
 ):
+    wait_then_release(PDL)
     t = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_HALF)
     col_mask = cols < HALF
@@ -123,10 +126,10 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tenso
 
 def rotary_store_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor, k_cache: torch.Tensor,
                     v_cache: torch.Tensor, cos: torch.Tensor | None = None, sin: torch.Tensor | None = None,
-                    positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                    positions: torch.Tensor | None = None, pdl: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """q [T, Hq, D], k/v [T, Hkv, D] (fp16/bf16), slots [T] int, caches (N, Hkv, bs, D), cos/sin
     [P, D/2] float32 and positions [T] int, or None (no rotation) -> (q, k) rotated, contiguous;
-    the caches written in place."""
+    the caches written in place. pdl: launch with programmatic dependent launch (kernels/pdl.py)."""
     _check(q, k, v, slots, k_cache, v_cache, cos, sin, positions)
     T, Hq, D = q.shape
     Hkv = k.shape[1]
@@ -142,7 +145,8 @@ def rotary_store_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: to
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos_t.stride(0),
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             BLOCK_SIZE=k_cache.shape[2], BLOCK_HALF=triton.next_power_of_2(D // 2),
-            BLOCK_HQ=triton.next_power_of_2(Hq), BLOCK_HKV=triton.next_power_of_2(Hkv), ROTATE=rotate, num_warps=4,
+            BLOCK_HQ=triton.next_power_of_2(Hq), BLOCK_HKV=triton.next_power_of_2(Hkv), ROTATE=rotate, PDL=pdl,
+            num_warps=4, **launch_options(pdl),
         )
     return q_out, k_out
 

@@ -27,6 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.pdl import launch_options, wait_then_release
+
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 _MAX_GROUPS = 256  # the (G_PAD, G_PAD) rank tile must stay in registers
 
@@ -36,8 +38,9 @@ def _select_groups_kernel(
     scores_ptr, bias_ptr, out_ptr,
     G, k, group_start, num_local,
     stride_s, stride_out,
-    G_PAD: tl.constexpr, L_PAD: tl.constexpr, LOCAL_SCOPE: tl.constexpr,
+    G_PAD: tl.constexpr, L_PAD: tl.constexpr, LOCAL_SCOPE: tl.constexpr, PDL: tl.constexpr,
 ):
+    wait_then_release(PDL)
     row = tl.program_id(0).to(tl.int64)
     groups = tl.arange(0, G_PAD)
     g_mask = groups < G
@@ -102,10 +105,12 @@ def route_heads(
     group_start: int,
     num_groups_local: int,
     local_scope: bool = False,
+    pdl: bool = False,  # the selection's launch: with programmatic dependent launch (kernels/pdl.py)
 ) -> torch.Tensor:  # [B, G_local] (global scope) or [B, k] (local scope) int32
     """Router GEMM (cuBLAS) + the Triton selection (see the module docstring)."""
     _check(x, weight, bias)
-    return select_groups(torch.nn.functional.linear(x, weight), bias, k, group_start, num_groups_local, local_scope)
+    return select_groups(torch.nn.functional.linear(x, weight), bias, k, group_start, num_groups_local, local_scope,
+                         pdl)
 
 
 def select_groups(
@@ -115,6 +120,7 @@ def select_groups(
     group_start: int,
     num_groups_local: int,
     local_scope: bool = False,
+    pdl: bool = False,  # launch with programmatic dependent launch (kernels/pdl.py)
 ) -> torch.Tensor:  # [B, G_local] (global scope) or [B, k] (local scope) int32
     """Per-sequence top-k of scores + bias and this rank's head table, in one launch."""
     _check_scores(scores, bias, kernel=True)
@@ -129,7 +135,7 @@ def select_groups(
         G, k, group_start, num_groups_local,
         scores.stride(0), out.stride(0),
         G_PAD=max(16, triton.next_power_of_2(G)), L_PAD=max(16, triton.next_power_of_2(num_groups_local)),
-        LOCAL_SCOPE=local_scope, num_warps=4,
+        LOCAL_SCOPE=local_scope, PDL=pdl, num_warps=4, **launch_options(pdl),
     )
     return out
 

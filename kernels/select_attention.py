@@ -31,6 +31,7 @@ import triton.language as tl
 
 from kernels import arrivals
 from kernels.attention_plan import SEQ_FIELDS, AttentionPlan, num_sms, plan_attention
+from kernels.pdl import launch_options, wait_then_release
 
 # Head dims the kernel is tested for (D is a tl.arange length, so a power of two). Public: the
 # runtime checks a model's head dim against it; the torch reference takes any head dim.
@@ -89,12 +90,13 @@ def _select_attention_kernel(
     stride_vb, stride_vh, stride_vt,
     stride_btb, stride_htb, stride_ob, stride_oh,
     G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, PERSISTENT: tl.constexpr,
+    BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, PERSISTENT: tl.constexpr, PDL: tl.constexpr,
 ):
     """Work w < n_work is (item w // k_max, slot w % k_max); the batch jobs after it write the
     0s of one sequence's unselected heads. PERSISTENT: a fixed grid of resident programs strides
     over the plan's real work (its count read on the device), so the plan's empty rows cost
     nothing; else one program per work item of the plan's whole capacity."""
+    wait_then_release(PDL)
     pid = tl.program_id(0)
     if PERSISTENT:
         n_work = tl.load(count_ptr) * k_max
@@ -314,7 +316,8 @@ def host_plan(seq_lens: torch.Tensor, k_max: int, device: torch.device, block_n:
 
 
 def _launch(q, k_cache, v_cache, block_tables, seq_lens, head_table, scale, out,
-            plan: AttentionPlan | None = None, config: AttentionConfig | None = None) -> torch.Tensor:
+            plan: AttentionPlan | None = None, config: AttentionConfig | None = None,
+            pdl: bool = False) -> torch.Tensor:
     """The kernel launch; tests and benchmarks pass a config to pin it."""
     _check(q, k_cache, v_cache, block_tables, seq_lens, head_table, out, kernel=True)
     batch, hq, d = q.shape
@@ -352,8 +355,8 @@ def _launch(q, k_cache, v_cache, block_tables, seq_lens, head_table, scale, out,
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_tables.stride(0), head_table.stride(0), out.stride(0), out.stride(1),
         G=group, G_PAD=max(16, triton.next_power_of_2(group)), D=d, BLOCK_SIZE=k_cache.shape[2],
-        BLOCK_N=config.block_n, UPCAST=interpret, PERSISTENT=persistent,
-        num_warps=config.num_warps, num_stages=config.num_stages,
+        BLOCK_N=config.block_n, UPCAST=interpret, PERSISTENT=persistent, PDL=pdl,
+        num_warps=config.num_warps, num_stages=config.num_stages, **launch_options(pdl),
         **({} if config.maxnreg is None else {"maxnreg": config.maxnreg}),
     )
     return out
@@ -370,9 +373,10 @@ def select_attention(
     out: torch.Tensor | None = None,  # [B, Hq, D]
     plan: AttentionPlan | None = None,  # the step's work plan (kernels/attention_plan.py); None: one
     # is built from seq_lens, which reads them back to the host
+    pdl: bool = False,  # launch with programmatic dependent launch (kernels/pdl.py)
 ) -> torch.Tensor:  # [B, Hq, D]; heads of unselected groups are exactly 0
     """Triton head-selective paged decode attention (see the module docstring)."""
-    return _launch(q, k_cache, v_cache, block_tables, seq_lens, head_table, scale, out, plan)
+    return _launch(q, k_cache, v_cache, block_tables, seq_lens, head_table, scale, out, plan, pdl=pdl)
 
 
 def select_attention_ref(

@@ -13,12 +13,15 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.pdl import launch_options, wait_then_release
+
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 _BLOCK = 1024
 
 
 @triton.jit
-def _silu_mul_kernel(x_ptr, out_ptr, I, stride_xt, stride_ot, BLOCK: tl.constexpr):
+def _silu_mul_kernel(x_ptr, out_ptr, I, stride_xt, stride_ot, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    wait_then_release(PDL)
     t = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < I
@@ -28,8 +31,9 @@ def _silu_mul_kernel(x_ptr, out_ptr, I, stride_xt, stride_ot, BLOCK: tl.constexp
     tl.store(out_ptr + t * stride_ot + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    """gate_up [T, 2I] (fp16/bf16, contiguous rows) -> silu(gate) * up [T, I]."""
+def silu_mul(gate_up: torch.Tensor, pdl: bool = False) -> torch.Tensor:
+    """gate_up [T, 2I] (fp16/bf16, contiguous rows) -> silu(gate) * up [T, I]. pdl: launch with
+    programmatic dependent launch (kernels/pdl.py)."""
     if gate_up.dim() != 2 or gate_up.shape[1] % 2 or gate_up.stride(-1) != 1:
         raise ValueError(f"gate_up must be [T, 2I] with a contiguous last dim, got {tuple(gate_up.shape)} "
                          f"strides {gate_up.stride()}")
@@ -39,7 +43,8 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     out = torch.empty((T, I), dtype=gate_up.dtype, device=gate_up.device)
     if T:
         _silu_mul_kernel[(T, triton.cdiv(I, _BLOCK))](gate_up, out, I, gate_up.stride(0), out.stride(0),
-                                                      BLOCK=_BLOCK, num_warps=4)
+                                                      BLOCK=_BLOCK, PDL=pdl, num_warps=4,
+                                                      **launch_options(pdl))
     return out
 
 

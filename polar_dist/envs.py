@@ -64,6 +64,11 @@ KERNEL_BACKEND: EnvVar[str] = EnvVar(
     "kernel backend, chosen once per model: auto (Triton for fp16/bf16 on CUDA, torch references otherwise), "
     "triton or torch",
 )
+PDL: EnvVar[bool] = EnvVar(
+    "POLAR_PDL", True, parse_bool,
+    "launch the decode step's small Triton kernels with programmatic dependent launch where the GPU (compute "
+    "capability >= 9) and Triton support it; 0 turns it off (kernels/pdl.py)",
+)
 LOG_ALL_RANKS: EnvVar[bool] = EnvVar(
     "POLAR_LOG_ALL_RANKS", False, parse_bool, "log from every rank, not rank 0 only"
 )

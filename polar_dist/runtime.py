@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.dispatch import Backend, KernelOps, choose_backend
+from kernels.dispatch import Backend, KernelOps, choose_backend, choose_pdl
 from polar_dist import envs
 from polar_dist.config import RunConfig
 from polar_dist.engine.engine import Engine, worker_loop
@@ -128,7 +128,8 @@ def build_runtime(cfg: RunConfig, ctx: ParallelContext) -> Runtime:
                         f"this runtime does not implement; set engine.max_seq_len <= {window}")
     tokenizer = make_tokenizer(cfg, source)
     dtype = DTYPES[cfg.model.dtype]
-    ops = KernelOps(choose_backend(envs.KERNEL_BACKEND.get(), ctx.device, dtype))
+    backend = choose_backend(envs.KERNEL_BACKEND.get(), ctx.device, dtype)
+    ops = KernelOps(backend, pdl=choose_pdl(envs.PDL.get(), backend, ctx.device))
     if ops.backend is Backend.TRITON:
         from kernels.select_attention import HEAD_DIMS  # imports triton: only when its kernels will run
 
@@ -142,7 +143,7 @@ def build_runtime(cfg: RunConfig, ctx: ParallelContext) -> Runtime:
                         routers)
     log.info("loaded %s (%d layers, tp=%d%s, launched by %s, %s kernels) in %.1f s on %s", spec.model_type,
              spec.num_layers, ctx.tp_size, f" x dp={ctx.num_replicas}" if ctx.num_replicas > 1 else "",
-             ctx.info.launcher.value, ops.backend.value, time.perf_counter() - t0,
+             ctx.info.launcher.value, ops.backend.value + (" + PDL" if ops.pdl else ""), time.perf_counter() - t0,
              ctx.device)
     if not policy.is_dense:
         log.info("sparse decode: %s routing, %s scope, KV groups per layer %s of %d%s", policy.routing.value,

@@ -9,7 +9,7 @@ import torch
 import kernels.gather_gemm as gather_gemm
 import kernels.norms as norms
 import kernels.select_attention as select_attention
-from kernels.dispatch import Backend, KernelOps, choose_backend
+from kernels.dispatch import Backend, KernelOps, choose_backend, choose_pdl
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda", 0)
 
@@ -48,6 +48,44 @@ def test_ops_call_the_bound_backend(backend: Backend, monkeypatch: pytest.Monkey
     suffix = "" if backend is Backend.TRITON else "_ref"
     assert calls == [f"{op}{suffix}" for op in ("select_attention", "gather_fc1", "gather_fc2", "rms_norm",
                                                   "add_rms_norm", "layer_norm", "add_layer_norm")]
+
+
+@pytest.mark.parametrize("pdl", [False, True])
+def test_pdl_reaches_exactly_the_launches_that_take_it(pdl: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """KernelOps(pdl=True) passes pdl=True to the decode step's small Triton kernels (norms,
+    head selection, rotary, attention, SiLU x up) and nothing to the gather-GEMM pair."""
+    import kernels.rotary as rotary
+    import kernels.route_heads as route_heads
+    import kernels.silu_mul as silu_mul
+
+    seen: dict[str, object] = {}
+    for mod, op in ((select_attention, "select_attention"), (norms, "rms_norm"), (norms, "add_rms_norm"),
+                    (norms, "layer_norm"), (norms, "add_layer_norm"), (route_heads, "select_groups"),
+                    (route_heads, "route_heads"), (rotary, "rotary_store_kv"), (silu_mul, "silu_mul"),
+                    (gather_gemm, "gather_fc1")):
+        monkeypatch.setattr(mod, op, lambda *a, _n=op, **kw: seen.__setitem__(_n, kw.get("pdl", "absent")))
+    ops = KernelOps(Backend.TRITON, pdl=pdl)
+    ops.select_attention(*([None] * 7))
+    ops.rms_norm(None, None, 1e-6)
+    ops.add_rms_norm(None, None, None, 1e-6)
+    ops.layer_norm(None, None, None, 1e-5)
+    ops.add_layer_norm(None, None, None, None, 1e-5)
+    ops.select_groups(None, None, 1, 0, 1)
+    ops.route_heads(None, None, None, 1, 0, 1)
+    ops.rotary_store_kv(*([None] * 6))
+    ops.silu_mul(None)
+    ops.gather_fc1(None, None, None, None)
+    want = True if pdl else "absent"
+    assert seen == {**{op: want for op in seen if op != "gather_fc1"}, "gather_fc1": "absent"} and len(seen) == 10
+
+
+def test_pdl_is_chosen_only_where_it_can_run() -> None:
+    assert not choose_pdl(True, Backend.TRITON, CPU)  # the interpreter runs no inline PTX
+    assert not choose_pdl(True, Backend.TORCH, CPU)
+    assert not choose_pdl(False, Backend.TRITON, CPU)
+    with pytest.raises(ValueError, match="torch backend"):
+        KernelOps(Backend.TORCH, pdl=True)
+    assert repr(KernelOps(Backend.TRITON, pdl=True)) == "KernelOps(triton, pdl)"
 
 
 def test_torch_backend_matches_the_reference_exactly() -> None:
