@@ -10,7 +10,7 @@ timed at split counts 1, 2, 3, 4, 6 and (CONFIG_ROWS) other block configs, each 
 SDPA on the gathered selected groups; --mlp-sweep times other gather-GEMM configs. Target rows
 (B = 64 attention at density 0.3; M = 64 MLP at 10%) are timed twice ("ours_rerun": the
 run-to-run spread). Every variant is captured in a CUDA graph and its replays are timed (median
-of triton.testing.do_bench, which flushes L2 before every repetition); inputs are random, never
+of 50, L2 flushed by a read before each: kernels/graph_timer.py); inputs are random, never
 zeros. The floor is the bytes the op must read (selected KV, or selected weights) over the copy
 bandwidth measured in the same run. The exact command of the recorded run:
 
@@ -21,6 +21,7 @@ bandwidth measured in the same run. The exact command of the recorded run:
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import re
 import sys
@@ -29,6 +30,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from kernels.graph_timer import GraphTimer
 
 ATTN_SHAPES = [  # (name, B, Hq, Hkv, N)
     ("opt-66b", 64, 72, 72, 1920),
@@ -45,21 +48,28 @@ D_HEAD = 128
 BLOCK_SIZE = 16
 
 
+BENCH_REPS = 50  # timed replays per case (median)
+
+
+@functools.lru_cache(maxsize=None)
+def _graph_timer() -> GraphTimer:
+    return GraphTimer(torch.device("cuda"), BENCH_REPS)
+
+
 def _bench(fn, graph: bool = True) -> float:
     """Median ms of fn. With graph, fn is captured once in a CUDA graph and its replays are
-    timed (as a decode runtime runs it): host launch overhead (~0.1 ms for a few Python-side
-    launches, more than the kernels take at small sizes) drops out, and the capture itself
-    proves the op never syncs with the host."""
+    timed as a decode runtime runs it, L2 flushed by a read before each (kernels/graph_timer.py):
+    host launch overhead (~0.1 ms for a few Python-side launches, more than the kernels take at
+    small sizes) drops out, and the capture itself proves the op never syncs with the host.
+    Without, triton's do_bench times fn eagerly (the copy bandwidth)."""
+    if graph:
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()  # the graph's private pool cannot reuse the eager run's blocks
+        return _graph_timer()(fn)
     import triton.testing
 
-    fn()  # compile, and let cuBLAS / the caching allocator settle before capture
+    fn()
     torch.cuda.synchronize()
-    if graph:
-        torch.cuda.empty_cache()  # the graph's private pool cannot reuse the eager run's blocks
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            fn()
-        fn = g.replay
     return float(triton.testing.do_bench(fn, warmup=10, rep=60, return_mode="median"))
 
 

@@ -16,7 +16,8 @@ runtime's dense MLP) and, where the dispatch chose dense, `gather` (the pair wit
 configs) so every MLP case has the kernel's time. Floors: attention = selected KV bytes (the
 real lengths x selected groups x D x K and V) / copy bandwidth; MLP = max(selected weight bytes
 / copy bandwidth, FLOPs / 650 TFLOP/s). Timing: kernel_bench._bench (CUDA-graph replays,
-median of triton.testing.do_bench, L2 flushed before each).
+median of 50, L2 flushed by a read before each; rows before run 36 flushed by a write, 2-8 us
+slower per replay: benchmarks/timer_flush_ab.py).
 
 The subset. The full cross product (6 batches x 3 length distributions x 3 longest contexts x
 6 head configurations x 5 densities x 2 dtypes, and 4 x 6 x 7 MLP cases) is ~3,300 timings,
@@ -61,7 +62,7 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 MMA_FLOP_PER_S = 650e12  # the MLP floor's FLOP term (cuBLAS dense reached 630-730 TFLOP/s on H100)
 MAX_KV_BYTES = 40e9  # paged cache per case; the SDPA baseline copies as much again
 TABLE_TOKENS = 32768  # the block table's width unless a case says otherwise
-SECONDS_PER_TIMING = 0.12  # _bench on a warm kernel: do_bench's 10 + 60 ms, the capture and the estimate
+SECONDS_PER_TIMING = 0.03  # _bench on a warm kernel: the capture and 51 replays after a 0.2 GB read
 COMPILE_SECONDS = 60  # Triton builds of the attention and gather-GEMM variants the grid meets, once each
 
 

@@ -1,7 +1,13 @@
 """Timing of candidate kernels as decode runs them: captured in a CUDA graph (host launch time
 drops out), replays timed with L2 flushed before each (every layer's weights are cold when its
 turn comes), the median of a few. kernels/mlp_dispatch.py times its candidates with it, and
-NeuronSparseMLP its sparse and dense paths, outside any capture.
+NeuronSparseMLP its sparse and dense paths, outside any capture; the kernel benchmarks too.
+
+The flush reads twice the L2's bytes (a sum): every line the timed kernel could hit is evicted
+and the lines left are clean, as after a decode step's weight GEMMs. A flush by writing (a
+zero_, as triton.testing.do_bench does) leaves L2 full of dirty lines that the timed kernel's
+first reads must write back: measured on the H200, 2-8 us more per replay (8 us on kernels that
+read >= 60 MB; benchmarks/timer_flush_ab.py), a cost no decode step pays.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ class GraphTimer:
     """Median ms of a callable's CUDA-graph replays, L2 flushed before each."""
 
     def __init__(self, device: torch.device, reps: int = REPS) -> None:
-        self.flush = torch.empty(2 * l2_bytes(device), dtype=torch.int8, device=device)
+        self.flush = torch.ones(2 * l2_bytes(device) // 4, dtype=torch.int32, device=device)
         self.reps = reps
         self.stream = torch.cuda.Stream(device)  # captures must not use the legacy default stream
 
@@ -43,7 +49,7 @@ class GraphTimer:
         events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
                   for _ in range(self.reps)]
         for start, end in events:
-            self.flush.zero_()
+            self.flush.sum(dtype=torch.int64)  # read: evicts every line, leaves the rest clean
             start.record()
             graph.replay()
             end.record()
