@@ -24,6 +24,8 @@ forward's end on the GPU to the tokens on the host), other = the rest of the
 graph step (norms, embedding, LM head, gaps between kernels, the host's part of the step). With --hf,
 transformers' generate (static cache, which compiles the forward in transformers 5.x) on the same
 shape: (t(1 + n) - t(1)) / n, n = --hf-tokens, the minimum of 3 runs each after a warm-up of both.
+With --timeline, `timeline` holds one graph-replayed forward's kernels as the GPU ran them: busy
+time, the gaps between kernels, and the costliest kernels (benchmarks/step_timeline.py).
 
 Over ranks and replicas (world = dp x tp, benchmarks/replica_results.py): comm_ms is the step's
 all-reduce time, timed apart from compute in a second, eager pass over the same steps (under
@@ -56,6 +58,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.hf_baseline import hf_decode_step_ms  # noqa: E402
 from benchmarks.replica_results import comm_pass, gather_results, results_dir_name, summarize, sync  # noqa: E402
 from benchmarks.replica_results import timed_comm  # noqa: E402
+from benchmarks.step_timeline import step_timeline  # noqa: E402
 from polar_dist.cli import add_config_args, config_from_args, run_main  # noqa: E402
 from polar_dist.engine.kv_cache import BlockAllocator, blocks_needed  # noqa: E402
 from polar_dist.engine.sampling import SampleRow, SamplingParams  # noqa: E402
@@ -440,6 +443,11 @@ def measure_variant(args: argparse.Namespace, variant: Variant, cases: list[tupl
                "compute_ms": max(step_ms - comm_ms, 0.0), "collectives": calls}
         if args.breakdown:
             row["breakdown_ms"] = breakdown(rt, steps[-1], sample_ms, step_ms)
+        if args.timeline and rt.ctx.device.type == "cuda":
+            row["timeline"] = step_timeline(lambda: rt.runner.logits(steps[-1]), rt.ctx.device)
+            t = row["timeline"]
+            print(f"    timeline: {t['kernels']} kernels over {t['span_ms']:.3f} ms, busy {t['busy_ms']:.3f}, "
+                  f"gaps {t['gap_ms']:.3f}", flush=True)
         rows.append(row)
         if rt.ctx.is_driver:  # every replica's driver: say which
             where = f"replica {rt.ctx.replica}: " if rt.ctx.num_replicas > 1 else ""
@@ -500,6 +508,8 @@ def main() -> None:
     parser.add_argument("--mlp-sparse", action="store_true", help="ReLU models: also rows with MLP sparsity on")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--breakdown", action="store_true", help="time each module in one eager step")
+    parser.add_argument("--timeline", action="store_true",
+                        help="the kernels of one graph-replayed step and the gaps between them (CUDA)")
     parser.add_argument("--hf", action="store_true", help="also time transformers generate (tp 1, CUDA)")
     parser.add_argument("--hf-tokens", type=int, default=128)
     parser.add_argument("--out", default=None, help="directory (default benchmarks/results/<gpu>x<tp>)")
