@@ -1,13 +1,16 @@
 """Stream-K against the tile grid (its split counts) and cuBLAS: the gather-GEMM pair at OPT
 shapes, and fc1's kernel over every weight row (idx = arange: a dense linear) at Llama shapes.
 
-    PYTHONPATH=. python3 benchmarks/stream_k_ab.py benchmarks/results/<gpu>/stream_k_ab.json
+    PYTHONPATH=. python3 benchmarks/stream_k_ab.py benchmarks/results/<gpu>/stream_k_ab.json [--dense-only]
 
 Each candidate is captured in a CUDA graph and its replays timed with L2 flushed
 (kernels/graph_timer.py); every candidate's output is checked against the default config's
 (printed as MISMATCH if it differs by more than 2% of the output's scale). Floors: the weight
 bytes read / the copy bandwidth measured in the same run. Prints per case the best tile-grid
 pair, the best stream-K pair and cuBLAS as % of the floor; writes every candidate's median ms.
+The dense linears are also timed in fc2's layout (`t_*`: the weight stored transposed, [d_in,
+n_out], its rows summed over arange(d_in): no split-K reduce kernel); --dense-only skips the OPT
+section.
 """
 import json
 import sys
@@ -20,7 +23,7 @@ from kernels.graph_timer import time_graphs_ms
 from kernels.mlp_dispatch import dense_masked_mlp, split_candidates
 from benchmarks.throughput import copy_bandwidth_tbps
 
-def main(out_path: str) -> None:
+def main(out_path: str, dense_only: bool = False) -> None:
     dev = torch.device("cuda")
     bw = copy_bandwidth_tbps(dev)
     sms = gg._num_sms(dev)
@@ -45,7 +48,7 @@ def main(out_path: str) -> None:
         err = (a.float() - b.float()).abs().max().item(); scale = b.float().abs().max().item() + 1e-6
         if err > 0.02 * scale: print("MISMATCH", what, err, scale, flush=True)
 
-    for name, d in (("opt-6.7b", 4096), ("opt-66b", 9216)):
+    for name, d in () if dense_only else (("opt-6.7b", 4096), ("opt-66b", 9216)):
         n = 4 * d
         w1 = (torch.randn(n, d, generator=gen) / d**0.5).to(dev, torch.bfloat16)
         w2t = (torch.randn(n, d, generator=gen) / 64).to(dev, torch.bfloat16)
@@ -87,23 +90,30 @@ def main(out_path: str) -> None:
         for d_in, n_out in shapes:
             w = (torch.randn(n_out, d_in, generator=gen) / d_in**0.5).to(dev, torch.bfloat16)
             ar = torch.arange(n_out, device=dev, dtype=torch.int32)
+            wt = w.t().contiguous()  # [d_in, n_out]
+            ar_in = torch.arange(d_in, device=dev, dtype=torch.int32)
             for m in (16, 32, 64, 128):
                 x = torch.randn(m, d_in, generator=gen).to(dev, torch.bfloat16)
                 ref = F.linear(x, w)
                 vs = variants(m, n_out, d_in, True)
                 for label, c in vs.items():
                     check(gg.gather_fc1(x, w, ar, None, "identity", config=c), ref, f"{name} {d_in}x{n_out} {label}")
-                fns = [lambda: F.linear(x, w)] + [lambda c=c: gg.gather_fc1(x, w, ar, None, "identity", config=c) for c in vs.values()]
-                times = dict(zip(["cublas"] + list(vs), time_graphs_ms(fns, dev)))
+                vt = variants(m, n_out, d_in, False)  # fc2's layout: w^T rows over arange(d_in)
+                for label, c in vt.items():
+                    check(gg.gather_fc2(x, wt, ar_in, None, config=c), ref, f"{name} {d_in}x{n_out} t_{label}")
+                fns = ([lambda: F.linear(x, w)] + [lambda c=c: gg.gather_fc1(x, w, ar, None, "identity", config=c)
+                                                   for c in vs.values()]
+                       + [lambda c=c: gg.gather_fc2(x, wt, ar_in, None, config=c) for c in vt.values()])
+                times = dict(zip(["cublas"] + list(vs) + [f"t_{k}" for k in vt], time_graphs_ms(fns, dev)))
                 fl = floor_ms(2 * n_out * d_in)
-                top = sorted((v, kk) for kk, v in times.items() if kk != "cublas")[:4]
+                top = sorted((v, kk) for kk, v in times.items() if kk != "cublas")[:5]
                 print(f"{name} {d_in:5d}->{n_out:5d} M{m:3d}: floor {fl*1e3:6.1f} us cublas {times['cublas']*1e3:6.1f} ({fl/times['cublas']:4.0%}) best " +
                       " ".join(f"{kk}={v*1e3:.1f}({fl/v:.0%})" for v, kk in top), flush=True)
                 rows.append({"model": name, "M": m, "d_in": d_in, "n_out": n_out, "floor_ms": fl, "ms": times})
-            del w
+            del w, wt
     json.dump({"device": torch.cuda.get_device_name(), "versions": {"torch": torch.__version__,
                "triton": __import__("triton").__version__}, "bw_tbps": bw, "rows": rows}, open(out_path, "w"), indent=1)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], "--dense-only" in sys.argv[2:])
