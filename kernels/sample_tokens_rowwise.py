@@ -13,7 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.sample_tokens import _BLOCK, _KEY_INF, _WAYS, _check, _fmix32
+from kernels.sample_common import KEY_INF_C, check_inputs, fmix32
+from kernels.sample_search import SEARCH_TILE, WAYS
 
 
 @triton.jit
@@ -76,7 +77,7 @@ def _sample_tokens_kernel(
         top_k = tl.load(top_k_ptr + row)
         top_p = tl.load(top_p_ptr + row)
         min_p = tl.load(min_p_ptr + row)
-        kappa = tl.full([], _KEY_INF, tl.int64)
+        kappa = tl.full([], KEY_INF_C, tl.int64)
         if min_p > 0.0:
             kappa = (0.0 - tl.log(min_p)).to(tl.int32, bitcast=True).to(tl.int64)
         if top_k > 0:
@@ -95,9 +96,9 @@ def _sample_tokens_kernel(
         # Gumbel-max over the kept set; the row key mixes the seed's two halves and the counter.
         seed = tl.load(seed_ptr + row)
         counter = tl.load(counter_ptr + row)
-        row_key = _fmix32(((seed & 0xFFFFFFFF) + 0x9E3779B9) & 0xFFFFFFFF)
-        row_key = _fmix32(row_key ^ ((seed >> 32) & 0xFFFFFFFF))
-        row_key = _fmix32(row_key ^ (counter & 0xFFFFFFFF))
+        row_key = fmix32(((seed & 0xFFFFFFFF) + 0x9E3779B9) & 0xFFFFFFFF)
+        row_key = fmix32(row_key ^ ((seed >> 32) & 0xFFFFFFFF))
+        row_key = fmix32(row_key ^ (counter & 0xFFFFFFFF))
         best = tl.full([], float("-inf"), tl.float32)
         best_idx = tl.full([], 0, tl.int32)
         for start in range(0, V, BLOCK):
@@ -105,8 +106,8 @@ def _sample_tokens_kernel(
             valid = idx < V
             x = (tl.load(base + idx, mask=valid, other=float("-inf")) - m) / temp
             key = (0.0 - x).to(tl.int32, bitcast=True).to(tl.int64)
-            h = _fmix32(row_key ^ ((idx.to(tl.int64) * 0x9E3779B1) & 0xFFFFFFFF))
-            h = _fmix32((h + row_key) & 0xFFFFFFFF)
+            h = fmix32(row_key ^ ((idx.to(tl.int64) * 0x9E3779B1) & 0xFFFFFFFF))
+            h = fmix32((h + row_key) & 0xFFFFFFFF)
             u = ((h >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)  # (0, 1), 24 bits
             val = tl.where(valid & (key <= kappa), x - tl.log(-tl.log(u)), float("-inf"))
             bv = tl.max(val, axis=0)
@@ -122,10 +123,10 @@ def sample_tokens_rowwise(logits: torch.Tensor, temperature: torch.Tensor, top_k
                           min_p: torch.Tensor, seeds: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
     """The one-program-per-row kernel (kept for comparison; same tokens as sample_tokens)."""
     params = (temperature, top_k, top_p, min_p, seeds, counters)
-    _check(logits, params, kernel=True)
+    check_inputs(logits, params, kernel=True)
     R, V = logits.shape
     out = torch.empty(R, dtype=torch.int64, device=logits.device)
     if R:
-        _sample_tokens_kernel[(R,)](logits, *params, out, V, logits.stride(0), BLOCK=_BLOCK, WAYS=_WAYS,
+        _sample_tokens_kernel[(R,)](logits, *params, out, V, logits.stride(0), BLOCK=SEARCH_TILE, WAYS=WAYS,
                                     num_warps=4)
     return out
