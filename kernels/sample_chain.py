@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.sample_common import FIX, KEY_INF_C, draw_chunk, kappa_in, row_max
+from kernels.sample_common import KEY_INF_C, draw_chunk, kappa_in, kept_mass, row_max, tile_keys
 
 CHAIN_ROUNDS = 6  # top-p draw + check rounds; measured on an H100 (benchmarks/sampling_bench.py): 3 left
 # enough rows to the search at top-p 0.5 to cost 0.38 ms at B 64 against 0.23 ms with 6, while each
@@ -24,18 +24,23 @@ def _mass_below(base, row, m, temp, kappa, lim, begin, end, BLOCK: tl.constexpr)
     offs = tl.arange(0, BLOCK)
     mass = tl.full([], 0, tl.int64)
     for start in range(begin, end, BLOCK):
-        idx = start + offs
-        valid = idx < end
-        x = (tl.load(base + idx, mask=valid, other=float("-inf")) - m) / temp
-        key = (0.0 - x).to(tl.int32, bitcast=True).to(tl.int64)
-        inside = valid & (key <= kappa) & (key < lim)
-        mass += tl.sum(tl.where(inside, (tl.exp(x) * FIX).to(tl.int64), 0), axis=0)
+        x, _, inside = tile_keys(base, start + offs, end, m, temp, kappa, lim)
+        mass += kept_mass(x, inside)
     return mass
 
 
 
 # Top-p chain state per row, (active, lim, cand, ckey) int64 + the target (float64), written by
 # each launch's chunk-0 program into the buffer the next launch reads (two buffers, alternating).
+@triton.jit
+def _store_state(st_ptr, tg_ptr, row, active, lim, cand, ckey, target):
+    tl.store(st_ptr + row * 4, active)
+    tl.store(st_ptr + row * 4 + 1, lim)
+    tl.store(st_ptr + row * 4 + 2, cand)
+    tl.store(st_ptr + row * 4 + 3, ckey)
+    tl.store(tg_ptr + row, target)
+
+
 @triton.jit
 def _chain_draw_kernel(
     logits_ptr, temperature_ptr, min_p_ptr, seed_ptr, counter_ptr, pm_ptr, pa_ptr, pn_ptr, kappa_ptr,
@@ -70,11 +75,7 @@ def _chain_draw_kernel(
             else:
                 lim = ckey
     if c == 0:
-        tl.store(st_out_ptr + row * 4, active)
-        tl.store(st_out_ptr + row * 4 + 1, lim)
-        tl.store(st_out_ptr + row * 4 + 2, cand)
-        tl.store(st_out_ptr + row * 4 + 3, ckey)
-        tl.store(tg_out_ptr + row, target)
+        _store_state(st_out_ptr, tg_out_ptr, row, active, lim, cand, ckey, target)
     best = tl.full([], float("-inf"), tl.float32)
     best_idx = tl.full([], 2147483647, tl.int32)
     best_key = tl.full([], 0, tl.int64)
@@ -127,11 +128,7 @@ def _chain_check_kernel(
             if top_p >= 1.0:
                 active = tl.full([], 0, tl.int64)
     if c == 0:
-        tl.store(st_out_ptr + row * 4, active)
-        tl.store(st_out_ptr + row * 4 + 1, lim)
-        tl.store(st_out_ptr + row * 4 + 2, cand)
-        tl.store(st_out_ptr + row * 4 + 3, ckey)
-        tl.store(tg_out_ptr + row, target)
+        _store_state(st_out_ptr, tg_out_ptr, row, active, lim, cand, ckey, target)
     mass = tl.full([], 0, tl.int64)
     if active != 0:
         kappa = kappa_in(kappa_ptr, min_p_ptr, row, READ_KAPPA)

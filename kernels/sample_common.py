@@ -79,8 +79,24 @@ def kappa_in(kappa_ptr, min_p_ptr, row, READ: tl.constexpr):
 
 
 @triton.jit
+def tile_keys(base, idx, end, m, temp, kappa, lim):
+    """Of the tokens idx (those < end): x = (logit - max) / T, their keys, and which are kept
+    (key <= kappa and key < lim)."""
+    valid = idx < end
+    x = (tl.load(base + idx, mask=valid, other=float("-inf")) - m) / temp
+    key = (0.0 - x).to(tl.int32, bitcast=True).to(tl.int64)
+    return x, key, valid & (key <= kappa) & (key < lim)
+
+
+@triton.jit
+def kept_mass(x, inside):
+    """Fixed-point mass of the tokens `inside`."""
+    return tl.sum(tl.where(inside, (tl.exp(x) * FIX).to(tl.int64), 0), axis=0)
+
+
+@triton.jit
 def draw_chunk(base, seed_ptr, counter_ptr, row, m, temp, kappa, lim, begin, end,
-                MASS: tl.constexpr, BLOCK: tl.constexpr):
+               MASS: tl.constexpr, BLOCK: tl.constexpr):
     """Gumbel-max over the tokens of [begin, end) with key <= kappa and key < lim: (best value,
     its first index, its key, and when MASS their fixed-point mass)."""
     row_key = row_seed_key(seed_ptr, counter_ptr, row)
@@ -91,10 +107,7 @@ def draw_chunk(base, seed_ptr, counter_ptr, row, m, temp, kappa, lim, begin, end
     mass = tl.full([], 0, tl.int64)
     for start in range(begin, end, BLOCK):
         idx = start + offs
-        valid = idx < end
-        x = (tl.load(base + idx, mask=valid, other=float("-inf")) - m) / temp
-        key = (0.0 - x).to(tl.int32, bitcast=True).to(tl.int64)
-        inside = valid & (key <= kappa) & (key < lim)
+        x, key, inside = tile_keys(base, idx, end, m, temp, kappa, lim)
         h = fmix32(row_key ^ ((idx.to(tl.int64) * 0x9E3779B1) & 0xFFFFFFFF))
         h = fmix32((h + row_key) & 0xFFFFFFFF)
         u = ((h >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)  # (0, 1), 24 bits
@@ -106,5 +119,5 @@ def draw_chunk(base, seed_ptr, counter_ptr, row, m, temp, kappa, lim, begin, end
         best_key = tl.where(bv > best, bk, best_key)
         best = tl.maximum(best, bv)
         if MASS:
-            mass += tl.sum(tl.where(inside, (tl.exp(x) * FIX).to(tl.int64), 0), axis=0)
+            mass += kept_mass(x, inside)
     return best, best_idx, best_key, mass

@@ -62,6 +62,20 @@ def _resolve(lo, hi, below, target, acc, total, top_p, WAYS: tl.constexpr):
 
 
 @triton.jit
+def _resolve_parts(part_ptr, row, C, lo, hi, below, target, top_p, CPAD: tl.constexpr, PPAD: tl.constexpr,
+                   NPART: tl.constexpr, WAYS: tl.constexpr):
+    """_resolve from the previous pass's partials of the row's C chunks, summed in chunk order."""
+    cs = tl.arange(0, CPAD)
+    ps = tl.arange(0, PPAD)
+    pmask = (cs[:, None] < C) & (ps[None, :] < NPART)
+    part = tl.load(part_ptr + (row * C + cs[:, None]) * NPART + ps[None, :], mask=pmask, other=0)
+    sums = tl.sum(part, axis=0)  # [PPAD]
+    total = tl.sum(tl.where(ps == WAYS, sums, 0), axis=0)
+    acc = tl.sum(tl.where(ps[:, None] == tl.arange(0, WAYS)[None, :], sums[:, None], 0), axis=0)
+    return _resolve(lo, hi, below, target, acc, total, top_p, WAYS)
+
+
+@triton.jit
 def _tile_sums(key, keep, cand, MASS: tl.constexpr):
     """F contributions of one tile at the candidates, and over the whole range (int64)."""
     if MASS:
@@ -105,14 +119,8 @@ def _search_pass_kernel(
             below = tl.load(st_in_ptr + row * 3 + 2)
             target = tl.load(tg_in_ptr + row)
             if lo < hi:
-                cs = tl.arange(0, CPAD)
-                ps = tl.arange(0, PPAD)
-                pmask = (cs[:, None] < C) & (ps[None, :] < NPART)
-                part = tl.load(part_in_ptr + (row * C + cs[:, None]) * NPART + ps[None, :], mask=pmask, other=0)
-                sums = tl.sum(part, axis=0)  # [PPAD]
-                total = tl.sum(tl.where(ps == WAYS, sums, 0), axis=0)
-                acc = tl.sum(tl.where(ps[:, None] == tl.arange(0, WAYS)[None, :], sums[:, None], 0), axis=0)
-                lo, hi, below, target = _resolve(lo, hi, below, target, acc, total, top_p, WAYS)
+                lo, hi, below, target = _resolve_parts(part_in_ptr, row, C, lo, hi, below, target, top_p, CPAD, PPAD,
+                                                       NPART, WAYS)
         if c == 0:
             tl.store(st_out_ptr + row * 3, lo)
             tl.store(st_out_ptr + row * 3 + 1, hi)
@@ -172,14 +180,8 @@ def _search_finish_kernel(
         below = tl.load(st_ptr + row * 3 + 2)
         target = tl.load(tg_ptr + row)
         if lo < hi:
-            cs = tl.arange(0, CPAD)
-            ps = tl.arange(0, PPAD)
-            pmask = (cs[:, None] < C) & (ps[None, :] < NPART)
-            part = tl.load(part_ptr + (row * C + cs[:, None]) * NPART + ps[None, :], mask=pmask, other=0)
-            sums = tl.sum(part, axis=0)
-            total = tl.sum(tl.where(ps == WAYS, sums, 0), axis=0)
-            acc = tl.sum(tl.where(ps[:, None] == tl.arange(0, WAYS)[None, :], sums[:, None], 0), axis=0)
-            lo, hi, below, target = _resolve(lo, hi, below, target, acc, total, top_p, WAYS)
+            lo, hi, below, target = _resolve_parts(part_ptr, row, C, lo, hi, below, target, top_p, CPAD, PPAD, NPART,
+                                                   WAYS)
         offs = tl.arange(0, BLOCK)
         while lo < hi:
             cand = _cands(lo, hi, WAYS)

@@ -11,8 +11,6 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-import torch
-
 from kernels.dispatch import Backend, KernelOps, choose_backend, choose_pdl
 from polar_dist import envs
 from polar_dist.config import RunConfig
