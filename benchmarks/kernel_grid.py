@@ -16,8 +16,8 @@ runtime's dense MLP) and, where the dispatch chose dense, `gather` (the pair wit
 configs) so every MLP case has the kernel's time. Floors: attention = selected KV bytes (the
 real lengths x selected groups x D x K and V) / copy bandwidth; MLP = max(selected weight bytes
 / copy bandwidth, FLOPs / 650 TFLOP/s). Timing: kernel_bench._bench (CUDA-graph replays,
-median of 50, L2 flushed by a read before each; rows before run 36 flushed by a write, 2-8 us
-slower per replay: benchmarks/timer_flush_ab.py).
+median of 50, L2 flushed by a read before each; rows before run 36 flushed by a write, up to 8
+us slower per replay: benchmarks/timer_flush_ab.py).
 
 The subset. The full cross product (6 batches x 3 length distributions x 3 longest contexts x
 6 head configurations x 5 densities x 2 dtypes, and 4 x 6 x 7 MLP cases) is ~3,300 timings,

@@ -6,8 +6,8 @@ NeuronSparseMLP its sparse and dense paths, outside any capture; the kernel benc
 The flush reads twice the L2's bytes (a sum): every line the timed kernel could hit is evicted
 and the lines left are clean, as after a decode step's weight GEMMs. A flush by writing (a
 zero_, as triton.testing.do_bench does) leaves L2 full of dirty lines that the timed kernel's
-first reads must write back: measured on the H200, 2-8 us more per replay (8 us on kernels that
-read >= 60 MB; benchmarks/timer_flush_ab.py), a cost no decode step pays.
+first reads must write back: measured on the H200, 3-8 us more per replay on kernels that read
+>= 30 MB, nothing measurable under ~15 MB (benchmarks/timer_flush_ab.py), a cost no decode step pays.
 """
 
 from __future__ import annotations
