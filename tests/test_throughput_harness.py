@@ -90,7 +90,7 @@ def test_breakdown_names_real_kernels() -> None:
     """Every kernel the breakdown charges by name is a Triton kernel of kernels/ (a renamed kernel
     would otherwise fall silently into "other")."""
     sys.path.insert(0, str(ROOT))
-    from benchmarks.throughput import _TRITON_KERNELS
+    from benchmarks.step_breakdown import _TRITON_KERNELS
 
     source = "\n".join(p.read_text() for p in (ROOT / "kernels").glob("*.py"))
     for name in _TRITON_KERNELS:
