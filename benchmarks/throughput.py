@@ -17,11 +17,11 @@ Per row: ms per step (median of --steps after warm-up), tokens/s, and the floor:
 weight bytes read + the KV bytes the step reads) / the copy bandwidth measured in the same run;
 layer 0 reads every KV group, a sparse layer k of them per sequence; a sparse MLP reads k of its
 neurons' rows of W1 and W2. breakdown_ms splits the step by module (benchmarks/step_breakdown.py:
-qkv, attention, out_proj, mlp, routers, all_reduce, sampling, other): the GPU time of the kernels each module launched in
-one profiled eager step (host gaps not counted; a routed layer's router scores are columns of its
-QKV GEMM, so they count in qkv and routers holds the selection), sampling its share of the step (from the
-forward's end on the GPU to the tokens on the host), other = the rest of the
-graph step (norms, embedding, LM head, gaps between kernels, the host's part of the step). With --hf,
+qkv, attention, out_proj, mlp, routers, all_reduce, sampling, other): the GPU time of the kernels
+each module launched in one profiled eager step (host gaps not counted; a routed layer's router
+scores are columns of its QKV GEMM, so they count in qkv and routers holds the selection),
+sampling its share of the step (from the forward's end on the GPU to the tokens on the host),
+other = the rest of the graph step (norms, embedding, LM head, gaps between kernels, the host's part of the step). With --hf,
 transformers' generate (static cache, which compiles the forward in transformers 5.x) on the same
 shape: (t(1 + n) - t(1)) / n, n = --hf-tokens, the minimum of 3 runs each after a warm-up of both.
 With --timeline, `timeline` holds one graph-replayed forward's kernels as the GPU ran them: busy
