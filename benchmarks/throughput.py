@@ -22,8 +22,9 @@ each module launched in one profiled eager step (host gaps not counted; a routed
 scores are columns of its QKV GEMM, so they count in qkv and routers holds the selection),
 sampling its share of the step (from the forward's end on the GPU to the tokens on the host),
 other = the rest of the graph step (norms, embedding, LM head, gaps between kernels, the host's
-part of the step). With --hf, transformers' generate (static cache, which compiles the forward in transformers 5.x) on the same
-shape: (t(1 + n) - t(1)) / n, n = --hf-tokens, the minimum of 3 runs each after a warm-up of both.
+part of the step). With --hf, transformers' generate (static cache, which compiles the forward in
+transformers 5.x) on the same shape: (t(1 + n) - t(1)) / n, n = --hf-tokens, the minimum of 3
+runs each after a warm-up of both.
 With --timeline, `timeline` holds one graph-replayed forward's kernels as the GPU ran them: busy
 time, the gaps between kernels, and the costliest kernels (benchmarks/step_timeline.py).
 
