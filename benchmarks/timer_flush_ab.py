@@ -8,13 +8,14 @@ GEMMs), or not at all; and what an empty kernel's replay costs under each.
 
 Cases: the decode attention kernel (as the CUDA-graph path runs it) at batch 1 and 8, MHA-32,
 GQA 32/8 and MHA-64 at short contexts, one large case as a control; torch SDPA over a
-contiguous cache; cuBLAS skinny linears. Writes <out>/timer_flush_ab.json.
+contiguous cache; cuBLAS skinny linears. Writes <out>/timer_flush_ab.json. Recorded: run 35
+(results/nvidia-h200/timer_flush_ab_run35.json), by this script's first form, which held its own
+copy of GraphTimer's capture-and-replay loop with the three flushes.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
 from pathlib import Path
 
 import torch
@@ -24,6 +25,7 @@ import triton
 from benchmarks.attention_ab import graph_plan
 from benchmarks.kernel_bench import BLOCK_SIZE, _block_table, _copy_tbps, _head_table, _paged_kv
 from kernels import attention_plan
+from kernels.graph_timer import GraphTimer
 from kernels.select_attention import select_attention
 
 REPS = 40
@@ -42,43 +44,14 @@ def _empty_kernel(x_ptr):
     pass
 
 
-def make_timer(flush: str):
-    l2 = torch.cuda.get_device_properties(0).L2_cache_size
-    buf = torch.ones(2 * l2 // 4, device="cuda", dtype=torch.int32)
-    flushes = {"write": lambda: buf.zero_(), "read": lambda: torch.sum(buf, dtype=torch.int64),
-               "none": lambda: None}
-
-    def time_ms(fn) -> float:
-        fn()
-        torch.cuda.synchronize()
-        g = torch.cuda.CUDAGraph()
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            g.capture_begin()
-            fn()
-            g.capture_end()
-        torch.cuda.current_stream().wait_stream(s)
-        g.replay()
-        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(REPS)]
-        for a, b in events:
-            flushes[flush]()
-            a.record()
-            g.replay()
-            b.record()
-        torch.cuda.synchronize()
-        return statistics.median(a.elapsed_time(b) for a, b in events)
-
-    return time_ms
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True, type=Path)
     args = ap.parse_args()
     bw = _copy_tbps()
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    timers = {f: make_timer(f) for f in ("write", "read", "none")}
+    dev = torch.device("cuda")
+    timers = {f: GraphTimer(dev, REPS, flush=f) for f in ("write", "read", "none")}
     gen = torch.Generator().manual_seed(0)
     rows = []
 

@@ -24,11 +24,18 @@ def l2_bytes(device: torch.device) -> int:
     return int(getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 64 << 20))
 
 
-class GraphTimer:
-    """Median ms of a callable's CUDA-graph replays, L2 flushed before each."""
+FLUSHES = ("read", "write", "none")  # how L2 is flushed before a timed replay; "read" is the timer's own
 
-    def __init__(self, device: torch.device, reps: int = REPS) -> None:
-        self.flush = torch.ones(2 * l2_bytes(device) // 4, dtype=torch.int32, device=device)
+
+class GraphTimer:
+    """Median ms of a callable's CUDA-graph replays, L2 flushed before each (`flush`: by a read;
+    "write" and "none" only for benchmarks/timer_flush_ab.py's comparison)."""
+
+    def __init__(self, device: torch.device, reps: int = REPS, flush: str = "read") -> None:
+        if flush not in FLUSHES:
+            raise ValueError(f"flush must be one of {FLUSHES}, got {flush!r}")
+        self.buffer = torch.ones(2 * l2_bytes(device) // 4, dtype=torch.int32, device=device)
+        self.flush = flush
         self.reps = reps
         self.stream = torch.cuda.Stream(device)  # captures must not use the legacy default stream
 
@@ -49,7 +56,10 @@ class GraphTimer:
         events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
                   for _ in range(self.reps)]
         for start, end in events:
-            self.flush.sum(dtype=torch.int64)  # read: evicts every line, leaves the rest clean
+            if self.flush == "read":
+                self.buffer.sum(dtype=torch.int64)  # evicts every line, leaves the rest clean
+            elif self.flush == "write":
+                self.buffer.zero_()  # evicts every line, leaves them dirty
             start.record()
             graph.replay()
             end.record()
