@@ -49,11 +49,17 @@ BLOCK_SIZE = 16
 
 
 BENCH_REPS = 50  # timed replays per case (median)
+IN_GRAPH_REPS = 15  # replays of each in-graph pair (GraphTimer.in_graph: 10 flushed calls per replay)
 
 
 @functools.lru_cache(maxsize=None)
 def _graph_timer() -> GraphTimer:
     return GraphTimer(torch.device("cuda"), BENCH_REPS)
+
+
+@functools.lru_cache(maxsize=None)
+def _in_graph_timer() -> GraphTimer:
+    return GraphTimer(torch.device("cuda"), IN_GRAPH_REPS)
 
 
 def _bench(fn, graph: bool = True) -> float:
@@ -73,10 +79,16 @@ def _bench(fn, graph: bool = True) -> float:
     return float(triton.testing.do_bench(fn, warmup=10, rep=60, return_mode="median"))
 
 
-def _try_bench(fn) -> tuple[float, dict]:
-    """Time fn; a failure (OOM, capture error) becomes a NaN row that carries the error."""
+def _try_bench(fn, in_graph: bool = False) -> tuple[float, dict]:
+    """Time fn; a failure (OOM, capture error) becomes a NaN row that carries the error. in_graph:
+    also fn's cost inside a graph of several flushed calls (`ms_in_graph`, GraphTimer.in_graph),
+    where the graph's launch is not charged to it."""
     try:
-        return _bench(fn), {}
+        ms = _bench(fn)
+        if not in_graph:
+            return ms, {}
+        torch.cuda.empty_cache()
+        return ms, {"ms_in_graph": _in_graph_timer().in_graph(fn)}
     except Exception as e:  # noqa: BLE001 - OOM, capture error, a sweep config Triton cannot build: kept in the row
         print(f"FAILED: {type(e).__name__}: {e}", flush=True)
         torch.cuda.empty_cache()

@@ -17,7 +17,10 @@ configs) so every MLP case has the kernel's time. Floors: attention = selected K
 real lengths x selected groups x D x K and V) / copy bandwidth; MLP = max(selected weight bytes
 / copy bandwidth, FLOPs / 650 TFLOP/s). Timing: kernel_bench._bench (CUDA-graph replays,
 median of 50, L2 flushed by a read before each; rows before run 36 flushed by a write, up to 8
-us slower per replay: benchmarks/timer_flush_ab.py).
+us slower per replay: benchmarks/timer_flush_ab.py). Each timed row also carries `ms_in_graph`
+(from run 39): the call inside a graph of 10 flushed calls, less the flushes alone
+(GraphTimer.in_graph), i.e. without the graph launch that a one-kernel replay pays and a decode
+step pays once for ~400 kernels; the summary counts the attention target under both.
 
 The subset. The full cross product (6 batches x 3 length distributions x 3 longest contexts x
 6 head configurations x 5 densities x 2 dtypes, and 4 x 6 x 7 MLP cases) is ~3,300 timings,
@@ -45,6 +48,7 @@ same single sequence), and densities that round to the same number of KV groups 
 
 from __future__ import annotations
 
+import functools
 import json
 import statistics
 import sys
@@ -350,7 +354,8 @@ def run_grid(out_dir: Path, smoke: bool, only: str | None = None) -> dict:
 
         from benchmarks.kernel_bench import _copy_tbps, _try_bench
 
-        device, ops, timer, bw = "cuda", KernelOps(Backend.TRITON), _try_bench, _copy_tbps()
+        device, ops, bw = "cuda", KernelOps(Backend.TRITON), _copy_tbps()
+        timer = functools.partial(_try_bench, in_graph=True)
         versions = {"torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda}
         name = torch.cuda.get_device_name()
     print(f"grid: {len(attn)} attention cases, {len(mlp)} MLP cases, {timings(attn, mlp)} timings, "
@@ -408,9 +413,10 @@ def _panels(data: dict) -> dict:
     return panels
 
 
-def attention_target(row: dict) -> bool:
-    """The attention target: within 90% of a floor >= 50 us, within floor + 10 us below that."""
-    floor, ms = row["floor_ms"], row["ms"]
+def attention_target(row: dict, key: str = "ms") -> bool:
+    """The attention target: within 90% of a floor >= 50 us, within floor + 10 us below that;
+    judged on the row's `key` (ms: one graph replay per call; ms_in_graph: the call inside a graph)."""
+    floor, ms = row["floor_ms"], row[key]
     return ms <= floor / 0.9 if floor >= 0.05 else ms <= floor + 0.010
 
 
@@ -421,13 +427,15 @@ def print_summary(data: dict) -> None:
     variants: dict = {}
     for r in data["rows"]:
         if r["op"] == "attention" and r["variant"] != "sdpa_dense" and r["ms"] > 0:
-            v = variants.setdefault((r["family"], r["variant"]), [0, 0, []])
+            v = variants.setdefault((r["family"], r["variant"]), [0, 0, [], 0])
             v[0] += attention_target(r)
             v[1] += 1
+            v[3] += "ms_in_graph" in r and attention_target(r, "ms_in_graph")
             v[2].append(min(1.0, r["floor_ms"] / r["ms"]) if r["floor_ms"] >= 0.05 else
                         (r["floor_ms"] + 0.010) / max(r["ms"], 1e-9))
-    for (family, variant), (met, n, ratios) in sorted(variants.items()):
-        print(f"{family:14} {variant:12} target met {met}/{n}; median score {statistics.median(ratios):.2f}")
+    for (family, variant), (met, n, ratios, met_in_graph) in sorted(variants.items()):
+        print(f"{family:14} {variant:12} target met {met}/{n} ({met_in_graph} in graph); "
+              f"median score {statistics.median(ratios):.2f}")
     for (family, name), cells in _panels(data).items():
         dens = sorted({d for _, d in cells})
         print(f"\n{family} {name}: % of floor" + "".join(f" {d:>6.3f}" for d in dens))

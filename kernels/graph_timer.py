@@ -8,6 +8,12 @@ and the lines left are clean, as after a decode step's weight GEMMs. A flush by 
 zero_, as triton.testing.do_bench does) leaves L2 full of dirty lines that the timed kernel's
 first reads must write back: measured on the H200, 3-8 us more per replay on kernels that read
 >= 30 MB, nothing measurable under ~15 MB (benchmarks/timer_flush_ab.py), a cost no decode step pays.
+
+A replay of a one-kernel graph also pays the graph's launch: an empty kernel's replay times
+3.8 us on the H200, while inside a decode step's graph the kernels of a layer follow each
+other with < 0.1 ms of gaps over ~400 kernels a step (benchmarks/step_timeline.py).
+`GraphTimer.in_graph` measures the kernel as a step runs it: one graph holding `copies` x
+(flush, callable), less a graph of the flushes alone, divided by `copies`.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from typing import Callable
 import torch
 
 REPS = 5  # timed graph replays per candidate (median); each ~5 us to 1 ms at decode shapes
+IN_GRAPH_COPIES = 10  # (flush, callable) pairs in one in_graph graph: the launch is paid once for all
 
 
 def l2_bytes(device: torch.device) -> int:
@@ -39,8 +46,13 @@ class GraphTimer:
         self.reps = reps
         self.stream = torch.cuda.Stream(device)  # captures must not use the legacy default stream
 
-    def __call__(self, fn: Callable[[], torch.Tensor]) -> float:
-        fn()  # compile (Triton) / pick kernels (cuBLAS) outside the capture
+    def _flush(self) -> None:
+        if self.flush == "read":
+            self.buffer.sum(dtype=torch.int64)  # evicts every line, leaves the rest clean
+        elif self.flush == "write":
+            self.buffer.zero_()  # evicts every line, leaves them dirty
+
+    def _capture(self, body: Callable[[], object]) -> torch.cuda.CUDAGraph:
         graph = torch.cuda.CUDAGraph()
         # capture_begin/end on a side stream, not torch.cuda.graph(): that one also runs
         # gc.collect() and empty_cache() per capture, tens of ms in a loaded server process.
@@ -48,23 +60,48 @@ class GraphTimer:
         with torch.cuda.stream(self.stream):
             graph.capture_begin()
             try:
-                fn()
+                body()
             finally:
                 graph.capture_end()
         torch.cuda.current_stream().wait_stream(self.stream)
         graph.replay()  # warm: the first replay uploads the graph
-        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-                  for _ in range(self.reps)]
+        return graph
+
+    def _events(self) -> list[tuple[torch.cuda.Event, torch.cuda.Event]]:
+        return [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                for _ in range(self.reps)]
+
+    def __call__(self, fn: Callable[[], torch.Tensor]) -> float:
+        fn()  # compile (Triton) / pick kernels (cuBLAS) outside the capture
+        graph = self._capture(fn)
+        events = self._events()
         for start, end in events:
-            if self.flush == "read":
-                self.buffer.sum(dtype=torch.int64)  # evicts every line, leaves the rest clean
-            elif self.flush == "write":
-                self.buffer.zero_()  # evicts every line, leaves them dirty
+            self._flush()
             start.record()
             graph.replay()
             end.record()
         torch.cuda.synchronize()
         return statistics.median(start.elapsed_time(end) for start, end in events)
+
+    def in_graph(self, fn: Callable[[], torch.Tensor], copies: int = IN_GRAPH_COPIES) -> float:
+        """Median ms of one call of fn inside a graph, L2 flushed before it: replays of a graph of
+        `copies` x (flush, fn) against replays of its `copies` flushes alone, alternated, each
+        median's difference / copies. The graph's launch cancels out; what is left is what fn adds
+        to a step's graph (its kernels' launch within a graph, ramp and drain, and the work)."""
+        if copies < 1:
+            raise ValueError(f"copies must be >= 1, got {copies}")
+        fn()
+        both = self._capture(lambda: [(self._flush(), fn()) for _ in range(copies)])
+        flushes = self._capture(lambda: [self._flush() for _ in range(copies)])
+        timed = [(both, self._events()), (flushes, self._events())]
+        for i in range(self.reps):
+            for graph, events in timed:
+                events[i][0].record()
+                graph.replay()
+                events[i][1].record()
+        torch.cuda.synchronize()
+        with_fn, alone = (statistics.median(s.elapsed_time(e) for s, e in events) for _, events in timed)
+        return (with_fn - alone) / copies
 
 
 def time_graphs_ms(fns: list[Callable[[], torch.Tensor]], device: torch.device, reps: int = REPS) -> list[float]:

@@ -41,18 +41,18 @@ _KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 class AttentionConfig:
     block_n: int = 64  # tokens per K/V tile; 64 x 128 fp16 = 16 KiB per tile and stage
     num_warps: int = 4
-    # Pipeline depth asked of Triton. The K/V loads are pointer gathers through the block
-    # table, which Triton 3.7 does not multi-buffer (ptxas: the same 22.5 KiB of shared memory,
-    # dot operands only, and 255 registers at 2, 3 and 4 stages). On Triton 3.6, 2 stages timed
-    # 0-2% faster at the few rows where it was tried; every recorded time uses 3, which stays
-    # the default until the whole table is timed with 2.
+    # Pipeline depth asked of Triton. Compiled for a real launch (every stride divisible by 16
+    # marked so), the K/V tiles are 16-byte cp.async copies into a shared-memory pipeline of this
+    # depth: 114-149 registers, no spills, ~70 KiB of shared memory at 3 stages, so 3 programs per
+    # SM (benchmarks/KERNELS_NOTES.md, runs 28-33; an earlier CPU-only compile that marked two
+    # strides showed 255 registers and scalar loads, which no launch runs). No other config wins
+    # across shapes (runs 28 and 42): 2 stages is 0.82x at GQA B 8 and up to 1.18x at B 1, 4
+    # stages, 8 warps, 32- or 128-token tiles are slower at most rows.
     num_stages: int = 3
-    # ptxas register cap (None: Triton's, which lands at 255 with ~0.6 KiB of spills at 64 x 4
-    # warps: 2 programs per SM). 168 fits 3 programs, 128 fits 4, at the cost of more spills.
+    # ptxas register cap (None: Triton's own, see above).
     maxnreg: int | None = None
-    # Persistent grid: this many programs per SM (what fits: 2 at 255 registers x 128 threads)
-    # stride over the plan's real work; None: one program per work item of the plan's capacity,
-    # whose empty rows still cost a load and a slot each.
+    # Persistent grid: this many programs per SM stride over the plan's real work; None: one
+    # program per work item of the plan's capacity, whose empty rows exit at once.
     resident_per_sm: int | None = None
 
 

@@ -269,3 +269,18 @@ def test_graph_timer_refuses_an_unknown_flush() -> None:
 
     with pytest.raises(ValueError, match="flush must be one of"):
         GraphTimer(CPU, flush="zero")
+
+
+@pytest.mark.gpu
+def test_graph_timer_in_graph_replays_each_flushed_call() -> None:
+    """in_graph captures `copies` calls (each after a flush) and replays that graph once to warm it
+    and once per rep: the count of calls it made proves the structure its difference relies on."""
+    from kernels.graph_timer import GraphTimer
+
+    timer = GraphTimer(CUDA, reps=3)
+    calls = torch.zeros((), dtype=torch.int64, device=CUDA)
+    ms = timer.in_graph(lambda: calls.add_(1), copies=4)
+    assert calls.item() == 1 + 4 * (1 + 3)  # the eager call, then 4 calls per replay (warm + 3 reps)
+    assert ms == ms and abs(ms) < 1.0  # a number, and the flushes cancelled (an add_ is microseconds)
+    with pytest.raises(ValueError, match="copies must be"):
+        timer.in_graph(lambda: calls.add_(1), copies=0)
