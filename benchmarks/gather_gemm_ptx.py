@@ -1,7 +1,8 @@
 """Compile the gather-GEMM kernels for sm_90a on a machine without a GPU and print what ptxas
 gives each entry of the tile table: registers, spills, shared memory, MMA kind, global load widths.
 
-    python3 benchmarks/gather_gemm_ptx.py            # bf16; --dtype fp16 for fp16
+    python3 benchmarks/gather_gemm_ptx.py            # bf16; --dtype fp16 for fp16; --pdl: as the
+                                                     # runtime launches them (fc2's L2 prefetch, waits)
 
 Triton's wheel ships ptxas and cuobjdump, so this needs no CUDA device (and no TRITON_INTERPRET).
 It is how the claims in kernels/gather_gemm.py's tile-table comment were read: every entry uses
@@ -41,13 +42,16 @@ def compile_stats(fn, ptr_types: dict, constexprs: dict, num_warps: int, num_sta
         loads["cp.async " + ins.split(",")[2].strip() + " B" if ins.startswith("cp.async") else ins.split()[0]] += 1
     return {"regs": int(re.search(r"REG:(\d+)", usage).group(1)), "spill_bytes": int(re.search(r"STACK:(\d+)",
             usage).group(1)), "smem_KiB": kernel.metadata.shared / 1024,
-            "mma": "wgmma" if "wgmma" in ptx else "mma.sync" if "mma.sync" in ptx else "none", "loads": dict(loads)}
+            "mma": "wgmma" if "wgmma" in ptx else "mma.sync" if "mma.sync" in ptx else "none", "loads": dict(loads),
+            "l2_prefetch": ptx.count("prefetch.global.L2"), "griddep": ptx.count("griddepcontrol")}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16")
-    dt = ap.parse_args().dtype
+    ap.add_argument("--pdl", action="store_true", help="compile with PDL=True")
+    args = ap.parse_args()
+    dt = args.dtype
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import kernels.gather_gemm as gg
     import kernels.gather_gemm_kernels as gk
@@ -57,7 +61,8 @@ def main() -> None:
     div16 = ("stride_am", "stride_wn", "stride_om", "stride_wsm", "D", "split_len")
     for _, bm, bn, bk, warps, fc1_stages, fc2_stages in gg._M_TILES:
         for fc1 in (True, False):
-            c = dict(FC1=fc1, HAS_BIAS=fc1, RELU=fc1, UPCAST=False, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
+            c = dict(FC1=fc1, HAS_BIAS=fc1, RELU=fc1, UPCAST=False, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, PDL=args.pdl,
+                     PREFETCH=2 * bk if args.pdl and not fc1 else 0)
             stages = fc1_stages if fc1 else fc2_stages
             for kind in ("grid", "split", "stream"):
                 if kind == "stream":

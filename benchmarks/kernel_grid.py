@@ -341,7 +341,7 @@ def _cpu_copy_tbps() -> float:
 def run_grid(out_dir: Path, smoke: bool, only: str | None = None) -> dict:
     """Time every case (smoke: the tiny cases on the CPU with the torch references; only: "attention"
     or "mlp" to time one op); write the JSON and the PNG; return the JSON's dict."""
-    from kernels.dispatch import Backend, KernelOps
+    from kernels.dispatch import Backend, KernelOps, choose_pdl
 
     attn, mlp = smoke_cases() if smoke else (attention_cases(), mlp_cases())
     attn, mlp = ([] if only == "mlp" else attn), ([] if only == "attention" else mlp)
@@ -354,7 +354,8 @@ def run_grid(out_dir: Path, smoke: bool, only: str | None = None) -> dict:
 
         from benchmarks.kernel_bench import _copy_tbps, _try_bench
 
-        device, ops, bw = "cuda", KernelOps(Backend.TRITON), _copy_tbps()
+        device, bw = "cuda", _copy_tbps()
+        ops = KernelOps(Backend.TRITON, pdl=choose_pdl(True, Backend.TRITON, torch.device(device)))  # as the runtime
         timer = functools.partial(_try_bench, in_graph=True)
         versions = {"torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda}
         name = torch.cuda.get_device_name()

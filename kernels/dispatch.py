@@ -7,7 +7,7 @@ calls a kernel is handed the same `KernelOps`:
 - `Backend.TORCH`: each op's pure-PyTorch `_ref` (any device and dtype; what float32 models
   and CPU runs use).
 With `pdl` (chosen by `choose_pdl`), the decode step's small Triton kernels (norms, head
-selection, rotary, attention, SiLU x up) launch with programmatic dependent launch
+selection, rotary, attention, SiLU x up, the sparse MLP's gather pair) launch with programmatic dependent launch
 (kernels/pdl.py): each may be scheduled while the kernel before it is finishing.
 The MLP of a neuron-sparse layer goes through `sparse_mlp`, which also chooses between the
 gather-GEMM pair and dense cuBLAS (kernels/mlp_dispatch.py: measured on the device at first
@@ -136,7 +136,7 @@ class KernelOps:
         if not self._triton and plan.path is mlp_dispatch.MlpPath.GATHER:
             gather_gemm = _module("gather_gemm")
             return gather_gemm.gather_fc2_ref(gather_gemm.gather_fc1_ref(x, w1, idx, b1), w2t, idx, None)
-        return mlp_dispatch.run_plan(plan, x, w1, b1, w2t, idx)
+        return mlp_dispatch.run_plan(plan, x, w1, b1, w2t, idx, **self._launch)
 
     def mlp_plan(self, x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2t: torch.Tensor,
                  k: int) -> MlpPlan:

@@ -41,6 +41,7 @@ import torch
 import triton
 
 from kernels import arrivals
+from kernels.pdl import launch_options
 from kernels.gather_gemm_kernels import _gather_kernel, _gather_stream_kernel, _split_k_epilogue_kernel
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16)
@@ -91,6 +92,9 @@ _EPILOGUE_S = 3e-6  # one more graph node: launch, ramp, a read of the partials'
 _MAX_SPLITS = 8
 _MIN_SPLIT_K_TILES = 2  # a split shorter than 2 K tiles is all prologue
 _MIN_STREAM_STEPS = 4  # BLOCK_K steps per stream-K program, at least
+# With PDL, fc2's programs ask L2 for the weight rows of this many of their first BLOCK_K steps
+# before waiting for fc1 (0: none; kernels/gather_gemm_kernels.py).
+FC2_PREFETCH_STEPS = 2
 
 
 @functools.lru_cache(maxsize=None)
@@ -146,16 +150,17 @@ def _split_plan(config: GemmConfig, k_loop: int) -> tuple[int, int]:
 
 
 def _launch(a: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor,
-            k_loop: int, config: GemmConfig | None, fc1: bool, relu: bool = False) -> None:
+            k_loop: int, config: GemmConfig | None, fc1: bool, relu: bool = False, pdl: bool = False) -> None:
     """Launch fc1 or fc2 into out [m, n_out], summing over k_loop (fc1: d; fc2: the k selected
     neurons): the stream-K kernel when the config asks for it, else the tile grid and, when the
-    config splits K, the split-K epilogue. fc1's bias is indexed by neuron."""
+    config splits K, the split-K epilogue. fc1's bias is indexed by neuron. pdl: every launch
+    with programmatic dependent launch (see gather_fc2 for what fc2 reads before its wait)."""
     m, n_out = out.shape
     interpret = a.device.type != "cuda"
     if config is None:
         config = _interpreter_config(m) if interpret else gpu_config(m, n_out, k_loop, _num_sms(a.device), fc1)
     if config.stream and k_loop >= config.block_k:
-        _launch_stream(a, w, idx, bias, out, k_loop, config, fc1, relu)
+        _launch_stream(a, w, idx, bias, out, k_loop, config, fc1, relu, pdl)
         return
     splits, split_len = _split_plan(config, k_loop)
     ws_stride = _pad16(n_out)
@@ -165,15 +170,16 @@ def _launch(a: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, bias: torch.Ten
         m, idx.shape[0], w.shape[1], split_len,  # M, K_SEL, d (D_IN of fc1, D_OUT of fc2)
         a.stride(0), w.stride(0), out.stride(0), ws_stride,
         FC1=fc1, HAS_BIAS=bias is not None, RELU=relu, UPCAST=interpret, SPLIT=splits > 1,
-        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-        num_warps=config.num_warps, num_stages=config.num_stages,
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, PDL=pdl,
+        PREFETCH=FC2_PREFETCH_STEPS * config.block_k if pdl and not fc1 else 0,
+        num_warps=config.num_warps, num_stages=config.num_stages, **launch_options(pdl),
     )
     if splits > 1:
         _split_k_epilogue_kernel[(triton.cdiv(n_out, 128), triton.cdiv(m, 16))](
             ws, idx, out if bias is None else bias, out,
             m, n_out, splits, ws_stride, out.stride(0),
             HAS_BIAS=bias is not None, BIAS_BY_IDX=fc1, RELU=relu,  # fc1's columns are the selected neurons
-            BLOCK_M=16, BLOCK_N=128, num_warps=4,
+            BLOCK_M=16, BLOCK_N=128, PDL=pdl, num_warps=4, **launch_options(pdl),
         )
 
 
@@ -189,7 +195,7 @@ def stream_plan(m: int, n_out: int, k_loop: int, config: GemmConfig, num_sms: in
 
 
 def _launch_stream(a: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, bias: torch.Tensor | None,
-                   out: torch.Tensor, k_loop: int, config: GemmConfig, fc1: bool, relu: bool) -> None:
+                   out: torch.Tensor, k_loop: int, config: GemmConfig, fc1: bool, relu: bool, pdl: bool) -> None:
     m, n_out = out.shape
     interpret = a.device.type != "cuda"
     programs, per, total, tiles = stream_plan(m, n_out, k_loop, config, 4 if interpret else _num_sms(a.device))
@@ -199,8 +205,9 @@ def _launch_stream(a: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, bias: to
         m, idx.shape[0], w.shape[1], k_loop // config.block_k, per, total, triton.cdiv(m, config.block_m),
         a.stride(0), w.stride(0), out.stride(0),
         FC1=fc1, HAS_BIAS=bias is not None, RELU=relu, UPCAST=interpret,
-        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-        num_warps=config.num_warps, num_stages=config.num_stages,
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, PDL=pdl,
+        PREFETCH=FC2_PREFETCH_STEPS * config.block_k if pdl and not fc1 else 0,
+        num_warps=config.num_warps, num_stages=config.num_stages, **launch_options(pdl),
     )
 
 
@@ -250,22 +257,27 @@ def _check_fc2(h, w2t, idx, b2, kernel: bool) -> None:
 
 
 def gather_fc1(x: torch.Tensor, w1: torch.Tensor, idx: torch.Tensor, b1: torch.Tensor | None,
-               activation: str = "relu", config: GemmConfig | None = None) -> torch.Tensor:
+               activation: str = "relu", config: GemmConfig | None = None, pdl: bool = False) -> torch.Tensor:
     """h [M, k] = act(x [M, d] @ w1[idx].T + b1[idx]); w1 [N, d] is the nn.Linear weight.
 
     h is a view whose row stride is k rounded up to 16 (so gather_fc2 reads it with vector
-    loads): contiguous when k is a multiple of 16."""
+    loads): contiguous when k is a multiple of 16. pdl: launched with programmatic dependent
+    launch (kernels/pdl.py), waiting before any access."""
     _check_fc1(x, w1, idx, b1, activation, kernel=True)
     m, k = x.shape[0], idx.shape[0]
     h = torch.empty(m, _pad16(k), device=x.device, dtype=x.dtype)[:, :k]
     if h.numel():
-        _launch(x, w1, idx, b1, h, x.shape[1], config, fc1=True, relu=activation == "relu")
+        _launch(x, w1, idx, b1, h, x.shape[1], config, fc1=True, relu=activation == "relu", pdl=pdl)
     return h
 
 
 def gather_fc2(h: torch.Tensor, w2t: torch.Tensor, idx: torch.Tensor, b2: torch.Tensor | None,
-               config: GemmConfig | None = None) -> torch.Tensor:
-    """y [M, d] = h [M, k] @ w2t[idx] + b2; w2t [N, d] = fc2.weight.T made contiguous once at load."""
+               config: GemmConfig | None = None, pdl: bool = False) -> torch.Tensor:
+    """y [M, d] = h [M, k] @ w2t[idx] + b2; w2t [N, d] = fc2.weight.T made contiguous once at load.
+
+    pdl: launched with programmatic dependent launch (kernels/pdl.py). Before its wait each
+    program reads idx and asks L2 for its first weight rows, so idx must not be written by the
+    kernel launched just before this one (in gather_fc1 -> gather_fc2 it is written before fc1)."""
     _check_fc2(h, w2t, idx, b2, kernel=True)
     m, k = h.shape
     y = torch.empty(m, w2t.shape[1], device=h.device, dtype=h.dtype)
@@ -273,7 +285,7 @@ def gather_fc2(h: torch.Tensor, w2t: torch.Tensor, idx: torch.Tensor, b2: torch.
         return y
     if k == 0:  # no neuron selected: only the bias is left
         return y.copy_((torch.zeros((), dtype=y.dtype, device=y.device) if b2 is None else b2).expand_as(y))
-    _launch(h, w2t, idx, b2, y, k, config, fc1=False)
+    _launch(h, w2t, idx, b2, y, k, config, fc1=False, pdl=pdl)
     return y
 
 

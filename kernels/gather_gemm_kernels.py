@@ -1,12 +1,29 @@
 """The gather-GEMM pair's Triton kernels (kernels/gather_gemm.py launches them and documents
 the work split): a tile grid over (output tile, M tile, K slice), stream-K, and the split-K
 epilogue. Both main kernels compute fc1 (FC1) or fc2 through the same tile helpers.
+
+PDL (kernels/pdl.py): fc1 and the epilogue wait for the previous kernel before anything. fc2's
+programs first ask L2 for the weight rows of their first K steps (`_prefetch_rows`: idx and
+w2t only, which the kernels just before fc2 do not write), then wait for fc1 and read h: while
+fc1 drains, fc2's first weights are already on their way.
 """
 
 from __future__ import annotations
 
 import triton
 import triton.language as tl
+
+from kernels.pdl import wait_then_release
+
+
+@triton.jit
+def _prefetch_rows(w_ptr, idx_ptr, col0, k_lo, k_end, stride_wn, ROWS: tl.constexpr):
+    """Ask L2 (evict_last) for the 128-byte lines at column col0 of w's rows idx[k_lo, min(k_lo +
+    ROWS, k_end)): one line per row, a 64-column bf16/fp16 tile's width. GPU only (inline PTX)."""
+    k = k_lo + tl.arange(0, ROWS)
+    rows = tl.load(idx_ptr + k, mask=k < k_end, other=0).to(tl.int64)
+    tl.inline_asm_elementwise("prefetch.global.L2::evict_last [$1];", "=r,l", [w_ptr + rows * stride_wn + col0],
+                              dtype=tl.int32, is_pure=False, pack=1)
 
 
 @triton.jit
@@ -96,12 +113,17 @@ def _gather_kernel(
     M, K_SEL, D, split_len,
     stride_am, stride_wn, stride_om, stride_wsm,
     FC1: tl.constexpr, HAS_BIAS: tl.constexpr, RELU: tl.constexpr, UPCAST: tl.constexpr, SPLIT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     """fc1 (FC1) or fc2 over a grid of (output tile, M tile, K slice) programs. D is d: fc1's
     input width, fc2's output width."""
     n_out = K_SEL if FC1 else D
     k_loop = D if FC1 else K_SEL
+    if PDL and not FC1 and PREFETCH > 0:
+        k_first = tl.program_id(2) * split_len
+        _prefetch_rows(w_ptr, idx_ptr, tl.program_id(0) * BLOCK_N, k_first, tl.minimum(k_first + split_len, k_loop),
+                       stride_wn, PREFETCH)
+    wait_then_release(PDL)
     offs_n, offs_m, n_mask, m_mask, neuron, rows = _tile_coords(
         tl.program_id(0), tl.program_id(1), idx_ptr, M, n_out, FC1, BLOCK_M, BLOCK_N)
     k_lo = tl.program_id(2) * split_len  # slice [k_lo, +split_len) of the K loop
@@ -122,7 +144,7 @@ def _gather_stream_kernel(
     M, K_SEL, D, n_full, per, total, m_tiles,
     stride_am, stride_wn, stride_om,
     FC1: tl.constexpr, HAS_BIAS: tl.constexpr, RELU: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     """fc1 or fc2 with the work split evenly ("stream-K"): the output tiles' whole BLOCK_K steps,
     n_full per tile and `total` in all, are laid end to end and program p takes steps
@@ -135,6 +157,12 @@ def _gather_stream_kernel(
     k_loop = D if FC1 else K_SEL
     start = p * per
     end = tl.minimum(total, start + per)
+    if PDL and not FC1 and PREFETCH > 0:  # the rows of this program's first piece
+        first_tile = start // n_full
+        k_first = (start - first_tile * n_full) * BLOCK_K
+        _prefetch_rows(w_ptr, idx_ptr, (first_tile // m_tiles) * BLOCK_N, k_first,
+                       tl.minimum(k_first + (end - start) * BLOCK_K, k_loop), stride_wn, PREFETCH)
+    wait_then_release(PDL)
     cells = tl.arange(0, BLOCK_N)[:, None] * BLOCK_M + tl.arange(0, BLOCK_M)[None, :]  # a partial's layout
     it = start
     while it < end:
@@ -172,9 +200,10 @@ def _split_k_epilogue_kernel(
     M, N_OUT, num_splits,
     stride_wsm, stride_om,
     HAS_BIAS: tl.constexpr, BIAS_BY_IDX: tl.constexpr, RELU: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr,
 ):
     """out = act(sum over splits of ws[s] + bias); ws [num_splits, M, stride_wsm] fp32."""
+    wait_then_release(PDL)
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     n_mask = offs_n < N_OUT

@@ -40,6 +40,11 @@ every layer's weights are cold when its turn comes. GATHER's fc1 and fc2 are tim
 at split counts around the cost model's (1, s / 2, s, 2 s) and as stream-K (1 and 2 programs
 per SM: every program reads the same bytes, so no SM idles while others finish a second tile),
 and the fastest of each is kept.
+With PDL (KernelOps(pdl=True)), a GATHER plan whose fc1 + fc2 measured under PDL_MAX_PAIR_MS
+launches the pair with programmatic dependent launch (fc2 asks L2 for its first weight rows while
+fc1 drains): 2-12% faster below ~50 us, while longer pairs gained nothing and lost up to 17% at
+OPT-30B M 128 (run 44, benchmarks/mlp_pdl_ab.py; fc2 waiting at a split-K grid smaller than the
+GPU's slots: probably its early-dispatched programs pile onto the SMs that free up first).
 On the CPU nothing is measured: the torch references (Backend.TORCH), or the kernels in the
 interpreter when Backend.TRITON is forced there.
 """
@@ -61,6 +66,7 @@ from kernels.masked_bias import masked_bias, masked_bias_ref
 log = logging.getLogger(__name__)
 
 K_BINS = 32  # k is keyed in bins of N / K_BINS neurons
+PDL_MAX_PAIR_MS = 0.050  # a GATHER pair measured (fc1 + fc2, one replay each) shorter than this uses PDL
 STREAM_CANDIDATES = (1, 2)  # stream-K programs per SM timed next to the tile grid's splits
 
 
@@ -84,13 +90,14 @@ class MlpPlan:
     path: MlpPath
     fc1: GemmConfig | None = None  # GATHER: the configs measured fastest; None = gather_gemm's own
     fc2: GemmConfig | None = None
+    pdl: bool = False  # GATHER: launch the pair with PDL when the ops do (a pair measured short)
     measured_ms: dict[str, float] = field(default_factory=dict, compare=False)  # candidate -> median ms
 
     def describe(self) -> str:
         if self.path is MlpPath.DENSE:
             return "dense"
         splits = "" if self.fc1 is None or self.fc2 is None else f" ({work_split(self.fc1)}/{work_split(self.fc2)})"
-        return f"gather{splits}"
+        return f"gather{splits}{', pdl' if self.pdl else ''}"
 
 
 def work_split(config: GemmConfig) -> str:
@@ -127,18 +134,20 @@ def dense_masked_mlp(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None,
 
 
 def gather_mlp(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2t: torch.Tensor, idx: torch.Tensor,
-               plan: MlpPlan | None = None) -> torch.Tensor:
-    """The GATHER plan: gather_fc2(gather_fc1(...)) with the plan's configs."""
+               plan: MlpPlan | None = None, pdl: bool = False) -> torch.Tensor:
+    """The GATHER plan: gather_fc2(gather_fc1(...)) with the plan's configs. pdl: both launched
+    with programmatic dependent launch, fc2's first weight rows requested while fc1 runs."""
     fc1, fc2 = (None, None) if plan is None else (plan.fc1, plan.fc2)
-    h = gather_gemm.gather_fc1(x, w1, idx, b1, config=fc1)  # (M, k)
-    return gather_gemm.gather_fc2(h, w2t, idx, None, config=fc2)  # (M, d)
+    h = gather_gemm.gather_fc1(x, w1, idx, b1, config=fc1, pdl=pdl)  # (M, k)
+    return gather_gemm.gather_fc2(h, w2t, idx, None, config=fc2, pdl=pdl)  # (M, d)
 
 
 def run_plan(plan: MlpPlan, x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2t: torch.Tensor,
-             idx: torch.Tensor) -> torch.Tensor:
+             idx: torch.Tensor, pdl: bool = False) -> torch.Tensor:
+    """The plan's path; pdl: the caller's kernels may use PDL, which the pair does where the plan says."""
     if plan.path is MlpPath.DENSE:
         return dense_masked_mlp(x, w1, b1, w2t, idx)
-    return gather_mlp(x, w1, b1, w2t, idx, plan)
+    return gather_mlp(x, w1, b1, w2t, idx, plan, pdl and plan.pdl)
 
 
 class MlpDispatch:
@@ -202,14 +211,15 @@ class MlpDispatch:
 
 def choose_plan(dense_ms: float, fc1: dict[GemmConfig, float], fc2: dict[GemmConfig, float]) -> MlpPlan:
     """GATHER with the fastest fc1 and fc2 configs if their sum beats DENSE, else DENSE (ties: DENSE,
-    which reads every weight once and needs no split)."""
+    which reads every weight once and needs no split); PDL for a pair under PDL_MAX_PAIR_MS."""
     best1 = min(fc1, key=lambda c: (fc1[c], c.stream, c.split_k))
     best2 = min(fc2, key=lambda c: (fc2[c], c.stream, c.split_k))
     gather_ms = fc1[best1] + fc2[best2]
     times = {"dense": dense_ms, "gather": gather_ms}
     times.update({f"fc1_{work_split(c)}": t for c, t in fc1.items()})
     times.update({f"fc2_{work_split(c)}": t for c, t in fc2.items()})
-    return MlpPlan(MlpPath.GATHER if gather_ms < dense_ms else MlpPath.DENSE, best1, best2, times)
+    path = MlpPath.GATHER if gather_ms < dense_ms else MlpPath.DENSE
+    return MlpPlan(path, best1, best2, path is MlpPath.GATHER and gather_ms < PDL_MAX_PAIR_MS, times)
 
 
 def split_candidates(s: int, k_loop: int, block_k: int) -> list[int]:

@@ -237,3 +237,33 @@ def test_split_model_opt66b():
     for kk in (17, 100, 1000):
         c = gpu_config(1, d, kk, 132, fc1=False)
         assert c.split_k == 1 or kk // c.split_k >= 2 * c.block_k
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("work", ["grid", "split3", "stream2"])
+@pytest.mark.parametrize("m,k", [(1, 1637), (64, 8191), (130, 12000)])
+def test_gpu_pdl_changes_no_bit(work, m, k):
+    """The pair launched with programmatic dependent launch (fc2 asks L2 for its first weight rows
+    before waiting for fc1) gives the same bits as without, eager and in a replayed CUDA graph."""
+    from kernels.mlp_dispatch import MlpPath, MlpPlan, gather_mlp
+    from kernels.pdl import supported
+
+    if not supported(torch.device(DEVICE)):
+        pytest.skip("PDL needs compute capability >= 9 and a Triton that launches with it")
+    gen = torch.Generator().manual_seed(m + k)
+    x, w1, w2t, b1, _, idx = _make(m, 4096, 16384, k, torch.bfloat16, True, gen)
+    configs = []
+    for fc1 in (True, False):
+        t = tile_config(m, fc1=fc1)
+        configs.append(t if work == "grid" else replace(t, split_k=3) if work == "split3" else replace(t, stream=2))
+    plan = MlpPlan(MlpPath.GATHER, *configs)
+    plain = gather_mlp(x, w1, b1, w2t, idx, plan)
+    assert torch.equal(gather_mlp(x, w1, b1, w2t, idx, plan, pdl=True), plain)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = gather_mlp(x, w1, b1, w2t, idx, plan, pdl=True)
+    for _ in range(3):
+        y.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(y, plain)

@@ -53,7 +53,10 @@ def test_ops_call_the_bound_backend(backend: Backend, monkeypatch: pytest.Monkey
 @pytest.mark.parametrize("pdl", [False, True])
 def test_pdl_reaches_exactly_the_launches_that_take_it(pdl: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     """KernelOps(pdl=True) passes pdl=True to the decode step's small Triton kernels (norms,
-    head selection, rotary, attention, SiLU x up) and nothing to the gather-GEMM pair."""
+    head selection, rotary, attention, SiLU x up) and to the sparse MLP's plan (the gather pair
+    within it), and nothing to a lone gather_fc1 / gather_fc2 (fc2's reads before its wait are
+    safe only after fc1)."""
+    import kernels.mlp_dispatch as mlp_dispatch
     import kernels.rotary as rotary
     import kernels.route_heads as route_heads
     import kernels.silu_mul as silu_mul
@@ -62,9 +65,10 @@ def test_pdl_reaches_exactly_the_launches_that_take_it(pdl: bool, monkeypatch: p
     for mod, op in ((select_attention, "select_attention"), (norms, "rms_norm"), (norms, "add_rms_norm"),
                     (norms, "layer_norm"), (norms, "add_layer_norm"), (route_heads, "select_groups"),
                     (route_heads, "route_heads"), (rotary, "rotary_store_kv"), (silu_mul, "silu_mul"),
-                    (gather_gemm, "gather_fc1")):
+                    (gather_gemm, "gather_fc1"), (gather_gemm, "gather_fc2"), (mlp_dispatch, "run_plan")):
         monkeypatch.setattr(mod, op, lambda *a, _n=op, **kw: seen.__setitem__(_n, kw.get("pdl", "absent")))
     ops = KernelOps(Backend.TRITON, pdl=pdl)
+    monkeypatch.setattr(ops, "mlp_plan", lambda *a: mlp_dispatch.MlpPlan(mlp_dispatch.MlpPath.GATHER))
     ops.select_attention(*([None] * 7))
     ops.rms_norm(None, None, 1e-6)
     ops.add_rms_norm(None, None, None, 1e-6)
@@ -75,9 +79,12 @@ def test_pdl_reaches_exactly_the_launches_that_take_it(pdl: bool, monkeypatch: p
     ops.rotary_store_kv(*([None] * 6))
     ops.silu_mul(None)
     ops.gather_fc1(None, None, None, None)
+    ops.gather_fc2(None, None, None, None)
+    ops.sparse_mlp(None, None, None, None, torch.zeros(1, dtype=torch.int32))
     takes_pdl = ("select_attention", "rms_norm", "add_rms_norm", "layer_norm", "add_layer_norm", "select_groups",
-                 "route_heads", "rotary_store_kv", "silu_mul")
-    assert seen == {**{op: True if pdl else "absent" for op in takes_pdl}, "gather_fc1": "absent"}
+                 "route_heads", "rotary_store_kv", "silu_mul", "run_plan")
+    assert seen == {**{op: True if pdl else "absent" for op in takes_pdl}, "gather_fc1": "absent",
+                    "gather_fc2": "absent"}
 
 
 def test_pdl_is_chosen_only_where_it_can_run() -> None:
@@ -284,3 +291,24 @@ def test_graph_timer_in_graph_replays_each_flushed_call() -> None:
     assert ms == ms and abs(ms) < 1.0  # a number, and the flushes cancelled (an add_ is microseconds)
     with pytest.raises(ValueError, match="copies must be"):
         timer.in_graph(lambda: calls.add_(1), copies=0)
+
+
+def test_plan_asks_for_pdl_only_for_a_short_gather_pair(monkeypatch: pytest.MonkeyPatch) -> None:
+    """choose_plan marks a GATHER pair measured under PDL_MAX_PAIR_MS for PDL (never DENSE), and
+    run_plan launches the pair with PDL only where both the caller's kernels and the plan say so."""
+    import kernels.mlp_dispatch as mlp_dispatch
+    from kernels.gather_gemm import tile_config
+    from kernels.mlp_dispatch import PDL_MAX_PAIR_MS, MlpPath, MlpPlan, choose_plan, run_plan
+
+    c1, c2 = tile_config(16, fc1=True), tile_config(16, fc1=False)
+    short = PDL_MAX_PAIR_MS / 4
+    assert choose_plan(1.0, {c1: short}, {c2: short}).pdl
+    assert not choose_plan(1.0, {c1: PDL_MAX_PAIR_MS}, {c2: short}).pdl  # a long pair: no PDL
+    dense = choose_plan(short, {c1: short}, {c2: short})
+    assert dense.path is MlpPath.DENSE and not dense.pdl
+    seen = []
+    monkeypatch.setattr(mlp_dispatch, "gather_mlp", lambda *a: seen.append(a[-1]))
+    for plan_pdl in (False, True):
+        for ops_pdl in (False, True):
+            run_plan(MlpPlan(MlpPath.GATHER, c1, c2, plan_pdl), *([None] * 5), pdl=ops_pdl)
+    assert seen == [False, False, False, True]
