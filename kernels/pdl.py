@@ -8,12 +8,14 @@ PDL, a kernel may be scheduled as soon as the kernel before it allows it
 (griddepcontrol.launch_dependents, or its end), and each of its programs waits
 (griddepcontrol.wait) until that kernel has finished and its writes are visible.
 
-Every program of a PDL kernel waits first, before any load or store, and only then lets its own
-successor launch. So nothing reads or writes early (no new hazard on any buffer), and a kernel's
-end still implies its predecessor's end: the order of the step is exactly that of launches without
-PDL, through kernels launched without it (cuBLAS) too. What it removes is the launch and
-scheduling latency between a kernel and the one after it: 0.7-1.4% of a Llama-2-7B decode step
-on an H200 (benchmarks/KERNELS_NOTES.md, runs 34-35).
+Every program of a PDL kernel waits first, before any store and before any load of what the
+kernel just before it may write, and only then lets its own successor launch. So nothing is
+written early, and a kernel's end still implies its predecessor's end: the order of the step is
+exactly that of launches without PDL, through kernels launched without it (cuBLAS) too. What it
+removes is the launch and scheduling latency between a kernel and the one after it: 0.7-1.4% of a
+Llama-2-7B decode step on an H200 (benchmarks/KERNELS_NOTES.md, runs 34-35). The one kernel that
+loads before its wait is the sparse MLP's fc2: idx and its first weight rows (an L2 prefetch),
+which fc1 does not write (kernels/gather_gemm_kernels.py).
 
     pdl = kernels.pdl.supported(device)  # the runtime passes it on through KernelOps
     _kernel[grid](..., PDL=pdl, **launch_options(pdl))  # and `wait_then_release(PDL)` first in the kernel
