@@ -134,14 +134,15 @@ CONFIG_ROWS = {  # (name, B, k_max): chunk sizes to time each CONFIG_SWEEP confi
 }
 
 
-def runtime_plan(lens: list[int], k: int, device="cuda", **rule) -> tuple[object, dict]:
+def runtime_plan(lens: list[int], k: int, device="cuda", head_dim: int = 128, **rule) -> tuple[object, dict]:
     """The attention work plan as the runtime's CUDA-graph path passes it (the bucket's static
     capacity, partials for all of it), and what it holds; `rule`: plan_attention's chunk_tokens
-    (forces the cut), programs_per_sm, min_chunk."""
-    from kernels.attention_plan import PROGRAMS_PER_SM, num_sms, plan_attention, plan_capacity
+    (forces the cut), programs_per_sm (the fixed-count rule), min_chunk."""
+    from kernels.attention_plan import PROGRAMS_PER_SM, num_sms, plan_attention, plan_capacity, resident_per_sm
 
     sms = num_sms(torch.device(device))
-    cap = plan_capacity(len(lens), k, sms, rule.get("programs_per_sm", PROGRAMS_PER_SM))
+    rule.setdefault("resident", resident_per_sm(head_dim))
+    cap = plan_capacity(len(lens), k, sms, rule.get("programs_per_sm") or PROGRAMS_PER_SM)
     if rule.get("chunk_tokens") is not None:
         cap = max(cap, sum(-(-n // rule["chunk_tokens"]) for n in lens))
     host = plan_attention(lens, groups=k, num_sms=sms, capacity=cap, **rule)

@@ -217,9 +217,11 @@ def _row(rows: list, op: str, family: str, shape: dict, dtype: str, density: flo
                  "ms": ms, "floor_ms": floor_ms, **more})
 
 
-# Planner rules timed beside the default (attn-4k cases at densities 0.3 and 0.5): the rows the
-# default's constants were chosen from (benchmarks/KERNELS_NOTES.md, "Work plan").
-PLAN_SWEEP = {"plan_pps8": {"programs_per_sm": 8}, "plan_pps32": {"programs_per_sm": 32},
+# Planner rules timed beside the default (attn-4k cases at densities 0.3 and 0.5): the fixed
+# program counts per SM of the rule before the wave-filling cut (16 was its default) and the
+# shortest chunk (benchmarks/KERNELS_NOTES.md, "Work plan", "Waves of attention programs").
+PLAN_SWEEP = {"plan_pps16": {"programs_per_sm": 16}, "plan_pps8": {"programs_per_sm": 8},
+              "plan_pps32": {"programs_per_sm": 32},
               "plan_min128": {"min_chunk": 128}, "plan_min512": {"min_chunk": 512}}
 
 
@@ -267,7 +269,7 @@ def run_attention(case: AttnCase, ops, timer: Callable, bw: float, rows: list, d
         ht = _head_table(case.batch, h.hkv, k, gen, device)
         floor = attention_floor_ms(tokens, k, h.d, elt, bw)
         for variant, rule in plan_variants(case, k):
-            plan, info = runtime_plan(lens, k, device, **{key: v for key, v in rule.items() if key != "config"})
+            plan, info = runtime_plan(lens, k, device, h.d, **{key: v for key, v in rule.items() if key != "config"})
             if "config" in rule:  # a kernel config other than the default: the launch itself
                 from kernels.select_attention import _launch
 

@@ -1,82 +1,127 @@
-"""The attention work plan's two constants (programs per SM the cut aims at, the shortest chunk)
-swept at the end-to-end decode shapes and at the grid's mid-size GQA rows, each plan timed in a
-graph (GraphTimer.in_graph, L2 flushed before each call); outputs checked against the default
-plan's.
+"""The attention work plan's cut: the wave-filling rule (kernels/attention_plan.py, the default)
+against fixed program counts per SM (the older rule; 16 was its default), at the end-to-end
+decode shapes, the grid's mid-size GQA rows, and small / one-long / head-dim-64 rows, each plan
+timed in a graph (GraphTimer.in_graph, L2 flushed before each call); outputs checked against
+the default plan's. Also prints the kernel's registers and shared memory per head dim, and the
+programs per SM they allow.
 
-    PYTHONPATH=. python3 benchmarks/plan_waves_ab.py benchmarks/results/<gpu>/ab/plan_waves.json
+    PYTHONPATH=. python3 benchmarks/plan_waves_ab.py benchmarks/results/<gpu>/ab/plan_waves.json [--min-chunks 128 256 512]
 
-The question: whether the ~12-19 us a mid-size attention call spends over its KV floor is paid
-per wave of programs (3 resident per SM, so the default 16 per SM is ~5 waves, each program
-starting with a chain of dependent loads), in which case fewer, longer programs would cut it.
+Recorded: run 47 (`results/nvidia-h200/ab/plan_waves_run47.json`, before the wave rule: the
+fixed counts 3-32 per SM x shortest chunks 128 / 256 / 512 at the first 11 cases), run 48
+(`plan_waves_run48.json`, the wave rule against the fixed counts).
 """
+import argparse
 import json
-import sys
 
 import torch
 
 from benchmarks.kernel_bench import BLOCK_SIZE, _block_table, _copy_tbps, _head_table, _paged_kv, runtime_plan
 from kernels.graph_timer import GraphTimer
-from kernels.select_attention import AttentionConfig, _launch
+from kernels.select_attention import AttentionConfig, _launch, _select_attention_kernel
 
-CASES = [  # name, B, Hq, Hkv, lengths ("mixed": 512-6144, "spread": 10-100% of 4096), k
-    ("l2-7b B8 2048 k16", 8, 32, 32, [2048] * 8, 16),
-    ("l2-7b B16 2048 k16", 16, 32, 32, [2048] * 16, 16),
-    ("l2-7b B16 2048 dense", 16, 32, 32, [2048] * 16, 32),
-    ("l2-7b B32 2048 k16", 32, 32, 32, [2048] * 32, 16),
-    ("l2-7b B32 2048 dense", 32, 32, 32, [2048] * 32, 32),
-    ("l3-8b B64 mixed k4", 64, 32, 8, "mixed", 4),
-    ("l3-8b B64 6144 k4", 64, 32, 8, [6144] * 64, 4),
-    ("gqa B32 4096 k4", 32, 32, 8, [4096] * 32, 4),
-    ("gqa B64 4096 k2", 64, 32, 8, [4096] * 64, 2),
-    ("gqa B64 spread k4", 64, 32, 8, "spread", 4),
-    ("mha32 B32 spread k6", 32, 32, 32, "spread", 6),
+CASES = [  # name, B, Hq, Hkv, D, lengths ("mixed": 512-6144, "spread": 10-100% of 4096, "one_long"), k
+    ("l2-7b B8 2048 k16", 8, 32, 32, 128, [2048] * 8, 16),
+    ("l2-7b B16 2048 k16", 16, 32, 32, 128, [2048] * 16, 16),
+    ("l2-7b B16 2048 dense", 16, 32, 32, 128, [2048] * 16, 32),
+    ("l2-7b B32 2048 k16", 32, 32, 32, 128, [2048] * 32, 16),
+    ("l2-7b B32 2048 dense", 32, 32, 32, 128, [2048] * 32, 32),
+    ("l3-8b B64 mixed k4", 64, 32, 8, 128, "mixed", 4),
+    ("l3-8b B64 6144 k4", 64, 32, 8, 128, [6144] * 64, 4),
+    ("gqa B32 4096 k4", 32, 32, 8, 128, [4096] * 32, 4),
+    ("gqa B64 4096 k2", 64, 32, 8, 128, [4096] * 64, 2),
+    ("gqa B64 spread k4", 64, 32, 8, 128, "spread", 4),
+    ("mha32 B32 spread k6", 32, 32, 32, 128, "spread", 6),
+    ("mha32 B1 4096 k6", 1, 32, 32, 128, [4096], 6),
+    ("mha32 B1 2048 dense", 1, 32, 32, 128, [2048], 32),
+    ("gqa B8 4096 k4", 8, 32, 8, 128, [4096] * 8, 4),
+    ("mha32 B8 one_long k10", 8, 32, 32, 128, "one_long", 10),
+    ("mha32 B64 one_long k10", 64, 32, 32, 128, "one_long", 10),
+    ("mha32 B64 spread k6", 64, 32, 32, 128, "spread", 6),
+    ("mha32 B128 4096 k6", 128, 32, 32, 128, [4096] * 128, 6),
+    ("gqa B128 spread k2", 128, 32, 8, 128, "spread", 2),
+    ("gqa B256 4096 k4", 256, 32, 8, 128, [4096] * 256, 4),
+    ("mha64 B64 1024 k19", 64, 64, 64, 128, [1024] * 64, 19),
+    ("gqa-d64 B64 4096 k2", 64, 32, 8, 64, [4096] * 64, 2),
+    ("gqa-d64 B64 spread k4", 64, 32, 8, 64, "spread", 4),
+    ("gqa-d64 B8 4096 k4", 8, 32, 8, 64, [4096] * 8, 4),
+    ("mha32-d64 B64 4096 k10", 64, 32, 32, 64, [4096] * 64, 10),
 ]
-PER_SM = (3, 4, 6, 8, 12, 16, 24, 32)
-MIN_CHUNK = (128, 256, 512)
+PER_SM = (3, 6, 8, 12, 16)
 
 
-def main(out):
+def _lengths(spec, b, gen):
+    if spec == "mixed":
+        return torch.randint(512, 6145, (b,), generator=gen).tolist()
+    if spec == "spread":
+        return torch.linspace(410, 4096, b).round().int().tolist()
+    if spec == "one_long":
+        return [4096] + [400] * (b - 1)
+    return spec
+
+
+def occupancy() -> list[dict]:
+    """Registers, shared memory and programs per SM of each compiled attention kernel (sm_90:
+    64K registers, 228 KiB of shared memory, 1 KiB of it reserved per program)."""
+    out = []
+    for cache in getattr(_select_attention_kernel, "device_caches", {}).values():
+        for kernel in cache[0].values():
+            regs, smem, warps = kernel.n_regs, kernel.metadata.shared, kernel.metadata.num_warps
+            by_regs = 65536 // (-(-regs * 32 // 256) * 256 * warps)
+            by_smem = (233472) // (smem + 1024)
+            consts = {str(k): v for k, v in getattr(kernel.src, "constants", {}).items()} if hasattr(kernel, "src") else {}
+            out.append({"regs": regs, "spills": kernel.n_spills, "shared": smem, "warps": warps,
+                        "per_sm": min(by_regs, by_smem, 32), "constants": consts})
+    return out
+
+
+def main(out, min_chunks):
     dev = torch.device("cuda")
     bw = _copy_tbps()
     timer = GraphTimer(dev, reps=20)
     gen = torch.Generator().manual_seed(0)
     rows = []
-    for name, b, hq, hkv, lens, k in CASES:
-        if lens == "mixed":
-            lens = torch.randint(512, 6145, (b,), generator=gen).tolist()
-        elif lens == "spread":
-            lens = torch.linspace(410, 4096, b).round().int().tolist()
-        kc, vc, perm = _paged_kv(lens, hkv, 128, torch.bfloat16, gen)
+    for name, b, hq, hkv, d, spec, k in CASES:
+        lens = _lengths(spec, b, gen)
+        kc, vc, perm = _paged_kv(lens, hkv, d, torch.bfloat16, gen)
         bt = _block_table(lens, perm, 8192 // BLOCK_SIZE)
-        q = torch.randn(b, hq, 128, device=dev, dtype=torch.bfloat16)
+        q = torch.randn(b, hq, d, device=dev, dtype=torch.bfloat16)
         sl = torch.tensor(lens, device=dev, dtype=torch.int32)
         ht = _head_table(b, hkv, k, gen)
         out_t = torch.empty_like(q)
-        floor_us = sum(lens) * k * 128 * 2 * 2 / (bw * 1e12) * 1e6
-        plan, _ = runtime_plan(lens, k)
-        _launch(q, kc, vc, bt, sl, ht, 128**-0.5, out_t, plan, AttentionConfig(), pdl=True)
-        ref = out_t.clone()
+        floor_us = sum(lens) * k * d * 2 * 2 / (bw * 1e12) * 1e6
+        variants = {"wave": {}}
+        variants.update({f"{p}/{c}": {"programs_per_sm": p, "min_chunk": c} for p in PER_SM for c in min_chunks})
+        ref = None
         row = {"case": name, "floor_us": floor_us, "us_in_graph": {}, "plans": {}}
-        for per_sm in PER_SM:
-            for min_chunk in MIN_CHUNK:
-                key = f"{per_sm}/{min_chunk}"
-                plan, info = runtime_plan(lens, k, programs_per_sm=per_sm, min_chunk=min_chunk)
-                fn = lambda: _launch(q, kc, vc, bt, sl, ht, 128**-0.5, out_t, plan, AttentionConfig(), pdl=True)
-                fn(); torch.cuda.synchronize()
-                row["plans"][key] = info
-                row["us_in_graph"][key] = timer.in_graph(fn) * 1e3
-                if (out_t.float() - ref.float()).abs().max().item() > 2e-2:
-                    print("MISMATCH", name, key, flush=True)
+        for key, rule in variants.items():
+            plan, info = runtime_plan(lens, k, head_dim=d, **rule)
+            fn = lambda: _launch(q, kc, vc, bt, sl, ht, d**-0.5, out_t, plan, AttentionConfig(), pdl=True)
+            fn(); torch.cuda.synchronize()
+            if ref is None:
+                ref = out_t.clone()
+            elif (out_t.float() - ref.float()).abs().max().item() > 2e-2:
+                print("MISMATCH", name, key, flush=True)
+            row["plans"][key] = info
+            row["us_in_graph"][key] = timer.in_graph(fn) * 1e3
         g = row["us_in_graph"]
-        base = g["16/256"]
+        old = g["16/256"] if "16/256" in g else g[f"16/{min_chunks[0]}"]
         best = min(g, key=g.get)
-        print(f"{name:22} floor {floor_us:6.1f} default {base:6.1f} best {best} {g[best]:6.1f} | "
-              + " ".join(f"{p}:{g[f'{p}/256']:6.1f}" for p in PER_SM), flush=True)
+        print(f"{name:24} floor {floor_us:6.1f} wave {g['wave']:6.1f} ({g['wave'] / old:.3f}x of 16/SM, "
+              f"{row['plans']['wave']['items']} items) best {best} {g[best]:6.1f} | "
+              + " ".join(f"{p}:{g[f'{p}/{min_chunks[0]}']:6.1f}" for p in PER_SM), flush=True)
         rows.append(row)
         del kc, vc
         torch.cuda.empty_cache()
-    json.dump({"device": torch.cuda.get_device_name(), "copy_TBps": bw, "rows": rows}, open(out, "w"), indent=1)
+    occ = occupancy()
+    print("occupancy", occ, flush=True)
+    json.dump({"device": torch.cuda.get_device_name(), "copy_TBps": bw, "occupancy": occ, "rows": rows},
+              open(out, "w"), indent=1)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    parser = argparse.ArgumentParser()
+    parser.add_argument("out")
+    parser.add_argument("--min-chunks", type=int, nargs="+", default=[256])
+    args = parser.parse_args()
+    main(args.out, args.min_chunks)

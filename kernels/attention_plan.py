@@ -14,22 +14,42 @@ once per step, and every layer of the step reads it. For CUDA graphs it has a st
 capacity per batch bucket (`plan_capacity`): items past the real ones are marked empty, and
 their programs exit at once.
 
-Rule (measured: benchmarks/KERNELS_NOTES.md, "Work plan"): aim at `programs_per_sm` programs
-per SM over the step's (item, slot) pairs, with chunks of at least `min_chunk` tokens (a
-shorter chunk spends more on its partial and the merge than it gains in parallelism).
+Rule (measured: benchmarks/KERNELS_NOTES.md, "Work plan" and "Waves of attention programs"):
+chunks of at least `min_chunk` tokens (a shorter chunk spends more on its partial and the merge
+than it gains in parallelism), cut so the step's (item, slot) programs fill whole waves of the
+GPU's resident slots: the kernel holds `resident_per_sm` programs per SM at once, and a last
+wave that fills few of them runs at a fraction of the bandwidth, nearly as long as a full one.
+The cut is chosen among 1..5 waves' worth of programs by a cost model (`_wave_cost`: the partial
+last wave, and how much the pieces' sizes vary; ties: fewer waves).
+`programs_per_sm` forces the older rule, a fixed program count per SM (the A/B scripts compare).
 """
 
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-PROGRAMS_PER_SM = 16
+PROGRAMS_PER_SM = 16  # the most programs per SM a plan aims at: plan_capacity's bound
 MIN_CHUNK_TOKENS = 256
+# Attention programs one SM holds at once, by head dim: the default block config's shared memory
+# (3 stages of a 64-token K and V tile) and registers (benchmarks/KERNELS_NOTES.md, run 48).
+RESIDENT_PER_SM = {64: 6, 128: 3}
+# Cost model of a cut (runs 47-51): a last wave that fills a fraction f of the slots takes
+# f + (1 - f) * IDLE_SHARE of a whole wave's time (29% full: as long as 62% of a wave); with
+# unequal lengths the pieces differ and the step takes at least J + IMBALANCE * cv waves, for J
+# programs per slot and cv the coefficient of variation of the pieces' sizes (the slots that
+# drew long pieces end last).
+IDLE_SHARE = 0.46
+IMBALANCE = 1.0
+# With unequal lengths the hardware packs a last wave this small into the gaps of the one before
+# (run 47: Llama-3.1-8B B 64 over 512-6144 tokens, 2.01 waves the fastest cut; run 48: 1.03 waves
+# 3.5% slower than 1.98 at MHA-32 B 32 over 410-4096); equal pieces pay for it in full.
+OVERFLOW_SLACK = 0.02
 SEQ_FIELDS = 4  # per sequence: first item, tokens per item, first partial, partials (0: not cut)
 
 
@@ -93,6 +113,50 @@ def plan_views(flat: torch.Tensor, capacity: int, batch: int, num_parts: int) ->
     return AttentionPlan(flat[:1], flat[1:1 + capacity], seqs, num_parts)
 
 
+def resident_per_sm(head_dim: int) -> int:
+    """Attention programs an SM holds at once at this head dim (3 where not measured)."""
+    return RESIDENT_PER_SM.get(head_dim, 3)
+
+
+def _wave_cost(programs: float, slots: int, cv: float = 0.0, slack: float = 0.0) -> float:
+    """Modelled time of a cut relative to the bytes it reads: `programs` over `slots` resident
+    slots, piece sizes varying by `cv`, a last wave within `slack` of the one before packed into
+    it (see the constants above). Plain floats: five candidates a step."""
+    waves = programs / slots
+    full = math.floor(waves)
+    frac = waves - full
+    if full >= 1 and frac <= slack:
+        busy = waves
+    else:
+        busy = full + (frac + (1.0 - frac) * IDLE_SHARE if frac > 0.0 else 0.0)
+    return max(busy, waves + IMBALANCE * cv) / waves
+
+
+def _wave_chunk(flens: np.ndarray, groups: int, slots: int, min_chunk: int, max_programs: int,
+                equal_len: int | None) -> tuple[int, np.ndarray | None]:
+    """The chunk size whose cut `_wave_cost` rates fastest among 1, 2, ... waves' worth of
+    programs (no more than max_programs; ties: fewer waves), and the (B,) pieces per sequence
+    of that cut (None where they are all the same). flens: (B,) float64 lengths; equal_len:
+    their one length if they are all equal."""
+    batch = flens.shape[0]
+    work = float(flens.sum()) * groups
+    chunks = [max(min_chunk, math.ceil(work / (w * slots))) for w in range(1, max(1, max_programs // slots) + 1)]
+    if equal_len is not None:  # equal pieces: scalar arithmetic, no array pass
+        costs = [_wave_cost(batch * max(1.0, math.floor(equal_len / c + 0.5)) * groups, slots) for c in chunks]
+        return chunks[costs.index(min(costs))], None
+    pieces = np.floor(np.multiply.outer([1.0 / c for c in chunks], flens) + 0.5)  # (W, B), rounded as the cut does
+    np.maximum(pieces, 1.0, out=pieces)
+    counts = pieces.sum(axis=1).tolist()  # (W,) pieces
+    squares = (flens * flens / pieces).sum(axis=1).tolist()  # (W,) sum over pieces of size^2
+    tokens = work / groups
+    costs = []
+    for n, sq in zip(counts, squares):  # cv of the piece sizes: E[s^2] / mean^2 - 1
+        cv = math.sqrt(max(0.0, sq * n / (tokens * tokens) - 1.0))
+        costs.append(_wave_cost(n * groups, slots, cv, OVERFLOW_SLACK))
+    best = costs.index(min(costs))
+    return chunks[best], pieces[best]
+
+
 def plan_capacity(batch: int, groups: int, num_sms: int, programs_per_sm: int = PROGRAMS_PER_SM) -> int:
     """Most items `plan_attention` makes for `batch` sequences: each sequence is one item or is
     cut into pieces of >= chunk / 2 tokens, and chunk >= tokens * groups / (programs wanted), so
@@ -102,11 +166,14 @@ def plan_capacity(batch: int, groups: int, num_sms: int, programs_per_sm: int = 
 
 def plan_attention(seq_lens: Sequence[int] | np.ndarray, *, groups: int, num_sms: int, block_n: int = 64,
                    capacity: int | None = None, chunk_tokens: int | None = None,
-                   programs_per_sm: int = PROGRAMS_PER_SM, min_chunk: int = MIN_CHUNK_TOKENS) -> HostPlan:
+                   programs_per_sm: int | None = None, min_chunk: int = MIN_CHUNK_TOKENS,
+                   resident: int = RESIDENT_PER_SM[128]) -> HostPlan:
     """Cut B sequences of `seq_lens` tokens into items for `groups` head-table slots each.
 
     groups: slots per sequence the step's layers read (the plan holds for any head-table width;
     this only sets how finely work is cut). chunk_tokens: force the target chunk size (tests).
+    programs_per_sm: aim at this many programs per SM instead of whole waves of `resident`
+    programs per SM (resident_per_sm(head_dim)).
     capacity: rows of `items` (a graph bucket's static size); default: the real items, or
     plan_capacity(...) when the chunk size is the rule's. Host time matters (once per step):
     a few vector operations, no per-sequence Python."""
@@ -114,11 +181,17 @@ def plan_attention(seq_lens: Sequence[int] | np.ndarray, *, groups: int, num_sms
     if lens.ndim != 1:
         raise ValueError(f"seq_lens must be one length per sequence, got shape {lens.shape}")
     batch = lens.shape[0]
-    if batch and int(lens.min()) < 1:
-        raise ValueError(f"every decode sequence has >= 1 cached token; got a length of {int(lens.min())}")
-    if chunk_tokens is None:
+    shortest = int(lens.min()) if batch else 0
+    if batch and shortest < 1:
+        raise ValueError(f"every decode sequence has >= 1 cached token; got a length of {shortest}")
+    flens = lens.astype(np.float64)
+    pieces = None
+    if chunk_tokens is None and programs_per_sm is not None:
         want = programs_per_sm * num_sms  # (item, slot) programs wanted for the step
         chunk = max(min_chunk, -(-int(lens.sum()) * max(1, groups) // want))
+    elif chunk_tokens is None:
+        chunk, pieces = _wave_chunk(flens, max(1, groups), resident * num_sms, min_chunk, PROGRAMS_PER_SM * num_sms,
+                                    shortest if shortest == int(lens.max()) else None) if batch else (min_chunk, None)
     elif chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
     else:
@@ -126,13 +199,14 @@ def plan_attention(seq_lens: Sequence[int] | np.ndarray, *, groups: int, num_sms
     # Pieces per sequence, rounded: a sequence a little longer than a chunk stays whole rather
     # than becoming one chunk and a sliver. Then even pieces of whole tiles. (Float arithmetic:
     # numpy's integer division is several times slower, and these values are exact in a float64.)
-    flens = lens.astype(np.float64)
-    pieces = np.maximum(np.floor(flens * (1.0 / chunk) + 0.5), 1.0)  # (B,)
+    if pieces is None:
+        pieces = np.maximum(np.floor(flens * (1.0 / chunk) + 0.5), 1.0)  # (B,)
     size = np.ceil(flens / (pieces * block_n)) * block_n  # (B,) tokens per item: whole tiles
     counts = np.ceil(flens / size).astype(np.int64)  # (B,) items, <= the rounded count
     total = int(counts.sum())
     if capacity is None:
-        capacity = total if chunk_tokens is not None else plan_capacity(batch, groups, num_sms, programs_per_sm)
+        capacity = total if chunk_tokens is not None else plan_capacity(batch, groups, num_sms,
+                                                                         programs_per_sm or PROGRAMS_PER_SM)
     if total > capacity:
         raise ValueError(f"the plan needs {total} items but its buffers hold {capacity}")
     items = np.empty(capacity, dtype=np.int32)
@@ -155,18 +229,21 @@ def plan_attention(seq_lens: Sequence[int] | np.ndarray, *, groups: int, num_sms
 
 @dataclass(frozen=True)
 class StepPlanner:
-    """Plans for one runtime's decode steps: the head-table width its layers mostly read and
-    the device's SM count, fixed when the runtime is built."""
+    """Plans for one runtime's decode steps: the head-table width its layers mostly read, the
+    device's SM count and the programs an SM holds at the model's head dim, fixed when the
+    runtime is built."""
 
     groups: int
     num_sms: int
+    resident: int = RESIDENT_PER_SM[128]
 
     @classmethod
-    def for_device(cls, groups: int, device: torch.device) -> StepPlanner:
-        return cls(max(1, groups), num_sms(device))
+    def for_device(cls, groups: int, device: torch.device, head_dim: int = 128) -> StepPlanner:
+        return cls(max(1, groups), num_sms(device), resident_per_sm(head_dim))
 
     def capacity(self, batch: int) -> int:
         return plan_capacity(batch, self.groups, self.num_sms)
 
     def plan(self, seq_lens: Sequence[int] | np.ndarray, capacity: int | None = None) -> HostPlan:
-        return plan_attention(seq_lens, groups=self.groups, num_sms=self.num_sms, capacity=capacity)
+        return plan_attention(seq_lens, groups=self.groups, num_sms=self.num_sms, capacity=capacity,
+                              resident=self.resident)

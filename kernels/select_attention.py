@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from kernels import arrivals
-from kernels.attention_plan import SEQ_FIELDS, AttentionPlan, num_sms, plan_attention
+from kernels.attention_plan import SEQ_FIELDS, AttentionPlan, num_sms, plan_attention, resident_per_sm
 from kernels.pdl import launch_options, wait_then_release
 
 # Head dims the kernel is tested for (D is a tl.arange length, so a power of two). Public: the
@@ -306,13 +306,15 @@ def _check_plan(plan: AttentionPlan, batch: int, device: torch.device) -> None:
                              f"{tuple(t.shape)} on {t.device}; build it with kernels.attention_plan.plan_attention")
 
 
-def host_plan(seq_lens: torch.Tensor, k_max: int, device: torch.device, block_n: int) -> AttentionPlan:
+def host_plan(seq_lens: torch.Tensor, k_max: int, device: torch.device, block_n: int,
+              head_dim: int = 128) -> AttentionPlan:
     """The plan for a call that did not bring one: from seq_lens read back to the host (a sync)."""
     if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         raise ValueError("select_attention under CUDA-graph capture needs a plan (its lengths cannot be read "
                          "back while capturing): build one with kernels.attention_plan.plan_attention and pass "
                          "plan=, with a static capacity (plan_capacity)")
-    return plan_attention(seq_lens.tolist(), groups=k_max, num_sms=num_sms(device), block_n=block_n).to(device)
+    return plan_attention(seq_lens.tolist(), groups=k_max, num_sms=num_sms(device), block_n=block_n,
+                          resident=resident_per_sm(head_dim)).to(device)
 
 
 def _launch(q, k_cache, v_cache, block_tables, seq_lens, head_table, scale, out,

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from kernels import arrivals
-from kernels.attention_plan import plan_attention, plan_capacity
+from kernels.attention_plan import (IDLE_SHARE, StepPlanner, _wave_cost, plan_attention, plan_capacity,
+                                    resident_per_sm)
 from kernels.select_attention import AttentionConfig, _launch, select_attention, select_attention_ref
 from support.tolerance import assert_close_to_reference
 
@@ -155,13 +156,54 @@ def test_planner_covers_every_token_once_in_bounded_chunks(lens, groups):
 
 
 def test_planner_cuts_by_total_work_not_by_table_width():
-    """One 4,096-token sequence among 63 of 300: the long one is cut into about as many chunks
-    as its share of the step's tokens; the short ones stay whole."""
+    """One 4,096-token sequence among 63 of 300: the long one is cut into pieces of about the
+    step's chunk (which the step's total tokens set), the short ones stay whole."""
     lens = [4096] + [300] * 63
     plan = plan_attention(lens, groups=16, num_sms=132)
-    assert (plan.items == 0).sum() >= 8 and plan.seqs[1:, 3].max() == 0
+    assert (plan.items == 0).sum() >= 4096 // plan.chunk_tokens and plan.seqs[1:, 3].max() == 0
+    assert plan.seqs[0, 1] <= 1.5 * plan.chunk_tokens
     big = plan_attention([4096] * 256, groups=32, num_sms=132)  # 32 programs per SM unsplit
     assert big.num_parts == 0
+
+
+def test_planner_fills_whole_waves_of_resident_programs():
+    """The cut's program count against the GPU's resident slots (3 per SM at head dim 128, 132
+    SMs: 396): a whole wave or just under it, never a small last wave of equal programs (run 47:
+    512 programs, 1.29 waves, took 1.23x the time of 768)."""
+    slots = resident_per_sm(128) * 132
+    gqa = plan_attention([4096] * 32, groups=4, num_sms=132)  # 128 (sequence, group) pairs
+    assert gqa.num_items * 4 == 384  # 3 pieces each: 0.97 of a wave
+    llama3 = plan_attention([6144] * 64, groups=4, num_sms=132)  # 256 pairs: 2 pieces would be 1.29 waves
+    assert llama3.num_items * 4 == 768
+    small = plan_attention([4096] * 8, groups=4, num_sms=132)  # 32 pairs: 11 pieces each, 0.89 of a wave
+    assert slots // 2 < small.num_items * 4 <= slots
+    dense = plan_attention([2048] * 32, groups=32, num_sms=132)  # 1024 pairs: already 2.59 waves uncut
+    assert dense.num_parts == 0 and dense.num_items == 32
+
+
+def test_wave_cost_prices_a_small_last_wave_as_a_fuller_one():
+    assert _wave_cost(396, 396) < _wave_cost(768, 396) < _wave_cost(512, 396)
+    assert _wave_cost(396 + 100, 396) == pytest.approx((1 + 0.25 + 0.75 * IDLE_SHARE) / (496 / 396), rel=1e-2)
+    # with unequal lengths a 1% overflow is packed into the wave before; equal programs pay for it
+    assert _wave_cost(798, 396, slack=0.02) < _wave_cost(798, 396)
+    # pieces of varying sizes: the slots that drew long ones end last, more so with fewer per slot
+    assert _wave_cost(792, 396, cv=0.5) > _wave_cost(792, 396)
+    assert _wave_cost(792, 396, cv=0.5) > _wave_cost(1980, 396, cv=0.5)
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("seed", range(4))
+def test_planner_wave_rule_stays_within_the_static_capacity(head_dim, seed):
+    """Any lengths, any width: the wave rule's cut fits plan_capacity's buffers (what a graph
+    bucket allocates) and covers every token once."""
+    rng = np.random.default_rng(seed)
+    batch = int(rng.integers(1, 257))
+    groups = int(rng.choice([1, 2, 4, 8, 16, 32]))
+    lens = rng.integers(1, int(rng.choice([300, 4096, 40000])), batch).tolist()
+    planner = StepPlanner(groups, 132, resident_per_sm(head_dim))
+    plan = planner.plan(lens, planner.capacity(batch))
+    assert plan.num_items <= planner.capacity(batch)
+    assert all((c == 1).all() for c in _covered(plan, lens))
 
 
 def test_planner_host_time_at_batch_256():
