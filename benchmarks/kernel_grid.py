@@ -237,17 +237,25 @@ def plan_variants(case: AttnCase, k: int) -> list[tuple[str, dict]]:
 
 
 def plan_host_us(batch: int = 256, repeats: int = 200) -> dict:
-    """Host time of one step's plan at `batch` (spread lengths up to 8k, 8 groups, 132 SMs)."""
-    from kernels.attention_plan import plan_attention
+    """Host time of one step's plan at `batch` (spread lengths up to 8k, 8 groups, 132 SMs): the
+    runtime's StepPlanner over consecutive decode steps (every length + 1 a step), and
+    plan_attention choosing the cut afresh each time."""
+    from kernels.attention_plan import StepPlanner, plan_attention
 
     lens = torch.randint(100, 8193, (batch,), generator=torch.Generator().manual_seed(0)).numpy()
-    plan_attention(lens, groups=8, num_sms=132)
-    times = []
-    for _ in range(repeats):
+    planner = StepPlanner(8, 132)
+    cap = planner.capacity(batch)
+    planner.plan(lens, cap)
+    steps, fresh = [], []
+    for i in range(repeats):
         t0 = time.perf_counter()
-        plan_attention(lens, groups=8, num_sms=132)
-        times.append((time.perf_counter() - t0) * 1e6)
-    return {"op": "plan", "batch": batch, "median_us": statistics.median(times), "p99_us": sorted(times)[-2]}
+        planner.plan(lens + i + 1, cap)
+        steps.append((time.perf_counter() - t0) * 1e6)
+        t0 = time.perf_counter()
+        plan_attention(lens, groups=8, num_sms=132, capacity=cap)
+        fresh.append((time.perf_counter() - t0) * 1e6)
+    return {"op": "plan", "batch": batch, "median_us": statistics.median(steps), "p99_us": sorted(steps)[-2],
+            "fresh_median_us": statistics.median(fresh), "fresh_p99_us": sorted(fresh)[-2]}
 
 
 def run_attention(case: AttnCase, ops, timer: Callable, bw: float, rows: list, device: str, seed: int) -> None:

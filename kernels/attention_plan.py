@@ -29,7 +29,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -50,6 +50,7 @@ IMBALANCE = 1.0
 # (run 47: Llama-3.1-8B B 64 over 512-6144 tokens, 2.01 waves the fastest cut; run 48: 1.03 waves
 # 3.5% slower than 1.98 at MHA-32 B 32 over 410-4096); equal pieces pay for it in full.
 OVERFLOW_SLACK = 0.02
+REPLAN_DRIFT = 0.01  # StepPlanner reuses a batch's chunk size while its tokens move less than this
 SEQ_FIELDS = 4  # per sequence: first item, tokens per item, first partial, partials (0: not cut)
 
 
@@ -231,11 +232,18 @@ def plan_attention(seq_lens: Sequence[int] | np.ndarray, *, groups: int, num_sms
 class StepPlanner:
     """Plans for one runtime's decode steps: the head-table width its layers mostly read, the
     device's SM count and the programs an SM holds at the model's head dim, fixed when the
-    runtime is built."""
+    runtime is built.
+
+    Consecutive decode steps of a batch differ by a token per sequence, so the cut's chunk size
+    chosen for a batch is reused while its total tokens stay within REPLAN_DRIFT of the step
+    that chose it (the choice costs ~15 us of the plan's host time at batch 256). Any chunk the
+    rule can choose stays a valid cut within the static capacity at that drift (the rule aims
+    at <= 15 of plan_capacity's 16 programs per SM)."""
 
     groups: int
     num_sms: int
     resident: int = RESIDENT_PER_SM[128]
+    _chunks: dict = field(default_factory=dict, compare=False, repr=False)  # (B, equal) -> (tokens, chunk)
 
     @classmethod
     def for_device(cls, groups: int, device: torch.device, head_dim: int = 128) -> StepPlanner:
@@ -245,5 +253,21 @@ class StepPlanner:
         return plan_capacity(batch, self.groups, self.num_sms)
 
     def plan(self, seq_lens: Sequence[int] | np.ndarray, capacity: int | None = None) -> HostPlan:
-        return plan_attention(seq_lens, groups=self.groups, num_sms=self.num_sms, capacity=capacity,
+        lens = np.asarray(seq_lens, dtype=np.int64)
+        if lens.ndim != 1 or not lens.shape[0]:
+            return plan_attention(lens, groups=self.groups, num_sms=self.num_sms, capacity=capacity,
+                                  resident=self.resident)
+        key = (lens.shape[0], int(lens.min()) == int(lens.max()))
+        tokens = int(lens.sum())
+        last = self._chunks.get(key)
+        if last is not None and abs(tokens - last[0]) <= REPLAN_DRIFT * last[0]:
+            cap = plan_capacity(lens.shape[0], self.groups, self.num_sms) if capacity is None else capacity
+            try:
+                return plan_attention(lens, groups=self.groups, num_sms=self.num_sms, capacity=cap,
+                                      chunk_tokens=last[1])
+            except ValueError:  # the old chunk no longer fits the buffers: choose afresh
+                pass
+        plan = plan_attention(lens, groups=self.groups, num_sms=self.num_sms, capacity=capacity,
                               resident=self.resident)
+        self._chunks[key] = (tokens, plan.chunk_tokens)
+        return plan
