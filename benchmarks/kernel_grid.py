@@ -219,7 +219,7 @@ def _row(rows: list, op: str, family: str, shape: dict, dtype: str, density: flo
 
 # Planner rules timed beside the default (attn-4k cases at densities 0.3 and 0.5): the fixed
 # program counts per SM of the rule before the wave-filling cut (16 was its default) and the
-# shortest chunk (benchmarks/KERNELS_NOTES.md, "Work plan", "Waves of attention programs").
+# shortest chunk (benchmarks/KERNELS_NOTES.md, "Work plan", "Attention programs in whole waves").
 PLAN_SWEEP = {"plan_pps16": {"programs_per_sm": 16}, "plan_pps8": {"programs_per_sm": 8},
               "plan_pps32": {"programs_per_sm": 32},
               "plan_min128": {"min_chunk": 128}, "plan_min512": {"min_chunk": 512}}

@@ -6,15 +6,15 @@ first item and the tokens per item: the kernel derives [start, end) from them); 
 the step's total tokens, so every program reads about the same number of tokens whatever the
 mix of lengths (one long sequence among many short ones is cut into many chunks, the short
 ones stay whole), and nothing depends on how far a block table is padded. A sequence cut into
-n > 1 items writes n partial results that a merge kernel combines; a whole sequence writes
-its output directly.
+n > 1 items writes n partial results that the last of its items to finish merges; a whole
+sequence writes its output directly.
 
 The plan is built on the host from the lengths the scheduler already holds (no device sync),
 once per step, and every layer of the step reads it. For CUDA graphs it has a static
 capacity per batch bucket (`plan_capacity`): items past the real ones are marked empty, and
 their programs exit at once.
 
-Rule (measured: benchmarks/KERNELS_NOTES.md, "Work plan" and "Waves of attention programs"):
+Rule (measured: benchmarks/KERNELS_NOTES.md, "Work plan" and "Attention programs in whole waves"):
 chunks of at least `min_chunk` tokens (a shorter chunk spends more on its partial and the merge
 than it gains in parallelism), cut so the step's (item, slot) programs fill whole waves of the
 GPU's resident slots: the kernel holds `resident_per_sm` programs per SM at once, and a last
@@ -39,7 +39,7 @@ MIN_CHUNK_TOKENS = 256
 # Attention programs one SM holds at once, by head dim: the default block config's shared memory
 # (3 stages of a 64-token K and V tile) and registers (benchmarks/KERNELS_NOTES.md, run 48).
 RESIDENT_PER_SM = {64: 6, 128: 3}
-# Cost model of a cut (runs 47-51): a last wave that fills a fraction f of the slots takes
+# Cost model of a cut (runs 47-53, fit by benchmarks/plan_model_fit.py): a last wave that fills a fraction f of the slots takes
 # f + (1 - f) * IDLE_SHARE of a whole wave's time (29% full: as long as 62% of a wave); with
 # unequal lengths the pieces differ and the step takes at least J + IMBALANCE * cv waves, for J
 # programs per slot and cv the coefficient of variation of the pieces' sizes (the slots that
