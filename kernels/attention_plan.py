@@ -115,8 +115,9 @@ def plan_views(flat: torch.Tensor, capacity: int, batch: int, num_parts: int) ->
 
 
 def resident_per_sm(head_dim: int) -> int:
-    """Attention programs an SM holds at once at this head dim (3 where not measured)."""
-    return RESIDENT_PER_SM.get(head_dim, 3)
+    """Attention programs an SM holds at once at this head dim: the kernel's tiles are as wide as
+    the next power of two (80 and 96 compile the 128-wide kernel); 3 where not measured."""
+    return RESIDENT_PER_SM.get(max(16, 1 << (head_dim - 1).bit_length()), 3)
 
 
 def _wave_cost(programs: float, slots: int, cv: float = 0.0, slack: float = 0.0) -> float:

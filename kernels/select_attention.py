@@ -33,10 +33,23 @@ from kernels import arrivals
 from kernels.attention_plan import SEQ_FIELDS, AttentionPlan, num_sms, plan_attention, resident_per_sm
 from kernels.pdl import launch_options, wait_then_release
 
-# Head dims the kernel is tested for (D is a tl.arange length, so a power of two). Public: the
-# runtime checks a model's head dim against it; the torch reference takes any head dim.
-HEAD_DIMS = (64, 128)
+# Head dims: any up to MAX_HEAD_DIM. The kernel's tiles are D_PAD = padded_head_dim(D) wide (a
+# tl.arange length: a power of two, >= 16 for tl.dot); a head dim between powers of two (80, 96)
+# reads and writes only its D columns (the masks exist only in that build). The torch reference
+# takes any head dim.
+MAX_HEAD_DIM = 256
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def padded_head_dim(head_dim: int) -> int:
+    """The kernel's tile width for a head dim: the next power of two, at least 16."""
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def head_dim_supported(head_dim: int) -> bool:
+    return 1 <= head_dim <= MAX_HEAD_DIM
+
+
 @dataclass(frozen=True)
 class AttentionConfig:
     block_n: int = 64  # tokens per K/V tile; 64 x 128 fp16 = 16 KiB per tile and stage
@@ -60,15 +73,21 @@ class AttentionConfig:
 _INTERPRETER_CONFIG = AttentionConfig(block_n=64, num_warps=4, num_stages=1)
 
 
+def default_config(head_dim: int) -> AttentionConfig:
+    """The measured config up to 128-wide tiles; 256-wide tiles (head dims 129-256) take 32-token
+    K/V tiles, so 3 stages of them fit the shared memory of 64-token tiles at 128 (not tuned)."""
+    return AttentionConfig() if padded_head_dim(head_dim) <= 128 else AttentionConfig(block_n=32)
+
+
 @triton.jit
 def _zero_unselected(ht_ptr, out_ptr, b, k_max, hq, stride_htb, stride_ob, stride_oh,
-                     G: tl.constexpr, D: tl.constexpr):
+                     G: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr):
     """out[b, h, :] = 0 for every query head h whose KV group is not in head_table[b]. Done in
     the attention launch instead of a memset of all of out first: one graph node less (~2 us
     at decode sizes). Heads and slots go in chunks of 16 with runtime bounds, so Hq and k_max
     are not constexprs (no recompile per density)."""
     b64 = b.to(tl.int64)
-    cols = tl.arange(0, D)
+    cols = tl.arange(0, D_PAD)
     for h0 in range(0, hq, 16):
         heads = h0 + tl.arange(0, 16)
         hit = tl.zeros([16], tl.int32)
@@ -77,7 +96,8 @@ def _zero_unselected(ht_ptr, out_ptr, b, k_max, hq, stride_htb, stride_ob, strid
             ht = tl.load(ht_ptr + b64 * stride_htb + slots, mask=slots < k_max, other=-1)  # [16]
             hit = tl.maximum(hit, tl.max((ht[None, :] == (heads // G)[:, None]).to(tl.int32), 1))
         o_ptrs = out_ptr + b64 * stride_ob + heads[:, None].to(tl.int64) * stride_oh + cols[None, :]
-        tl.store(o_ptrs, tl.zeros([16, D], out_ptr.dtype.element_ty), mask=((hit == 0) & (heads < hq))[:, None])
+        tl.store(o_ptrs, tl.zeros([16, D_PAD], out_ptr.dtype.element_ty),
+                 mask=((hit == 0) & (heads < hq))[:, None] & (cols < D)[None, :])
 
 
 @triton.jit
@@ -89,7 +109,7 @@ def _select_attention_kernel(
     stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt,
     stride_btb, stride_htb, stride_ob, stride_oh,
-    G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, PERSISTENT: tl.constexpr, PDL: tl.constexpr,
 ):
     """Work w < n_work is (item w // k_max, slot w % k_max); the batch jobs after it write the
@@ -104,13 +124,13 @@ def _select_attention_kernel(
             _work(w, n_work, q_ptr, k_ptr, v_ptr, bt_ptr, seq_lens_ptr, ht_ptr, out_ptr, items_ptr, seqs_ptr,
                   o_part_ptr, m_part_ptr, l_part_ptr, arrivals_ptr, scale_log2, k_max, hq, stride_qb, stride_qh,
                   stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
-                  stride_btb, stride_htb, stride_ob, stride_oh, G, G_PAD, D, BLOCK_SIZE, BLOCK_N, UPCAST)
+                  stride_btb, stride_htb, stride_ob, stride_oh, G, G_PAD, D, D_PAD, BLOCK_SIZE, BLOCK_N, UPCAST)
     else:
         _work(pid, tl.num_programs(0) - batch, q_ptr, k_ptr, v_ptr, bt_ptr, seq_lens_ptr, ht_ptr, out_ptr,
               items_ptr, seqs_ptr, o_part_ptr, m_part_ptr, l_part_ptr, arrivals_ptr, scale_log2, k_max, hq,
               stride_qb, stride_qh,
               stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
-              stride_btb, stride_htb, stride_ob, stride_oh, G, G_PAD, D, BLOCK_SIZE, BLOCK_N, UPCAST)
+              stride_btb, stride_htb, stride_ob, stride_oh, G, G_PAD, D, D_PAD, BLOCK_SIZE, BLOCK_N, UPCAST)
 
 
 @triton.jit
@@ -118,11 +138,11 @@ def _work(w, n_work, q_ptr, k_ptr, v_ptr, bt_ptr, seq_lens_ptr, ht_ptr, out_ptr,
           o_part_ptr, m_part_ptr, l_part_ptr, arrivals_ptr, scale_log2, k_max, hq, stride_qb, stride_qh,
           stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
           stride_btb, stride_htb, stride_ob, stride_oh,
-          G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+          G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
           BLOCK_N: tl.constexpr, UPCAST: tl.constexpr):
     """One work item (see the kernel): skipped when the plan row is empty or the slot unselected."""
     if w >= n_work:
-        _zero_unselected(ht_ptr, out_ptr, w - n_work, k_max, hq, stride_htb, stride_ob, stride_oh, G, D)
+        _zero_unselected(ht_ptr, out_ptr, w - n_work, k_max, hq, stride_htb, stride_ob, stride_oh, G, D, D_PAD)
     else:
         item = w // k_max
         slot = w % k_max
@@ -142,20 +162,25 @@ def _work(w, n_work, q_ptr, k_ptr, v_ptr, bt_ptr, seq_lens_ptr, ht_ptr, out_ptr,
                           out_ptr + b64 * stride_ob + grp64 * G * stride_oh, o_part_ptr, m_part_ptr, l_part_ptr,
                           arrivals_ptr + b64 * k_max + slot, first_part, piece, n_parts, slot, k_max, start, end,
                           scale_log2, stride_qh, stride_oh, stride_kb, stride_kt,
-                          stride_vb, stride_vt, G, G_PAD, D, BLOCK_SIZE, BLOCK_N, UPCAST)
+                          stride_vb, stride_vt, G, G_PAD, D, D_PAD, BLOCK_SIZE, BLOCK_N, UPCAST)
 
 
 @triton.jit
 def _tile_rows(k_base, v_base, page, pos, end, stride_kb, stride_kt, stride_vb, stride_vt,
-               D: tl.constexpr, BLOCK_SIZE: tl.constexpr, UPCAST: tl.constexpr):
-    """K and V rows [BLOCK_N, D] of the tokens at `pos` (pages `page`), 0 past `end`."""
-    cols = tl.arange(0, D)
+               D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, UPCAST: tl.constexpr):
+    """K and V rows [BLOCK_N, D_PAD] of the tokens at `pos` (pages `page`), 0 past `end` and
+    in the pad columns."""
+    cols = tl.arange(0, D_PAD)
     valid = pos < end
+    if D_PAD == D:
+        mask = valid[:, None]
+    else:
+        mask = valid[:, None] & (cols < D)[None, :]
     tok = (pos % BLOCK_SIZE).to(tl.int64)
     k_rows = k_base + page * stride_kb + tok * stride_kt  # [BLOCK_N] row pointers
     v_rows = v_base + page * stride_vb + tok * stride_vt
-    k = tl.load(k_rows[:, None] + cols[None, :], mask=valid[:, None], other=0.0)  # [BLOCK_N, D], rows contiguous
-    v = tl.load(v_rows[:, None] + cols[None, :], mask=valid[:, None], other=0.0)  # [BLOCK_N, D]
+    k = tl.load(k_rows[:, None] + cols[None, :], mask=mask, other=0.0)  # [BLOCK_N, D_PAD], rows contiguous
+    v = tl.load(v_rows[:, None] + cols[None, :], mask=mask, other=0.0)  # [BLOCK_N, D_PAD]
     if UPCAST:  # the interpreter computes bf16 on raw bit patterns (env.md section 2)
         k = k.to(tl.float32)
         v = v.to(tl.float32)
@@ -166,8 +191,8 @@ def _tile_rows(k_base, v_base, page, pos, end, stride_kb, stride_kt, stride_vb, 
 def _attend_group(q_row, k_base, v_base, bt_row, o_row, o_part_ptr, m_part_ptr, l_part_ptr, arrival_ptr,
                   first_part, piece, n_parts, slot, k_max, start, end, scale_log2, stride_qh, stride_oh,
                   stride_kb, stride_kt, stride_vb, stride_vt,
-                  G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                  BLOCK_N: tl.constexpr, UPCAST: tl.constexpr):
+                  G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
+                  BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr):
     """The G query heads of one KV group over tokens [start, end): each K/V tile feeds all G rows
     through tl.dot, the rows padded to 16. (Multiply-adds in registers for MHA's one row, with
     no MMA, ran at 55-65% of the floor where this path runs at ~100%: the reductions over D and
@@ -175,22 +200,26 @@ def _attend_group(q_row, k_base, v_base, bt_row, o_row, o_part_ptr, m_part_ptr, 
     A sequence cut into n_parts pieces: each piece writes fp32 partials, and the last of the
     (sequence, slot)'s pieces to finish merges them into the output (kernels/arrivals.py)."""
     rows = tl.arange(0, G_PAD)
-    cols = tl.arange(0, D)
-    row_mask = rows < G
+    cols = tl.arange(0, D_PAD)
+    row_mask = (rows < G)[:, None]  # [G_PAD, 1]
+    if D_PAD == D:
+        io_mask = row_mask
+    else:
+        io_mask = row_mask & (cols < D)[None, :]  # [G_PAD, D_PAD]: the group's heads, the real columns
     offs_n = tl.arange(0, BLOCK_N)
-    q = tl.load(q_row + rows[:, None] * stride_qh + cols[None, :], mask=row_mask[:, None], other=0.0)  # [G_PAD, D]
+    q = tl.load(q_row + rows[:, None] * stride_qh + cols[None, :], mask=io_mask, other=0.0)  # [G_PAD, D_PAD]
     if UPCAST:
         q = q.to(tl.float32)
     m_i = tl.full([G_PAD], float("-inf"), tl.float32)  # running max, log2 domain
     l_i = tl.zeros([G_PAD], tl.float32)  # running softmax denominator
-    acc = tl.zeros([G_PAD, D], tl.float32)
+    acc = tl.zeros([G_PAD, D_PAD], tl.float32)  # pad columns stay 0 (V's are loaded as 0)
     page_next = tl.load(bt_row + (start + offs_n) // BLOCK_SIZE, mask=start + offs_n < end, other=0)
     for n0 in range(start, end, BLOCK_N):
         pos = n0 + offs_n
         page = page_next.to(tl.int64)
         page_next = tl.load(bt_row + (pos + BLOCK_N) // BLOCK_SIZE, mask=pos + BLOCK_N < end, other=0)
         k, v = _tile_rows(k_base, v_base, page, pos, end, stride_kb, stride_kt, stride_vb, stride_vt,
-                          D, BLOCK_SIZE, UPCAST)
+                          D, D_PAD, BLOCK_SIZE, UPCAST)
         qk = tl.dot(q, tl.trans(k)) * scale_log2  # [G_PAD, BLOCK_N], fp32
         qk = tl.where((pos < end)[None, :], qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
@@ -201,46 +230,46 @@ def _attend_group(q_row, k_base, v_base, bt_row, o_row, o_part_ptr, m_part_ptr, 
         m_i = m_new
     if n_parts == 0:
         tl.store(o_row + rows[:, None] * stride_oh + cols[None, :], (acc / l_i[:, None]).to(o_row.dtype.element_ty),
-                 mask=row_mask[:, None])
+                 mask=io_mask)
     else:
-        prow = ((first_part + piece).to(tl.int64) * k_max + slot) * G + rows  # [G_PAD] partial rows
-        tl.store(o_part_ptr + prow[:, None] * D + cols[None, :], acc, mask=row_mask[:, None])
-        tl.store(m_part_ptr + prow, m_i, mask=row_mask)
-        tl.store(l_part_ptr + prow, l_i, mask=row_mask)
+        prow = ((first_part + piece).to(tl.int64) * k_max + slot) * G + rows  # [G_PAD] partial rows, D_PAD wide
+        tl.store(o_part_ptr + prow[:, None] * D_PAD + cols[None, :], acc, mask=row_mask)
+        tl.store(m_part_ptr + prow, m_i, mask=rows < G)
+        tl.store(l_part_ptr + prow, l_i, mask=rows < G)
         tl.debug_barrier()  # every thread's partials stored before the count below releases them
         if tl.atomic_add(arrival_ptr, 1, sem="acq_rel") == n_parts - 1:  # the last piece to finish
             tl.atomic_xchg(arrival_ptr, 0)  # zero again for the next launch
             _merge_group(o_part_ptr, m_part_ptr, l_part_ptr, o_row, stride_oh, first_part, n_parts, slot, k_max,
-                         G, D)
+                         G, D, D_PAD)
 
 
 @triton.jit
 def _merge_group(o_part_ptr, m_part_ptr, l_part_ptr, o_row, stride_oh, first_part, n_parts, slot, k_max,
-                 G: tl.constexpr, D: tl.constexpr):
+                 G: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr):
     """Log-sum-exp merge of the n_parts partials of a (sequence, slot)'s G query heads, all heads
     at once: each pass loads a [parts, heads, D] tile (32 rows: 32 parts of one head, 8 of four,
     ...), so a group's merge costs as many dependent L2 round trips as one head's. The partials
     are read from L2 (.cg): other programs wrote them during this launch."""
     GM: tl.constexpr = triton.next_power_of_2(G)  # heads padded to a power of two (reshape)
     PARTS: tl.constexpr = max(1, 32 // GM)
-    cols = tl.arange(0, D)
+    cols = tl.arange(0, D_PAD)
     heads = tl.arange(0, GM)
     j = tl.arange(0, PARTS * GM)  # row j: part j // GM, head j % GM
     head = j % GM
     m_run = tl.full([GM], float("-inf"), tl.float32)
     l_run = tl.zeros([GM], tl.float32)
-    acc = tl.zeros([GM, D], tl.float32)
+    acc = tl.zeros([GM, D_PAD], tl.float32)
     for p0 in range(0, n_parts, PARTS):
         part = p0 + j // GM
         valid = (part < n_parts) & (head < G)
         prow = ((first_part + part).to(tl.int64) * k_max + slot) * G + head  # [PARTS * GM]
         m = tl.load(m_part_ptr + prow, mask=valid, other=float("-inf"), cache_modifier=".cg")
         l_s = tl.load(l_part_ptr + prow, mask=valid, other=0.0, cache_modifier=".cg")
-        o = tl.load(o_part_ptr + prow[:, None] * D + cols[None, :], mask=valid[:, None], other=0.0,
+        o = tl.load(o_part_ptr + prow[:, None] * D_PAD + cols[None, :], mask=valid[:, None], other=0.0,
                     cache_modifier=".cg")
         m = tl.reshape(tl.where(head < G, m, 0.0), [PARTS, GM])  # padding heads: finite, never stored
         l_s = tl.reshape(tl.where(head < G, l_s, 1.0), [PARTS, GM])
-        o = tl.reshape(o, [PARTS, GM, D])
+        o = tl.reshape(o, [PARTS, GM, D_PAD])
         m_new = tl.maximum(m_run, tl.max(m, 0))  # [GM]; finite: every pass holds >= 1 part read >= 1 token
         alpha = tl.exp2(m_run - m_new)
         w = tl.exp2(m - m_new[None, :])  # [PARTS, GM]; 0 for parts past n_parts
@@ -248,7 +277,7 @@ def _merge_group(o_part_ptr, m_part_ptr, l_part_ptr, o_row, stride_oh, first_par
         acc = acc * alpha[:, None] + tl.sum(w[:, :, None] * o, 0)
         m_run = m_new
     tl.store(o_row + heads[:, None] * stride_oh + cols[None, :], (acc / l_run[:, None]).to(o_row.dtype.element_ty),
-             mask=(heads < G)[:, None])
+             mask=(heads < G)[:, None] & (cols < D)[None, :])
 
 
 def _check(q, k_cache, v_cache, block_tables, seq_lens, head_table, out, kernel: bool) -> None:
@@ -263,9 +292,9 @@ def _check(q, k_cache, v_cache, block_tables, seq_lens, head_table, out, kernel:
     _, hkv, block_size, d_cache = k_cache.shape
     if d_cache != d:
         raise ValueError(f"q head dim ({d}) != cache head dim ({d_cache})")
-    if kernel and d not in HEAD_DIMS:  # the torch reference takes any head dim
-        raise ValueError(f"head dim {d} is not supported by the kernel; use one of {HEAD_DIMS}, or float32 / the "
-                         "CPU, where the torch reference runs")
+    if kernel and not head_dim_supported(d):  # the torch reference takes any head dim
+        raise ValueError(f"head dim {d} is not supported by the kernel (1-{MAX_HEAD_DIM}); use float32 / the CPU, "
+                         "where the torch reference runs")
     if hq % hkv:
         raise ValueError(f"Hq ({hq}) must be a multiple of Hkv ({hkv})")
     if block_size < 16 or block_size & (block_size - 1):
@@ -327,7 +356,7 @@ def _launch(q, k_cache, v_cache, block_tables, seq_lens, head_table, scale, out,
     group = hq // k_cache.shape[1]
     interpret = q.device.type != "cuda"
     if config is None:
-        config = _INTERPRETER_CONFIG if interpret else AttentionConfig()
+        config = _INTERPRETER_CONFIG if interpret else default_config(d)
     if k_max == 0:  # no group selected: every head reads exactly 0, and nothing to launch
         return torch.zeros_like(q) if out is None else out.zero_()
     if out is None:
@@ -335,11 +364,11 @@ def _launch(q, k_cache, v_cache, block_tables, seq_lens, head_table, scale, out,
     if batch == 0:
         return out
     if plan is None:
-        plan = host_plan(seq_lens, k_max, q.device, config.block_n)
+        plan = host_plan(seq_lens, k_max, q.device, config.block_n, d)
     _check_plan(plan, batch, q.device)
     if plan.num_parts:
         part_rows = plan.num_parts * k_max * group
-        o_part = torch.empty(part_rows, d, device=q.device, dtype=torch.float32)
+        o_part = torch.empty(part_rows, padded_head_dim(d), device=q.device, dtype=torch.float32)
         m_part = torch.empty(part_rows, device=q.device, dtype=torch.float32)
         l_part = torch.empty_like(m_part)
     else:  # dummies: no item writes a partial
@@ -356,7 +385,8 @@ def _launch(q, k_cache, v_cache, block_tables, seq_lens, head_table, scale, out,
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_tables.stride(0), head_table.stride(0), out.stride(0), out.stride(1),
-        G=group, G_PAD=max(16, triton.next_power_of_2(group)), D=d, BLOCK_SIZE=k_cache.shape[2],
+        G=group, G_PAD=max(16, triton.next_power_of_2(group)), D=d, D_PAD=padded_head_dim(d),
+        BLOCK_SIZE=k_cache.shape[2],
         BLOCK_N=config.block_n, UPCAST=interpret, PERSISTENT=persistent, PDL=pdl,
         num_warps=config.num_warps, num_stages=config.num_stages, **launch_options(pdl),
         **({} if config.maxnreg is None else {"maxnreg": config.maxnreg}),

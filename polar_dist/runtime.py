@@ -129,11 +129,11 @@ def build_runtime(cfg: RunConfig, ctx: ParallelContext) -> Runtime:
     backend = choose_backend(envs.KERNEL_BACKEND.get(), ctx.device, dtype)
     ops = KernelOps(backend, pdl=choose_pdl(envs.PDL.get(), backend, ctx.device))
     if ops.backend is Backend.TRITON:
-        from kernels.select_attention import HEAD_DIMS  # imports triton: only when its kernels will run
+        from kernels.select_attention import MAX_HEAD_DIM, head_dim_supported  # imports triton: only when used
 
-        if spec.head_dim not in HEAD_DIMS:
+        if not head_dim_supported(spec.head_dim):
             raise UserError(f"head_dim {spec.head_dim} of this model has no Triton decode kernel (head dims "
-                            f"{HEAD_DIMS}); run it with model.dtype = float32, on the CPU, or with "
+                            f"1-{MAX_HEAD_DIM}); run it with model.dtype = float32, on the CPU, or with "
                             f"{envs.KERNEL_BACKEND.name}=torch")
     policy, routers = load_sparsity(cfg, spec, ctx.tp_size)
     t0 = time.perf_counter()

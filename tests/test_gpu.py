@@ -1,5 +1,6 @@
 """CUDA checks, run on a GPU machine with `pytest -m gpu`: the tiny-model logits match
-transformers in fp16 and bf16 (decode through the Triton kernels, eager and CUDA graphs), also
+transformers in fp16 and bf16 (decode through the Triton kernels, eager and CUDA graphs; head
+dims 80 and 96 too), also
 through the NCCL code path at world size 1, and launch/generate.py runs a random
 Llama-3.1-8B-shape model."""
 
@@ -15,7 +16,7 @@ import pytest
 import torch
 
 from support.ranks import free_port
-from support.tiny_models import ARCHS, check_against_hf, release_device_memory, runtime_logits
+from support.tiny_models import ARCHS, ODD_HEAD_DIM_ARCHS, check_against_hf, release_device_memory, runtime_logits
 from support.tolerance import CUDA_MODEL_ULPS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,6 +31,12 @@ def test_logits_match_transformers_cuda(arch: str, dtype: str, cuda_graphs: bool
     # 3 sequences decode in the batch-4 graph: one padding row writes the scratch block
     ours = runtime_logits(tiny_model(arch), dtype, device="cuda", cuda_graphs=cuda_graphs)
     check_against_hf(tiny_model(arch), ours, dtype, device="cuda", ulps=CUDA_MODEL_ULPS)
+
+
+@pytest.mark.parametrize("arch", list(ODD_HEAD_DIM_ARCHS))
+def test_head_dims_between_powers_of_two_match_transformers(arch: str, tiny_model: Callable[[str], Path]) -> None:
+    ours = runtime_logits(tiny_model(arch), "bfloat16", device="cuda", cuda_graphs=True)
+    check_against_hf(tiny_model(arch), ours, "bfloat16", device="cuda", ulps=CUDA_MODEL_ULPS)
 
 
 def test_nccl_path_at_world_size_one(tiny_model: Callable[[str], Path], tmp_path: Path) -> None:

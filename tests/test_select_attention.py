@@ -77,6 +77,41 @@ def test_matches_reference(dtype, d, hq, hkv, k_max, chunk):
     _check_close(out, case, 0.3)
 
 
+# Head dims between powers of two (OPT-2.7B's 80, 96, and 24 and 200 at the ends): the kernel runs
+# tiles as wide as the next power of two and must read and write only the real columns. q and
+# out are row-strided views with NaN in the 8 columns past the head dim, and the caches end in
+# NaN right after the last physical block, which a sequence uses: a pad column read shows up as
+# NaN in the output, a pad column written as a changed NaN.
+@pytest.mark.parametrize("d", [24, 80, 96, 200])
+@pytest.mark.parametrize("hq,hkv,k_max", [(4, 4, 3), (8, 2, 2)])
+@pytest.mark.parametrize("chunk", [None, 16])  # whole sequences; cut (partials and the merge)
+def test_head_dims_between_powers_of_two(d, hq, hkv, k_max, chunk):
+    gen = torch.Generator().manual_seed(d * 10 + hq + (chunk or 0))
+    case = list(_make_case(3, hq, hkv, d, 16, 6, k_max, torch.bfloat16, [1, 37, 96], gen))
+    last = case[1].shape[0] - 1  # the last physical block: sequence 2's first page from now on
+    case[3] = torch.where(case[3] == last, case[3][2, 0], case[3])
+    case[3][2, 0] = last
+
+    def nan_tail(t: torch.Tensor) -> torch.Tensor:  # t's values, then NaN past its end
+        flat = torch.full((t.numel() + 256,), float("nan"), dtype=t.dtype, device=t.device)
+        flat[:t.numel()] = t.reshape(-1)
+        return flat[:t.numel()].view(t.shape)
+
+    def nan_cols(t: torch.Tensor) -> torch.Tensor:  # a view of t's values with NaN past each row
+        wide = torch.full((*t.shape[:-1], d + 8), float("nan"), dtype=t.dtype, device=t.device)
+        wide[..., :d] = t
+        return wide[..., :d]
+
+    case[0], case[1], case[2] = nan_cols(case[0]), nan_tail(case[1]), nan_tail(case[2])
+    out = nan_cols(torch.zeros_like(case[0]))
+    _launch(*case, d**-0.5, out, _plan(case, chunk, block_n=16), AttentionConfig(block_n=16, num_stages=1))
+    assert not out.isnan().any(), "a pad column or a read past the cache reached the output"
+    assert out.as_strided((3, hq, 8), (hq * (d + 8), d + 8, 1), d).isnan().all(), "a pad column was written"
+    assert (out[_unselected_mask(case[5], hq, hkv)] == 0).all()
+    plain = tuple(t.contiguous() for t in case)
+    _check_close(out.contiguous(), plain, d**-0.5)
+
+
 def test_no_group_selected_is_all_zero():
     """k_max = 0 launches nothing: out (given or allocated) must still read exactly 0."""
     gen = torch.Generator().manual_seed(5)
@@ -244,11 +279,11 @@ def _bad_case():
     return list(_make_case(2, 4, 2, 64, 16, 2, 1, torch.float16, [5, 20], gen))
 
 
-def test_rejects_head_dim_96():
+def test_rejects_head_dim_past_the_kernels():
     case = _bad_case()
-    case[0] = torch.zeros(2, 4, 96, dtype=torch.float16, device=DEVICE)
-    case[1] = case[2] = torch.zeros(4, 2, 16, 96, dtype=torch.float16, device=DEVICE)
-    with pytest.raises(ValueError, match="head dim 96"):
+    case[0] = torch.zeros(2, 4, 320, dtype=torch.float16, device=DEVICE)
+    case[1] = case[2] = torch.zeros(4, 2, 16, 320, dtype=torch.float16, device=DEVICE)
+    with pytest.raises(ValueError, match="head dim 320 is not supported by the kernel"):
         select_attention(*case, 0.1)
 
 
@@ -291,7 +326,8 @@ def test_rejects_bad_dtypes_and_shapes():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("hq,hkv,d", [(32, 32, 128), (32, 8, 128), (16, 16, 64)])
+@pytest.mark.parametrize("hq,hkv,d", [(32, 32, 128), (32, 8, 128), (16, 16, 64), (32, 8, 80), (16, 16, 96),
+                                      (8, 8, 256)])
 def test_gpu_realistic(dtype, hq, hkv, d):
     gen = torch.Generator().manual_seed(hq + hkv + d)
     lens = torch.randint(1, 1024, (16,), generator=gen).tolist() + [1024]

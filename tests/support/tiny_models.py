@@ -50,12 +50,23 @@ ARCHS: dict[str, dict] = {
 }
 
 
+# Head dims between powers of two, which the decode kernel runs in tiles of the next power of two
+# (GPU tests only: on the CPU the torch backend takes any head dim). OPT-2.7B's head dim is 80.
+ODD_HEAD_DIM_ARCHS: dict[str, dict] = {
+    "opt-d80": dict(model_type="opt", hidden_size=320, ffn_dim=640, num_hidden_layers=2, num_attention_heads=4,
+                    max_position_embeddings=256, do_layer_norm_before=True, word_embed_proj_dim=320),
+    "llama-d96": dict(model_type="llama", hidden_size=256, intermediate_size=344, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=96, max_position_embeddings=256,
+                      tie_word_embeddings=False),
+}
+
+
 def save_tiny_model(arch: str, directory: Path, seed: int = 0, max_shard_size: str | None = None) -> Path:
     """A random HF model of `arch`, every parameter perturbed (biases and norms too), saved
     (as several safetensors files plus an index when max_shard_size is given)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    fields = dict(ARCHS[arch])
+    fields = dict(ARCHS[arch] if arch in ARCHS else ODD_HEAD_DIM_ARCHS[arch])
     model_type = fields.pop("model_type")
     config = AutoConfig.for_model(model_type, vocab_size=VOCAB, bos_token_id=1, eos_token_id=2, pad_token_id=0,
                                   **fields)
