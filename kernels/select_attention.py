@@ -46,17 +46,6 @@ def padded_head_dim(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
-def head_dim_tiles(head_dim: int) -> tuple[int, int]:
-    """(D_HI, D_LO): the kernel's column tiles, [0, D_HI) and [D_HI, D_HI + D_LO) (D_LO = 0: one).
-    A head dim past a power of two takes half the padded width plus the power of two (>= 16)
-    that covers the rest, where that is narrower than the padded width: 80 = 64 + 16, 96 = 64 +
-    32, 72 -> 64 + 16; 100 -> 128 (64 + 64 is no narrower)."""
-    pad = padded_head_dim(head_dim)
-    hi = pad // 2
-    lo = max(16, triton.next_power_of_2(max(1, head_dim - hi)))
-    return (hi, lo) if pad != head_dim and hi >= 16 and hi + lo < pad else (pad, 0)
-
-
 def head_dim_supported(head_dim: int) -> bool:
     return 1 <= head_dim <= MAX_HEAD_DIM
 
@@ -120,9 +109,8 @@ def _select_attention_kernel(
     stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt,
     stride_btb, stride_htb, stride_ob, stride_oh,
-    G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_HI: tl.constexpr, D_LO: tl.constexpr,
-    D_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
-    PERSISTENT: tl.constexpr, PDL: tl.constexpr,
+    G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, PERSISTENT: tl.constexpr, PDL: tl.constexpr,
 ):
     """Work w < n_work is (item w // k_max, slot w % k_max); the batch jobs after it write the
     0s of one sequence's unselected heads. PERSISTENT: a fixed grid of resident programs strides
@@ -136,13 +124,13 @@ def _select_attention_kernel(
             _work(w, n_work, q_ptr, k_ptr, v_ptr, bt_ptr, seq_lens_ptr, ht_ptr, out_ptr, items_ptr, seqs_ptr,
                   o_part_ptr, m_part_ptr, l_part_ptr, arrivals_ptr, scale_log2, k_max, hq, stride_qb, stride_qh,
                   stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
-                  stride_btb, stride_htb, stride_ob, stride_oh, G, G_PAD, D, D_HI, D_LO, D_PAD, BLOCK_SIZE, BLOCK_N, UPCAST)
+                  stride_btb, stride_htb, stride_ob, stride_oh, G, G_PAD, D, D_PAD, BLOCK_SIZE, BLOCK_N, UPCAST)
     else:
         _work(pid, tl.num_programs(0) - batch, q_ptr, k_ptr, v_ptr, bt_ptr, seq_lens_ptr, ht_ptr, out_ptr,
               items_ptr, seqs_ptr, o_part_ptr, m_part_ptr, l_part_ptr, arrivals_ptr, scale_log2, k_max, hq,
               stride_qb, stride_qh,
               stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
-              stride_btb, stride_htb, stride_ob, stride_oh, G, G_PAD, D, D_HI, D_LO, D_PAD, BLOCK_SIZE, BLOCK_N, UPCAST)
+              stride_btb, stride_htb, stride_ob, stride_oh, G, G_PAD, D, D_PAD, BLOCK_SIZE, BLOCK_N, UPCAST)
 
 
 @triton.jit
@@ -150,8 +138,8 @@ def _work(w, n_work, q_ptr, k_ptr, v_ptr, bt_ptr, seq_lens_ptr, ht_ptr, out_ptr,
           o_part_ptr, m_part_ptr, l_part_ptr, arrivals_ptr, scale_log2, k_max, hq, stride_qb, stride_qh,
           stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
           stride_btb, stride_htb, stride_ob, stride_oh,
-          G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_HI: tl.constexpr, D_LO: tl.constexpr,
-          D_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr):
+          G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+          BLOCK_N: tl.constexpr, UPCAST: tl.constexpr):
     """One work item (see the kernel): skipped when the plan row is empty or the slot unselected."""
     if w >= n_work:
         _zero_unselected(ht_ptr, out_ptr, w - n_work, k_max, hq, stride_htb, stride_ob, stride_oh, G, D, D_PAD)
@@ -174,96 +162,78 @@ def _work(w, n_work, q_ptr, k_ptr, v_ptr, bt_ptr, seq_lens_ptr, ht_ptr, out_ptr,
                           out_ptr + b64 * stride_ob + grp64 * G * stride_oh, o_part_ptr, m_part_ptr, l_part_ptr,
                           arrivals_ptr + b64 * k_max + slot, first_part, piece, n_parts, slot, k_max, start, end,
                           scale_log2, stride_qh, stride_oh, stride_kb, stride_kt,
-                          stride_vb, stride_vt, G, G_PAD, D, D_HI, D_LO, D_PAD, BLOCK_SIZE, BLOCK_N, UPCAST)
+                          stride_vb, stride_vt, G, G_PAD, D, D_PAD, BLOCK_SIZE, BLOCK_N, UPCAST)
 
 
 @triton.jit
-def _cols(row_ptrs, row_mask, C0: tl.constexpr, W: tl.constexpr, D: tl.constexpr, UPCAST: tl.constexpr):
-    """Columns [C0, C0 + W) of the rows at row_ptrs ([R] pointers) -> [R, W], 0 where row_mask
-    ([R, 1]) is off and past the head dim D. The column mask exists only where the range passes D."""
-    cols = C0 + tl.arange(0, W)
-    if C0 + W <= D:
-        mask = row_mask
+def _tile_rows(k_base, v_base, page, pos, end, stride_kb, stride_kt, stride_vb, stride_vt,
+               D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, UPCAST: tl.constexpr):
+    """K and V rows [BLOCK_N, D_PAD] of the tokens at `pos` (pages `page`), 0 past `end` and
+    in the pad columns."""
+    cols = tl.arange(0, D_PAD)
+    valid = pos < end
+    if D_PAD == D:
+        mask = valid[:, None]
     else:
-        mask = row_mask & (cols < D)[None, :]
-    x = tl.load(row_ptrs[:, None] + cols[None, :], mask=mask, other=0.0)
+        mask = valid[:, None] & (cols < D)[None, :]
+    tok = (pos % BLOCK_SIZE).to(tl.int64)
+    k_rows = k_base + page * stride_kb + tok * stride_kt  # [BLOCK_N] row pointers
+    v_rows = v_base + page * stride_vb + tok * stride_vt
+    k = tl.load(k_rows[:, None] + cols[None, :], mask=mask, other=0.0)  # [BLOCK_N, D_PAD], rows contiguous
+    v = tl.load(v_rows[:, None] + cols[None, :], mask=mask, other=0.0)  # [BLOCK_N, D_PAD]
     if UPCAST:  # the interpreter computes bf16 on raw bit patterns (env.md section 2)
-        x = x.to(tl.float32)
-    return x
-
-
-@triton.jit
-def _store_cols(row_ptrs, x, row_mask, C0: tl.constexpr, W: tl.constexpr, D: tl.constexpr):
-    """x [R, W] to columns [C0, C0 + W) of the rows at row_ptrs, where row_mask and below D."""
-    cols = C0 + tl.arange(0, W)
-    if C0 + W <= D:
-        mask = row_mask
-    else:
-        mask = row_mask & (cols < D)[None, :]
-    tl.store(row_ptrs[:, None] + cols[None, :], x.to(row_ptrs.dtype.element_ty), mask=mask)
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    return k, v
 
 
 @triton.jit
 def _attend_group(q_row, k_base, v_base, bt_row, o_row, o_part_ptr, m_part_ptr, l_part_ptr, arrival_ptr,
                   first_part, piece, n_parts, slot, k_max, start, end, scale_log2, stride_qh, stride_oh,
                   stride_kb, stride_kt, stride_vb, stride_vt,
-                  G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_HI: tl.constexpr, D_LO: tl.constexpr,
-                  D_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr):
+                  G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
+                  BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr):
     """The G query heads of one KV group over tokens [start, end): each K/V tile feeds all G rows
     through tl.dot, the rows padded to 16. (Multiply-adds in registers for MHA's one row, with
     no MMA, ran at 55-65% of the floor where this path runs at ~100%: the reductions over D and
     over tokens cross threads and warps; benchmarks/KERNELS_NOTES.md, "Work plan".)
-    Columns: [0, D_HI) and, when D_LO > 0, [D_HI, D_HI + D_LO) as a second tile (head_dim_tiles:
-    80 = 64 + 16 reads and multiplies 80 columns where one 128-wide tile would carry 48 of zeros).
     A sequence cut into n_parts pieces: each piece writes fp32 partials, and the last of the
     (sequence, slot)'s pieces to finish merges them into the output (kernels/arrivals.py)."""
     rows = tl.arange(0, G_PAD)
+    cols = tl.arange(0, D_PAD)
     row_mask = (rows < G)[:, None]  # [G_PAD, 1]
-    q_rows = q_row + rows * stride_qh  # [G_PAD] row pointers
+    if D_PAD == D:
+        io_mask = row_mask
+    else:
+        io_mask = row_mask & (cols < D)[None, :]  # [G_PAD, D_PAD]: the group's heads, the real columns
     offs_n = tl.arange(0, BLOCK_N)
-    q = _cols(q_rows, row_mask, 0, D_HI, D, UPCAST)  # [G_PAD, D_HI]
-    acc = tl.zeros([G_PAD, D_HI], tl.float32)  # columns past D stay 0 (V's are loaded as 0)
-    if D_LO > 0:
-        q_lo = _cols(q_rows, row_mask, D_HI, D_LO, D, UPCAST)  # [G_PAD, D_LO]
-        acc_lo = tl.zeros([G_PAD, D_LO], tl.float32)
+    q = tl.load(q_row + rows[:, None] * stride_qh + cols[None, :], mask=io_mask, other=0.0)  # [G_PAD, D_PAD]
+    if UPCAST:
+        q = q.to(tl.float32)
     m_i = tl.full([G_PAD], float("-inf"), tl.float32)  # running max, log2 domain
     l_i = tl.zeros([G_PAD], tl.float32)  # running softmax denominator
+    acc = tl.zeros([G_PAD, D_PAD], tl.float32)  # pad columns stay 0 (V's are loaded as 0)
     page_next = tl.load(bt_row + (start + offs_n) // BLOCK_SIZE, mask=start + offs_n < end, other=0)
     for n0 in range(start, end, BLOCK_N):
         pos = n0 + offs_n
         page = page_next.to(tl.int64)
         page_next = tl.load(bt_row + (pos + BLOCK_N) // BLOCK_SIZE, mask=pos + BLOCK_N < end, other=0)
-        valid = (pos < end)[:, None]  # [BLOCK_N, 1]
-        tok = (pos % BLOCK_SIZE).to(tl.int64)
-        k_rows = k_base + page * stride_kb + tok * stride_kt  # [BLOCK_N] row pointers, rows contiguous
-        v_rows = v_base + page * stride_vb + tok * stride_vt
-        k = _cols(k_rows, valid, 0, D_HI, D, UPCAST)  # [BLOCK_N, D_HI]
-        v = _cols(v_rows, valid, 0, D_HI, D, UPCAST)
-        qk = tl.dot(q, tl.trans(k))  # [G_PAD, BLOCK_N], fp32
-        if D_LO > 0:
-            k_lo = _cols(k_rows, valid, D_HI, D_LO, D, UPCAST)  # [BLOCK_N, D_LO]
-            v_lo = _cols(v_rows, valid, D_HI, D_LO, D, UPCAST)
-            qk = tl.dot(q_lo, tl.trans(k_lo), qk)
-        qk = tl.where((pos < end)[None, :], qk * scale_log2, float("-inf"))
+        k, v = _tile_rows(k_base, v_base, page, pos, end, stride_kb, stride_kt, stride_vb, stride_vt,
+                          D, D_PAD, BLOCK_SIZE, UPCAST)
+        qk = tl.dot(q, tl.trans(k)) * scale_log2  # [G_PAD, BLOCK_N], fp32
+        qk = tl.where((pos < end)[None, :], qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(qk - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        if D_LO > 0:
-            acc_lo = acc_lo * alpha[:, None] + tl.dot(p.to(v_lo.dtype), v_lo)
         m_i = m_new
     if n_parts == 0:
-        o_rows = o_row + rows * stride_oh
-        _store_cols(o_rows, acc / l_i[:, None], row_mask, 0, D_HI, D)
-        if D_LO > 0:
-            _store_cols(o_rows, acc_lo / l_i[:, None], row_mask, D_HI, D_LO, D)
+        tl.store(o_row + rows[:, None] * stride_oh + cols[None, :], (acc / l_i[:, None]).to(o_row.dtype.element_ty),
+                 mask=io_mask)
     else:
         prow = ((first_part + piece).to(tl.int64) * k_max + slot) * G + rows  # [G_PAD] partial rows, D_PAD wide
-        p_rows = o_part_ptr + prow * D_PAD
-        _store_cols(p_rows, acc, row_mask, 0, D_HI, D_PAD)  # every column the tiles hold (the merge stores < D)
-        if D_LO > 0:
-            _store_cols(p_rows, acc_lo, row_mask, D_HI, D_LO, D_PAD)
+        tl.store(o_part_ptr + prow[:, None] * D_PAD + cols[None, :], acc, mask=row_mask)
         tl.store(m_part_ptr + prow, m_i, mask=rows < G)
         tl.store(l_part_ptr + prow, l_i, mask=rows < G)
         tl.debug_barrier()  # every thread's partials stored before the count below releases them
@@ -404,7 +374,6 @@ def _launch(q, k_cache, v_cache, block_tables, seq_lens, head_table, scale, out,
     else:  # dummies: no item writes a partial
         o_part = m_part = l_part = out
     # batch more programs than (item, slot) pairs: one per sequence writes its 0s.
-    d_hi, d_lo = head_dim_tiles(d)
     work = plan.capacity * k_max + batch
     persistent = config.resident_per_sm is not None
     grid = min(work, config.resident_per_sm * num_sms(q.device)) if persistent else work
@@ -416,7 +385,7 @@ def _launch(q, k_cache, v_cache, block_tables, seq_lens, head_table, scale, out,
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_tables.stride(0), head_table.stride(0), out.stride(0), out.stride(1),
-        G=group, G_PAD=max(16, triton.next_power_of_2(group)), D=d, D_HI=d_hi, D_LO=d_lo, D_PAD=padded_head_dim(d),
+        G=group, G_PAD=max(16, triton.next_power_of_2(group)), D=d, D_PAD=padded_head_dim(d),
         BLOCK_SIZE=k_cache.shape[2],
         BLOCK_N=config.block_n, UPCAST=interpret, PERSISTENT=persistent, PDL=pdl,
         num_warps=config.num_warps, num_stages=config.num_stages, **launch_options(pdl),

@@ -77,10 +77,8 @@ def test_matches_reference(dtype, d, hq, hkv, k_max, chunk):
     _check_close(out, case, 0.3)
 
 
-# Head dims between powers of two: 80 (OPT-2.7B) and 96 as two exact column tiles (64 + 16, 64 +
-# 32), 72 and 160 as two tiles the second of which passes the head dim (64 + 16, 128 + 32), 24 and
-# 200 as one tile of the next power of two (kernels.select_attention.head_dim_tiles). The kernel
-# must read and write only the real columns. q and
+# Head dims between powers of two (OPT-2.7B's 80; 72, 96, 160; 24 and 200 at the ends): the kernel
+# runs tiles as wide as the next power of two and must read and write only the real columns. q and
 # out are row-strided views with NaN in the 8 columns past the head dim, and the caches end in
 # NaN right after the last physical block, which a sequence uses: a pad column read shows up as
 # NaN in the output, a pad column written as a changed NaN.
