@@ -9,9 +9,11 @@ calls a kernel is handed the same `KernelOps`:
 With `pdl` (chosen by `choose_pdl`), the decode step's small Triton kernels (norms, head
 selection, rotary, attention, SiLU x up, the sparse MLP's gather pair) launch with programmatic dependent launch
 (kernels/pdl.py): each may be scheduled while the kernel before it is finishing.
-The MLP of a neuron-sparse layer goes through `sparse_mlp`, which also chooses between the
-gather-GEMM pair and dense cuBLAS (kernels/mlp_dispatch.py: measured on the device at first
-use, fixed before any CUDA-graph capture).
+The dense linears go through `linear` (with `blas_choice`: cuBLAS or cuBLASLt per shape, measured
+on the device at first use; kernels/blas_choice.py). The MLP of a neuron-sparse layer goes
+through `sparse_mlp`, which also chooses between the gather-GEMM pair and dense cuBLAS
+(kernels/mlp_dispatch.py: measured on the device at first use, fixed before any CUDA-graph
+capture).
 The op modules are imported only when first called, so importing `kernels` never imports
 triton (the op modules import it at the top, for @triton.jit, and also hold the references).
 This package imports nothing from polar_dist: the caller passes the choice in.
@@ -29,6 +31,7 @@ import torch
 
 if TYPE_CHECKING:  # imported for annotations only: the op modules load on first call
     from kernels.attention_plan import AttentionPlan
+    from kernels.blas_choice import BlasChoice
     from kernels.mlp_dispatch import MlpDispatch, MlpPlan
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16)
@@ -65,7 +68,7 @@ def _module(name: str) -> ModuleType:
 class KernelOps:
     """The kernels of one backend; the models call these and nothing below them."""
 
-    def __init__(self, backend: Backend, pdl: bool = False) -> None:
+    def __init__(self, backend: Backend, pdl: bool = False, blas_choice: bool = False) -> None:
         self.backend = backend
         self._triton = backend is Backend.TRITON
         if pdl and not self._triton:
@@ -74,9 +77,25 @@ class KernelOps:
         self.pdl = pdl
         self._launch = {"pdl": True} if pdl else {}  # extra keywords of the Triton launches that take it
         self._mlp_dispatch: MlpDispatch | None = None  # the measured MLP plans; made on first use
+        # the dense linears' BLAS library per shape (kernels/blas_choice.py), with the Triton backend
+        self.blas_choice: BlasChoice | None = _module("blas_choice").BlasChoice() if blas_choice and self._triton \
+            else None
 
     def __repr__(self) -> str:
-        return f"KernelOps({self.backend.value}{', pdl' if self.pdl else ''})"
+        extras = (", pdl" if self.pdl else "") + (", blas choice" if self.blas_choice else "")
+        return f"KernelOps({self.backend.value}{extras})"
+
+    def linear(
+        self,
+        x: torch.Tensor,  # [..., in_features]
+        weight: torch.Tensor,  # [out_features, in_features]
+        bias: torch.Tensor | None = None,  # [out_features]
+    ) -> torch.Tensor:  # [..., out_features]
+        """F.linear; with blas_choice, on a GPU through cuBLAS or cuBLASLt, whichever the device
+        measured faster for the shape and row count (kernels/blas_choice.py)."""
+        if self.blas_choice is None:
+            return torch.nn.functional.linear(x, weight, bias)
+        return self.blas_choice.linear(x, weight, bias)
 
     def _pick(self, module: str, op: str):  # noqa: ANN202 - the op's function
         mod = _module(module)

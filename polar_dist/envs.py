@@ -69,6 +69,11 @@ PDL: EnvVar[bool] = EnvVar(
     "launch the decode step's small Triton kernels with programmatic dependent launch where the GPU (compute "
     "capability >= 9) and Triton support it; 0 turns it off (kernels/pdl.py)",
 )
+BLAS_CHOICE: EnvVar[bool] = EnvVar(
+    "POLAR_BLAS_CHOICE", True, parse_bool,
+    "run each dense linear of a decode-sized batch through cuBLAS or cuBLASLt, whichever the GPU measures faster "
+    "for its shape at first use (kernels/blas_choice.py); 0 leaves every linear to torch's default library",
+)
 LOG_ALL_RANKS: EnvVar[bool] = EnvVar(
     "POLAR_LOG_ALL_RANKS", False, parse_bool, "log from every rank, not rank 0 only"
 )

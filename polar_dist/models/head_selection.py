@@ -144,7 +144,7 @@ class ScoredQKV:
         without a router). Both are column slices of one output (rows strided by n + G)."""
         if self.weight is None:
             return self.qkv(x), None
-        out = nn.functional.linear(x, self.weight, self.bias)  # (T, n + G)
+        out = self.qkv.linear(x, self.weight, self.bias)  # (T, n + G)
         return out[:, :self.n], out[:, self.n:]
 
 

@@ -52,10 +52,10 @@ class LlamaAttention(nn.Module):
         self.rotary = rotary
         qkv_local = (plan.num_heads_local + 2 * plan.num_kv_heads_local) * spec.head_dim
         self.qkv = ColumnParallelLinear(spec.hidden_size, qkv_local, bias=spec.qkv_bias, dtype=ctx.dtype,
-                                        device=ctx.device)
+                                        device=ctx.device, linear=ctx.ops.linear)
         self.project = ScoredQKV(self.qkv, self.heads)  # one GEMM: q, k, v and the head router's scores
         self.o_proj = RowParallelLinear(plan.num_heads_local * spec.head_dim, spec.hidden_size, bias=spec.o_bias,
-                                        comm=ctx.comm, dtype=ctx.dtype, device=ctx.device)
+                                        comm=ctx.comm, dtype=ctx.dtype, device=ctx.device, linear=ctx.ops.linear)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, batch: AttentionBatch,
                 kv_cache: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -79,9 +79,9 @@ class SwiGLU(nn.Module):
         super().__init__()
         spec, plan = ctx.spec, ctx.plan
         self.gate_up = ColumnParallelLinear(spec.hidden_size, 2 * plan.intermediate_size_local, bias=spec.mlp_bias,
-                                            dtype=ctx.dtype, device=ctx.device)
+                                            dtype=ctx.dtype, device=ctx.device, linear=ctx.ops.linear)
         self.down = RowParallelLinear(plan.intermediate_size_local, spec.hidden_size, bias=spec.mlp_bias,
-                                      comm=ctx.comm, dtype=ctx.dtype, device=ctx.device)
+                                      comm=ctx.comm, dtype=ctx.dtype, device=ctx.device, linear=ctx.ops.linear)
         self.ops = ctx.ops
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -120,7 +120,7 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(spec.hidden_size, spec.norm_eps, ctx.ops, ctx.dtype, ctx.device)
         head_weight = self.embed.weight if spec.tie_word_embeddings else nn.Parameter(
             torch.empty_like(self.embed.weight), requires_grad=False)
-        self.lm_head = ParallelLMHead(head_weight, spec.vocab_size, comm=ctx.comm)
+        self.lm_head = ParallelLMHead(head_weight, spec.vocab_size, comm=ctx.comm, linear=ctx.ops.linear)
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, batch: AttentionBatch,
                 kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:

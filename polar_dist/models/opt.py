@@ -55,10 +55,10 @@ class OPTAttention(nn.Module):
         self.head_dim = spec.head_dim
         self.num_heads_local = plan.num_heads_local
         self.qkv = ColumnParallelLinear(spec.hidden_size, 3 * plan.num_heads_local * spec.head_dim, bias=True,
-                                        dtype=ctx.dtype, device=ctx.device)
+                                        dtype=ctx.dtype, device=ctx.device, linear=ctx.ops.linear)
         self.project = ScoredQKV(self.qkv, self.heads)  # one GEMM: q, k, v and the head router's scores
         self.out_proj = RowParallelLinear(plan.num_heads_local * spec.head_dim, spec.hidden_size, bias=True,
-                                          comm=ctx.comm, dtype=ctx.dtype, device=ctx.device)
+                                          comm=ctx.comm, dtype=ctx.dtype, device=ctx.device, linear=ctx.ops.linear)
 
     def forward(self, x: torch.Tensor, batch: AttentionBatch, kv_cache: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         T, D, H = x.shape[0], self.head_dim, self.num_heads_local
@@ -109,7 +109,7 @@ class OPTModel(nn.Module):
         self.norm = LayerNorm(d, ctx.ops, dtype, device)
         head_weight = self.embed.weight if spec.tie_word_embeddings else nn.Parameter(
             torch.empty_like(self.embed.weight), requires_grad=False)
-        self.lm_head = ParallelLMHead(head_weight, spec.vocab_size, comm=ctx.comm)
+        self.lm_head = ParallelLMHead(head_weight, spec.vocab_size, comm=ctx.comm, linear=ctx.ops.linear)
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, batch: AttentionBatch,
                 kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:

@@ -38,8 +38,10 @@ class ReluMLP(nn.Module):
     def __init__(self, ctx: BuildContext) -> None:
         super().__init__()
         d, n_local = ctx.spec.hidden_size, ctx.plan.intermediate_size_local
-        self.fc1 = ColumnParallelLinear(d, n_local, bias=True, dtype=ctx.dtype, device=ctx.device)
-        self.fc2 = RowParallelLinear(n_local, d, bias=True, comm=ctx.comm, dtype=ctx.dtype, device=ctx.device)
+        self.fc1 = ColumnParallelLinear(d, n_local, bias=True, dtype=ctx.dtype, device=ctx.device,
+                                        linear=ctx.ops.linear)
+        self.fc2 = RowParallelLinear(n_local, d, bias=True, comm=ctx.comm, dtype=ctx.dtype, device=ctx.device,
+                                     linear=ctx.ops.linear)
         self.fc1_output = Tap()  # (T, N_local) before the ReLU: neuron labels are > 0
 
     def forward(self, x: torch.Tensor, batch: AttentionBatch, router_input: torch.Tensor) -> torch.Tensor:
@@ -56,7 +58,8 @@ class NeuronSparseMLP(nn.Module):
         spec, plan = ctx.spec, ctx.plan
         d, n_local = spec.hidden_size, plan.intermediate_size_local
         self.ops, self.comm = ctx.ops, ctx.comm
-        self.fc1 = ColumnParallelLinear(d, n_local, bias=True, dtype=ctx.dtype, device=ctx.device)
+        self.fc1 = ColumnParallelLinear(d, n_local, bias=True, dtype=ctx.dtype, device=ctx.device,
+                                        linear=ctx.ops.linear)
         self.fc2_t = nn.Parameter(torch.empty(n_local, d, dtype=ctx.dtype, device=ctx.device), requires_grad=False)
         self.fc2_bias = nn.Parameter(torch.empty(d, dtype=ctx.dtype, device=ctx.device), requires_grad=False)
         self.router = router

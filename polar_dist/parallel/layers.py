@@ -10,10 +10,16 @@ needs exactly one all-reduce.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 
 from polar_dist.parallel.comm import TPComm
+
+# (x, weight, bias) -> x @ weight^T + bias: F.linear, or the kernels' KernelOps.linear (the BLAS
+# library measured faster per shape on the GPU)
+Linear = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 
 
 def _empty(*shape: int, dtype: torch.dtype, device: torch.device | str) -> nn.Parameter:
@@ -24,13 +30,14 @@ class ColumnParallelLinear(nn.Module):
     """y_local = x @ weight_local^T + bias_local; weight_local: [out_features_local, in_features]."""
 
     def __init__(self, in_features: int, out_features_local: int, *, bias: bool, dtype: torch.dtype,
-                 device: torch.device | str) -> None:
+                 device: torch.device | str, linear: Linear = nn.functional.linear) -> None:
         super().__init__()
         self.weight = _empty(out_features_local, in_features, dtype=dtype, device=device)
         self.bias = _empty(out_features_local, dtype=dtype, device=device) if bias else None
+        self.linear = linear
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.linear(x, self.weight, self.bias)
+        return self.linear(x, self.weight, self.bias)
 
 
 def first_rank_bias(bias: torch.Tensor | None, comm: TPComm) -> torch.Tensor | None:
@@ -45,14 +52,15 @@ class RowParallelLinear(nn.Module):
     kernel of its own."""
 
     def __init__(self, in_features_local: int, out_features: int, *, bias: bool, comm: TPComm,
-                 dtype: torch.dtype, device: torch.device | str) -> None:
+                 dtype: torch.dtype, device: torch.device | str, linear: Linear = nn.functional.linear) -> None:
         super().__init__()
         self.comm = comm
         self.weight = _empty(out_features, in_features_local, dtype=dtype, device=device)
         self.bias = _empty(out_features, dtype=dtype, device=device) if bias else None
+        self.linear = linear
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.comm.all_reduce(nn.functional.linear(x, self.weight, first_rank_bias(self.bias, self.comm)))
+        return self.comm.all_reduce(self.linear(x, self.weight, first_rank_bias(self.bias, self.comm)))
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -82,12 +90,14 @@ class ParallelLMHead(nn.Module):
     `weight` may be the embedding's (tied); rows past vocab_size are padding and are dropped.
     """
 
-    def __init__(self, weight: nn.Parameter, vocab_size: int, *, comm: TPComm) -> None:
+    def __init__(self, weight: nn.Parameter, vocab_size: int, *, comm: TPComm,
+                 linear: Linear = nn.functional.linear) -> None:
         super().__init__()
         self.comm = comm
         self.vocab_size = vocab_size
         self.weight = weight
+        self.linear = linear
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits_local = nn.functional.linear(x, self.weight).float()  # (B, V_local)
+        logits_local = self.linear(x, self.weight, None).float()  # (B, V_local)
         return self.comm.all_gather_last_dim(logits_local)[..., : self.vocab_size]  # (B, V)

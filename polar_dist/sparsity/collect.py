@@ -20,7 +20,6 @@ text. The other ranks store nothing.
 from __future__ import annotations
 
 import sys
-from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
