@@ -31,7 +31,7 @@ BACKENDS = ("cublas", "cublaslt")
 
 
 def main(out_path: str) -> None:
-    default = str(torch.backends.cuda.preferred_blas_library())
+    default = torch.backends.cuda.preferred_blas_library()  # an enum value, restored as it is
     print(f"default BLAS back end in this process: {default}", flush=True)
     bw = _copy_tbps()
     rows = []
@@ -60,7 +60,7 @@ def main(out_path: str) -> None:
     Path(out_path).parent.mkdir(parents=True, exist_ok=True)
     Path(out_path).write_text(json.dumps({"device": torch.cuda.get_device_name(), "copy_TBps": bw,
                                           "versions": {"torch": torch.__version__, "cuda": torch.version.cuda},
-                                          "default_backend": default, "rows": rows}, indent=1))
+                                          "default_backend": str(default), "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":
