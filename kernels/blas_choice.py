@@ -11,8 +11,10 @@ everywhere, and the process-wide setting is read when a GEMM is launched, so eac
 library measured faster for its key and puts the previous setting back; a CUDA-graph capture
 records the chosen library's kernel.
 
-The key is (device, dtype, in and out features, bias, M). Decode's M is a graph bucket's batch,
-a handful of values; M past MAX_MEASURED_M (prefill chunks) takes torch's default unmeasured.
+The key is (device, dtype, in and out features, bias, M bucket): M rounded up to a power of two
+(>= 8), measured at the bucket's largest M, so a prefill chunk of any length up to
+MAX_MEASURED_M rows costs at most the few measurements its bucket needs; more rows take torch's
+default unmeasured.
 Measured like kernels/mlp_dispatch.py's plans: outside any capture (DecodeGraphs runs each
 bucket eagerly before capturing it), each library's call captured in a CUDA graph and its
 replays timed with L2 flushed (kernels/graph_timer.py). cuBLASLt is chosen only when MARGIN
@@ -48,7 +50,12 @@ class LinearKey:
     in_features: int
     out_features: int
     bias: bool
-    m: int
+    m: int  # the M bucket: rows rounded up to a power of two, >= 8
+
+
+def m_bucket(rows: int) -> int:
+    """Largest M of rows' bucket: the next power of two, at least 8."""
+    return max(8, 1 << (rows - 1).bit_length())
 
 
 def choose_library(times_ms: dict[str, float], margin: float = MARGIN) -> str:
@@ -89,18 +96,21 @@ class BlasChoice:
         rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
         if rows == 0 or rows > MAX_MEASURED_M or not self._measurable(x):
             return F.linear(x, weight, bias)
-        key = LinearKey(str(x.device), x.dtype, weight.shape[1], weight.shape[0], bias is not None, rows)
+        key = LinearKey(str(x.device), x.dtype, weight.shape[1], weight.shape[0], bias is not None, m_bucket(rows))
         library = self.choices.get(key)
         if library is None:
             if self._capturing():  # cannot time here: torch's default, nothing cached
                 return F.linear(x, weight, bias)
-            library = self.choices[key] = self._measure(key, x, weight, bias)
+            library = self.choices[key] = self._measure(key, weight, bias)
         with preferred_library(library):
             return F.linear(x, weight, bias)
 
-    def _measure(self, key: LinearKey, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> str:
+    def _measure(self, key: LinearKey, weight: torch.Tensor, bias: torch.Tensor | None) -> str:
+        """Both libraries timed at the bucket's largest M (random rows, never zeros)."""
         if self._timer is None:
-            self._timer = GraphTimer(x.device, self.reps)
+            self._timer = GraphTimer(weight.device, self.reps)
+        gen = torch.Generator(device="cpu").manual_seed(key.m)
+        x = torch.randn(key.m, key.in_features, generator=gen).to(device=weight.device, dtype=weight.dtype)
         times = {}
         for library in LIBRARIES:
             with preferred_library(library):

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels import blas_choice
-from kernels.blas_choice import MAX_MEASURED_M, BlasChoice, choose_library
+from kernels.blas_choice import MAX_MEASURED_M, BlasChoice, choose_library, m_bucket
 from kernels.dispatch import Backend, KernelOps
 from polar_dist.parallel.comm import SingleRank
 from polar_dist.parallel.layers import ColumnParallelLinear, ParallelLMHead, RowParallelLinear
@@ -36,19 +36,23 @@ def test_choices_are_measured_once_per_key_and_never_while_capturing(monkeypatch
     w = torch.randn(24, 16)
     b = torch.randn(24)
     for _ in range(3):
-        for m in (4, 8):
+        for m in (1, 5, 8, 9, 16):  # buckets of 8 and 16 rows
             x = torch.randn(m, 16)
             torch.testing.assert_close(choice.linear(x, w, b), F.linear(x, w, b))
-    assert [(k.m, k.in_features, k.out_features, k.bias) for k in measured] == [(4, 16, 24, True), (8, 16, 24, True)]
-    assert used == ["cublaslt"] * 6
+    assert [(k.m, k.in_features, k.out_features, k.bias) for k in measured] == [(8, 16, 24, True), (16, 16, 24, True)]
+    assert used == ["cublaslt"] * 15
     choice.linear(torch.randn(8, 16), w)  # no bias: a key of its own
     assert len(measured) == 3
     choice.linear(torch.randn(MAX_MEASURED_M + 1, 16), w)  # prefill-sized: torch's default, unmeasured
     capturing[0] = True
-    choice.linear(torch.randn(16, 16), w)  # a miss while capturing: the default, nothing cached
-    assert len(measured) == 3 and len(choice.choices) == 3 and len(used) == 7
-    choice.linear(torch.randn(4, 16), w, b)  # a cached choice applies inside a capture
+    choice.linear(torch.randn(17, 16), w)  # a miss while capturing: the default, nothing cached
+    assert len(measured) == 3 and len(choice.choices) == 3 and len(used) == 16
+    choice.linear(torch.randn(3, 16), w, b)  # a cached choice applies inside a capture
     assert used[-1] == "cublaslt" and len(measured) == 3
+
+
+def test_m_buckets() -> None:
+    assert [m_bucket(m) for m in (1, 8, 9, 16, 17, 100, 256)] == [8, 8, 16, 16, 32, 128, 256]
 
 
 def test_kernel_ops_linear_is_f_linear_off_the_gpu() -> None:
