@@ -11,10 +11,10 @@ everywhere, and the process-wide setting is read when a GEMM is launched, so eac
 library measured faster for its key and puts the previous setting back; a CUDA-graph capture
 records the chosen library's kernel.
 
-The key is (device, dtype, in and out features, bias, M bucket): M rounded up to a power of two
-(>= 8), measured at the bucket's largest M, so a prefill chunk of any length up to
-MAX_MEASURED_M rows costs at most the few measurements its bucket needs; more rows take torch's
-default unmeasured.
+The key is (device, dtype, in and out features, the weight's strides, bias, M bucket): M
+rounded up to a power of two (>= 8), measured at the bucket's largest M, so a prefill chunk of
+any length up to MAX_MEASURED_M rows costs at most the few measurements its bucket needs; more
+rows take torch's default unmeasured.
 Measured like kernels/mlp_dispatch.py's plans: outside any capture (DecodeGraphs runs each
 bucket eagerly before capturing it), each library's call captured in a CUDA graph and its
 replays timed with L2 flushed (kernels/graph_timer.py). cuBLASLt is chosen only when MARGIN
@@ -49,6 +49,7 @@ class LinearKey:
     dtype: torch.dtype
     in_features: int
     out_features: int
+    weight_strides: tuple[int, ...]  # a transposed view runs other kernels than a row-major weight
     bias: bool
     m: int  # the M bucket: rows rounded up to a power of two, >= 8
 
@@ -96,7 +97,8 @@ class BlasChoice:
         rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
         if rows == 0 or rows > MAX_MEASURED_M or not self._measurable(x):
             return F.linear(x, weight, bias)
-        key = LinearKey(str(x.device), x.dtype, weight.shape[1], weight.shape[0], bias is not None, m_bucket(rows))
+        key = LinearKey(str(x.device), x.dtype, weight.shape[1], weight.shape[0], tuple(weight.stride()),
+                        bias is not None, m_bucket(rows))
         library = self.choices.get(key)
         if library is None:
             if self._capturing():  # cannot time here: torch's default, nothing cached

@@ -43,12 +43,14 @@ def test_choices_are_measured_once_per_key_and_never_while_capturing(monkeypatch
     assert used == ["cublaslt"] * 15
     choice.linear(torch.randn(8, 16), w)  # no bias: a key of its own
     assert len(measured) == 3
+    choice.linear(torch.randn(8, 16), w.t().contiguous().t())  # the same shape transposed in memory: another
+    assert len(measured) == 4
     choice.linear(torch.randn(MAX_MEASURED_M + 1, 16), w)  # prefill-sized: torch's default, unmeasured
     capturing[0] = True
     choice.linear(torch.randn(17, 16), w)  # a miss while capturing: the default, nothing cached
-    assert len(measured) == 3 and len(choice.choices) == 3 and len(used) == 16
+    assert len(measured) == 4 and len(choice.choices) == 4 and len(used) == 17
     choice.linear(torch.randn(3, 16), w, b)  # a cached choice applies inside a capture
-    assert used[-1] == "cublaslt" and len(measured) == 3
+    assert used[-1] == "cublaslt" and len(measured) == 4
 
 
 def test_m_buckets() -> None:
