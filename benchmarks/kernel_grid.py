@@ -34,6 +34,9 @@ crossed with the others:
   64-head MHA (the third MHA size);
 * head dim 64 changes the tile's bytes, not the plan: family `attn-d64`, MHA 32 and GQA 32/8 x B
   8, 64, 256 x uniform and spread x density 0.2, 0.5, 1.0;
+* head dims between powers of two run tiles of the next power of two: family `attn-headdim`,
+  MHA 32 at D 80 (OPT-2.7B) and GQA 32/8 at D 96 x B 8, 64, 256 x uniform and spread x density
+  0.3, 1.0;
 * dtype: fp16 and bf16 run the same code at the same bytes: family `attn-fp16`, B 8, 64, 256,
   uniform, density 0.3 and 1.0;
 * table width: a block table padded to 32k tokens (what the CUDA-graph path passes, with
@@ -106,6 +109,8 @@ LLAMA2 = Heads("mha-32", 32, 32, 128)
 OPT66 = Heads("mha-72", 72, 72, 128)
 GQA = Heads("gqa-32/8", 32, 8, 128)
 MHA64 = Heads("mha-64", 64, 64, 128)
+OPT27 = Heads("mha-32-d80", 32, 32, 80)  # OPT-2.7B: a head dim between powers of two
+GQA96 = Heads("gqa-32/8-d96", 32, 8, 96)
 BATCHES = (1, 8, 32, 64, 128, 256)
 DISTS = ("uniform", "spread", "one_long")
 DENSITIES = (0.2, 0.3, 0.5, 0.75, 1.0)
@@ -124,6 +129,8 @@ def attention_cases() -> list[AttnCase]:
     cases += [AttnCase("attn-d64", Heads(h.name + "-d64", h.hq, h.hkv, 64), b, dist, 4096, TABLE_TOKENS, "bfloat16",
                        (0.2, 0.5, 1.0))
               for h in (LLAMA2, GQA) for b in (8, 64, 256) for dist in ("uniform", "spread")]
+    cases += [AttnCase("attn-headdim", heads, b, dist, 4096, TABLE_TOKENS, "bfloat16", (0.3, 1.0))
+              for heads in (OPT27, GQA96) for b in (8, 64, 256) for dist in ("uniform", "spread")]
     cases += [AttnCase("attn-fp16", LLAMA2, b, "uniform", 4096, TABLE_TOKENS, "float16", (0.3, 1.0))
               for b in (8, 64, 256)]
     cases += [AttnCase("attn-width", LLAMA2, b, "spread", longest, width, "bfloat16", (0.3, 1.0))

@@ -24,7 +24,7 @@ def test_case_list_covers_the_axes_and_fits_the_budget() -> None:
     assert {c.dist for c in kept} == {"uniform", "spread", "one_long"}
     assert {c.longest for c in kept} == {1024, 4096, 16384}
     assert {(c.heads.hq, c.heads.hkv) for c in kept} >= {(32, 32), (64, 64), (72, 72), (32, 8)}
-    assert {c.heads.d for c in kept} == {64, 128} and {c.dtype for c in kept} == {"bfloat16", "float16"}
+    assert {c.heads.d for c in kept} == {64, 80, 96, 128} and {c.dtype for c in kept} == {"bfloat16", "float16"}
     assert max(c.table_tokens for c in kept) == 32768
     assert {d for c in kept for d in c.densities} == {0.2, 0.3, 0.5, 0.75, 1.0}
     # the full cross of batch x distribution x density for the three recorded head configurations
