@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from benchmarks import kernel_grid as kg
-from kernels.attention_plan import RESIDENT_PER_SM, plan_attention
+from kernels.attention_plan import RESIDENT_PER_SM, _wave_cost, plan_attention
 
 AB = Path(__file__).parent / "results" / "nvidia-h200" / "ab"
 SMS = 132
@@ -130,13 +130,8 @@ def candidates(lens: list[int], k: int, head_dim: int) -> tuple[bool, list[tuple
 
 
 def cost(waves: float, cv: float, equal: bool, idle: float, imbalance: float, slack: float) -> float:
-    full = math.floor(waves)
-    frac = waves - full
-    if full >= 1 and frac <= slack and not equal:
-        busy = waves
-    else:
-        busy = full + (frac + (1 - frac) * idle if frac > 0 else 0.0)
-    return max(busy, waves + imbalance * cv) / waves
+    """The planner's _wave_cost with these constants (equal pieces get no overflow slack, as there)."""
+    return _wave_cost(waves, 1, cv, 0.0 if equal else slack, idle_share=idle, imbalance=imbalance)
 
 
 def score(cases: list[tuple], idle: float, imbalance: float, slack: float) -> tuple[float, int, int]:

@@ -114,24 +114,32 @@ def plan_views(flat: torch.Tensor, capacity: int, batch: int, num_parts: int) ->
     return AttentionPlan(flat[:1], flat[1:1 + capacity], seqs, num_parts)
 
 
+def padded_head_dim(head_dim: int) -> int:
+    """The decode kernel's tile width for a head dim (kernels/select_attention.py): the next power
+    of two, at least 16."""
+    return max(16, 1 << (head_dim - 1).bit_length())
+
+
 def resident_per_sm(head_dim: int) -> int:
-    """Attention programs an SM holds at once at this head dim: the kernel's tiles are as wide as
-    the next power of two (80 and 96 compile the 128-wide kernel); 3 where not measured."""
-    return RESIDENT_PER_SM.get(max(16, 1 << (head_dim - 1).bit_length()), 3)
+    """Attention programs an SM holds at once at this head dim: the kernel's tiles are
+    padded_head_dim wide (80 and 96 compile the 128-wide kernel); 3 where not measured."""
+    return RESIDENT_PER_SM.get(padded_head_dim(head_dim), 3)
 
 
-def _wave_cost(programs: float, slots: int, cv: float = 0.0, slack: float = 0.0) -> float:
+def _wave_cost(programs: float, slots: int, cv: float = 0.0, slack: float = 0.0, *,
+               idle_share: float = IDLE_SHARE, imbalance: float = IMBALANCE) -> float:
     """Modelled time of a cut relative to the bytes it reads: `programs` over `slots` resident
     slots, piece sizes varying by `cv`, a last wave within `slack` of the one before packed into
-    it (see the constants above). Plain floats: five candidates a step."""
+    it (see the constants above; benchmarks/plan_model_fit.py passes others). Plain floats: five
+    candidates a step."""
     waves = programs / slots
     full = math.floor(waves)
     frac = waves - full
     if full >= 1 and frac <= slack:
         busy = waves
     else:
-        busy = full + (frac + (1.0 - frac) * IDLE_SHARE if frac > 0.0 else 0.0)
-    return max(busy, waves + IMBALANCE * cv) / waves
+        busy = full + (frac + (1.0 - frac) * idle_share if frac > 0.0 else 0.0)
+    return max(busy, waves + imbalance * cv) / waves
 
 
 def _wave_chunk(flens: np.ndarray, groups: int, slots: int, min_chunk: int, max_programs: int,
@@ -262,9 +270,9 @@ class StepPlanner:
         tokens = int(lens.sum())
         last = self._chunks.get(key)
         if last is not None and abs(tokens - last[0]) <= REPLAN_DRIFT * last[0]:
-            cap = plan_capacity(lens.shape[0], self.groups, self.num_sms) if capacity is None else capacity
             try:
-                return plan_attention(lens, groups=self.groups, num_sms=self.num_sms, capacity=cap,
+                return plan_attention(lens, groups=self.groups, num_sms=self.num_sms,
+                                      capacity=self.capacity(lens.shape[0]) if capacity is None else capacity,
                                       chunk_tokens=last[1])
             except ValueError:  # the old chunk no longer fits the buffers: choose afresh
                 pass

@@ -30,7 +30,8 @@ import triton
 import triton.language as tl
 
 from kernels import arrivals
-from kernels.attention_plan import SEQ_FIELDS, AttentionPlan, num_sms, plan_attention, resident_per_sm
+from kernels.attention_plan import (SEQ_FIELDS, AttentionPlan, num_sms, padded_head_dim, plan_attention,
+                                    resident_per_sm)
 from kernels.pdl import launch_options, wait_then_release
 
 # Head dims: any up to MAX_HEAD_DIM. The kernel's tiles are D_PAD = padded_head_dim(D) wide (a
@@ -39,11 +40,6 @@ from kernels.pdl import launch_options, wait_then_release
 # takes any head dim.
 MAX_HEAD_DIM = 256
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16)
-
-
-def padded_head_dim(head_dim: int) -> int:
-    """The kernel's tile width for a head dim: the next power of two, at least 16."""
-    return max(16, triton.next_power_of_2(head_dim))
 
 
 def head_dim_supported(head_dim: int) -> bool:

@@ -128,7 +128,7 @@ def build_runtime(cfg: RunConfig, ctx: ParallelContext) -> Runtime:
     dtype = DTYPES[cfg.model.dtype]
     backend = choose_backend(envs.KERNEL_BACKEND.get(), ctx.device, dtype)
     ops = KernelOps(backend, pdl=choose_pdl(envs.PDL.get(), backend, ctx.device),
-                    blas_choice=envs.BLAS_CHOICE.get() and ctx.device.type == "cuda")
+                    blas_choice=envs.BLAS_CHOICE.get())
     if ops.backend is Backend.TRITON:
         from kernels.select_attention import MAX_HEAD_DIM, head_dim_supported  # imports triton: only when used
 
