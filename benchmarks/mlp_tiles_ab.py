@@ -1,7 +1,11 @@
-"""The gather pair's tile shapes at M 64-256, side by side in one run, each kernel (fc1, fc2) on
+"""The gather pair's tile shapes at M 96-256, side by side in one run, each kernel (fc1, fc2) on
 its own, against cuBLAS over the same bytes (the selected rows made contiguous beforehand).
 
-    PYTHONPATH=. python3 benchmarks/mlp_tiles_ab.py benchmarks/results/<gpu>/ab/mlp_tiles.json
+    PYTHONPATH=. python3 benchmarks/mlp_tiles_ab.py benchmarks/results/<gpu>/ab/mlp_tiles.json \
+        [--ms 96 128 ...] [--shapes opt-13b ...] [--densities 0.2 ...] [--variants table ...] [--row-mask]
+
+--row-mask times every variant twice: the last M tile's rows past M read as row M - 1 (as the
+kernels did), and masked off (`+mask`; kernels/gather_gemm.ROW_MASK).
 
 Per (OPT shape, M, density) and kernel, every tile variant below is timed with each work split
 the dispatch could give it (split-K 1/2/4 where K allows, stream-K 1 and 2 programs per SM) and
@@ -11,9 +15,10 @@ against cuBLAS's: max |diff| <= 2^-6 of max |cuBLAS| (bf16 output rounding is 2^
 the sums' order differs by split).
 """
 
+import gc
+import argparse
 import json
 import statistics
-import sys
 from dataclasses import replace
 
 import torch
@@ -26,8 +31,8 @@ from kernels.gather_gemm import GemmConfig
 from kernels.graph_timer import GraphTimer
 
 SHAPES = (("opt-6.7b", 4096), ("opt-13b", 5120), ("opt-30b", 7168), ("opt-66b", 9216))
-MS = (64, 96, 128, 192, 256)
-DENSITIES = (0.1, 0.2, 0.3, 0.5, 0.75)
+MS = (96, 128, 192, 256)  # M 64: the table's tile won at every OPT-6.7B case of run 62's first try
+DENSITIES = (0.2, 0.3, 0.5)
 MMA_FLOP_PER_S = 650e12
 
 
@@ -53,20 +58,23 @@ def work_splits(config: GemmConfig, k_loop: int) -> list[GemmConfig]:
     return out + [replace(config, stream=s) for s in (1, 2)]
 
 
-def main(out_path: str) -> None:
+def main(out_path: str, ms: list[int], shapes: list[str], densities: list[float], names: list[str] | None,
+         row_modes: tuple[bool, ...]) -> None:
     dev = torch.device("cuda")
     bw = _copy_tbps()
     timer = GraphTimer(dev, reps=7)
     gen = torch.Generator().manual_seed(0)
     rows = []
     for name, d in SHAPES:
+        if name not in shapes:
+            continue
         n = 4 * d
         w1 = (torch.randn(n, d, generator=gen) / d**0.5).to(dev, torch.bfloat16)
         w2t = (torch.randn(n, d, generator=gen) / n**0.5).to(dev, torch.bfloat16)
         b1 = torch.randn(n, generator=gen).to(dev, torch.bfloat16)
-        for m in MS:
+        for m in ms:
             x = torch.randn(m, d, generator=gen).to(dev, torch.bfloat16)
-            for density in DENSITIES:
+            for density in densities:
                 k = round(density * n)
                 idx = torch.randperm(n, generator=gen)[:k].sort().values.to(dev, torch.int32)
                 w1c, w2c, b1c = w1[idx.long()].contiguous(), w2t[idx.long()].contiguous(), b1[idx.long()]
@@ -84,7 +92,10 @@ def main(out_path: str) -> None:
                     torch.backends.cuda.preferred_blas_library("cublaslt")
                     row["cublaslt_ms"] = timer.in_graph(dense)
                     torch.backends.cuda.preferred_blas_library("cublas")
-                    for vname, base in variants(m, fc1).items():
+                    tiles = [(v + ("+mask" if rm else ""), rm, base) for v, base in variants(m, fc1).items()
+                             if names is None or v in names for rm in row_modes]
+                    for vname, rm, base in tiles:
+                        gather_gemm.ROW_MASK = rm
                         best = None
                         for c in work_splits(base, k_loop):
                             fn = ((lambda c=c: gather_gemm.gather_fc1(x, w1, idx, b1, config=c)) if fc1
@@ -103,16 +114,18 @@ def main(out_path: str) -> None:
                                 best = (t, f"s{c.split_k}" if not c.stream else f"st{c.stream}")
                         if best:
                             row["best"][vname] = best
+                    gather_gemm.ROW_MASK = False
                     b = row["best"]
                     print(f"{name:8} M {m:3} d {density:4} {side}: floor {floor*1e3:6.1f} cuBLAS {row['cublas_ms']*1e3:6.1f}"
                           f" Lt {row['cublaslt_ms']*1e3:6.1f} | " + " ".join(
                               f"{v} {t*1e3:6.1f}{s}" for v, (t, s) in b.items()), flush=True)
                     rows.append(row)
+                    gc.collect()  # the captured graphs' pools go back (they are cached until emptied)
+                    torch.cuda.empty_cache()
                 del w1c, w2c
         torch.cuda.empty_cache()
         _dump(out_path, bw, rows)  # after each shape: a run cut short keeps what it timed
-    names = sorted({v for r in rows for v in r["best"]})
-    for v in names:
+    for v in sorted({v for r in rows for v in r["best"]}):
         rs = [r for r in rows if v in r["best"] and "table" in r["best"]]
         ratios = [r["best"][v][0] / r["best"]["table"][0] for r in rs]
         print(f"{v:12} / table: median {statistics.median(ratios):.3f} min {min(ratios):.3f} max {max(ratios):.3f}"
@@ -125,4 +138,12 @@ def _dump(out_path: str, bw: float, rows: list) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    parser = argparse.ArgumentParser()
+    parser.add_argument("out")
+    parser.add_argument("--ms", type=int, nargs="+", default=list(MS))
+    parser.add_argument("--shapes", nargs="+", default=[s for s, _ in SHAPES])
+    parser.add_argument("--densities", type=float, nargs="+", default=list(DENSITIES))
+    parser.add_argument("--variants", nargs="+", default=None)
+    parser.add_argument("--row-mask", action="store_true")
+    args = parser.parse_args()
+    main(args.out, args.ms, args.shapes, args.densities, args.variants, (False, True) if args.row_mask else (False,))

@@ -95,6 +95,8 @@ _MIN_STREAM_STEPS = 4  # BLOCK_K steps per stream-K program, at least
 # With PDL, fc2's programs ask L2 for the weight rows of this many of their first BLOCK_K steps
 # before waiting for fc1 (0: none; kernels/gather_gemm_kernels.py).
 FC2_PREFETCH_STEPS = 2
+# Rows of the last M tile past M: read as row M - 1 (False) or masked off (True). A/B switch.
+ROW_MASK = False
 
 
 @functools.lru_cache(maxsize=None)
@@ -171,7 +173,7 @@ def _launch(a: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, bias: torch.Ten
         a.stride(0), w.stride(0), out.stride(0), ws_stride,
         FC1=fc1, HAS_BIAS=bias is not None, RELU=relu, UPCAST=interpret, SPLIT=splits > 1,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, PDL=pdl,
-        PREFETCH=FC2_PREFETCH_STEPS * config.block_k if pdl and not fc1 else 0,
+        PREFETCH=FC2_PREFETCH_STEPS * config.block_k if pdl and not fc1 else 0, ROW_MASK=ROW_MASK,
         num_warps=config.num_warps, num_stages=config.num_stages, **launch_options(pdl),
     )
     if splits > 1:
@@ -206,7 +208,7 @@ def _launch_stream(a: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, bias: to
         a.stride(0), w.stride(0), out.stride(0),
         FC1=fc1, HAS_BIAS=bias is not None, RELU=relu, UPCAST=interpret,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, PDL=pdl,
-        PREFETCH=FC2_PREFETCH_STEPS * config.block_k if pdl and not fc1 else 0,
+        PREFETCH=FC2_PREFETCH_STEPS * config.block_k if pdl and not fc1 else 0, ROW_MASK=ROW_MASK,
         num_warps=config.num_warps, num_stages=config.num_stages, **launch_options(pdl),
     )
 

@@ -27,9 +27,9 @@ def _prefetch_rows(w_ptr, idx_ptr, col0, k_lo, k_end, stride_wn, ROWS: tl.conste
 
 
 @triton.jit
-def _tile_sum(a_ptr, w_ptr, idx_ptr, offs_n, rows, neuron, k_lo, k_full, k_hi, stride_am, stride_wn, n_mask,
-              FC1: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              BLOCK_K: tl.constexpr):
+def _tile_sum(a_ptr, w_ptr, idx_ptr, offs_n, rows, m_mask, neuron, k_lo, k_full, k_hi, stride_am, stride_wn,
+              n_mask, FC1: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              BLOCK_K: tl.constexpr, ROW_MASK: tl.constexpr):
     """acc [BLOCK_N, BLOCK_M] (the output tile, transposed) summed over [k_lo, k_hi): whole BLOCK_K
     tiles up to k_full with unmasked loads, then the tail 16 at a time.
     fc1: a = x [M, d], w = w1 [N, d] read at rows `neuron`, k runs over d.
@@ -41,7 +41,10 @@ def _tile_sum(a_ptr, w_ptr, idx_ptr, offs_n, rows, neuron, k_lo, k_full, k_hi, s
         w_ptrs = w_ptr + neuron[:, None] * stride_wn + (k_lo + offs_k)[None, :]  # [BLOCK_N, BLOCK_K] gathered
         for _ in range(k_lo, k_full, BLOCK_K):
             w = tl.load(w_ptrs)
-            a = tl.load(a_ptrs)
+            if ROW_MASK:
+                a = tl.load(a_ptrs, mask=m_mask[:, None], other=0.0)
+            else:
+                a = tl.load(a_ptrs)
             if UPCAST:  # the interpreter computes bf16 on raw bit patterns (env.md section 2)
                 w = w.to(tl.float32)
                 a = a.to(tl.float32)
@@ -53,7 +56,10 @@ def _tile_sum(a_ptr, w_ptr, idx_ptr, offs_n, rows, neuron, k_lo, k_full, k_hi, s
             rows_w = tl.load(idx_ptr + k0 + offs_k).to(tl.int64)  # [BLOCK_K] rows of w2t
             w = tl.load(w_ptr + rows_w[:, None] * stride_wn + offs_n[None, :], mask=n_mask[None, :],
                         other=0.0)  # [BLOCK_K, BLOCK_N] gathered
-            a = tl.load(a_ptrs)
+            if ROW_MASK:
+                a = tl.load(a_ptrs, mask=m_mask[:, None], other=0.0)
+            else:
+                a = tl.load(a_ptrs)
             if UPCAST:
                 w = w.to(tl.float32)
                 a = a.to(tl.float32)
@@ -63,7 +69,10 @@ def _tile_sum(a_ptr, w_ptr, idx_ptr, offs_n, rows, neuron, k_lo, k_full, k_hi, s
     for k0 in range(k_full, k_hi, 16):
         t = k0 + offs_t
         t_mask = t < k_hi
-        a = tl.load(a_ptr + rows[:, None] * stride_am + t[None, :], mask=t_mask[None, :], other=0.0)
+        a_mask = t_mask[None, :]
+        if ROW_MASK:
+            a_mask = m_mask[:, None] & a_mask
+        a = tl.load(a_ptr + rows[:, None] * stride_am + t[None, :], mask=a_mask, other=0.0)
         if FC1:
             w = tl.load(w_ptr + neuron[:, None] * stride_wn + t[None, :], mask=t_mask[None, :], other=0.0)
         else:
@@ -114,6 +123,7 @@ def _gather_kernel(
     stride_am, stride_wn, stride_om, stride_wsm,
     FC1: tl.constexpr, HAS_BIAS: tl.constexpr, RELU: tl.constexpr, UPCAST: tl.constexpr, SPLIT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr,
+    ROW_MASK: tl.constexpr,
 ):
     """fc1 (FC1) or fc2 over a grid of (output tile, M tile, K slice) programs. D is d: fc1's
     input width, fc2's output width."""
@@ -129,8 +139,8 @@ def _gather_kernel(
     k_lo = tl.program_id(2) * split_len  # slice [k_lo, +split_len) of the K loop
     k_hi = tl.minimum(k_lo + split_len, k_loop)
     k_full = k_lo + (k_hi - k_lo) // BLOCK_K * BLOCK_K  # end of the whole tiles
-    acc = _tile_sum(a_ptr, w_ptr, idx_ptr, offs_n, rows, neuron, k_lo, k_full, k_hi, stride_am, stride_wn, n_mask,
-                    FC1, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
+    acc = _tile_sum(a_ptr, w_ptr, idx_ptr, offs_n, rows, m_mask, neuron, k_lo, k_full, k_hi, stride_am, stride_wn,
+                    n_mask, FC1, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K, ROW_MASK)
     if SPLIT:  # fp32 partial [pid_k, M, stride_wsm]; _split_k_epilogue_kernel adds bias and activation
         ws_ptrs = ws_ptr + (tl.program_id(2) * M + offs_m.to(tl.int64))[None, :] * stride_wsm + offs_n[:, None]
         tl.store(ws_ptrs, acc, mask=n_mask[:, None] & m_mask[None, :])
@@ -145,6 +155,7 @@ def _gather_stream_kernel(
     stride_am, stride_wn, stride_om,
     FC1: tl.constexpr, HAS_BIAS: tl.constexpr, RELU: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr,
+    ROW_MASK: tl.constexpr,
 ):
     """fc1 or fc2 with the work split evenly ("stream-K"): the output tiles' whole BLOCK_K steps,
     n_full per tile and `total` in all, are laid end to end and program p takes steps
@@ -172,8 +183,8 @@ def _gather_stream_kernel(
         offs_n, offs_m, n_mask, m_mask, neuron, rows = _tile_coords(
             tile // m_tiles, tile % m_tiles, idx_ptr, M, n_out, FC1, BLOCK_M, BLOCK_N)
         k_hi = tl.where(k_last == n_full, k_loop, k_last * BLOCK_K)  # the tile's last piece adds the tail
-        acc = _tile_sum(a_ptr, w_ptr, idx_ptr, offs_n, rows, neuron, k_first * BLOCK_K, k_last * BLOCK_K, k_hi,
-                        stride_am, stride_wn, n_mask, FC1, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
+        acc = _tile_sum(a_ptr, w_ptr, idx_ptr, offs_n, rows, m_mask, neuron, k_first * BLOCK_K, k_last * BLOCK_K, k_hi,
+                        stride_am, stride_wn, n_mask, FC1, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K, ROW_MASK)
         if (k_first == 0) & (k_last == n_full):
             _tile_store(acc, bias_ptr, out_ptr, offs_n, offs_m, neuron, n_mask, m_mask, stride_om, FC1, HAS_BIAS,
                         RELU)
