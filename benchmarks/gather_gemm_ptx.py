@@ -50,6 +50,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16")
     ap.add_argument("--pdl", action="store_true", help="compile with PDL=True")
+    ap.add_argument("--row-mask", action="store_true", help="compile with ROW_MASK=True (M not a multiple of BLOCK_M)")
     args = ap.parse_args()
     dt = args.dtype
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -59,18 +60,19 @@ def main() -> None:
     ptrs = {name: f"*{dt}" for name in ("a_ptr", "w_ptr", "bias_ptr", "out_ptr")}
     ptrs.update(idx_ptr="*i32", ws_ptr="*fp32", count_ptr="*i32")
     div16 = ("stride_am", "stride_wn", "stride_om", "stride_wsm", "D", "split_len")
-    for _, bm, bn, bk, warps, fc1_stages, fc2_stages in gg._M_TILES:
-        for fc1 in (True, False):
-            c = dict(FC1=fc1, HAS_BIAS=fc1, RELU=fc1, UPCAST=False, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, PDL=args.pdl,
-                     PREFETCH=2 * bk if args.pdl and not fc1 else 0)
-            stages = fc1_stages if fc1 else fc2_stages
-            for kind in ("grid", "split", "stream"):
-                if kind == "stream":
-                    r = compile_stats(gk._gather_stream_kernel, ptrs, c, warps, stages, div16)
-                else:
-                    r = compile_stats(gk._gather_kernel, ptrs, {**c, "SPLIT": kind == "split"}, warps, stages, div16)
-                print(f"{'fc1' if fc1 else 'fc2'} BLOCK_M {bm:3} BLOCK_N {bn} BLOCK_K {bk:3} warps {warps} "
-                      f"{kind:6} {r}")
+    tiles = [(fc1, t) for max_m, *_ in gg._M_TILES for fc1 in (True, False) for t in gg.tile_candidates(max_m, fc1)]
+    for fc1, t in tiles:
+        bm, bn, bk, warps, stages = t.block_m, t.block_n, t.block_k, t.num_warps, t.num_stages
+        c = dict(FC1=fc1, HAS_BIAS=fc1, RELU=fc1, UPCAST=False, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, PDL=args.pdl,
+                 PREFETCH=2 * bk if args.pdl and not fc1 else 0, ROW_MASK=args.row_mask)
+        for kind in ("grid", "split", "stream"):
+            if kind == "stream":
+                r = compile_stats(gk._gather_stream_kernel, ptrs, c, warps, stages, div16)
+            else:
+                r = compile_stats(gk._gather_kernel, ptrs, {**c, "SPLIT": kind == "split"}, warps, stages, div16)
+            print(f"{'fc1' if fc1 else 'fc2'} BLOCK_M {bm:3} BLOCK_N {bn:3} BLOCK_K {bk:3} warps {warps} stages {stages} "
+                  f"{kind:6} {r}")
+
 
 if __name__ == "__main__":
     main()

@@ -43,7 +43,8 @@ crossed with the others:
   max_seq_len 32k) is the default everywhere; family `attn-width` adds tables exactly as wide as
   the longest sequence (1k and 4k) and the 32k one at 1k, to show what the padding costs;
 * MLP: every M x density for OPT-6.7B/13B/30B/66B (d, N = 4d; one rank), bf16, families
-  `mlp-<model>`; fp16 at OPT-66B M 16 and 128, density 0.1 and 0.5 (`mlp-fp16`).
+  `mlp-<model>`; fp16 at OPT-66B M 16 and 128, density 0.1 and 0.5 (`mlp-fp16`); batches that
+  are not a power of two (M 48, 96, 200 at OPT-13B and 66B, densities 0.1-1.0: `mlp-odd-m`).
 Skipped, and listed in `skipped`: cases whose KV would pass MAX_KV_BYTES (the cache and the
 SDPA baseline's copy must fit beside each other), B = 1 with a non-uniform distribution (the
 same single sequence), and densities that round to the same number of KV groups as another.
@@ -143,6 +144,10 @@ def attention_cases() -> list[AttnCase]:
 def mlp_cases() -> list[MlpCase]:
     cases = [MlpCase(f"mlp-{name}", name, d, 4 * d, m, "bfloat16", MLP_FRACS) for name, d in OPT_SHAPES for m in MLP_MS]
     cases += [MlpCase("mlp-fp16", "opt-66b", 9216, 4 * 9216, m, "float16", (0.1, 0.5)) for m in (16, 128)]
+    # last (a case's selection is drawn from a seed of its index): batches that are not a power of
+    # two, whose last M tile is part empty
+    cases += [MlpCase("mlp-odd-m", name, d, 4 * d, m, "bfloat16", (0.1, 0.3, 0.5, 1.0))
+              for name, d in (("opt-13b", 5120), ("opt-66b", 9216)) for m in (48, 96, 200)]
     return cases
 
 

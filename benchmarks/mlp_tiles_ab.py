@@ -2,10 +2,12 @@
 its own, against cuBLAS over the same bytes (the selected rows made contiguous beforehand).
 
     PYTHONPATH=. python3 benchmarks/mlp_tiles_ab.py benchmarks/results/<gpu>/ab/mlp_tiles.json \
-        [--ms 96 128 ...] [--shapes opt-13b ...] [--densities 0.2 ...] [--variants table ...] [--row-mask]
+        [--ms 96 128 ...] [--shapes opt-13b ...] [--densities 0.2 ...] [--variants table ...]
 
---row-mask times every variant twice: the last M tile's rows past M read as row M - 1 (as the
-kernels did), and masked off (`+mask`; kernels/gather_gemm.ROW_MASK).
+Run 63 ran it with a switch since removed, timing every variant twice: the last M tile's rows
+past M read as row M - 1 (as the kernels then did) and masked off (`+mask` in its JSON), which
+the kernels now do whenever M is not a multiple of BLOCK_M. "table" is the tile table of the
+code that ran (kernels/gather_gemm._M_TILES: runs 62-63 had 64 neurons at M 129-256 for fc1).
 
 Per (OPT shape, M, density) and kernel, every tile variant below is timed with each work split
 the dispatch could give it (split-K 1/2/4 where K allows, stream-K 1 and 2 programs per SM) and
@@ -47,6 +49,7 @@ def variants(m: int, fc1: bool) -> dict[str, GemmConfig]:
     out["n128_k64_w8"] = GemmConfig(bm, 128, 64, 8, 3 if fc1 else 4)
     out["n128_k32_w8"] = GemmConfig(bm, 128, 32, 8, 4 if fc1 else 5)
     out["n64_k32_w4"] = GemmConfig(bm, 64, 32, 4, 5 if fc1 else 6)
+    out["n64_k64_w8"] = GemmConfig(bm, 64, 64, 8, 3 if fc1 else 5)  # runs 62-63: the table's tile at M 129-256
     if bm <= 128:
         out["n128_k64_w4"] = GemmConfig(bm, 128, 64, 4, 3 if fc1 else 4)
         out["n256_k32_w8"] = GemmConfig(bm, 256, 32, 8, 3 if fc1 else 4)
@@ -58,8 +61,7 @@ def work_splits(config: GemmConfig, k_loop: int) -> list[GemmConfig]:
     return out + [replace(config, stream=s) for s in (1, 2)]
 
 
-def main(out_path: str, ms: list[int], shapes: list[str], densities: list[float], names: list[str] | None,
-         row_modes: tuple[bool, ...]) -> None:
+def main(out_path: str, ms: list[int], shapes: list[str], densities: list[float], names: list[str] | None) -> None:
     dev = torch.device("cuda")
     bw = _copy_tbps()
     timer = GraphTimer(dev, reps=7)
@@ -92,10 +94,8 @@ def main(out_path: str, ms: list[int], shapes: list[str], densities: list[float]
                     torch.backends.cuda.preferred_blas_library("cublaslt")
                     row["cublaslt_ms"] = timer.in_graph(dense)
                     torch.backends.cuda.preferred_blas_library("cublas")
-                    tiles = [(v + ("+mask" if rm else ""), rm, base) for v, base in variants(m, fc1).items()
-                             if names is None or v in names for rm in row_modes]
-                    for vname, rm, base in tiles:
-                        gather_gemm.ROW_MASK = rm
+                    tiles = {v: base for v, base in variants(m, fc1).items() if names is None or v in names}
+                    for vname, base in tiles.items():
                         best = None
                         for c in work_splits(base, k_loop):
                             fn = ((lambda c=c: gather_gemm.gather_fc1(x, w1, idx, b1, config=c)) if fc1
@@ -114,7 +114,6 @@ def main(out_path: str, ms: list[int], shapes: list[str], densities: list[float]
                                 best = (t, f"s{c.split_k}" if not c.stream else f"st{c.stream}")
                         if best:
                             row["best"][vname] = best
-                    gather_gemm.ROW_MASK = False
                     b = row["best"]
                     print(f"{name:8} M {m:3} d {density:4} {side}: floor {floor*1e3:6.1f} cuBLAS {row['cublas_ms']*1e3:6.1f}"
                           f" Lt {row['cublaslt_ms']*1e3:6.1f} | " + " ".join(
@@ -144,6 +143,5 @@ if __name__ == "__main__":
     parser.add_argument("--shapes", nargs="+", default=[s for s, _ in SHAPES])
     parser.add_argument("--densities", type=float, nargs="+", default=list(DENSITIES))
     parser.add_argument("--variants", nargs="+", default=None)
-    parser.add_argument("--row-mask", action="store_true")
     args = parser.parse_args()
-    main(args.out, args.ms, args.shapes, args.densities, args.variants, (False, True) if args.row_mask else (False,))
+    main(args.out, args.ms, args.shapes, args.densities, args.variants)

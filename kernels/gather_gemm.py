@@ -21,7 +21,7 @@ cp.async loads and multi-buffer them (in the previous version a mask against a r
 made all of fc1's loads and fc2's h loads scalar 2-byte loads, unpipelined: read from its PTX);
 a masked tail in 16-wide steps ends the loop, so any d and any k work. When the grid has too
 few tiles to occupy the GPU, K is split over programs (fp32 partials + an epilogue kernel), by
-the cost model in `_split_count`. Or stream-K (`GemmConfig.stream`): a fixed number of programs
+the cost model in `choose_split`. Or stream-K (`GemmConfig.stream`): a fixed number of programs
 per SM each take the same number of BLOCK_K steps of the tiles laid end to end, so no SM idles
 while others finish a second tile; the last program holding a piece of a cut tile sums the
 pieces in the same launch (kernels/arrivals.py). Which split wins is timed per shape by the
@@ -59,22 +59,39 @@ class GemmConfig:
     stream: int = 0  # > 0: stream-K with this many programs per SM (split_k unused)
 
 
-# Tiles by M range: (largest M, BLOCK_M, BLOCK_N, BLOCK_K, num_warps, fc1 stages, fc2 stages).
+@dataclass(frozen=True)
+class Tile:
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+
+# Tiles by M range: (largest M, BLOCK_M, fc1's tile, fc2's tile).
 # Read with ptxas for sm_90a, no GPU needed (benchmarks/gather_gemm_ptx.py, Triton 3.7): every
-# entry compiles to wgmma with 16-byte cp.async loads in the K loop, 40-128 registers and no
-# spills. Shared memory: fc1 keeps `stages` [BLOCK_N + BLOCK_M, BLOCK_K] tiles (80, 96, 96, 96,
-# 120 KiB), so up to 96 KiB two programs fit per SM (228 KiB); fc2's weight rows are an indirect
+# entry compiles to wgmma with 16-byte cp.async loads in the K loop, 40-196 registers and no
+# spills (but the stream-K build of fc1's 256-row tile: 255 registers, 248 bytes spilled; the
+# dispatch times it like the rest). Shared memory: fc1 keeps `stages` [BLOCK_N + BLOCK_M, BLOCK_K] tiles (80, 96, 96, 96,
+# 144 KiB), so up to 96 KiB two programs fit per SM (228 KiB); fc2's weight rows are an indirect
 # load (idx first), which the pipeliner buffers stages - 2 deep, so fc2 asks one stage more for
 # 3 buffers (61, 73, 97, 73, 121 KiB). Past 64 rows the tile holds 128-256 batch columns: 8 warps
 # (two warpgroups) halve the per-thread share of the fp32 accumulator [BLOCK_N, BLOCK_M], and
-# BLOCK_K 64 keeps the 256-row stages within shared memory.
+# BLOCK_K 64 keeps the 256-row stages within shared memory. At 129-256 rows fc1 takes 128
+# neurons a program (half the activation bytes per weight byte; 0.71-1.07x the 64-neuron tile's
+# time, 0.85 at the median, H200 runs 62-63).
 _M_TILES = (
-    (16, 16, 64, 128, 4, 4, 5),
-    (32, 32, 64, 128, 4, 4, 5),
-    (64, 64, 64, 128, 4, 3, 5),
-    (128, 128, 64, 64, 8, 4, 5),
-    (256, 256, 64, 64, 8, 3, 5),
+    (16, 16, Tile(64, 128, 4, 4), Tile(64, 128, 4, 5)),
+    (32, 32, Tile(64, 128, 4, 4), Tile(64, 128, 4, 5)),
+    (64, 64, Tile(64, 128, 4, 3), Tile(64, 128, 4, 5)),
+    (128, 128, Tile(64, 64, 8, 4), Tile(64, 64, 8, 5)),
+    (256, 256, Tile(128, 64, 8, 3), Tile(64, 64, 8, 5)),
 )
+# Tiles the dispatch (kernels/mlp_dispatch.py) also times, by the largest M of their range:
+# neither tile wins at every shape there (runs 62-63: fc2 with 128 columns and BLOCK_K 32
+# 0.81-0.91x at OPT-30B/66B M 192, 1.07-1.22x at OPT-13B/30B M 256).
+_ALTERNATE_TILES = {  # largest M: (fc1's alternates, fc2's)
+    256: ((Tile(64, 64, 8, 3),), (Tile(128, 32, 8, 5),)),
+}
 MAX_BLOCK_M = 256
 
 # Split-K cost model (static shapes only). Per candidate split count s:
@@ -95,8 +112,6 @@ _MIN_STREAM_STEPS = 4  # BLOCK_K steps per stream-K program, at least
 # With PDL, fc2's programs ask L2 for the weight rows of this many of their first BLOCK_K steps
 # before waiting for fc1 (0: none; kernels/gather_gemm_kernels.py).
 FC2_PREFETCH_STEPS = 2
-# Rows of the last M tile past M: read as row M - 1 (False) or masked off (True). A/B switch.
-ROW_MASK = False
 
 
 @functools.lru_cache(maxsize=None)
@@ -110,12 +125,24 @@ def _pad16(n: int) -> int:
     return -(-n // 16) * 16
 
 
+def _config(block_m: int, tile: Tile) -> GemmConfig:
+    return GemmConfig(block_m, tile.block_n, tile.block_k, tile.num_warps, tile.num_stages)
+
+
 def tile_config(m: int, fc1: bool) -> GemmConfig:
     """The tile of `_M_TILES` for M rows, unsplit."""
-    for max_m, block_m, block_n, block_k, warps, fc1_stages, fc2_stages in _M_TILES:
+    for max_m, block_m, fc1_tile, fc2_tile in _M_TILES:
         if m <= max_m:
-            return GemmConfig(block_m, block_n, block_k, warps, fc1_stages if fc1 else fc2_stages)
+            return _config(block_m, fc1_tile if fc1 else fc2_tile)
     return tile_config(MAX_BLOCK_M, fc1)  # more M tiles of 256 rows
+
+
+def tile_candidates(m: int, fc1: bool) -> list[GemmConfig]:
+    """tile_config's tile, then those `_ALTERNATE_TILES` adds for M's range (unsplit)."""
+    table = tile_config(m, fc1)
+    max_m = next((row[0] for row in _M_TILES if m <= row[0]), MAX_BLOCK_M)
+    alternates = _ALTERNATE_TILES.get(max_m, ((), ()))[0 if fc1 else 1]
+    return [table] + [_config(table.block_m, tile) for tile in alternates]
 
 
 def _model_seconds(m: int, n_out: int, k_loop: int, config: GemmConfig, splits: int, num_sms: int) -> float:
@@ -127,17 +154,18 @@ def _model_seconds(m: int, n_out: int, k_loop: int, config: GemmConfig, splits: 
     return max(bytes_ / _HBM_BYTES_PER_S, flops / _MMA_FLOP_PER_S) / busy + (_EPILOGUE_S if splits > 1 else 0.0)
 
 
-def _split_count(m: int, n_out: int, k_loop: int, config: GemmConfig, num_sms: int) -> int:
-    """The split count in 1.._MAX_SPLITS that the cost model above times fastest (ties: fewer)."""
+def choose_split(m: int, n_out: int, k_loop: int, config: GemmConfig, num_sms: int) -> int:
+    """The split count in 1.._MAX_SPLITS that the cost model above times fastest (ties: fewer), for
+    an [m, n_out] output summed over k_loop with config's tile (fc1: n_out = k selected neurons,
+    k_loop = d; fc2: n_out = d, k_loop = k)."""
     allowed = [s for s in range(1, _MAX_SPLITS + 1) if s == 1 or k_loop // s >= _MIN_SPLIT_K_TILES * config.block_k]
     return min(allowed, key=lambda s: (_model_seconds(m, n_out, k_loop, config, s, num_sms), s))
 
 
 def gpu_config(m: int, n_out: int, k_loop: int, num_sms: int, fc1: bool) -> GemmConfig:
-    """Tile for M and the model's split count, for an [m, n_out] output summed over k_loop
-    (fc1: n_out = k selected neurons, k_loop = d; fc2: n_out = d, k_loop = k)."""
+    """The table's tile for M and the cost model's split count (choose_split)."""
     config = tile_config(m, fc1)
-    return replace(config, split_k=_split_count(m, n_out, k_loop, config, num_sms))
+    return replace(config, split_k=choose_split(m, n_out, k_loop, config, num_sms))
 
 
 def _interpreter_config(m: int) -> GemmConfig:
@@ -173,7 +201,7 @@ def _launch(a: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, bias: torch.Ten
         a.stride(0), w.stride(0), out.stride(0), ws_stride,
         FC1=fc1, HAS_BIAS=bias is not None, RELU=relu, UPCAST=interpret, SPLIT=splits > 1,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, PDL=pdl,
-        PREFETCH=FC2_PREFETCH_STEPS * config.block_k if pdl and not fc1 else 0, ROW_MASK=ROW_MASK,
+        PREFETCH=FC2_PREFETCH_STEPS * config.block_k if pdl and not fc1 else 0, ROW_MASK=m % config.block_m != 0,
         num_warps=config.num_warps, num_stages=config.num_stages, **launch_options(pdl),
     )
     if splits > 1:
@@ -208,7 +236,7 @@ def _launch_stream(a: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, bias: to
         a.stride(0), w.stride(0), out.stride(0),
         FC1=fc1, HAS_BIAS=bias is not None, RELU=relu, UPCAST=interpret,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, PDL=pdl,
-        PREFETCH=FC2_PREFETCH_STEPS * config.block_k if pdl and not fc1 else 0, ROW_MASK=ROW_MASK,
+        PREFETCH=FC2_PREFETCH_STEPS * config.block_k if pdl and not fc1 else 0, ROW_MASK=m % config.block_m != 0,
         num_warps=config.num_warps, num_stages=config.num_stages, **launch_options(pdl),
     )
 

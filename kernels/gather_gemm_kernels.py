@@ -31,7 +31,8 @@ def _tile_sum(a_ptr, w_ptr, idx_ptr, offs_n, rows, m_mask, neuron, k_lo, k_full,
               n_mask, FC1: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               BLOCK_K: tl.constexpr, ROW_MASK: tl.constexpr):
     """acc [BLOCK_N, BLOCK_M] (the output tile, transposed) summed over [k_lo, k_hi): whole BLOCK_K
-    tiles up to k_full with unmasked loads, then the tail 16 at a time.
+    tiles up to k_full with loads unmasked along K (ROW_MASK: activation rows past M masked), then
+    the tail 16 at a time.
     fc1: a = x [M, d], w = w1 [N, d] read at rows `neuron`, k runs over d.
     fc2: a = h [M, k], w = w2t [N, d] read at rows idx[k] and columns offs_n, k runs over the selection."""
     offs_k = tl.arange(0, BLOCK_K)
@@ -102,8 +103,11 @@ def _tile_store(acc, bias_ptr, out_ptr, offs_n, offs_m, neuron, n_mask, m_mask, 
 def _tile_coords(tile_n, tile_m, idx_ptr, M, N_OUT, FC1: tl.constexpr, BLOCK_M: tl.constexpr,
                  BLOCK_N: tl.constexpr):
     """A tile's columns (fc1: slots of idx; fc2: output columns), rows, and fc1's neuron ids. Slots
-    past k read neuron 0 and rows past M read row M - 1: valid memory, so the K loop's loads need
-    no mask (see the module docstring); the store drops those rows and columns."""
+    past k read neuron 0 and rows past M address row M - 1: valid memory, so the K loop's weight
+    loads need no mask (see the module docstring); the store drops those rows and columns.
+    ROW_MASK (the launch sets it when M is not a multiple of BLOCK_M) masks those rows' activation
+    loads off: re-reading row M - 1 for them made a batch of 96 or 192 rows slower than one of
+    128 or 256 with the same tile, by up to 1.5x (H200 run 63); masked, it is no slower."""
     offs_n = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
     n_mask = offs_n < N_OUT  # fc2: constant along each 16-column run (D_OUT specializes to a multiple of 16)

@@ -200,9 +200,11 @@ class MlpDispatch:
         fc1: dict[GemmConfig, float] = {}
         fc2: dict[GemmConfig, float] = {}
         for times, n_out, k_loop, is_fc1 in ((fc1, k, d, True), (fc2, d, k, False)):
-            base = gather_gemm.gpu_config(m, n_out, k_loop, sms, is_fc1)
-            candidates = [replace(base, split_k=s) for s in split_candidates(base.split_k, k_loop, base.block_k)]
-            candidates += [replace(base, split_k=1, stream=n) for n in STREAM_CANDIDATES]
+            candidates = []
+            for tile in gather_gemm.tile_candidates(m, is_fc1):
+                split = gather_gemm.choose_split(m, n_out, k_loop, tile, sms)
+                candidates += [replace(tile, split_k=s) for s in split_candidates(split, k_loop, tile.block_k)]
+                candidates += [replace(tile, split_k=1, stream=n) for n in STREAM_CANDIDATES]
             for c in candidates:
                 times[c] = timer((lambda c=c: gather_gemm.gather_fc1(x, w1, idx, b1, config=c)) if is_fc1
                                  else (lambda c=c: gather_gemm.gather_fc2(h, w2t, idx, None, config=c)))

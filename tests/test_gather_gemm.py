@@ -11,7 +11,7 @@ import torch
 
 from kernels import arrivals
 from kernels.gather_gemm import (_M_TILES, GemmConfig, gather_fc1, gather_fc1_ref, gather_fc2, gather_fc2_ref,
-                                 gpu_config, stream_plan, tile_config)
+                                 gpu_config, stream_plan, tile_candidates, tile_config)
 from support.tolerance import assert_close_to_reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -197,6 +197,21 @@ def test_gpu_stream_k(stream, m, k):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("work", ["grid", "split2", "stream1"])
+@pytest.mark.parametrize("m", [200, 256])
+def test_gpu_every_tile_candidate(work, m):
+    """Every tile the dispatch may time at M 129-256 (the table's and the alternates), with the
+    last M tile part empty (200: rows past M masked) and full (256), against the reference."""
+    gen = torch.Generator().manual_seed(m)
+    x, w1, w2t, b1, b2, idx = _make(m, 4096, 16384, 4915, torch.bfloat16, True, gen)
+    for config1, config2 in zip(tile_candidates(m, fc1=True), tile_candidates(m, fc1=False)):
+        if work != "grid":
+            config1, config2 = ((replace(c, split_k=2) if work == "split2" else replace(c, stream=1))
+                                for c in (config1, config2))
+        _check_pair(x, w1, w2t, b1, b2, idx, config1=config1, config2=config2)
+
+
+@pytest.mark.gpu
 def test_gpu_cuda_graph_capture():
     """The pair never syncs with the host: it captures, and a replay gives the eager result."""
     gen = torch.Generator().manual_seed(12)
@@ -220,8 +235,20 @@ def test_tile_table_covers_m_and_fits_shared_memory():
             c = tile_config(m, fc1)
             assert m <= c.block_m <= max(16, 2 * m) and c.block_m & (c.block_m - 1) == 0
             assert c.block_n % 64 == 0  # the wgmma M dimension: 64 rows per warpgroup
-    for _, bm, bn, bk, _, fc1_stages, _ in _M_TILES:
-        assert (bm + bn) * bk * 2 * fc1_stages <= 227 * 1024
+    for m in range(1, 257):
+        for c in tile_candidates(m, fc1=True):
+            assert (c.block_m + c.block_n) * c.block_k * 2 * c.num_stages <= 227 * 1024
+
+
+def test_tile_candidates():
+    """The dispatch times the table's tile first, then the alternates of M's range, all with the
+    table's BLOCK_M (the weights still cross HBM once)."""
+    for m in (1, 16, 64, 100, 128, 129, 200, 256, 300):
+        for fc1 in (True, False):
+            cands = tile_candidates(m, fc1)
+            assert cands[0] == tile_config(m, fc1)
+            assert {c.block_m for c in cands} == {cands[0].block_m}
+            assert len(set(cands)) == len(cands) == (2 if m > 128 else 1)  # past 256: tiles of 256 rows
 
 
 def test_split_model_opt66b():
