@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from kernels import arrivals
-from kernels.gather_gemm import (_M_TILES, GemmConfig, gather_fc1, gather_fc1_ref, gather_fc2, gather_fc2_ref,
+from kernels.gather_gemm import (GemmConfig, gather_fc1, gather_fc1_ref, gather_fc2, gather_fc2_ref,
                                  gpu_config, stream_plan, tile_candidates, tile_config)
 from support.tolerance import assert_close_to_reference
 
