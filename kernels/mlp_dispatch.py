@@ -31,9 +31,13 @@ replay then run the cached plan. A miss while capturing (a caller that captures 
 warm-up) cannot measure: it runs the static plan (GATHER with the cost-model splits; DENSE at
 k = N), logs a warning and caches nothing, so a later eager call still measures.
 
-The key: (device, dtype, d, N, M bucket, k bin). M buckets are the tile table's ranges (<= 16,
-32, 64, 128, 256, then multiples of 256), measured at the bucket's largest M (the gather pads
-M to it anyway); k bins are N/32 wide, measured at the bin's largest k, so a bin's plan is
+The key: (device, dtype, d, N, M bucket, full last tile, k bin). M buckets are the tile table's
+ranges (<= 16, 32, 64, 128, 256, then multiples of 256). A batch whose last M tile is full (M
+the bucket's largest, or a multiple of 256) runs the kernels as built for it and is measured at
+the bucket's largest M; any other masks the rows past M off (kernels/gather_gemm_kernels.py), a
+build of its own whose best work split can differ (H200 run 63: fc2 as stream-K with 2
+programs per SM 1.4x slower masked, the other splits not), so it is keyed apart and measured
+one row short of the bucket's largest M. k bins are N/32 wide, measured at the bin's largest k, so a bin's plan is
 measured at its most expensive GATHER. Each candidate is captured in a CUDA graph (as decode
 runs it; host launch time drops out) and its replays are timed with L2 flushed before each, as
 every layer's weights are cold when its turn comes. GATHER's fc1 and fc2 are timed separately
@@ -82,6 +86,7 @@ class MlpKey:
     d: int
     n: int  # neurons this rank holds (N_local under tensor parallelism)
     m_bucket: int  # largest M of the bucket
+    full_tile: bool  # M fills its last M tile (no rows masked off)
     k_bin: int  # largest k of the bin
 
 
@@ -112,6 +117,11 @@ def m_bucket(m: int) -> int:
         if m <= max_m:
             return max_m
     return -(-m // gather_gemm.MAX_BLOCK_M) * gather_gemm.MAX_BLOCK_M
+
+
+def full_tile(m: int) -> bool:
+    """Whether M rows fill their last M tile (the gather pair then masks no row off)."""
+    return m % gather_gemm.tile_config(m, fc1=True).block_m == 0
 
 
 def k_bin(k: int, n: int) -> int:
@@ -173,7 +183,8 @@ class MlpDispatch:
             return MlpPlan(MlpPath.DENSE)  # density 1.0: cuBLAS, nothing to measure
         if not self._measurable(x):
             return MlpPlan(MlpPath.GATHER)  # the interpreter: nothing to time
-        key = MlpKey(str(x.device), x.dtype, x.shape[1], n, m_bucket(x.shape[0]), k_bin(k, n))
+        m = x.shape[0]
+        key = MlpKey(str(x.device), x.dtype, x.shape[1], n, m_bucket(m), full_tile(m), k_bin(k, n))
         plan = self.plans.get(key)
         if plan is not None:
             return plan
@@ -188,7 +199,7 @@ class MlpDispatch:
 
     def _measure(self, key: MlpKey, w1: torch.Tensor, b1: torch.Tensor | None, w2t: torch.Tensor) -> MlpPlan:
         """Time DENSE and GATHER's kernels at the key's largest M and k (random x and idx)."""
-        m, k, d, n = key.m_bucket, key.k_bin, key.d, key.n
+        m, k, d, n = key.m_bucket - (not key.full_tile), key.k_bin, key.d, key.n
         dev = w1.device
         gen = torch.Generator(device="cpu").manual_seed(k * 131 + m)
         x = torch.randn(m, d, generator=gen).to(device=dev, dtype=w1.dtype)  # random, never zeros

@@ -159,9 +159,11 @@ def test_dense_plan_computes_the_gather_function(k: int) -> None:
 
 
 def test_buckets_and_bins() -> None:
-    from kernels.mlp_dispatch import k_bin, m_bucket
+    from kernels.mlp_dispatch import full_tile, k_bin, m_bucket
 
-    assert [m_bucket(m) for m in (1, 16, 17, 48, 64, 65, 130, 256, 257)] == [16, 16, 32, 64, 64, 128, 256, 256, 512]
+    ms = (1, 16, 17, 48, 64, 65, 130, 256, 257, 512)
+    assert [m_bucket(m) for m in ms] == [16, 16, 32, 64, 64, 128, 256, 256, 512, 512]
+    assert [m for m in ms if full_tile(m)] == [16, 64, 256, 512]  # the rest mask rows off: keyed apart
     n = 36864
     assert k_bin(n, n) == n and k_bin(n - 1, n) == n - 1  # density 1 is its own bin, not measured
     for k in (1, 1151, 1152, 1153, 3686, 20000):
@@ -171,8 +173,9 @@ def test_buckets_and_bins() -> None:
 
 def test_measured_plans_are_fixed_before_capture(monkeypatch: pytest.MonkeyPatch,
                                                   caplog: pytest.LogCaptureFixture) -> None:
-    """The decision logic, with the GPU timing replaced: one measurement per (shape, M bucket, k bin),
-    cached; a miss while capturing runs the static gather plan and caches nothing."""
+    """The decision logic, with the GPU timing replaced: one measurement per (shape, M bucket, full
+    last tile or not, k bin), cached; a miss while capturing runs the static gather plan and caches
+    nothing."""
     from kernels.mlp_dispatch import MlpDispatch, MlpPath, MlpPlan
 
     measured: list = []
@@ -183,18 +186,21 @@ def test_measured_plans_are_fixed_before_capture(monkeypatch: pytest.MonkeyPatch
                         lambda self, key, *a: measured.append(key) or MlpPlan(MlpPath.DENSE))
     dispatch = MlpDispatch()
     x, w1, b1, w2t, _ = _mlp(1, 64, 960, 96, torch.bfloat16)
-    for m in (1, 2, 4, 8, 16):  # one M bucket, one k bin
+    for m in (1, 2, 4, 8, 15):  # one M bucket with its last tile part empty, one k bin
         assert dispatch.plan(x[:1].expand(m, -1), w1, b1, w2t, 90).path is MlpPath.DENSE
     assert len(measured) == 1 and measured[0].m_bucket == 16 and measured[0].k_bin == 90
+    assert not measured[0].full_tile
+    dispatch.plan(x.expand(16, -1), w1, b1, w2t, 90)  # the same bucket, its tile full: another build
+    assert len(measured) == 2 and measured[1].full_tile and measured[1].m_bucket == 16
     dispatch.plan(x.expand(17, -1), w1, b1, w2t, 90)  # the next M bucket
     dispatch.plan(x, w1, b1, w2t, 91)  # the next k bin
-    assert len(measured) == 3
+    assert len(measured) == 4
     capturing[0] = True
     assert dispatch.plan(x.expand(40, -1), w1, b1, w2t, 90).path is MlpPath.GATHER  # static, with a warning
-    assert "while capturing" in caplog.text and len(dispatch.plans) == 3
+    assert "while capturing" in caplog.text and len(dispatch.plans) == 4
     assert dispatch.plan(x, w1, b1, w2t, 90).path is MlpPath.DENSE  # cached plans still apply in a capture
     assert dispatch.plan(x, w1, b1, w2t, 960).path is MlpPath.DENSE  # density 1: never measured
-    assert len(measured) == 3
+    assert len(measured) == 4
 
 
 def test_choose_plan() -> None:
