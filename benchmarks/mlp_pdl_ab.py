@@ -21,18 +21,26 @@ import torch
 
 import kernels.gather_gemm as gather_gemm
 from benchmarks.kernel_bench import _copy_tbps
-from benchmarks.kernel_grid import mlp_floor_ms
+from benchmarks.kernel_grid import OPT_SHAPES, mlp_floor_ms
 from kernels.dispatch import Backend, KernelOps
 from kernels.graph_timer import GraphTimer
 from kernels.mlp_dispatch import MlpPath, run_plan
 
-SHAPES = (("opt-6.7b", 4096), ("opt-13b", 5120), ("opt-30b", 7168), ("opt-66b", 9216))
 MS = (1, 16, 32, 64, 128)
 DENSITIES = (0.05, 0.1, 0.2, 0.3, 0.5)
 FOCUSED = {("opt-6.7b", 16, 0.1), ("opt-13b", 32, 0.1), ("opt-30b", 16, 0.05), ("opt-30b", 1, 0.1),
            ("opt-66b", 64, 0.1), ("opt-30b", 128, 0.3), ("opt-30b", 128, 0.5), ("opt-30b", 32, 0.5),
            ("opt-66b", 32, 0.3), ("opt-66b", 1, 0.5)}
 VARIANTS = {"nopdl": (False, 0), "pdl": (True, 0), "pdl_prefetch2": (True, 2)}  # (pdl, fc2 prefetch steps)
+
+
+def opt_mlp_weights(n: int, d: int, gen: torch.Generator, dev: torch.device) -> tuple[torch.Tensor, ...]:
+    """Random bf16 w1 [N, d], w2t [N, d] (fc2.weight.T, as the runtime holds it) and b1 [N] on dev,
+    scaled by 1/sqrt(fan-in) so h and y stay near unit size."""
+    w1 = (torch.randn(n, d, generator=gen) / d**0.5).to(dev, torch.bfloat16)
+    w2t = (torch.randn(n, d, generator=gen) / n**0.5).to(dev, torch.bfloat16)
+    b1 = torch.randn(n, generator=gen).to(dev, torch.bfloat16)
+    return w1, w2t, b1
 
 
 def main(out_path: str, focused: bool) -> None:
@@ -43,11 +51,9 @@ def main(out_path: str, focused: bool) -> None:
     gen = torch.Generator().manual_seed(0)
     variants = VARIANTS if focused else {v: VARIANTS[v] for v in ("nopdl", "pdl_prefetch2")}
     rows = []
-    for name, d in SHAPES:
+    for name, d in OPT_SHAPES:
         n = 4 * d
-        w1 = (torch.randn(n, d, generator=gen) / d**0.5).to(dev, torch.bfloat16)
-        w2t = (torch.randn(n, d, generator=gen) / n**0.5).to(dev, torch.bfloat16)
-        b1 = torch.randn(n, generator=gen).to(dev, torch.bfloat16)
+        w1, w2t, b1 = opt_mlp_weights(n, d, gen, dev)
         for m in MS:
             x = torch.randn(m, d, generator=gen).to(dev, torch.bfloat16)
             for density in DENSITIES:

@@ -29,10 +29,11 @@ import triton
 
 import kernels.gather_gemm as gather_gemm
 from benchmarks.kernel_bench import _copy_tbps
+from benchmarks.kernel_grid import OPT_SHAPES
+from benchmarks.mlp_pdl_ab import opt_mlp_weights
 from kernels.gather_gemm import GemmConfig
 from kernels.graph_timer import GraphTimer
 
-SHAPES = (("opt-6.7b", 4096), ("opt-13b", 5120), ("opt-30b", 7168), ("opt-66b", 9216))
 MS = (96, 128, 192, 256)  # M 64: the table's tile won at every OPT-6.7B case of run 62's first try
 DENSITIES = (0.2, 0.3, 0.5)
 MMA_FLOP_PER_S = 650e12
@@ -67,13 +68,11 @@ def main(out_path: str, ms: list[int], shapes: list[str], densities: list[float]
     timer = GraphTimer(dev, reps=7)
     gen = torch.Generator().manual_seed(0)
     rows = []
-    for name, d in SHAPES:
+    for name, d in OPT_SHAPES:
         if name not in shapes:
             continue
         n = 4 * d
-        w1 = (torch.randn(n, d, generator=gen) / d**0.5).to(dev, torch.bfloat16)
-        w2t = (torch.randn(n, d, generator=gen) / n**0.5).to(dev, torch.bfloat16)
-        b1 = torch.randn(n, generator=gen).to(dev, torch.bfloat16)
+        w1, w2t, b1 = opt_mlp_weights(n, d, gen, dev)
         for m in ms:
             x = torch.randn(m, d, generator=gen).to(dev, torch.bfloat16)
             for density in densities:
@@ -140,7 +139,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("out")
     parser.add_argument("--ms", type=int, nargs="+", default=list(MS))
-    parser.add_argument("--shapes", nargs="+", default=[s for s, _ in SHAPES])
+    parser.add_argument("--shapes", nargs="+", default=[s for s, _ in OPT_SHAPES])
     parser.add_argument("--densities", type=float, nargs="+", default=list(DENSITIES))
     parser.add_argument("--variants", nargs="+", default=None)
     args = parser.parse_args()
