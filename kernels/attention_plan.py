@@ -177,7 +177,7 @@ def plan_capacity(batch: int, groups: int, num_sms: int, programs_per_sm: int = 
 def plan_attention(seq_lens: Sequence[int] | np.ndarray, *, groups: int, num_sms: int, block_n: int = 64,
                    capacity: int | None = None, chunk_tokens: int | None = None,
                    programs_per_sm: int | None = None, min_chunk: int = MIN_CHUNK_TOKENS,
-                   resident: int = RESIDENT_PER_SM[128]) -> HostPlan:
+                   resident: int = RESIDENT_PER_SM[128], longest_first: bool = False) -> HostPlan:
     """Cut B sequences of `seq_lens` tokens into items for `groups` head-table slots each.
 
     groups: slots per sequence the step's layers read (the plan holds for any head-table width;
@@ -185,8 +185,11 @@ def plan_attention(seq_lens: Sequence[int] | np.ndarray, *, groups: int, num_sms
     programs_per_sm: aim at this many programs per SM instead of whole waves of `resident`
     programs per SM (resident_per_sm(head_dim)).
     capacity: rows of `items` (a graph bucket's static size); default: the real items, or
-    plan_capacity(...) when the chunk size is the rule's. Host time matters (once per step):
-    a few vector operations, no per-sequence Python."""
+    plan_capacity(...) when the chunk size is the rule's. longest_first: the items of the
+    sequences with the longest pieces first (each sequence's items stay together), so the GPU,
+    which starts programs in the order of their ids, leaves the shortest for the launch's tail;
+    else in sequence order. Host time matters (once per step): a few vector operations, no
+    per-sequence Python."""
     lens = np.asarray(seq_lens, dtype=np.int64)  # (B,)
     if lens.ndim != 1:
         raise ValueError(f"seq_lens must be one length per sequence, got shape {lens.shape}")
@@ -223,13 +226,19 @@ def plan_attention(seq_lens: Sequence[int] | np.ndarray, *, groups: int, num_sms
     items[total:] = -1
     seqs = np.zeros((batch, SEQ_FIELDS), dtype=np.int32)
     seqs[:, 1] = size
-    if total == batch:  # nothing cut: one item per sequence (the common case at large batch)
+    if longest_first:  # the sequences in item order: longest pieces first (stable: ties keep their order)
+        order = np.argsort(-size, kind="stable").astype(np.int32)
+        ordered = counts[order]  # (B,) items of each sequence, in item order
+        items[:total] = np.repeat(order, ordered)
+        seqs[order, 0] = np.cumsum(ordered) - ordered
+    elif total == batch:  # nothing cut: one item per sequence (the common case at large batch)
         items[:total] = np.arange(batch)
         seqs[:, 0] = items[:total]
+    else:
+        items[:total] = np.repeat(np.arange(batch, dtype=np.int32), counts)
+        seqs[:, 0] = np.cumsum(counts) - counts
+    if total == batch:
         return HostPlan(items, seqs, total, 0, chunk)
-    items[:total] = np.repeat(np.arange(batch, dtype=np.int32), counts)
-    ends = np.cumsum(counts)
-    seqs[:, 0] = ends - counts
     parts = np.where(counts > 1, counts, 0)  # (B,) partials of each sequence
     part_ends = np.cumsum(parts)
     seqs[:, 2] = part_ends - parts
@@ -252,6 +261,7 @@ class StepPlanner:
     groups: int
     num_sms: int
     resident: int = RESIDENT_PER_SM[128]
+    longest_first: bool = False  # plan_attention's item order
     _chunks: dict = field(default_factory=dict, compare=False, repr=False)  # (B, equal) -> (tokens, chunk)
 
     @classmethod
@@ -265,7 +275,7 @@ class StepPlanner:
         lens = np.asarray(seq_lens, dtype=np.int64)
         if lens.ndim != 1 or not lens.shape[0]:
             return plan_attention(lens, groups=self.groups, num_sms=self.num_sms, capacity=capacity,
-                                  resident=self.resident)
+                                  resident=self.resident, longest_first=self.longest_first)
         key = (lens.shape[0], int(lens.min()) == int(lens.max()))
         tokens = int(lens.sum())
         last = self._chunks.get(key)
@@ -273,10 +283,10 @@ class StepPlanner:
             try:
                 return plan_attention(lens, groups=self.groups, num_sms=self.num_sms,
                                       capacity=self.capacity(lens.shape[0]) if capacity is None else capacity,
-                                      chunk_tokens=last[1])
+                                      chunk_tokens=last[1], longest_first=self.longest_first)
             except ValueError:  # the old chunk no longer fits the buffers: choose afresh
                 pass
         plan = plan_attention(lens, groups=self.groups, num_sms=self.num_sms, capacity=capacity,
-                              resident=self.resident)
+                              resident=self.resident, longest_first=self.longest_first)
         self._chunks[key] = (tokens, plan.chunk_tokens)
         return plan

@@ -38,11 +38,12 @@ def _make_case(batch, hq, hkv, d, block_size, max_blocks, k_max, dtype, seq_lens
     return tuple(t.to(device) for t in tensors)
 
 
-def _plan(case, chunk_tokens=None, capacity=None, block_n=64):
+def _plan(case, chunk_tokens=None, capacity=None, block_n=64, longest_first=False):
     """The work plan of `case` (seq_lens at index 4, head table at 5), cut into chunks of about
     `chunk_tokens` tokens (None: the planner's rule for 4 SMs)."""
     return plan_attention(case[4].tolist(), groups=case[5].shape[1], num_sms=4, block_n=block_n,
-                          chunk_tokens=chunk_tokens, capacity=capacity).to(case[0].device)
+                          chunk_tokens=chunk_tokens, capacity=capacity,
+                          longest_first=longest_first).to(case[0].device)
 
 
 def _check_close(out, case, scale):
@@ -131,15 +132,16 @@ def test_batch_one_and_block_sizes(block_size):
     _check_close(out, case, 0.125)
 
 
-@pytest.mark.parametrize("resident", [2, None])  # persistent grid; one program per plan row
-def test_many_lengths_cut_into_chunks_with_a_padded_plan(resident):
+@pytest.mark.parametrize("resident,longest_first", [(2, False), (None, False), (None, True)])
+def test_many_lengths_cut_into_chunks_with_a_padded_plan(resident, longest_first):
     """Lengths around tile and chunk edges, some sequences cut into up to 19 chunks (more than
-    the merge loads at once), in a plan with empty rows past its items (a graph's capacity). The
-    last chunk of each cut (sequence, slot) merges, and leaves its arrival counter at 0."""
+    the merge loads at once), in a plan with empty rows past its items (a graph's capacity),
+    its items in sequence order or longest pieces first. The last chunk of each cut (sequence,
+    slot) merges, and leaves its arrival counter at 0."""
     gen = torch.Generator().manual_seed(7)
     lens = [1, 15, 16, 17, 100, 255, 300]
     case = _make_case(len(lens), 2, 2, 64, 16, 20, 2, torch.float16, lens, gen)
-    plan = _plan(case, chunk_tokens=16, capacity=60, block_n=16)
+    plan = _plan(case, chunk_tokens=16, capacity=60, block_n=16, longest_first=longest_first)
     assert plan.num_parts > 16 and int((plan.items < 0).sum()) > 0
     for _ in range(2):  # a second launch merges the same way
         out = _launch(*case, 0.2, None, plan, AttentionConfig(block_n=16, num_stages=1, resident_per_sm=resident))
@@ -171,9 +173,10 @@ def _covered(plan, lens):
     [1] * 256,  # a graph bucket of padding rows
 ])
 @pytest.mark.parametrize("groups", [1, 8, 32])
-def test_planner_covers_every_token_once_in_bounded_chunks(lens, groups):
+@pytest.mark.parametrize("longest_first", [False, True])
+def test_planner_covers_every_token_once_in_bounded_chunks(lens, groups, longest_first):
     sms = 132
-    plan = plan_attention(lens, groups=groups, num_sms=sms)
+    plan = plan_attention(lens, groups=groups, num_sms=sms, longest_first=longest_first)
     assert plan.items.shape == (plan_capacity(len(lens), groups, sms),)  # the static buffer size
     assert plan.num_items <= plan.items.shape[0] and (plan.items[plan.num_items:] == -1).all()
     assert all((c == 1).all() for c in _covered(plan, lens)), "a token is read twice or never"
@@ -188,6 +191,26 @@ def test_planner_covers_every_token_once_in_bounded_chunks(lens, groups):
         else:
             assert n == len(mine) and sorted(mine[:, 3]) == list(range(first, first + n))
     assert plan.num_parts == int(plan.seqs[:, 3].sum())
+
+
+def test_planner_longest_pieces_first():
+    """longest_first: the same cut (items, sizes, partials) in another order, each sequence's
+    items together and the sequences by piece size, longest first (ties: by index)."""
+    lens = np.random.default_rng(3).integers(1, 9000, 200)
+    by_index = plan_attention(lens, groups=8, num_sms=132)
+    longest = plan_attention(lens, groups=8, num_sms=132, longest_first=True)
+    assert (by_index.num_items, by_index.num_parts, by_index.chunk_tokens) == \
+        (longest.num_items, longest.num_parts, longest.chunk_tokens)
+    assert np.array_equal(by_index.seqs[:, 1:], longest.seqs[:, 1:])
+    assert sorted(map(tuple, by_index.spans(lens))) == sorted(map(tuple, longest.spans(lens)))
+    items = longest.items[:longest.num_items]
+    seq_order = items[np.r_[True, items[1:] != items[:-1]]]  # each sequence once: its items are together
+    assert sorted(seq_order) == list(range(len(lens)))
+    keys = [(-longest.seqs[b, 1], b) for b in seq_order]
+    assert keys == sorted(keys)
+    assert (longest.seqs[seq_order, 0] == np.flatnonzero(np.r_[True, items[1:] != items[:-1]])).all()
+    planner = StepPlanner(8, 132, longest_first=True)  # the runtime's planner passes the order on
+    assert np.array_equal(planner.plan(lens, plan_capacity(200, 8, 132)).flat(), longest.flat())
 
 
 def test_planner_cuts_by_total_work_not_by_table_width():
