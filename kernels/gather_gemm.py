@@ -71,14 +71,14 @@ class Tile:
 # Read with ptxas for sm_90a, no GPU needed (benchmarks/gather_gemm_ptx.py, Triton 3.7): every
 # entry compiles to wgmma with 16-byte cp.async loads in the K loop, 40-196 registers and no
 # spills (but the stream-K build of fc1's 256-row tile: 255 registers, 248 bytes spilled; the
-# dispatch times it like the rest). Shared memory: fc1 keeps `stages` [BLOCK_N + BLOCK_M, BLOCK_K] tiles (80, 96, 96, 96,
-# 144 KiB), so up to 96 KiB two programs fit per SM (228 KiB); fc2's weight rows are an indirect
-# load (idx first), which the pipeliner buffers stages - 2 deep, so fc2 asks one stage more for
-# 3 buffers (61, 73, 97, 73, 121 KiB). Past 64 rows the tile holds 128-256 batch columns: 8 warps
-# (two warpgroups) halve the per-thread share of the fp32 accumulator [BLOCK_N, BLOCK_M], and
-# BLOCK_K 64 keeps the 256-row stages within shared memory. At 129-256 rows fc1 takes 128
-# neurons a program (half the activation bytes per weight byte; 0.71-1.07x the 64-neuron tile's
-# time, 0.85 at the median, H200 runs 62-63).
+# dispatch times it like the rest). Shared memory: fc1 keeps `stages` [BLOCK_N + BLOCK_M,
+# BLOCK_K] tiles (80, 96, 96, 96, 144 KiB), so up to 96 KiB two programs fit per SM (228 KiB);
+# fc2's weight rows are an indirect load (idx first), which the pipeliner buffers stages - 2
+# deep, so fc2 asks one stage more for 3 buffers (61, 73, 97, 73, 121 KiB). Past 64 rows the
+# tile holds 128-256 batch columns: 8 warps (two warpgroups) halve the per-thread share of the
+# fp32 accumulator [BLOCK_N, BLOCK_M], and BLOCK_K 64 keeps the 256-row stages within shared
+# memory. At 129-256 rows fc1 takes 128 neurons a program (half the activation bytes per weight
+# byte; 0.71-1.07x the 64-neuron tile's time, 0.85x at the median, H200 runs 62-63).
 _M_TILES = (
     (16, 16, Tile(64, 128, 4, 4), Tile(64, 128, 4, 5)),
     (32, 32, Tile(64, 128, 4, 4), Tile(64, 128, 4, 5)),

@@ -37,13 +37,14 @@ the bucket's largest, or a multiple of 256) runs the kernels as built for it and
 the bucket's largest M; any other masks the rows past M off (kernels/gather_gemm_kernels.py), a
 build of its own whose best work split can differ (H200 run 63: fc2 as stream-K with 2
 programs per SM 1.4x slower masked, the other splits not), so it is keyed apart and measured
-one row short of the bucket's largest M. k bins are N/32 wide, measured at the bin's largest k, so a bin's plan is
-measured at its most expensive GATHER. Each candidate is captured in a CUDA graph (as decode
+one row short of the bucket's largest M. k bins are N/32 wide, measured at the bin's largest
+k, so a bin's plan is measured at its most expensive GATHER. Each candidate is captured in a CUDA graph (as decode
 runs it; host launch time drops out) and its replays are timed with L2 flushed before each, as
 every layer's weights are cold when its turn comes. GATHER's fc1 and fc2 are timed separately
 at split counts around the cost model's (1, s / 2, s, 2 s) and as stream-K (1 and 2 programs
 per SM: every program reads the same bytes, so no SM idles while others finish a second tile),
-and the fastest of each is kept.
+on each of gather_gemm's tile candidates for M (two at M 129-256), and the fastest of each is
+kept.
 With PDL (KernelOps(pdl=True)), a GATHER plan whose fc1 + fc2 measured under PDL_MAX_PAIR_MS
 launches the pair with programmatic dependent launch (fc2 asks L2 for its first weight rows while
 fc1 drains): 2-12% faster below ~50 us, while longer pairs gained nothing and lost up to 17% at
@@ -107,8 +108,13 @@ class MlpPlan:
 
 def work_split(config: GemmConfig) -> str:
     """How a config spreads the work: "split<s>" (a grid of tiles, K in s slices) or "stream<n>"
-    (stream-K, n programs per SM)."""
-    return f"stream{config.stream}" if config.stream else f"split{config.split_k}"
+    (stream-K, n programs per SM), and on which tile where M's range has more than one
+    (gather_gemm.tile_candidates): "split2 n128k64"."""
+    split = f"stream{config.stream}" if config.stream else f"split{config.split_k}"
+    tiles = gather_gemm.tile_candidates(config.block_m, fc1=True) + gather_gemm.tile_candidates(config.block_m, fc1=False)
+    if len({(t.block_n, t.block_k) for t in tiles}) == 1:
+        return split
+    return f"{split} n{config.block_n}k{config.block_k}"
 
 
 def m_bucket(m: int) -> int:
@@ -198,7 +204,8 @@ class MlpDispatch:
         return plan
 
     def _measure(self, key: MlpKey, w1: torch.Tensor, b1: torch.Tensor | None, w2t: torch.Tensor) -> MlpPlan:
-        """Time DENSE and GATHER's kernels at the key's largest M and k (random x and idx)."""
+        """Time DENSE and GATHER's kernels (each tile candidate at its work splits) at the key's M
+        (the bucket's largest, one less for a part-empty last tile) and largest k (random x and idx)."""
         m, k, d, n = key.m_bucket - (not key.full_tile), key.k_bin, key.d, key.n
         dev = w1.device
         gen = torch.Generator(device="cpu").manual_seed(k * 131 + m)

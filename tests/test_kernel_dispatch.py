@@ -216,6 +216,11 @@ def test_choose_plan() -> None:
     plan = choose_plan(0.5, {c[0]: 0.2, stream: 0.05}, {c[0]: 0.15, stream: 0.15})
     assert plan.fc1 == stream and plan.fc2 == c[0]  # ties: the tile grid
     assert plan.measured_ms["fc1_stream2"] == 0.05 and plan.describe() == "gather (stream2/split1)"
+    wide = GemmConfig(256, 128, 64, 8)  # M 129-256 has two tiles a kernel: the label names the tile
+    narrow = GemmConfig(256, 64, 64, 8)
+    plan = choose_plan(0.5, {wide: 0.1, narrow: 0.2}, {narrow: 0.1})
+    assert plan.measured_ms["fc1_split1 n128k64"] == 0.1 and plan.measured_ms["fc1_split1 n64k64"] == 0.2
+    assert plan.describe() == "gather (split1 n128k64/split1 n64k64)"
 
 
 @pytest.mark.gpu
