@@ -17,8 +17,8 @@ against cuBLAS's: max |diff| <= 2^-6 of max |cuBLAS| (bf16 output rounding is 2^
 the sums' order differs by split).
 """
 
-import gc
 import argparse
+import gc
 import json
 import statistics
 from dataclasses import replace
