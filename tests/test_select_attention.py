@@ -195,7 +195,7 @@ def test_planner_covers_every_token_once_in_bounded_chunks(lens, groups, longest
 
 def test_planner_longest_pieces_first():
     """longest_first: the same cut (items, sizes, partials) in another order, each sequence's
-    items together and the sequences by piece size, longest first (ties: by index)."""
+    items together and the sequences by their mean piece, longest first (ties: by index)."""
     lens = np.random.default_rng(3).integers(1, 9000, 200)
     by_index = plan_attention(lens, groups=8, num_sms=132)
     longest = plan_attention(lens, groups=8, num_sms=132, longest_first=True)
@@ -206,7 +206,8 @@ def test_planner_longest_pieces_first():
     items = longest.items[:longest.num_items]
     seq_order = items[np.r_[True, items[1:] != items[:-1]]]  # each sequence once: its items are together
     assert sorted(seq_order) == list(range(len(lens)))
-    keys = [(-longest.seqs[b, 1], b) for b in seq_order]
+    counts = np.bincount(items, minlength=len(lens))
+    keys = [(-lens[b] / counts[b], b) for b in seq_order]  # a sequence's mean piece, longest first
     assert keys == sorted(keys)
     assert (longest.seqs[seq_order, 0] == np.flatnonzero(np.r_[True, items[1:] != items[:-1]])).all()
     planner = StepPlanner(8, 132, longest_first=True)  # the runtime's planner passes the order on
@@ -284,6 +285,39 @@ def test_step_planner_reuses_its_cut_across_decode_steps(head_dim, monkeypatch):
         assert plan.items.shape == (cap,)
         assert all((c == 1).all() for c in _covered(plan, step_lens))
     assert 1 <= len(chosen) <= 9  # 120 steps add 5,760 tokens to ~74,000 (+8%): a new choice every ~1%
+
+
+def _fits(plan, lens) -> bool:
+    """plan covers every token of lens once, with no empty item."""
+    spans = plan.spans(lens)
+    return all((c == 1).all() for c in _covered(plan, lens)) and bool((spans[:, 2] > spans[:, 1]).all())
+
+
+@pytest.mark.parametrize("longest_first", [False, True])
+def test_step_planner_keeps_its_plan_while_every_sequence_fits(longest_first):
+    """Between cuts the planner returns the same plan while it covers every length: each step
+    (sequences growing by a token; now and then one replaced by a short new one, or one jumping
+    past its pieces) covers each token once with no empty item, and a plan that would still do
+    so is kept unless the chunk size is chosen again (tokens moved > 1%)."""
+    rng = np.random.default_rng(11)
+    lens = rng.integers(100, 3000, 48)
+    planner = StepPlanner(4, 132, longest_first=longest_first)
+    cap = planner.capacity(48)
+    previous, kept = None, 0
+    for step in range(200):
+        lens = lens + 1
+        if step % 37 == 36:  # a finished sequence's row taken by a new one: a row the last plan cut
+            lens[rng.choice(np.flatnonzero(previous.seqs[:, 3]))] = int(rng.integers(1, 50))
+        if step % 53 == 52:
+            lens[rng.integers(48)] += 700  # a long jump (a prefill's tokens)
+        chosen = planner._chunks.get((48, False))
+        plan = planner.plan(lens, cap)
+        assert _fits(plan, lens)
+        if previous is not None and _fits(previous, lens):
+            assert plan is previous or planner._chunks[(48, False)] != chosen
+        kept += plan is previous
+        previous = plan
+    assert kept >= 140  # 148 of 199 steps here keep the plan
 
 
 def test_planner_host_time_at_batch_256():
