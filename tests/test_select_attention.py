@@ -320,6 +320,20 @@ def test_step_planner_keeps_its_plan_while_every_sequence_fits(longest_first):
     assert kept >= 140  # 148 of 199 steps here keep the plan
 
 
+def test_a_kept_plan_reads_the_steps_own_lengths():
+    """The kernel with a plan made for shorter lengths that it still covers (a decode step later):
+    whole sequences read their whole new length, a cut one's last piece its new tokens."""
+    gen = torch.Generator().manual_seed(12)
+    first = [40, 62, 900, 9]
+    later = [41, 66, 903, 9]  # +0.7% tokens; 62 -> 66 crosses a 64-token tile; 900 is cut into 4 pieces of 256
+    case = _make_case(4, 4, 2, 64, 16, 60, 2, torch.float16, later, gen)
+    planner = StepPlanner(2, 4)
+    plan = planner.plan(first, planner.capacity(4))
+    assert plan.seqs[2, 3] > 1 and planner.plan(later, planner.capacity(4)) is plan
+    out = _launch(*case, 0.2, None, plan.to(case[0].device), AttentionConfig(block_n=16, num_stages=1))
+    _check_close(out, case, 0.2)
+
+
 def test_planner_host_time_at_batch_256():
     """Planning runs once per step on the host; at batch 256 it must cost well under 50 us
     (a budget checked with a wide margin here; the benchmark reports the measured time)."""
