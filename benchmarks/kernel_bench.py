@@ -232,12 +232,11 @@ PADDED_LENGTHS = [("uniform 1000-5000", 1000, 5000), ("one long among short", 30
 PADDED_WIDTHS = [None, 8192, 32768]  # table width in tokens; None: exactly the longest sequence
 
 
-def _paged_kv(lens: list[int], hkv: int, head_dim: int, dtype: torch.dtype, gen: torch.Generator, device="cuda",
-              block_size: int = BLOCK_SIZE):
-    """K and V caches [blocks + 1, Hkv, block_size, D] holding sequences of `lens` tokens in
-    shuffled blocks (perm: the blocks in sequence order); the last block is the padding's."""
-    total_blocks = sum(-(-n // block_size) for n in lens)
-    kc = torch.randn(total_blocks + 1, hkv, block_size, head_dim, device=device, dtype=dtype)
+def _paged_kv(lens: list[int], hkv: int, head_dim: int, dtype: torch.dtype, gen: torch.Generator, device="cuda"):
+    """K and V caches [blocks + 1, Hkv, 16, D] holding sequences of `lens` tokens in shuffled
+    blocks (perm: the blocks in sequence order); the last block is the padding's."""
+    total_blocks = sum(-(-n // BLOCK_SIZE) for n in lens)
+    kc = torch.randn(total_blocks + 1, hkv, BLOCK_SIZE, head_dim, device=device, dtype=dtype)
     vc = torch.randn_like(kc)
     perm = torch.randperm(total_blocks, generator=gen).int()
     return kc, vc, perm

@@ -39,14 +39,10 @@ DENSITIES = (0.2, 0.3, 0.5)
 MMA_FLOP_PER_S = 650e12
 
 
-def _block_m(m: int) -> int:
-    return max(16, min(256, triton.next_power_of_2(m)))
-
-
 def variants(m: int, fc1: bool) -> dict[str, GemmConfig]:
     """Tile variants for M rows (BLOCK_M = M rounded up to a power of two)."""
-    bm = _block_m(m)
     out = {"table": gather_gemm.tile_config(m, fc1)}
+    bm = out["table"].block_m
     out["n128_k64_w8"] = GemmConfig(bm, 128, 64, 8, 3 if fc1 else 4)
     out["n128_k32_w8"] = GemmConfig(bm, 128, 32, 8, 4 if fc1 else 5)
     out["n64_k32_w4"] = GemmConfig(bm, 64, 32, 4, 5 if fc1 else 6)

@@ -18,8 +18,8 @@ import time
 import numpy as np
 import torch
 
-from benchmarks.kernel_bench import BLOCK_SIZE, _block_table, _copy_tbps, _head_table, _paged_kv, runtime_plan
-from benchmarks.plan_waves_ab import CASES, _lengths
+from benchmarks.kernel_bench import _copy_tbps, runtime_plan
+from benchmarks.plan_waves_ab import CASES, paged_case
 from kernels.attention_plan import StepPlanner
 from kernels.graph_timer import GraphTimer
 from kernels.select_attention import AttentionConfig, _launch
@@ -55,12 +55,7 @@ def main(out: str) -> None:
     gen = torch.Generator().manual_seed(0)
     rows = []
     for name, b, hq, hkv, d, spec, k in CASES + MORE:
-        lens = _lengths(spec, b, gen)
-        kc, vc, perm = _paged_kv(lens, hkv, d, torch.bfloat16, gen)
-        bt = _block_table(lens, perm, 8192 // BLOCK_SIZE)
-        q = torch.randn(b, hq, d, device=dev, dtype=torch.bfloat16)
-        sl = torch.tensor(lens, device=dev, dtype=torch.int32)
-        ht = _head_table(b, hkv, k, gen)
+        lens, kc, vc, bt, q, sl, ht = paged_case(spec, b, hq, hkv, d, k, gen)
         out_t = torch.empty_like(q)
         row = {"case": name, "floor_us": sum(lens) * k * d * 2 * 2 / (bw * 1e12) * 1e6, "us_in_graph": {}, "plans": {}}
         ref = None

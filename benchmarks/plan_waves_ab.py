@@ -60,6 +60,17 @@ def _lengths(spec, b, gen):
     return spec
 
 
+def paged_case(spec, b: int, hq: int, hkv: int, d: int, k: int, gen: torch.Generator):
+    """A case's lengths and its bf16 decode inputs on the GPU: paged K/V in shuffled 16-token
+    blocks, the block table padded to 8k tokens, q, the lengths, a random head table of k slots."""
+    lens = _lengths(spec, b, gen)
+    kc, vc, perm = _paged_kv(lens, hkv, d, torch.bfloat16, gen)
+    bt = _block_table(lens, perm, 8192 // BLOCK_SIZE)
+    q = torch.randn(b, hq, d, device="cuda", dtype=torch.bfloat16)
+    sl = torch.tensor(lens, device="cuda", dtype=torch.int32)
+    return lens, kc, vc, bt, q, sl, _head_table(b, hkv, k, gen)
+
+
 def occupancy() -> list[dict]:
     """Registers, shared memory and programs per SM of each compiled attention kernel (sm_90:
     64K registers, 228 KiB of shared memory, 1 KiB of it reserved per program)."""
@@ -82,12 +93,7 @@ def main(out, min_chunks):
     gen = torch.Generator().manual_seed(0)
     rows = []
     for name, b, hq, hkv, d, spec, k in CASES:
-        lens = _lengths(spec, b, gen)
-        kc, vc, perm = _paged_kv(lens, hkv, d, torch.bfloat16, gen)
-        bt = _block_table(lens, perm, 8192 // BLOCK_SIZE)
-        q = torch.randn(b, hq, d, device=dev, dtype=torch.bfloat16)
-        sl = torch.tensor(lens, device=dev, dtype=torch.int32)
-        ht = _head_table(b, hkv, k, gen)
+        lens, kc, vc, bt, q, sl, ht = paged_case(spec, b, hq, hkv, d, k, gen)
         out_t = torch.empty_like(q)
         floor_us = sum(lens) * k * d * 2 * 2 / (bw * 1e12) * 1e6
         variants = {"wave": {}}

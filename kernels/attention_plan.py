@@ -263,8 +263,9 @@ class StepPlanner:
     returned while it still covers every length: a whole sequence's item takes any length
     (WHOLE_TOKENS), a cut sequence's last piece grows until it is full; only a sequence that
     outgrows its pieces, or one shorter than them (another sequence in its row), cuts afresh.
-    At batch 256 that leaves ~1 step in 50 to cut (pieces of ~3,700 tokens on 53 of the
-    sequences), each kept step ~5 us of host time instead of ~28."""
+    A cut sequence's pieces are rounded up to whole 64-token tiles, so its last piece has fewer
+    than 64 x pieces tokens of room: at batch 256 over 100-8192 tokens (47 sequences cut) 336 of
+    1,000 steps cut afresh, and the median step takes ~9 us of host time instead of ~28."""
 
     groups: int
     num_sms: int
