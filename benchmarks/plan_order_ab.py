@@ -1,7 +1,7 @@
-"""The attention plan's item order: sequences in index order (the runtime's) against the longest
-pieces first (plan_attention(longest_first=True)), the same cut either way, timed in a graph
-(GraphTimer.in_graph, L2 flushed before each call) at plan_waves_ab.py's cases and more batches
-of unequal lengths; outputs checked against the index order's. Also the plan's host time at
+"""The attention plan's item order: sequences in index order (the runtime's before H200 run 69)
+against the longest pieces first (plan_attention(longest_first=True)), the same cut either way,
+timed in a graph (GraphTimer.in_graph, L2 flushed before each call) at plan_waves_ab.py's cases
+and more batches of unequal lengths; outputs checked against the index order's. Also the plan's host time at
 batch 256 both ways.
 
     PYTHONPATH=. python3 benchmarks/plan_order_ab.py benchmarks/results/<gpu>/ab/plan_order.json

@@ -74,6 +74,11 @@ BLAS_CHOICE: EnvVar[bool] = EnvVar(
     "run each dense linear of a decode-sized batch through cuBLAS or cuBLASLt, whichever the GPU measures faster "
     "for its shape at first use (kernels/blas_choice.py); 0 leaves every linear to torch's default library",
 )
+PLAN_LONGEST_FIRST: EnvVar[bool] = EnvVar(
+    "POLAR_PLAN_LONGEST_FIRST", True, parse_bool,
+    "start the attention launch with the sequences whose pieces are longest (kernels/attention_plan.py); 0 lists "
+    "them in batch order",
+)
 LOG_ALL_RANKS: EnvVar[bool] = EnvVar(
     "POLAR_LOG_ALL_RANKS", False, parse_bool, "log from every rank, not rank 0 only"
 )

@@ -197,8 +197,8 @@ def test_planner_longest_pieces_first():
     """longest_first: the same cut (items, sizes, partials) in another order, each sequence's
     items together and the sequences by their mean piece, longest first (ties: by index)."""
     lens = np.random.default_rng(3).integers(1, 9000, 200)
-    by_index = plan_attention(lens, groups=8, num_sms=132)
-    longest = plan_attention(lens, groups=8, num_sms=132, longest_first=True)
+    by_index = plan_attention(lens, groups=8, num_sms=132, longest_first=False)
+    longest = plan_attention(lens, groups=8, num_sms=132)  # the default
     assert (by_index.num_items, by_index.num_parts, by_index.chunk_tokens) == \
         (longest.num_items, longest.num_parts, longest.chunk_tokens)
     assert np.array_equal(by_index.seqs[:, 1:], longest.seqs[:, 1:])
@@ -210,7 +210,7 @@ def test_planner_longest_pieces_first():
     keys = [(-lens[b] / counts[b], b) for b in seq_order]  # a sequence's mean piece, longest first
     assert keys == sorted(keys)
     assert (longest.seqs[seq_order, 0] == np.flatnonzero(np.r_[True, items[1:] != items[:-1]])).all()
-    planner = StepPlanner(8, 132, longest_first=True)  # the runtime's planner passes the order on
+    planner = StepPlanner(8, 132)  # the runtime's planner: longest first by default
     assert np.array_equal(planner.plan(lens, plan_capacity(200, 8, 132)).flat(), longest.flat())
 
 

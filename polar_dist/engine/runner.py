@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from kernels.attention_plan import StepPlanner
+from polar_dist import envs
 from polar_dist.engine.cuda_graphs import DecodeGraphs
 from polar_dist.engine.kv_cache import allocate_kv_caches, blocks_needed
 from polar_dist.engine.sampling import PromptRows, SampleOutput, SampleRow, Sampler
@@ -50,7 +51,8 @@ class ModelRunner:
         # decode rows use its first B rows, eager or captured.
         self.head_table = torch.arange(plan.num_kv_heads_local, dtype=torch.int32, device=device).expand(
             max_batch_size, -1).contiguous()
-        self.planner = StepPlanner.for_device(attention_groups or plan.num_kv_heads_local, device, spec.head_dim)
+        self.planner = StepPlanner.for_device(attention_groups or plan.num_kv_heads_local, device, spec.head_dim,
+                                              envs.PLAN_LONGEST_FIRST.get())
         self.graphs = DecodeGraphs(
             model, self.kv_caches, self.head_table, self.planner, max_blocks=self.max_blocks_per_seq,
             block_size=block_size, scratch_block=num_blocks, device=device) \
