@@ -159,7 +159,7 @@ def _row_adder(rows: list, op: str, shape: dict):
 
 
 def bench_attention(name, b, hq, hkv, n, densities, bw, rows, sweep=False):
-    from kernels.select_attention import AttentionConfig, _launch, select_attention
+    from kernels.select_attention import AttentionConfig, _launch, default_config, select_attention
 
     gen = torch.Generator().manual_seed(0)
     g = hq // hkv
@@ -217,7 +217,7 @@ def bench_attention(name, b, hq, hkv, n, densities, bw, rows, sweep=False):
             return ms, err
 
         cfg_splits = CONFIG_ROWS.get((name, b, kmax), ())
-        for label, cfg in [("default", astuple(AttentionConfig()))] + (CONFIG_SWEEP if cfg_splits else []):
+        for label, cfg in [("default", astuple(default_config(D_HEAD)))] + (CONFIG_SWEEP if cfg_splits else []):
             c = AttentionConfig(*cfg)
             for chunk in CHUNK_SWEEP if label == "default" else cfg_splits:
                 cut, _ = runtime_plan([n] * b, kmax, chunk_tokens=chunk)

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from benchmarks.kernel_bench import BLOCK_SIZE, _block_table, _copy_tbps, _head_table, _paged_kv, runtime_plan
 from kernels.graph_timer import GraphTimer, l2_bytes
 from kernels.norms import add_rms_norm
-from kernels.select_attention import AttentionConfig, _launch
+from kernels.select_attention import _launch, default_config
 from kernels.silu_mul import silu_mul
 from kernels.pdl import launch_options, wait_then_release
 import triton
@@ -143,7 +143,7 @@ def main(out_path):
         ht = _head_table(b, hkv, k, gen)
         o = torch.empty_like(q)
         plan, info = runtime_plan(lens, k)
-        attn = lambda: _launch(q, kc, vc, bt, sl, ht, 128**-0.5, o, plan, AttentionConfig(), pdl=True)
+        attn = lambda: _launch(q, kc, vc, bt, sl, ht, 128**-0.5, o, plan, default_config(128), pdl=True)
         us = _time_variants(timer, attn, wo, lambda a: a.view(b, hq * 128), small=True)
         us["attn_only"] = timer.in_graph(attn) * 1e3
         us["linear_only"] = timer.in_graph(lambda: F.linear(o.view(b, hq * 128), wo)) * 1e3

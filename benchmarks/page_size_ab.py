@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from benchmarks.kernel_bench import _block_table, _copy_tbps, _head_table, runtime_plan
 from benchmarks.plan_waves_ab import _lengths
 from kernels.graph_timer import GraphTimer
-from kernels.select_attention import AttentionConfig, _launch
+from kernels.select_attention import _launch, default_config
 
 PAGES = (16, 32, 64, 128)
 CASES = [  # name, B, Hq, Hkv, D, lengths, k
@@ -74,7 +74,7 @@ def main(out: str) -> None:
             kc, vc = paged(logical_k, lens, page, perm), paged(logical_v, lens, page, perm)
             bt = _block_table(lens, perm, 8192 // page, block_size=page)
             out_t = torch.empty_like(q)
-            fn = lambda: _launch(q, kc, vc, bt, sl, ht, d**-0.5, out_t, plan, AttentionConfig(), pdl=True)  # noqa: E731
+            fn = lambda: _launch(q, kc, vc, bt, sl, ht, d**-0.5, out_t, plan, default_config(d), pdl=True)  # noqa: E731
             fn()
             torch.cuda.synchronize()
             if ref is None:

@@ -22,7 +22,7 @@ from benchmarks.kernel_bench import _copy_tbps, runtime_plan
 from benchmarks.plan_waves_ab import CASES, paged_case
 from kernels.attention_plan import StepPlanner
 from kernels.graph_timer import GraphTimer
-from kernels.select_attention import AttentionConfig, _launch
+from kernels.select_attention import _launch, default_config
 
 MORE = [  # name, B, Hq, Hkv, D, lengths, k: unequal lengths at more batches and densities
     ("l3-8b B64 mixed dense", 64, 32, 8, 128, "mixed", 8),
@@ -61,7 +61,7 @@ def main(out: str) -> None:
         ref = None
         for order, longest_first in ORDERS.items():
             plan, info = runtime_plan(lens, k, head_dim=d, longest_first=longest_first)
-            fn = lambda: _launch(q, kc, vc, bt, sl, ht, d**-0.5, out_t, plan, AttentionConfig(), pdl=True)  # noqa: E731
+            fn = lambda: _launch(q, kc, vc, bt, sl, ht, d**-0.5, out_t, plan, default_config(d), pdl=True)  # noqa: E731
             fn()
             torch.cuda.synchronize()
             if ref is None:

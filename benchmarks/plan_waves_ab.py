@@ -18,7 +18,7 @@ import torch
 
 from benchmarks.kernel_bench import BLOCK_SIZE, _block_table, _copy_tbps, _head_table, _paged_kv, runtime_plan
 from kernels.graph_timer import GraphTimer
-from kernels.select_attention import AttentionConfig, _launch, _select_attention_kernel
+from kernels.select_attention import _launch, _select_attention_kernel, default_config
 
 CASES = [  # name, B, Hq, Hkv, D, lengths ("mixed": 512-6144, "spread": 10-100% of 4096, "one_long"), k
     ("l2-7b B8 2048 k16", 8, 32, 32, 128, [2048] * 8, 16),
@@ -102,7 +102,7 @@ def main(out, min_chunks):
         row = {"case": name, "floor_us": floor_us, "us_in_graph": {}, "plans": {}}
         for key, rule in variants.items():
             plan, info = runtime_plan(lens, k, head_dim=d, **rule)
-            fn = lambda: _launch(q, kc, vc, bt, sl, ht, d**-0.5, out_t, plan, AttentionConfig(), pdl=True)
+            fn = lambda: _launch(q, kc, vc, bt, sl, ht, d**-0.5, out_t, plan, default_config(d), pdl=True)
             fn(); torch.cuda.synchronize()
             if ref is None:
                 ref = out_t.clone()

@@ -36,9 +36,12 @@ import torch
 
 PROGRAMS_PER_SM = 16  # the most programs per SM a plan aims at: plan_capacity's bound
 MIN_CHUNK_TOKENS = 256
-# Attention programs one SM holds at once, by head dim: the default block config's shared memory
-# (3 stages of a 64-token K and V tile) and registers (benchmarks/KERNELS_NOTES.md, run 48).
-RESIDENT_PER_SM = {64: 6, 128: 3}
+# Attention programs one SM holds at once, by padded head dim, for the kernel's default build
+# there (kernels/select_attention.py, default_config): 64 wide, 3 stages of a 64-token K and V
+# tile, 36 KiB of shared memory and 72 registers: 6; 128 wide, 2 stages, 38 KiB and 128
+# registers: 4, the registers binding (H200 runs 48 and 72, benchmarks/KERNELS_NOTES.md). A plan
+# cut for more than fit runs in part-empty extra waves (1.24x at a 1.2-wave cut, run 72).
+RESIDENT_PER_SM = {64: 6, 128: 4}
 # Cost model of a cut (runs 47-53, fit by benchmarks/plan_model_fit.py): a last wave that fills a fraction f of the slots takes
 # f + (1 - f) * IDLE_SHARE of a whole wave's time (29% full: as long as 62% of a wave); with
 # unequal lengths the pieces differ and the step takes at least J + IMBALANCE * cv waves, for J

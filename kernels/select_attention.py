@@ -52,12 +52,15 @@ class AttentionConfig:
     num_warps: int = 4
     # Pipeline depth asked of Triton. Compiled for a real launch (every stride divisible by 16
     # marked so), the K/V tiles are 16-byte cp.async copies into a shared-memory pipeline of this
-    # depth: 114-149 registers, no spills, ~70 KiB of shared memory at 3 stages, so 3 programs per
-    # SM (benchmarks/KERNELS_NOTES.md, runs 28-33; an earlier CPU-only compile that marked two
-    # strides showed 255 registers and scalar loads, which no launch runs). No other config wins
-    # across shapes (runs 28 and 42): 2 stages is 0.82x at GQA B 8 and up to 1.18x at B 1, 4
-    # stages, 8 warps, 32- or 128-token tiles are slower at most rows.
-    num_stages: int = 3
+    # depth. 128-wide heads, 64-token tiles: 2 stages take 38 KiB and 127-128 registers, so 4
+    # programs per SM (the registers bind), against 3 stages' 70 KiB and 3; with the plan cut for
+    # 4 per SM it is 0.93-0.99x of 3 stages' time at every measured shape, B 1 to 128, MHA and
+    # GQA, equal and mixed lengths (H200 runs 72-73, benchmarks/attention_stages_ab.py): fewer
+    # part-empty last waves. 64-wide heads keep 3 stages (36 KiB, 6 per SM; 2 stages there
+    # 1.00x at the median, up to 1.06x slower). No other config wins across shapes (runs 28, 42,
+    # 72-73): 8 warps, 32- or 128-token tiles, register caps that buy a fifth program per SM
+    # (they spill: 1.16x) are slower at most rows.
+    num_stages: int = 2
     # ptxas register cap (None: Triton's own, see above).
     maxnreg: int | None = None
     # Persistent grid: this many programs per SM stride over the plan's real work; None: one
@@ -70,9 +73,13 @@ _INTERPRETER_CONFIG = AttentionConfig(block_n=64, num_warps=4, num_stages=1)
 
 
 def default_config(head_dim: int) -> AttentionConfig:
-    """The measured config up to 128-wide tiles; 256-wide tiles (head dims 129-256) take 32-token
-    K/V tiles, so 3 stages of them fit the shared memory of 64-token tiles at 128 (not tuned)."""
-    return AttentionConfig() if padded_head_dim(head_dim) <= 128 else AttentionConfig(block_n=32)
+    """The measured config by tile width (see AttentionConfig.num_stages): up to 64, 3 stages;
+    128, 2 stages; 256 (head dims 129-256), 32-token K/V tiles in 3 stages, the shared memory of
+    64-token tiles at 128 in 3 stages (not tuned)."""
+    width = padded_head_dim(head_dim)
+    if width <= 64:
+        return AttentionConfig(num_stages=3)
+    return AttentionConfig() if width <= 128 else AttentionConfig(block_n=32, num_stages=3)
 
 
 @triton.jit

@@ -226,17 +226,18 @@ def test_planner_cuts_by_total_work_not_by_table_width():
 
 
 def test_planner_fills_whole_waves_of_resident_programs():
-    """The cut's program count against the GPU's resident slots (3 per SM at head dim 128, 132
-    SMs: 396): a whole wave or just under it, never a small last wave of equal programs (run 47:
-    512 programs, 1.29 waves, took 1.23x the time of 768)."""
+    """The cut's program count against the GPU's resident slots (4 per SM at head dim 128, 132
+    SMs: 528): a whole wave or just under it, never a small last wave of equal programs (run 47:
+    1.29 waves took 1.23x the time of 2 waves)."""
     slots = resident_per_sm(128) * 132
+    assert slots == 528
     gqa = plan_attention([4096] * 32, groups=4, num_sms=132)  # 128 (sequence, group) pairs
-    assert gqa.num_items * 4 == 384  # 3 pieces each: 0.97 of a wave
-    llama3 = plan_attention([6144] * 64, groups=4, num_sms=132)  # 256 pairs: 2 pieces would be 1.29 waves
-    assert llama3.num_items * 4 == 768
-    small = plan_attention([4096] * 8, groups=4, num_sms=132)  # 32 pairs: 11 pieces each, 0.89 of a wave
+    assert gqa.num_items * 4 == 512  # 4 pieces each: 0.97 of a wave
+    llama3 = plan_attention([6144] * 64, groups=4, num_sms=132)  # 256 pairs: 2 pieces each, 0.97 of a wave
+    assert llama3.num_items * 4 == 512
+    small = plan_attention([4096] * 8, groups=4, num_sms=132)  # 32 pairs: 16 pieces each
     assert slots // 2 < small.num_items * 4 <= slots
-    dense = plan_attention([2048] * 32, groups=32, num_sms=132)  # 1024 pairs: already 2.59 waves uncut
+    dense = plan_attention([2048] * 32, groups=32, num_sms=132)  # 1024 pairs: already 1.94 waves uncut
     assert dense.num_parts == 0 and dense.num_items == 32
 
 
