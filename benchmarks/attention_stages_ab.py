@@ -1,7 +1,7 @@
 """The decode attention kernel's pipeline depth and tile against the programs an SM holds: the
 default before run 72 (64-token tiles, 3 stages, a plan cut for 3 resident programs per SM)
-against 2 stages (the default since) and 32-token tiles, each with plans cut for the programs per SM its smaller shared-memory
-footprint may allow, and torch SDPA over a contiguous cache where every head is read; timed in a
+against 2 stages (the default since) and 32-token tiles, each with plans cut for the programs
+per SM its smaller shared-memory footprint may allow, and torch SDPA over a contiguous cache where every head is read; timed in a
 graph (GraphTimer.in_graph, L2 flushed before each call), outputs checked against the default's.
 Prints each compiled build's registers, shared memory and programs per SM. Recorded: run 72
 (`results/nvidia-h200/ab/attention_stages_run72.json`, the first five 128-wide variants), run 73

@@ -21,13 +21,17 @@ import sys
 from pathlib import Path
 
 
-def compile_stats(fn, ptr_types: dict, constexprs: dict, num_warps: int, num_stages: int, div16: tuple) -> dict:
+def compile_stats(fn, ptr_types: dict, constexprs: dict, num_warps: int, num_stages: int, div16: tuple,
+                  scalar_types: dict | None = None) -> dict:
+    """ptxas's figures for fn compiled for sm_90a: pointers typed by ptr_types (16-byte aligned),
+    integer arguments i32 unless scalar_types says otherwise, those in div16 divisible by 16."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     names = [p.name for p in fn.params]
-    signature = {p.name: "constexpr" if p.is_constexpr else ptr_types.get(p.name, "i32") for p in fn.params}
+    types = {**(scalar_types or {}), **ptr_types}
+    signature = {p.name: "constexpr" if p.is_constexpr else types.get(p.name, "i32") for p in fn.params}
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n in ptr_types or n in div16}
     kernel = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
                             target=GPUTarget("cuda", 90, 32),

@@ -36,12 +36,20 @@ import torch
 
 PROGRAMS_PER_SM = 16  # the most programs per SM a plan aims at: plan_capacity's bound
 MIN_CHUNK_TOKENS = 256
-# Attention programs one SM holds at once, by padded head dim, for the kernel's default build
-# there (kernels/select_attention.py, default_config): 64 wide, 3 stages of a 64-token K and V
-# tile, 36 KiB of shared memory and 72 registers: 6; 128 wide, 2 stages, 38 KiB and 128
-# registers: 4, the registers binding (H200 runs 48 and 72, benchmarks/KERNELS_NOTES.md). A plan
-# cut for more than fit runs in part-empty extra waves (1.24x at a 1.2-wave cut, run 72).
-RESIDENT_PER_SM = {64: 6, 128: 4}
+# Attention programs one SM holds at once, by (padded head dim, query heads per group padded to
+# a power of two >= 16), for the kernel's default build there (kernels/select_attention.py,
+# default_config). Groups of <= 16 heads, measured on the H200: 64 wide, 3 stages of a 64-token
+# K and V tile, 36 KiB of shared memory and 72 registers: 6; 128 wide, 2 stages, 38 KiB and 128
+# registers: 4, the registers binding (runs 48 and 72, benchmarks/KERNELS_NOTES.md). Wider
+# groups hold more rows of q, the scores and the output per program: read with ptxas
+# (benchmarks/attention_ptx.py, no GPU), 32 heads take 84-188 registers, 64 heads 127-255. A
+# plan cut for more programs than fit runs in part-empty extra waves (1.24x at a 1.2-wave cut,
+# run 72).
+RESIDENT_PER_SM = {
+    (64, 16): 6, (128, 16): 4, (256, 16): 3,
+    (64, 32): 5, (128, 32): 3, (256, 32): 2,
+    (64, 64): 4, (128, 64): 2, (256, 64): 1,
+}
 # Cost model of a cut (runs 47-53, fit by benchmarks/plan_model_fit.py): a last wave that fills a fraction f of the slots takes
 # f + (1 - f) * IDLE_SHARE of a whole wave's time (29% full: as long as 62% of a wave); with
 # unequal lengths the pieces differ and the step takes at least J + IMBALANCE * cv waves, for J
@@ -126,10 +134,12 @@ def padded_head_dim(head_dim: int) -> int:
     return max(16, 1 << (head_dim - 1).bit_length())
 
 
-def resident_per_sm(head_dim: int) -> int:
-    """Attention programs an SM holds at once at this head dim: the kernel's tiles are
-    padded_head_dim wide (80 and 96 compile the 128-wide kernel); 3 where not measured."""
-    return RESIDENT_PER_SM.get(padded_head_dim(head_dim), 3)
+def resident_per_sm(head_dim: int, group: int = 1) -> int:
+    """Attention programs an SM holds at once at this head dim and this many query heads per KV
+    group: the kernel's tiles are padded_head_dim wide (80 and 96 compile the 128-wide kernel)
+    and max(16, next power of two of group) rows tall; past the table's 64 rows, 1."""
+    rows = max(16, 1 << (max(1, group) - 1).bit_length())
+    return RESIDENT_PER_SM.get((padded_head_dim(head_dim), rows), 1)
 
 
 def _wave_cost(programs: float, slots: int, cv: float = 0.0, slack: float = 0.0, *,
@@ -183,7 +193,7 @@ def plan_capacity(batch: int, groups: int, num_sms: int, programs_per_sm: int = 
 def plan_attention(seq_lens: Sequence[int] | np.ndarray, *, groups: int, num_sms: int, block_n: int = 64,
                    capacity: int | None = None, chunk_tokens: int | None = None,
                    programs_per_sm: int | None = None, min_chunk: int = MIN_CHUNK_TOKENS,
-                   resident: int = RESIDENT_PER_SM[128], longest_first: bool = True) -> HostPlan:
+                   resident: int = RESIDENT_PER_SM[128, 16], longest_first: bool = True) -> HostPlan:
     """Cut B sequences of `seq_lens` tokens into items for `groups` head-table slots each.
 
     groups: slots per sequence the step's layers read (the plan holds for any head-table width;
@@ -195,8 +205,8 @@ def plan_attention(seq_lens: Sequence[int] | np.ndarray, *, groups: int, num_sms
     of the sequences with the longest pieces first (each sequence's items stay together), so the
     GPU, which starts programs in the order of their ids, leaves the shortest for the launch's
     tail (H200 run 69, benchmarks/plan_order_ab.py: 0.94-0.97x at unequal lengths and batch
-    64-256, within +-1% elsewhere); else in sequence order. Host time matters (once per step): a few vector operations, no
-    per-sequence Python."""
+    64-256, within +-1% elsewhere); else in sequence order. Host time matters (once per step): a
+    few vector operations, no per-sequence Python."""
     lens = np.asarray(seq_lens, dtype=np.int64)  # (B,)
     if lens.ndim != 1:
         raise ValueError(f"seq_lens must be one length per sequence, got shape {lens.shape}")
@@ -273,15 +283,16 @@ class StepPlanner:
 
     groups: int
     num_sms: int
-    resident: int = RESIDENT_PER_SM[128]
+    resident: int = RESIDENT_PER_SM[128, 16]
     longest_first: bool = True  # plan_attention's item order
     _chunks: dict = field(default_factory=dict, compare=False, repr=False)  # (B, equal) -> (tokens, chunk)
     _kept: dict = field(default_factory=dict, compare=False, repr=False)  # (B, equal) -> (plan, lo, hi)
 
     @classmethod
-    def for_device(cls, groups: int, device: torch.device, head_dim: int = 128,
+    def for_device(cls, groups: int, device: torch.device, head_dim: int = 128, group_size: int = 1,
                    longest_first: bool = True) -> StepPlanner:
-        return cls(max(1, groups), num_sms(device), resident_per_sm(head_dim), longest_first)
+        """groups: head-table slots a step's layers read; group_size: query heads per KV group."""
+        return cls(max(1, groups), num_sms(device), resident_per_sm(head_dim, group_size), longest_first)
 
     def capacity(self, batch: int) -> int:
         return plan_capacity(batch, self.groups, self.num_sms)

@@ -339,14 +339,14 @@ def _check_plan(plan: AttentionPlan, batch: int, device: torch.device) -> None:
 
 
 def host_plan(seq_lens: torch.Tensor, k_max: int, device: torch.device, block_n: int,
-              head_dim: int = 128) -> AttentionPlan:
+              head_dim: int = 128, group: int = 1) -> AttentionPlan:
     """The plan for a call that did not bring one: from seq_lens read back to the host (a sync)."""
     if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         raise ValueError("select_attention under CUDA-graph capture needs a plan (its lengths cannot be read "
                          "back while capturing): build one with kernels.attention_plan.plan_attention and pass "
                          "plan=, with a static capacity (plan_capacity)")
     return plan_attention(seq_lens.tolist(), groups=k_max, num_sms=num_sms(device), block_n=block_n,
-                          resident=resident_per_sm(head_dim)).to(device)
+                          resident=resident_per_sm(head_dim, group)).to(device)
 
 
 def _launch(q, k_cache, v_cache, block_tables, seq_lens, head_table, scale, out,
@@ -367,7 +367,7 @@ def _launch(q, k_cache, v_cache, block_tables, seq_lens, head_table, scale, out,
     if batch == 0:
         return out
     if plan is None:
-        plan = host_plan(seq_lens, k_max, q.device, config.block_n, d)
+        plan = host_plan(seq_lens, k_max, q.device, config.block_n, d, group)
     _check_plan(plan, batch, q.device)
     if plan.num_parts:
         part_rows = plan.num_parts * k_max * group

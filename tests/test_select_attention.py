@@ -225,6 +225,16 @@ def test_planner_cuts_by_total_work_not_by_table_width():
     assert big.num_parts == 0
 
 
+def test_resident_programs_follow_the_build():
+    """The plan's slots per SM: the head dim's tile width (80 and 96 take the 128-wide build)
+    and the group's padded rows (<= 16 query heads one build; 32 and 64 hold more registers)."""
+    assert resident_per_sm(128) == resident_per_sm(128, 16) == resident_per_sm(96, 8) == resident_per_sm(80) == 4
+    assert resident_per_sm(64, 4) == 6 and resident_per_sm(256) == 3
+    assert resident_per_sm(128, 17) == resident_per_sm(128, 32) == 3 and resident_per_sm(128, 64) == 2
+    assert resident_per_sm(128, 128) == 1  # past the table: one program per SM, never more than fit
+    assert StepPlanner.for_device(8, torch.device("cpu"), 128, group_size=32).resident == 3
+
+
 def test_planner_fills_whole_waves_of_resident_programs():
     """The cut's program count against the GPU's resident slots (4 per SM at head dim 128, 132
     SMs: 528): a whole wave or just under it, never a small last wave of equal programs (run 47:

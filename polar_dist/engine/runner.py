@@ -51,8 +51,9 @@ class ModelRunner:
         # decode rows use its first B rows, eager or captured.
         self.head_table = torch.arange(plan.num_kv_heads_local, dtype=torch.int32, device=device).expand(
             max_batch_size, -1).contiguous()
-        self.planner = StepPlanner.for_device(attention_groups or plan.num_kv_heads_local, device, spec.head_dim,
-                                              envs.PLAN_LONGEST_FIRST.get())
+        self.planner = StepPlanner.for_device(
+            attention_groups or plan.num_kv_heads_local, device, spec.head_dim,
+            group_size=plan.num_heads_local // plan.num_kv_heads_local, longest_first=envs.PLAN_LONGEST_FIRST.get())
         self.graphs = DecodeGraphs(
             model, self.kv_caches, self.head_table, self.planner, max_blocks=self.max_blocks_per_seq,
             block_size=block_size, scratch_block=num_blocks, device=device) \
