@@ -62,6 +62,7 @@ IMBALANCE = 1.0
 # 3.5% slower than 1.98 at MHA-32 B 32 over 410-4096); equal pieces pay for it in full.
 OVERFLOW_SLACK = 0.02
 REPLAN_DRIFT = 0.01  # StepPlanner reuses a batch's chunk size while its tokens move less than this
+KEPT_ROOM = 64  # tokens of growth StepPlanner's cuts leave each cut sequence, so a plan lasts that many steps
 SEQ_FIELDS = 4  # per sequence: first item, tokens per item, first partial, partials (0: not cut)
 # Tokens per item of a sequence left whole: its one item reads [0, min(WHOLE_TOKENS, length)),
 # i.e. any length, so a plan stays valid for it however it grows (StepPlanner keeps plans).
@@ -193,7 +194,8 @@ def plan_capacity(batch: int, groups: int, num_sms: int, programs_per_sm: int = 
 def plan_attention(seq_lens: Sequence[int] | np.ndarray, *, groups: int, num_sms: int, block_n: int = 64,
                    capacity: int | None = None, chunk_tokens: int | None = None,
                    programs_per_sm: int | None = None, min_chunk: int = MIN_CHUNK_TOKENS,
-                   resident: int = RESIDENT_PER_SM[128, 16], longest_first: bool = True) -> HostPlan:
+                   resident: int = RESIDENT_PER_SM[128, 16], longest_first: bool = True,
+                   room: int = 0) -> HostPlan:
     """Cut B sequences of `seq_lens` tokens into items for `groups` head-table slots each.
 
     groups: slots per sequence the step's layers read (the plan holds for any head-table width;
@@ -205,8 +207,10 @@ def plan_attention(seq_lens: Sequence[int] | np.ndarray, *, groups: int, num_sms
     of the sequences with the longest pieces first (each sequence's items stay together), so the
     GPU, which starts programs in the order of their ids, leaves the shortest for the launch's
     tail (H200 run 69, benchmarks/plan_order_ab.py: 0.94-0.97x at unequal lengths and batch
-    64-256, within +-1% elsewhere); else in sequence order. Host time matters (once per step): a
-    few vector operations, no per-sequence Python."""
+    64-256, within +-1% elsewhere); else in sequence order. room: tokens a cut sequence's pieces
+    hold beyond its length (sized for length + room, so a plan kept while the sequences grow
+    lasts that many steps; the last piece is that much shorter). Host time matters (once per
+    step): a few vector operations, no per-sequence Python."""
     lens = np.asarray(seq_lens, dtype=np.int64)  # (B,)
     if lens.ndim != 1:
         raise ValueError(f"seq_lens must be one length per sequence, got shape {lens.shape}")
@@ -231,8 +235,14 @@ def plan_attention(seq_lens: Sequence[int] | np.ndarray, *, groups: int, num_sms
     # numpy's integer division is several times slower, and these values are exact in a float64.)
     if pieces is None:
         pieces = np.maximum(np.floor(flens * (1.0 / chunk) + 0.5), 1.0)  # (B,)
-    size = np.ceil(flens / (pieces * block_n)) * block_n  # (B,) tokens per item: whole tiles
-    counts = np.ceil(flens / size).astype(np.int64)  # (B,) items, <= the rounded count
+    size = np.ceil((flens + room) / (pieces * block_n)) * block_n  # (B,) tokens per item: whole tiles
+    counts = np.ceil(flens / size)  # (B,) items, <= the rounded count
+    short = counts * size < flens + room if room else None
+    while short is not None and short.any():  # fewer items than pieces cover the length: size those for the room
+        size = np.where(short, np.ceil((flens + room) / (counts * block_n)) * block_n, size)
+        counts = np.ceil(flens / size)  # never more than before, so this ends
+        short = counts * size < flens + room
+    counts = counts.astype(np.int64)
     total = int(counts.sum())
     if capacity is None:
         capacity = total if chunk_tokens is not None else plan_capacity(batch, groups, num_sms,
@@ -277,14 +287,17 @@ class StepPlanner:
     returned while it still covers every length: a whole sequence's item takes any length
     (WHOLE_TOKENS), a cut sequence's last piece grows until it is full; only a sequence that
     outgrows its pieces, or one shorter than them (another sequence in its row), cuts afresh.
-    A cut sequence's pieces are rounded up to whole 64-token tiles, so its last piece has fewer
-    than 64 x pieces tokens of room: at batch 256 over 100-8192 tokens (47 sequences cut) 336 of
-    1,000 steps cut afresh, and the median step takes ~9 us of host time instead of ~28."""
+    The cuts leave each cut sequence `room` tokens (KEPT_ROOM) of growth, so a plan lasts at
+    least that many steps: at batch 256 over 100-8192 tokens, 1,000 consecutive steps cut afresh
+    20 times with 4 or 8 groups, each time because the chunk was chosen again (without room:
+    435 and 648 times, a cut's last piece then having < 64 x pieces tokens to spare), and a kept
+    step takes ~9 us of host time against ~45 for a fresh cut (development machine)."""
 
     groups: int
     num_sms: int
     resident: int = RESIDENT_PER_SM[128, 16]
     longest_first: bool = True  # plan_attention's item order
+    room: int = KEPT_ROOM  # plan_attention's room: steps of growth a cut lasts
     _chunks: dict = field(default_factory=dict, compare=False, repr=False)  # (B, equal) -> (tokens, chunk)
     _kept: dict = field(default_factory=dict, compare=False, repr=False)  # (B, equal) -> (plan, lo, hi)
 
@@ -312,11 +325,12 @@ class StepPlanner:
                 return kept[0]  # every sequence still within its pieces: the same plan
             try:
                 return self._keep(key, plan_attention(lens, groups=self.groups, num_sms=self.num_sms, capacity=cap,
-                                                      chunk_tokens=last[1], longest_first=self.longest_first))
+                                                      chunk_tokens=last[1], longest_first=self.longest_first,
+                                                      room=self.room))
             except ValueError:  # the old chunk no longer fits the buffers: choose afresh
                 pass
         plan = plan_attention(lens, groups=self.groups, num_sms=self.num_sms, capacity=cap,
-                              resident=self.resident, longest_first=self.longest_first)
+                              resident=self.resident, longest_first=self.longest_first, room=self.room)
         self._chunks[key] = (tokens, plan.chunk_tokens)
         return self._keep(key, plan)
 

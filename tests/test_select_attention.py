@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from kernels import arrivals
-from kernels.attention_plan import (IDLE_SHARE, StepPlanner, _wave_cost, plan_attention, plan_capacity,
+from kernels.attention_plan import (IDLE_SHARE, KEPT_ROOM, StepPlanner, _wave_cost, plan_attention, plan_capacity,
                                     resident_per_sm)
 from kernels.select_attention import AttentionConfig, _launch, select_attention, select_attention_ref
 from support.tolerance import assert_close_to_reference
@@ -210,7 +210,7 @@ def test_planner_longest_pieces_first():
     keys = [(-lens[b] / counts[b], b) for b in seq_order]  # a sequence's mean piece, longest first
     assert keys == sorted(keys)
     assert (longest.seqs[seq_order, 0] == np.flatnonzero(np.r_[True, items[1:] != items[:-1]])).all()
-    planner = StepPlanner(8, 132)  # the runtime's planner: longest first by default
+    planner = StepPlanner(8, 132, room=0)  # the runtime's planner: longest first by default
     assert np.array_equal(planner.plan(lens, plan_capacity(200, 8, 132)).flat(), longest.flat())
 
 
@@ -329,6 +329,31 @@ def test_step_planner_keeps_its_plan_while_every_sequence_fits(longest_first):
         kept += plan is previous
         previous = plan
     assert kept >= 140  # 148 of 199 steps here keep the plan
+
+
+def test_step_planner_cuts_leave_room_to_grow():
+    """A cut sequence's pieces hold KEPT_ROOM tokens past its length (also where fewer items than
+    pieces cover it), so under decode growth alone the planner cuts afresh only when it chooses
+    the chunk again (tokens moved > 1%), and never leaves an item empty."""
+    rng = np.random.default_rng(5)
+    for _ in range(100):
+        lens = rng.integers(1, int(rng.choice([300, 4096, 40000])), int(rng.integers(1, 257)))
+        plan = plan_attention(lens, groups=int(rng.choice([1, 4, 8, 32])), num_sms=132, room=KEPT_ROOM)
+        size, parts = plan.seqs[:, 1].astype(np.int64), plan.seqs[:, 3].astype(np.int64)
+        assert (parts * size - lens >= KEPT_ROOM)[parts > 1].all() and _fits(plan, lens)
+    lens = rng.integers(100, 8193, 256)
+    planner = StepPlanner(4, 132)
+    cap = planner.capacity(256)
+    previous, fresh = planner.plan(lens, cap), 0
+    for step in range(1, 301):
+        chosen = planner._chunks[(256, False)]
+        plan = planner.plan(lens + step, cap)
+        assert _fits(plan, lens + step)
+        if plan is not previous:
+            fresh += 1
+            assert planner._chunks[(256, False)] is not chosen  # only a new chunk cuts afresh
+        previous = plan
+    assert 2 <= fresh <= 12  # 300 steps add 76,800 tokens to ~1.06M (+7%): a new chunk every ~1%
 
 
 def test_a_kept_plan_reads_the_steps_own_lengths():
