@@ -18,10 +18,9 @@ import statistics
 import sys
 
 import torch
-import torch.nn.functional as F
 
 from benchmarks.kernel_bench import _copy_tbps, runtime_plan
-from benchmarks.plan_waves_ab import occupancy, paged_case
+from benchmarks.plan_waves_ab import occupancy, paged_case, sdpa_in_graph_us
 from kernels.attention_plan import padded_head_dim
 from kernels.graph_timer import GraphTimer
 from kernels.select_attention import AttentionConfig, _launch
@@ -88,12 +87,7 @@ def main(out: str) -> None:
             row["plans"][key] = info
             row["us_in_graph"][key] = timer.in_graph(fn) * 1e3
         if k == hkv and len(set(lens)) == 1:  # every head, equal lengths: SDPA over a contiguous cache
-            kd = torch.randn(b, hkv, lens[0], d, device=dev, dtype=torch.bfloat16)
-            vd = torch.randn_like(kd)
-            q4 = q.view(b, hq, 1, d)
-            row["us_in_graph"]["sdpa"] = timer.in_graph(
-                lambda: F.scaled_dot_product_attention(q4, kd, vd, scale=d**-0.5, enable_gqa=hq != hkv)) * 1e3
-            del kd, vd
+            row["us_in_graph"]["sdpa"] = sdpa_in_graph_us(timer, q, hkv, lens[0])
         g = row["us_in_graph"]
         print(f"{name:22} floor {row['floor_us']:6.1f} | " + " ".join(f"{key} {t:6.1f}" for key, t in g.items())
               + " | items " + " ".join(str(p["items"]) for p in row["plans"].values()), flush=True)

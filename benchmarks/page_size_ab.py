@@ -16,10 +16,9 @@ import statistics
 import sys
 
 import torch
-import torch.nn.functional as F
 
 from benchmarks.kernel_bench import _block_table, _copy_tbps, _head_table, runtime_plan
-from benchmarks.plan_waves_ab import _lengths
+from benchmarks.plan_waves_ab import _lengths, sdpa_in_graph_us
 from kernels.graph_timer import GraphTimer
 from kernels.select_attention import _launch, default_config
 
@@ -86,13 +85,7 @@ def main(out: str) -> None:
             torch.cuda.empty_cache()
         del logical_k, logical_v
         if k == hkv:  # density 1.0: SDPA over a contiguous cache of the same bytes (B sequences of the mean length)
-            mean_len = round(sum(lens) / b)
-            kd = torch.randn(b, hkv, mean_len, d, device=dev, dtype=torch.bfloat16)
-            vd = torch.randn_like(kd)
-            q4 = q.view(b, hq, 1, d)
-            row["us_in_graph"]["sdpa"] = timer.in_graph(
-                lambda: F.scaled_dot_product_attention(q4, kd, vd, scale=d**-0.5, enable_gqa=hq != hkv)) * 1e3
-            del kd, vd
+            row["us_in_graph"]["sdpa"] = sdpa_in_graph_us(timer, q, hkv, round(sum(lens) / b))
         g = row["us_in_graph"]
         print(f"{name:26} floor {row['floor_us']:6.1f} | " + " ".join(f"{key} {t:6.1f}" for key, t in g.items()),
               flush=True)

@@ -15,6 +15,7 @@ import argparse
 import json
 
 import torch
+import torch.nn.functional as F
 
 from benchmarks.kernel_bench import BLOCK_SIZE, _block_table, _copy_tbps, _head_table, _paged_kv, runtime_plan
 from kernels.graph_timer import GraphTimer
@@ -69,6 +70,17 @@ def paged_case(spec, b: int, hq: int, hkv: int, d: int, k: int, gen: torch.Gener
     q = torch.randn(b, hq, d, device="cuda", dtype=torch.bfloat16)
     sl = torch.tensor(lens, device="cuda", dtype=torch.int32)
     return lens, kc, vc, bt, q, sl, _head_table(b, hkv, k, gen)
+
+
+def sdpa_in_graph_us(timer: GraphTimer, q: torch.Tensor, hkv: int, length: int) -> float:
+    """torch SDPA over a contiguous cache of q's batch of `length`-token sequences, every head
+    read (q [B, Hq, D]; K/V [B, Hkv, length, D] random, 4-D for the fused kernels), us in a graph."""
+    b, hq, d = q.shape
+    kd = torch.randn(b, hkv, length, d, device=q.device, dtype=q.dtype)
+    vd = torch.randn_like(kd)
+    q4 = q.view(b, hq, 1, d)
+    return timer.in_graph(lambda: F.scaled_dot_product_attention(q4, kd, vd, scale=d**-0.5,
+                                                                 enable_gqa=hq != hkv)) * 1e3
 
 
 def occupancy() -> list[dict]:
