@@ -16,7 +16,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-HEAD_DIMS = (64, 80, 96, 128, 256)
+HEAD_DIMS = (16, 32, 64, 80, 96, 128, 256)
 GROUPS = (1, 4, 8, 16, 32, 64)
 
 

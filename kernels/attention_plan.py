@@ -45,10 +45,10 @@ MIN_CHUNK_TOKENS = 256
 # (benchmarks/attention_ptx.py, no GPU), 32 heads take 84-188 registers, 64 heads 127-255. A
 # plan cut for more programs than fit runs in part-empty extra waves (1.24x at a 1.2-wave cut,
 # run 72).
-RESIDENT_PER_SM = {
-    (64, 16): 6, (128, 16): 4, (256, 16): 3,
-    (64, 32): 5, (128, 32): 3, (256, 32): 2,
-    (64, 64): 4, (128, 64): 2, (256, 64): 1,
+RESIDENT_PER_SM = {  # 16 and 32 wide: ptxas only (registers bind: 88 at 16 wide, 56-106 at 32)
+    (16, 16): 5, (32, 16): 9, (64, 16): 6, (128, 16): 4, (256, 16): 3,
+    (16, 32): 5, (32, 32): 4, (64, 32): 5, (128, 32): 3, (256, 32): 2,
+    (16, 64): 5, (32, 64): 5, (64, 64): 4, (128, 64): 2, (256, 64): 1,
 }
 # Cost model of a cut (runs 47-53, fit by benchmarks/plan_model_fit.py): a last wave that fills a fraction f of the slots takes
 # f + (1 - f) * IDLE_SHARE of a whole wave's time (29% full: as long as 62% of a wave); with

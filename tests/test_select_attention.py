@@ -231,6 +231,7 @@ def test_resident_programs_follow_the_build():
     assert resident_per_sm(128) == resident_per_sm(128, 16) == resident_per_sm(96, 8) == resident_per_sm(80) == 4
     assert resident_per_sm(64, 4) == 6 and resident_per_sm(256) == 3
     assert resident_per_sm(128, 17) == resident_per_sm(128, 32) == 3 and resident_per_sm(128, 64) == 2
+    assert resident_per_sm(16) == 5 and resident_per_sm(32, 2) == 9  # every tile width the kernel builds
     assert resident_per_sm(128, 128) == 1  # past the table: one program per SM, never more than fit
     assert StepPlanner.for_device(8, torch.device("cpu"), 128, group_size=32).resident == 3
 
