@@ -7,8 +7,7 @@ memory, and the programs an SM can hold by them, against the plan's RESIDENT_PER
 As benchmarks/gather_gemm_ptx.py (whose compile_stats it uses): Triton's wheel ships ptxas, so
 no CUDA device is needed. Strides get the 16-divisibility a real launch gives them (head dims
 that are multiples of 16); the build is the one `default_config` picks, launched with PDL.
-Programs per SM on sm_90: 65,536 registers (allocated per warp in units of 256) and 228 KiB of
-shared memory, 1 KiB of it reserved per program.
+Programs per SM as benchmarks/plan_waves_ab.py's `programs_per_sm` counts them.
 """
 
 from __future__ import annotations
@@ -20,17 +19,12 @@ HEAD_DIMS = (16, 32, 64, 80, 96, 128, 256)
 GROUPS = (1, 4, 8, 16, 32, 64)
 
 
-def per_sm(regs: int, smem_bytes: float, warps: int) -> int:
-    by_regs = 65536 // (-(-regs * 32 // 256) * 256 * warps)
-    by_smem = 233472 // (int(smem_bytes) + 1024)
-    return min(by_regs, by_smem, 32)
-
-
 def main() -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import triton
 
     from benchmarks.gather_gemm_ptx import compile_stats
+    from benchmarks.plan_waves_ab import programs_per_sm
     from kernels.attention_plan import padded_head_dim, resident_per_sm
     from kernels.select_attention import _select_attention_kernel, default_config
 
@@ -47,7 +41,7 @@ def main() -> None:
                      BLOCK_N=config.block_n, UPCAST=False, PERSISTENT=False, PDL=True)
             r = compile_stats(_select_attention_kernel, ptrs, c, config.num_warps, config.num_stages, div16,
                               scalar_types={"scale_log2": "fp32"})
-            fits = per_sm(r["regs"], r["smem_KiB"] * 1024, config.num_warps)
+            fits = programs_per_sm(r["regs"], round(r["smem_KiB"] * 1024), config.num_warps)
             print(f"D {d:3} G {g:2} BLOCK_N {config.block_n} stages {config.num_stages}: {r['regs']:3} registers, "
                   f"spills {r['spill_bytes']} B, shared {r['smem_KiB']:.1f} KiB, mma {r['mma']} -> {fits} per SM "
                   f"(plan: {resident_per_sm(d, g)})", flush=True)

@@ -20,6 +20,7 @@ import sys
 import torch
 
 from benchmarks.kernel_bench import _copy_tbps, runtime_plan
+from benchmarks.kernel_grid import attention_floor_ms
 from benchmarks.plan_waves_ab import occupancy, paged_case, sdpa_in_graph_us
 from kernels.attention_plan import padded_head_dim
 from kernels.graph_timer import GraphTimer
@@ -73,7 +74,7 @@ def main(out: str) -> None:
     for name, b, hq, hkv, d, spec, k in CASES:
         lens, kc, vc, bt, q, sl, ht = paged_case(spec, b, hq, hkv, d, k, gen)
         out_t = torch.empty_like(q)
-        row = {"case": name, "floor_us": sum(lens) * k * d * 2 * 2 / (bw * 1e12) * 1e6, "us_in_graph": {},
+        row = {"case": name, "floor_us": attention_floor_ms(sum(lens), k, d, 2, bw) * 1e3, "us_in_graph": {},
                "plans": {}}
         ref = None
         variants = VARIANTS[padded_head_dim(d)]

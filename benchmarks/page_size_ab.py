@@ -18,6 +18,7 @@ import sys
 import torch
 
 from benchmarks.kernel_bench import _block_table, _copy_tbps, _head_table, runtime_plan
+from benchmarks.kernel_grid import attention_floor_ms
 from benchmarks.plan_waves_ab import _lengths, sdpa_in_graph_us
 from kernels.graph_timer import GraphTimer
 from kernels.select_attention import _launch, default_config
@@ -63,7 +64,7 @@ def main(out: str) -> None:
         sl = torch.tensor(lens, device=dev, dtype=torch.int32)
         ht = _head_table(b, hkv, k, gen)
         plan, info = runtime_plan(lens, k, head_dim=d)
-        row = {"case": name, "floor_us": sum(lens) * k * d * 2 * 2 / (bw * 1e12) * 1e6, "plan": info,
+        row = {"case": name, "floor_us": attention_floor_ms(sum(lens), k, d, 2, bw) * 1e3, "plan": info,
                "us_in_graph": {}}
         logical_k = torch.randn(sum(lens), hkv, d, device=dev, dtype=torch.bfloat16)
         logical_v = torch.randn_like(logical_k)

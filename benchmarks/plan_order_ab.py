@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from benchmarks.kernel_bench import _copy_tbps, runtime_plan
+from benchmarks.kernel_grid import attention_floor_ms
 from benchmarks.plan_waves_ab import CASES, paged_case
 from kernels.attention_plan import StepPlanner
 from kernels.graph_timer import GraphTimer
@@ -57,7 +58,7 @@ def main(out: str) -> None:
     for name, b, hq, hkv, d, spec, k in CASES + MORE:
         lens, kc, vc, bt, q, sl, ht = paged_case(spec, b, hq, hkv, d, k, gen)
         out_t = torch.empty_like(q)
-        row = {"case": name, "floor_us": sum(lens) * k * d * 2 * 2 / (bw * 1e12) * 1e6, "us_in_graph": {}, "plans": {}}
+        row = {"case": name, "floor_us": attention_floor_ms(sum(lens), k, d, 2, bw) * 1e3, "us_in_graph": {}, "plans": {}}
         ref = None
         for order, longest_first in ORDERS.items():
             plan, info = runtime_plan(lens, k, head_dim=d, longest_first=longest_first)

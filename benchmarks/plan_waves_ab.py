@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.kernel_bench import BLOCK_SIZE, _block_table, _copy_tbps, _head_table, _paged_kv, runtime_plan
+from benchmarks.kernel_grid import attention_floor_ms
 from kernels.graph_timer import GraphTimer
 from kernels.select_attention import _launch, _select_attention_kernel, default_config
 
@@ -83,18 +84,23 @@ def sdpa_in_graph_us(timer: GraphTimer, q: torch.Tensor, hkv: int, length: int) 
                                                                  enable_gqa=hq != hkv)) * 1e3
 
 
+def programs_per_sm(regs: int, smem_bytes: int, warps: int) -> int:
+    """Programs of a kernel one sm_90 SM holds: 64K registers (allocated per warp in units of
+    256), 228 KiB of shared memory with 1 KiB of it reserved per program, at most 32."""
+    by_regs = 65536 // (-(-regs * 32 // 256) * 256 * warps)
+    return min(by_regs, 233472 // (smem_bytes + 1024), 32)
+
+
 def occupancy() -> list[dict]:
-    """Registers, shared memory and programs per SM of each compiled attention kernel (sm_90:
-    64K registers, 228 KiB of shared memory, 1 KiB of it reserved per program)."""
+    """Registers, shared memory and programs per SM of each compiled attention kernel."""
     out = []
     for cache in getattr(_select_attention_kernel, "device_caches", {}).values():
         for kernel in cache[0].values():
             regs, smem, warps = kernel.n_regs, kernel.metadata.shared, kernel.metadata.num_warps
-            by_regs = 65536 // (-(-regs * 32 // 256) * 256 * warps)
-            by_smem = (233472) // (smem + 1024)
             consts = {str(k): v for k, v in getattr(kernel.src, "constants", {}).items()} if hasattr(kernel, "src") else {}
             out.append({"regs": regs, "spills": kernel.n_spills, "shared": smem, "warps": warps,
-                        "per_sm": min(by_regs, by_smem, 32), "constants": consts})
+                        "per_sm": programs_per_sm(regs, smem, warps),
+                        "constants": consts})
     return out
 
 
@@ -107,7 +113,7 @@ def main(out, min_chunks):
     for name, b, hq, hkv, d, spec, k in CASES:
         lens, kc, vc, bt, q, sl, ht = paged_case(spec, b, hq, hkv, d, k, gen)
         out_t = torch.empty_like(q)
-        floor_us = sum(lens) * k * d * 2 * 2 / (bw * 1e12) * 1e6
+        floor_us = attention_floor_ms(sum(lens), k, d, 2, bw) * 1e3
         variants = {"wave": {}}
         variants.update({f"{p}/{c}": {"programs_per_sm": p, "min_chunk": c} for p in PER_SM for c in min_chunks})
         ref = None

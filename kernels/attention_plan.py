@@ -237,8 +237,8 @@ def plan_attention(seq_lens: Sequence[int] | np.ndarray, *, groups: int, num_sms
         pieces = np.maximum(np.floor(flens * (1.0 / chunk) + 0.5), 1.0)  # (B,)
     size = np.ceil((flens + room) / (pieces * block_n)) * block_n  # (B,) tokens per item: whole tiles
     counts = np.ceil(flens / size)  # (B,) items, <= the rounded count
-    short = counts * size < flens + room if room else None
-    while short is not None and short.any():  # fewer items than pieces cover the length: size those for the room
+    short = counts * size < flens + room  # (B,) where fewer items than pieces leave less room
+    while short.any():  # size those for the room too
         size = np.where(short, np.ceil((flens + room) / (counts * block_n)) * block_n, size)
         counts = np.ceil(flens / size)  # never more than before, so this ends
         short = counts * size < flens + room
