@@ -15,7 +15,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-HEAD_DIMS = (16, 32, 64, 80, 96, 128, 256)
+HEAD_DIMS = (16, 32, 64, 80, 96, 128, 160, 192, 256)
 GROUPS = (1, 4, 8, 16, 32, 64)
 
 
@@ -25,7 +25,7 @@ def main() -> None:
 
     from benchmarks.gather_gemm_ptx import compile_stats
     from benchmarks.plan_waves_ab import programs_per_sm
-    from kernels.attention_plan import padded_head_dim, resident_per_sm
+    from kernels.attention_plan import padded_head_dim, resident_per_sm, tile_split
     from kernels.select_attention import _select_attention_kernel, default_config
 
     ptrs = {name: "*bf16" for name in ("q_ptr", "k_ptr", "v_ptr", "out_ptr")}
@@ -37,12 +37,13 @@ def main() -> None:
     for d in HEAD_DIMS:
         config = default_config(d)
         for g in GROUPS:
-            c = dict(G=g, G_PAD=max(16, triton.next_power_of_2(g)), D=d, D_PAD=padded_head_dim(d), BLOCK_SIZE=16,
+            c = dict(G=g, G_PAD=max(16, triton.next_power_of_2(g)), D=d, D_PAD=padded_head_dim(d), D_A=tile_split(d)[0],
+                     D_B=tile_split(d)[1], BLOCK_SIZE=16,
                      BLOCK_N=config.block_n, UPCAST=False, PERSISTENT=False, PDL=True)
             r = compile_stats(_select_attention_kernel, ptrs, c, config.num_warps, config.num_stages, div16,
                               scalar_types={"scale_log2": "fp32"})
             fits = programs_per_sm(r["regs"], round(r["smem_KiB"] * 1024), config.num_warps)
-            print(f"D {d:3} G {g:2} BLOCK_N {config.block_n} stages {config.num_stages}: {r['regs']:3} registers, "
+            print(f"D {d:3} {'+'.join(str(w) for w in tile_split(d) if w):>6} G {g:2} BLOCK_N {config.block_n} stages {config.num_stages}: {r['regs']:3} registers, "
                   f"spills {r['spill_bytes']} B, shared {r['smem_KiB']:.1f} KiB, mma {r['mma']} -> {fits} per SM "
                   f"(plan: {resident_per_sm(d, g)})", flush=True)
 

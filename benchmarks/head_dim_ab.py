@@ -5,9 +5,10 @@ replays with L2 flushed, `ms_in_graph`, floors of the real head dim's bytes).
 
     PYTHONPATH=. python3 benchmarks/head_dim_ab.py benchmarks/results/<gpu>/ab/head_dim_run<N>.json
 
-The kernel runs a head dim D in tiles of the next power of two, reading and writing only D
-columns: the question is what the pad costs against the bytes D really moves. Recorded: run 54
-(the committed kernel: results/nvidia-h200/ab/head_dim_run54.json) and run 56 (a two-tile form,
+Run 54's kernel ran a head dim D in tiles of the next power of two, reading and writing only D
+columns: the question was what the pad costs against the bytes D really moves (since run 79 a
+main and a tail tile: benchmarks/head_tiles_ab.py). Recorded: run 54
+(the kernel then: results/nvidia-h200/ab/head_dim_run54.json) and run 56 (a two-tile form,
 80 = 64 + 16, not adopted: head_dim_two_tiles_run56.json); benchmarks/KERNELS_NOTES.md. Each output is
 checked against the torch reference before timing. Also prints and stores every compiled
 attention kernel's registers, shared memory and programs per SM (plan_waves_ab.occupancy).

@@ -34,7 +34,7 @@ crossed with the others:
   64-head MHA (the third MHA size);
 * head dim 64 changes the tile's bytes, not the plan: family `attn-d64`, MHA 32 and GQA 32/8 x B
   8, 64, 256 x uniform and spread x density 0.2, 0.5, 1.0;
-* head dims between powers of two run tiles of the next power of two: family `attn-headdim`,
+* head dims between powers of two run a main and a tail tile (80, 96: 64 + 32): family `attn-headdim`,
   MHA 32 at D 80 (OPT-2.7B) and GQA 32/8 at D 96 x B 8, 64, 256 x uniform and spread x density
   0.3, 1.0;
 * dtype: fp16 and bf16 run the same code at the same bytes: family `attn-fp16`, B 8, 64, 256,

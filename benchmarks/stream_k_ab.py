@@ -78,7 +78,6 @@ def main(out_path: str, dense_only: bool = False) -> None:
                 best = lambda p, pre: min(v for kk, v in res.items() if kk.startswith(p) and kk[4:].startswith(pre))
                 g = best("fc1_", "grid") + best("fc2_", "grid"); s = best("fc1_", "stream") + best("fc2_", "stream")
                 print(f"{name} M{m:4d} d{frac:.2f}: floor {fl*1e3:7.1f} us | dense {dense*1e3:7.1f} ({fl/dense:4.0%}) | grid {g*1e3:7.1f} ({fl/g:4.0%}) | stream {s*1e3:7.1f} ({fl/s:4.0%})", flush=True)
-                bests = sorted(((v, kk) for kk, v in res.items() if kk.startswith("fc")), key=lambda t: t[0])
                 print("    fc1:", " ".join(f"{kk[4:]}={v*1e3:.1f}" for v, kk in sorted((v, kk) for kk, v in res.items() if kk.startswith("fc1"))[:5]),
                       "| fc2:", " ".join(f"{kk[4:]}={v*1e3:.1f}" for v, kk in sorted((v, kk) for kk, v in res.items() if kk.startswith("fc2"))[:5]), flush=True)
                 rows.append({"model": name, "M": m, "k": k, "d": d, "N": n, "floor_ms": fl, "ms": res})

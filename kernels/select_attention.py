@@ -31,12 +31,14 @@ import triton.language as tl
 
 from kernels import arrivals
 from kernels.attention_plan import (SEQ_FIELDS, AttentionPlan, num_sms, padded_head_dim, plan_attention,
-                                    resident_per_sm)
+                                    resident_per_sm, tile_split)
 from kernels.pdl import launch_options, wait_then_release
 
-# Head dims: any up to MAX_HEAD_DIM. The kernel's tiles are D_PAD = padded_head_dim(D) wide (a
-# tl.arange length: a power of two, >= 16 for tl.dot); a head dim between powers of two (80, 96)
-# reads and writes only its D columns (the masks exist only in that build). The torch reference
+# Head dims: any up to MAX_HEAD_DIM. tl.arange lengths are powers of two (>= 16 for tl.dot), so
+# a head dim between powers of two is tiled as a main and a tail tile (attention_plan.tile_split:
+# 96 = 64 + 32, 80 = 64 + 32 masked to 16), each K/V tile loaded and multiplied on its own;
+# columns past D are never read or written (the masks exist only in those builds).
+# The fp32 partials and their merge are D_PAD = padded_head_dim(D) wide. The torch reference
 # takes any head dim.
 MAX_HEAD_DIM = 256
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16)
@@ -66,6 +68,9 @@ class AttentionConfig:
     # Persistent grid: this many programs per SM stride over the plan's real work; None: one
     # program per work item of the plan's capacity, whose empty rows exit at once.
     resident_per_sm: int | None = None
+    # K/V tile columns as (main, tail); None: attention_plan.tile_split(head_dim). (padded, 0)
+    # is the one masked tile every head dim ran before the split (benchmarks/head_tiles_ab.py).
+    tiles: tuple[int, int] | None = None
 
 
 # The interpreter runs one numpy pass per program and tile: larger tiles keep CPU tests fast.
@@ -73,13 +78,18 @@ _INTERPRETER_CONFIG = AttentionConfig(block_n=64, num_warps=4, num_stages=1)
 
 
 def default_config(head_dim: int) -> AttentionConfig:
-    """The measured config by tile width (see AttentionConfig.num_stages): up to 64, 3 stages;
-    128, 2 stages; 256 (head dims 129-256), 32-token K/V tiles in 3 stages, the shared memory of
-    64-token tiles at 128 in 3 stages (not tuned)."""
-    width = padded_head_dim(head_dim)
-    if width <= 64:
-        return AttentionConfig(num_stages=3)
-    return AttentionConfig() if width <= 128 else AttentionConfig(block_n=32, num_stages=3)
+    """The measured config by K/V tile (attention_plan.tile_split; see AttentionConfig.num_stages):
+    up to 64 wide, 3 stages; 64 + 32 wide, 3 stages where the tail is masked (80: 0.91x of 2
+    stages' time at B 64, 0.86-0.99x across run 79's cases) and 2 where it is full (96: 3 stages
+    1.02-1.04x at equal lengths); 128 (and the head dims 97-127 padded to it), 2 stages; wider
+    (160-256), 32-token K/V tiles in 3 stages, the shared memory of 64-token tiles at 128 in 3
+    stages (not tuned)."""
+    main, tail = tile_split(head_dim)
+    width = main + tail
+    if width > 128:
+        return AttentionConfig(block_n=32, num_stages=3)
+    masked_tail = tail > 0 and width > head_dim
+    return AttentionConfig(num_stages=3 if width <= 64 or masked_tail else 2)
 
 
 @triton.jit
@@ -112,7 +122,8 @@ def _select_attention_kernel(
     stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt,
     stride_btb, stride_htb, stride_ob, stride_oh,
-    G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, D_A: tl.constexpr,
+    D_B: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, PERSISTENT: tl.constexpr, PDL: tl.constexpr,
 ):
     """Work w < n_work is (item w // k_max, slot w % k_max); the batch jobs after it write the
@@ -127,13 +138,15 @@ def _select_attention_kernel(
             _work(w, n_work, q_ptr, k_ptr, v_ptr, bt_ptr, seq_lens_ptr, ht_ptr, out_ptr, items_ptr, seqs_ptr,
                   o_part_ptr, m_part_ptr, l_part_ptr, arrivals_ptr, scale_log2, k_max, hq, stride_qb, stride_qh,
                   stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
-                  stride_btb, stride_htb, stride_ob, stride_oh, G, G_PAD, D, D_PAD, BLOCK_SIZE, BLOCK_N, UPCAST)
+                  stride_btb, stride_htb, stride_ob, stride_oh, G, G_PAD, D, D_PAD, D_A, D_B, BLOCK_SIZE, BLOCK_N,
+                  UPCAST)
     else:
         _work(pid, tl.num_programs(0) - batch, q_ptr, k_ptr, v_ptr, bt_ptr, seq_lens_ptr, ht_ptr, out_ptr,
               items_ptr, seqs_ptr, o_part_ptr, m_part_ptr, l_part_ptr, arrivals_ptr, scale_log2, k_max, hq,
               stride_qb, stride_qh,
               stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
-              stride_btb, stride_htb, stride_ob, stride_oh, G, G_PAD, D, D_PAD, BLOCK_SIZE, BLOCK_N, UPCAST)
+              stride_btb, stride_htb, stride_ob, stride_oh, G, G_PAD, D, D_PAD, D_A, D_B, BLOCK_SIZE, BLOCK_N,
+              UPCAST)
 
 
 @triton.jit
@@ -141,8 +154,8 @@ def _work(w, n_work, q_ptr, k_ptr, v_ptr, bt_ptr, seq_lens_ptr, ht_ptr, out_ptr,
           o_part_ptr, m_part_ptr, l_part_ptr, arrivals_ptr, scale_log2, k_max, hq, stride_qb, stride_qh,
           stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
           stride_btb, stride_htb, stride_ob, stride_oh,
-          G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-          BLOCK_N: tl.constexpr, UPCAST: tl.constexpr):
+          G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, D_A: tl.constexpr,
+          D_B: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr):
     """One work item (see the kernel): skipped when the plan row is empty or the slot unselected."""
     if w >= n_work:
         _zero_unselected(ht_ptr, out_ptr, w - n_work, k_max, hq, stride_htb, stride_ob, stride_oh, G, D, D_PAD)
@@ -165,29 +178,35 @@ def _work(w, n_work, q_ptr, k_ptr, v_ptr, bt_ptr, seq_lens_ptr, ht_ptr, out_ptr,
                           out_ptr + b64 * stride_ob + grp64 * G * stride_oh, o_part_ptr, m_part_ptr, l_part_ptr,
                           arrivals_ptr + b64 * k_max + slot, first_part, piece, n_parts, slot, k_max, start, end,
                           scale_log2, stride_qh, stride_oh, stride_kb, stride_kt,
-                          stride_vb, stride_vt, G, G_PAD, D, D_PAD, BLOCK_SIZE, BLOCK_N, UPCAST)
+                          stride_vb, stride_vt, G, G_PAD, D, D_PAD, D_A, D_B, BLOCK_SIZE, BLOCK_N, UPCAST)
 
 
 @triton.jit
-def _tile_rows(k_base, v_base, page, pos, end, stride_kb, stride_kt, stride_vb, stride_vt,
-               D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, UPCAST: tl.constexpr):
-    """K and V rows [BLOCK_N, D_PAD] of the tokens at `pos` (pages `page`), 0 past `end` and
-    in the pad columns."""
-    cols = tl.arange(0, D_PAD)
-    valid = pos < end
-    if D_PAD == D:
+def _rows(base, page, tok, valid, stride_b, stride_t, C0: tl.constexpr, W: tl.constexpr, D: tl.constexpr,
+          UPCAST: tl.constexpr):
+    """Columns [C0, C0 + W) of the cache rows of tokens `tok` on pages `page`: [BLOCK_N, W], 0 for
+    tokens not `valid` and for columns past D."""
+    cols = C0 + tl.arange(0, W)
+    if C0 + W <= D:
         mask = valid[:, None]
     else:
         mask = valid[:, None] & (cols < D)[None, :]
-    tok = (pos % BLOCK_SIZE).to(tl.int64)
-    k_rows = k_base + page * stride_kb + tok * stride_kt  # [BLOCK_N] row pointers
-    v_rows = v_base + page * stride_vb + tok * stride_vt
-    k = tl.load(k_rows[:, None] + cols[None, :], mask=mask, other=0.0)  # [BLOCK_N, D_PAD], rows contiguous
-    v = tl.load(v_rows[:, None] + cols[None, :], mask=mask, other=0.0)  # [BLOCK_N, D_PAD]
+    rows = base + page * stride_b + tok * stride_t  # [BLOCK_N] row pointers
+    x = tl.load(rows[:, None] + cols[None, :], mask=mask, other=0.0)  # rows contiguous
     if UPCAST:  # the interpreter computes bf16 on raw bit patterns (env.md section 2)
-        k = k.to(tl.float32)
-        v = v.to(tl.float32)
-    return k, v
+        x = x.to(tl.float32)
+    return x
+
+
+@triton.jit
+def _head_cols(ptr, rows, stride_h, row_mask, C0: tl.constexpr, W: tl.constexpr, D: tl.constexpr,
+               UPCAST: tl.constexpr):
+    """Columns [C0, C0 + W) of the group's query rows: [G_PAD, W], 0 past D and in pad rows."""
+    cols = C0 + tl.arange(0, W)
+    x = tl.load(ptr + rows[:, None] * stride_h + cols[None, :], mask=row_mask & (cols < D)[None, :], other=0.0)
+    if UPCAST:
+        x = x.to(tl.float32)
+    return x
 
 
 @triton.jit
@@ -195,48 +214,64 @@ def _attend_group(q_row, k_base, v_base, bt_row, o_row, o_part_ptr, m_part_ptr, 
                   first_part, piece, n_parts, slot, k_max, start, end, scale_log2, stride_qh, stride_oh,
                   stride_kb, stride_kt, stride_vb, stride_vt,
                   G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
+                  D_A: tl.constexpr, D_B: tl.constexpr,
                   BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr):
     """The G query heads of one KV group over tokens [start, end): each K/V tile feeds all G rows
     through tl.dot, the rows padded to 16. (Multiply-adds in registers for MHA's one row, with
     no MMA, ran at 55-65% of the floor where this path runs at ~100%: the reductions over D and
     over tokens cross threads and warps; benchmarks/KERNELS_NOTES.md, "Work plan".)
+    The head's columns are a D_A-wide main tile and, where D is not a power of two, a D_B-wide
+    tail tile (attention_plan.tile_split: 96 = 64 + 32): two dots a step, no padded columns read.
     A sequence cut into n_parts pieces: each piece writes fp32 partials, and the last of the
     (sequence, slot)'s pieces to finish merges them into the output (kernels/arrivals.py)."""
+    TAIL: tl.constexpr = D_B > 0
+    W_B: tl.constexpr = D_B if D_B > 0 else 16  # the tail's registers when there is none: never used
     rows = tl.arange(0, G_PAD)
-    cols = tl.arange(0, D_PAD)
+    cols_a = tl.arange(0, D_A)
+    cols_b = D_A + tl.arange(0, W_B)
     row_mask = (rows < G)[:, None]  # [G_PAD, 1]
-    if D_PAD == D:
-        io_mask = row_mask
-    else:
-        io_mask = row_mask & (cols < D)[None, :]  # [G_PAD, D_PAD]: the group's heads, the real columns
     offs_n = tl.arange(0, BLOCK_N)
-    q = tl.load(q_row + rows[:, None] * stride_qh + cols[None, :], mask=io_mask, other=0.0)  # [G_PAD, D_PAD]
-    if UPCAST:
-        q = q.to(tl.float32)
+    q_a = _head_cols(q_row, rows, stride_qh, row_mask, 0, D_A, D, UPCAST)  # [G_PAD, D_A]
+    q_b = _head_cols(q_row, rows, stride_qh, row_mask, D_A, W_B, D, UPCAST)  # [G_PAD, W_B]; no tail: 0s
     m_i = tl.full([G_PAD], float("-inf"), tl.float32)  # running max, log2 domain
     l_i = tl.zeros([G_PAD], tl.float32)  # running softmax denominator
-    acc = tl.zeros([G_PAD, D_PAD], tl.float32)  # pad columns stay 0 (V's are loaded as 0)
+    acc_a = tl.zeros([G_PAD, D_A], tl.float32)  # columns past D stay 0 (V's are loaded as 0)
+    acc_b = tl.zeros([G_PAD, W_B], tl.float32)
     page_next = tl.load(bt_row + (start + offs_n) // BLOCK_SIZE, mask=start + offs_n < end, other=0)
     for n0 in range(start, end, BLOCK_N):
         pos = n0 + offs_n
         page = page_next.to(tl.int64)
         page_next = tl.load(bt_row + (pos + BLOCK_N) // BLOCK_SIZE, mask=pos + BLOCK_N < end, other=0)
-        k, v = _tile_rows(k_base, v_base, page, pos, end, stride_kb, stride_kt, stride_vb, stride_vt,
-                          D, D_PAD, BLOCK_SIZE, UPCAST)
-        qk = tl.dot(q, tl.trans(k)) * scale_log2  # [G_PAD, BLOCK_N], fp32
-        qk = tl.where((pos < end)[None, :], qk, float("-inf"))
+        valid = pos < end
+        tok = (pos % BLOCK_SIZE).to(tl.int64)
+        k_a = _rows(k_base, page, tok, valid, stride_kb, stride_kt, 0, D_A, D, UPCAST)  # [BLOCK_N, D_A]
+        v_a = _rows(v_base, page, tok, valid, stride_vb, stride_vt, 0, D_A, D, UPCAST)
+        qk = tl.dot(q_a, tl.trans(k_a))  # [G_PAD, BLOCK_N], fp32
+        if TAIL:
+            k_b = _rows(k_base, page, tok, valid, stride_kb, stride_kt, D_A, W_B, D, UPCAST)  # [BLOCK_N, W_B]
+            v_b = _rows(v_base, page, tok, valid, stride_vb, stride_vt, D_A, W_B, D, UPCAST)
+            qk += tl.dot(q_b, tl.trans(k_b))
+        qk = tl.where(valid[None, :], qk * scale_log2, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(qk - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc_a = acc_a * alpha[:, None] + tl.dot(p.to(v_a.dtype), v_a)
+        if TAIL:
+            acc_b = acc_b * alpha[:, None] + tl.dot(p.to(v_b.dtype), v_b)
         m_i = m_new
     if n_parts == 0:
-        tl.store(o_row + rows[:, None] * stride_oh + cols[None, :], (acc / l_i[:, None]).to(o_row.dtype.element_ty),
-                 mask=io_mask)
+        tl.store(o_row + rows[:, None] * stride_oh + cols_a[None, :],
+                 (acc_a / l_i[:, None]).to(o_row.dtype.element_ty), mask=row_mask & (cols_a < D)[None, :])
+        if TAIL:
+            tl.store(o_row + rows[:, None] * stride_oh + cols_b[None, :],
+                     (acc_b / l_i[:, None]).to(o_row.dtype.element_ty), mask=row_mask & (cols_b < D)[None, :])
     else:
         prow = ((first_part + piece).to(tl.int64) * k_max + slot) * G + rows  # [G_PAD] partial rows, D_PAD wide
-        tl.store(o_part_ptr + prow[:, None] * D_PAD + cols[None, :], acc, mask=row_mask)
+        tl.store(o_part_ptr + prow[:, None] * D_PAD + cols_a[None, :], acc_a, mask=row_mask & (cols_a < D)[None, :])
+        if TAIL:
+            tl.store(o_part_ptr + prow[:, None] * D_PAD + cols_b[None, :], acc_b,
+                     mask=row_mask & (cols_b < D)[None, :])
         tl.store(m_part_ptr + prow, m_i, mask=rows < G)
         tl.store(l_part_ptr + prow, l_i, mask=rows < G)
         tl.debug_barrier()  # every thread's partials stored before the count below releases them
@@ -268,8 +303,8 @@ def _merge_group(o_part_ptr, m_part_ptr, l_part_ptr, o_row, stride_oh, first_par
         prow = ((first_part + part).to(tl.int64) * k_max + slot) * G + head  # [PARTS * GM]
         m = tl.load(m_part_ptr + prow, mask=valid, other=float("-inf"), cache_modifier=".cg")
         l_s = tl.load(l_part_ptr + prow, mask=valid, other=0.0, cache_modifier=".cg")
-        o = tl.load(o_part_ptr + prow[:, None] * D_PAD + cols[None, :], mask=valid[:, None], other=0.0,
-                    cache_modifier=".cg")
+        o = tl.load(o_part_ptr + prow[:, None] * D_PAD + cols[None, :], mask=valid[:, None] & (cols < D)[None, :],
+                    other=0.0, cache_modifier=".cg")  # columns past D: never written
         m = tl.reshape(tl.where(head < G, m, 0.0), [PARTS, GM])  # padding heads: finite, never stored
         l_s = tl.reshape(tl.where(head < G, l_s, 1.0), [PARTS, GM])
         o = tl.reshape(o, [PARTS, GM, D_PAD])
@@ -366,6 +401,10 @@ def _launch(q, k_cache, v_cache, block_tables, seq_lens, head_table, scale, out,
         out = torch.empty_like(q)  # the launch writes every element, the 0s included
     if batch == 0:
         return out
+    tiles = config.tiles or tile_split(d)
+    if not (tiles[0] + tiles[1] >= d and all(w == 0 or (w >= 16 and w & (w - 1) == 0) for w in tiles) and tiles[0]):
+        raise ValueError(f"config.tiles {tiles} must be a power-of-two main tile >= 16 and a tail of 0 or a power "
+                         f"of two >= 16 covering head dim {d}; leave it None for tile_split's")
     if plan is None:
         plan = host_plan(seq_lens, k_max, q.device, config.block_n, d, group)
     _check_plan(plan, batch, q.device)
@@ -389,7 +428,7 @@ def _launch(q, k_cache, v_cache, block_tables, seq_lens, head_table, scale, out,
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_tables.stride(0), head_table.stride(0), out.stride(0), out.stride(1),
         G=group, G_PAD=max(16, triton.next_power_of_2(group)), D=d, D_PAD=padded_head_dim(d),
-        BLOCK_SIZE=k_cache.shape[2],
+        D_A=tiles[0], D_B=tiles[1], BLOCK_SIZE=k_cache.shape[2],
         BLOCK_N=config.block_n, UPCAST=interpret, PERSISTENT=persistent, PDL=pdl,
         num_warps=config.num_warps, num_stages=config.num_stages, **launch_options(pdl),
         **({} if config.maxnreg is None else {"maxnreg": config.maxnreg}),

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from kernels import arrivals
-from kernels.attention_plan import (IDLE_SHARE, KEPT_ROOM, StepPlanner, _wave_cost, plan_attention, plan_capacity,
-                                    resident_per_sm)
+from kernels.attention_plan import (IDLE_SHARE, KEPT_ROOM, StepPlanner, _wave_cost, padded_head_dim, plan_attention,
+                                    plan_capacity, resident_per_sm, tile_split, tile_width)
 from kernels.select_attention import AttentionConfig, _launch, select_attention, select_attention_ref
 from support.tolerance import assert_close_to_reference
 
@@ -78,12 +78,13 @@ def test_matches_reference(dtype, d, hq, hkv, k_max, chunk):
     _check_close(out, case, 0.3)
 
 
-# Head dims between powers of two (OPT-2.7B's 80; 72, 96, 160; 24 and 200 at the ends): the kernel
-# runs tiles as wide as the next power of two and must read and write only the real columns. q and
+# Head dims between powers of two (OPT-2.7B's 80; 72, 96, 160, 192; 24 and 200 at the ends): the
+# kernel runs a main and a tail tile (80 = 64 + 32) or one tile as wide as the next power of two
+# (24, 200) and must read and write only the real columns. q and
 # out are row-strided views with NaN in the 8 columns past the head dim, and the caches end in
 # NaN right after the last physical block, which a sequence uses: a pad column read shows up as
 # NaN in the output, a pad column written as a changed NaN.
-@pytest.mark.parametrize("d", [24, 72, 80, 96, 160, 200])
+@pytest.mark.parametrize("d", [24, 72, 80, 96, 160, 192, 200])
 @pytest.mark.parametrize("hq,hkv,k_max", [(4, 4, 3), (8, 2, 2)])
 @pytest.mark.parametrize("chunk", [None, 16])  # whole sequences; cut (partials and the merge)
 def test_head_dims_between_powers_of_two(d, hq, hkv, k_max, chunk):
@@ -225,10 +226,24 @@ def test_planner_cuts_by_total_work_not_by_table_width():
     assert big.num_parts == 0
 
 
+def test_tile_split_covers_the_head_dim_in_power_of_two_tiles():
+    """Main and tail tiles: powers of two, the main >= 16 and a tail >= 32 (16-wide tails take 2-3x
+    the registers), together covering d and never wider than the padded tile; a split only where it
+    saves columns."""
+    for d in range(1, 257):
+        main, tail = tile_split(d)
+        pad = padded_head_dim(d)
+        assert main >= 16 and main & (main - 1) == 0 and (tail == 0 or (tail >= 32 and tail & (tail - 1) == 0)), d
+        assert d <= main + tail <= pad and tile_width(d) == main + tail, d
+        assert tail == 0 or (main < d and main + tail < pad), d
+    assert tile_split(80) == tile_split(96) == (64, 32) and tile_split(112) == (128, 0)
+
+
 def test_resident_programs_follow_the_build():
-    """The plan's slots per SM: the head dim's tile width (80 and 96 take the 128-wide build)
-    and the group's padded rows (<= 16 query heads one build; 32 and 64 hold more registers)."""
+    """The plan's slots per SM: the head dim's tile width (80 and 96 take 64 + 32 columns, 160 128 +
+    32) and the group's padded rows (<= 16 query heads one build; 32 and 64 hold more registers)."""
     assert resident_per_sm(128) == resident_per_sm(128, 16) == resident_per_sm(96, 8) == resident_per_sm(80) == 4
+    assert resident_per_sm(80, 32) == 2 and resident_per_sm(160) == resident_per_sm(192, 16) == 3
     assert resident_per_sm(64, 4) == 6 and resident_per_sm(256) == 3
     assert resident_per_sm(128, 17) == resident_per_sm(128, 32) == 3 and resident_per_sm(128, 64) == 2
     assert resident_per_sm(16) == 5 and resident_per_sm(32, 2) == 9  # every tile width the kernel builds

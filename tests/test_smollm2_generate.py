@@ -6,7 +6,6 @@ tp=3, where each rank holds one KV group, as at tp=1."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path

@@ -50,7 +50,7 @@ ARCHS: dict[str, dict] = {
 }
 
 
-# Head dims between powers of two, which the decode kernel runs in tiles of the next power of two
+# Head dims between powers of two, which the decode kernel runs as a main and a tail tile (64 + 32)
 # (GPU tests only: on the CPU the torch backend takes any head dim). OPT-2.7B's head dim is 80.
 ODD_HEAD_DIM_ARCHS: dict[str, dict] = {
     "opt-d80": dict(model_type="opt", hidden_size=320, ffn_dim=640, num_hidden_layers=2, num_attention_heads=4,

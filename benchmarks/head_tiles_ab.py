@@ -1,0 +1,97 @@
+"""Decode attention at head dims between powers of two (80: OPT-2.7B, 96): one masked tile as
+wide as the next power of two (the build before the split) against a 64-wide main and a 32-wide
+tail tile (attention_plan.tile_split), the split's plans cut for 4 and 5 programs per SM (ptxas:
+96-116 registers, 29 KiB, 4-5 per SM; the masked 128-wide build 124-128 registers, 4) and in 3
+stages; torch SDPA over a contiguous cache where every head is read. Timed in a graph
+(GraphTimer.in_graph, L2 flushed before each call); outputs checked against the first variant's.
+
+    PYTHONPATH=. python3 benchmarks/head_tiles_ab.py benchmarks/results/<gpu>/ab/head_tiles.json
+
+Why: the grid's head-dim rows (run 78) ran at 61-86% of the floor at head dim 80 and 47-91% at 96,
+where 128-wide heads run at 95-108%: the 128-wide tile moves 1.6x (80) and 1.33x (96) the head's
+columns through shared memory, registers and the MMAs for every byte read from HBM.
+"""
+import json
+import statistics
+import sys
+
+import torch
+
+from benchmarks.kernel_bench import _copy_tbps, runtime_plan
+from benchmarks.kernel_grid import attention_floor_ms
+from benchmarks.plan_waves_ab import paged_case, sdpa_in_graph_us
+from kernels.attention_plan import padded_head_dim, tile_split
+from kernels.graph_timer import GraphTimer
+from kernels.select_attention import AttentionConfig, _launch
+
+CASES = [  # name, B, Hq, Hkv, D, lengths ("mixed": 512-6144), k
+    ("opt-2.7b B16 1920 dense", 16, 32, 32, 80, [1920] * 16, 32),
+    ("opt-2.7b B64 1920 dense", 64, 32, 32, 80, [1920] * 64, 32),
+    ("opt-2.7b B64 1920 k16", 64, 32, 32, 80, [1920] * 64, 16),
+    ("mha32-d80 B8 4096 dense", 8, 32, 32, 80, [4096] * 8, 32),
+    ("mha32-d80 B64 4096 dense", 64, 32, 32, 80, [4096] * 64, 32),
+    ("mha32-d80 B256 4096 k10", 256, 32, 32, 80, [4096] * 256, 10),
+    ("mha32-d80 B64 mixed k16", 64, 32, 32, 80, "mixed", 16),
+    ("gqa-d96 B8 4096 dense", 8, 32, 8, 96, [4096] * 8, 8),
+    ("gqa-d96 B64 4096 dense", 64, 32, 8, 96, [4096] * 64, 8),
+    ("gqa-d96 B64 4096 k2", 64, 32, 8, 96, [4096] * 64, 2),
+    ("gqa-d96 B256 4096 dense", 256, 32, 8, 96, [4096] * 256, 8),
+    ("gqa-d96 B64 mixed k4", 64, 32, 8, 96, "mixed", 4),
+    ("mha16-d160 B64 4096 dense", 64, 16, 16, 160, [4096] * 64, 16),
+]
+
+
+def variants(d: int) -> dict:
+    """{name: (kernel config, programs per SM the plan is cut for)}."""
+    padded = padded_head_dim(d)
+    wide = {"pad": (AttentionConfig(tiles=(padded, 0)), 4 if padded == 128 else 3)}  # the build before the split
+    if padded == 128:
+        return wide | {"split/r4": (AttentionConfig(tiles=tile_split(d)), 4),
+                       "split/r5": (AttentionConfig(tiles=tile_split(d)), 5),
+                       "split s3/r4": (AttentionConfig(tiles=tile_split(d), num_stages=3), 4)}
+    return {"pad": (AttentionConfig(block_n=32, num_stages=3, tiles=(padded, 0)), 3),
+            "split/r3": (AttentionConfig(block_n=32, num_stages=3, tiles=tile_split(d)), 3),
+            "split/r4": (AttentionConfig(block_n=32, num_stages=3, tiles=tile_split(d)), 4)}
+
+
+def main(out: str) -> None:
+    dev = torch.device("cuda")
+    bw = _copy_tbps()
+    timer = GraphTimer(dev, reps=20)
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    for name, b, hq, hkv, d, spec, k in CASES:
+        lens, kc, vc, bt, q, sl, ht = paged_case(spec, b, hq, hkv, d, k, gen)
+        out_t = torch.empty_like(q)
+        row = {"case": name, "floor_us": attention_floor_ms(sum(lens), k, d, 2, bw) * 1e3, "us_in_graph": {},
+               "plans": {}}
+        ref = None
+        for key, (config, resident) in variants(d).items():
+            plan, info = runtime_plan(lens, k, head_dim=d, resident=resident)
+            fn = lambda: _launch(q, kc, vc, bt, sl, ht, d**-0.5, out_t, plan, config, pdl=True)  # noqa: E731
+            fn()
+            torch.cuda.synchronize()
+            if ref is None:
+                ref = out_t.clone()
+            elif (out_t.float() - ref.float()).abs().max().item() > 2e-2:  # other cuts sum in another order
+                print("MISMATCH", name, key, flush=True)
+            row["plans"][key] = info
+            row["us_in_graph"][key] = timer.in_graph(fn) * 1e3
+        if k == hkv and len(set(lens)) == 1:  # every head, equal lengths: SDPA over a contiguous cache
+            row["us_in_graph"]["sdpa"] = sdpa_in_graph_us(timer, q, hkv, lens[0])
+        g = row["us_in_graph"]
+        print(f"{name:26} floor {row['floor_us']:7.1f} | " + " ".join(f"{key} {t:7.1f}" for key, t in g.items())
+              + " | % of floor " + " ".join(f"{100 * row['floor_us'] / t:.0f}" for t in g.values()), flush=True)
+        rows.append(row)
+        del kc, vc
+        torch.cuda.empty_cache()
+    for key in ("split/r4", "split/r5", "split s3/r4", "split/r3", "sdpa"):
+        ratios = [r["us_in_graph"][key] / r["us_in_graph"]["pad"] for r in rows if key in r["us_in_graph"]]
+        if ratios:
+            print(f"{key} / pad: median {statistics.median(ratios):.3f} min {min(ratios):.3f} "
+                  f"max {max(ratios):.3f} over {len(ratios)}", flush=True)
+    json.dump({"device": torch.cuda.get_device_name(), "copy_TBps": bw, "rows": rows}, open(out, "w"), indent=1)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
