@@ -18,6 +18,7 @@ import collections
 import re
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 
@@ -37,10 +38,11 @@ def compile_stats(fn, ptr_types: dict, constexprs: dict, num_warps: int, num_sta
                             target=GPUTarget("cuda", 90, 32),
                             options={"num_warps": num_warps, "num_stages": num_stages})
     ptx = kernel.asm["ptx"]
-    cubin = Path("/tmp/gather_gemm_ptx.cubin")
-    cubin.write_bytes(kernel.asm["cubin"])
     tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    usage = subprocess.run([str(tool), "--dump-resource-usage", str(cubin)], capture_output=True, text=True).stdout
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(kernel.asm["cubin"])
+        cubin.flush()
+        usage = subprocess.run([str(tool), "--dump-resource-usage", cubin.name], capture_output=True, text=True).stdout
     loads: collections.Counter = collections.Counter()
     for ins in re.findall(r"(?:ld\.global|cp\.async\.c[ag]\.shared\.global)[^;]*", ptx):
         loads["cp.async " + ins.split(",")[2].strip() + " B" if ins.startswith("cp.async") else ins.split()[0]] += 1

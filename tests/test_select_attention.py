@@ -4,7 +4,11 @@ by the rule of support/tolerance.py with one ulp of slack (the output is rounded
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -249,6 +253,23 @@ def test_resident_programs_follow_the_build():
     assert resident_per_sm(16) == 5 and resident_per_sm(32, 2) == 9  # every tile width the kernel builds
     assert resident_per_sm(128, 128) == 1  # past the table: one program per SM, never more than fit
     assert StepPlanner.for_device(8, torch.device("cpu"), 128, group_size=32).resident == 3
+
+
+def test_plan_slots_fit_the_compiled_builds():
+    """The slot table against ptxas (sm_90a, no GPU: Triton's wheel ships it): at the head dims and
+    group widths of the runtime's models, the plan never counts more programs per SM than the
+    default build's registers and shared memory fit (benchmarks/attention_ptx.py --check)."""
+    import triton
+
+    if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump").exists():
+        pytest.skip("this Triton wheel ships no cuobjdump to read the builds' registers")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compile, not interpret
+    root = Path(__file__).resolve().parents[1]
+    res = subprocess.run([sys.executable, str(root / "benchmarks" / "attention_ptx.py"), "--check", "--head-dims",
+                          "64", "80", "96", "128", "--groups", "1", "8", "32"], cwd=root, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    assert res.stdout.count("per SM (plan:") == 12
 
 
 def test_planner_fills_whole_waves_of_resident_programs():
