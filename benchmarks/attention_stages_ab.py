@@ -19,12 +19,11 @@ import sys
 
 import torch
 
-from benchmarks.kernel_bench import _copy_tbps, runtime_plan
-from benchmarks.kernel_grid import attention_floor_ms
-from benchmarks.plan_waves_ab import occupancy, paged_case, sdpa_in_graph_us
+from benchmarks.kernel_bench import _copy_tbps
+from benchmarks.plan_waves_ab import variants_row, occupancy
 from kernels.attention_plan import padded_head_dim
 from kernels.graph_timer import GraphTimer
-from kernels.select_attention import AttentionConfig, _launch
+from kernels.select_attention import AttentionConfig
 
 CASES = [  # name, B, Hq, Hkv, D, lengths ("mixed": 512-6144), k
     ("mha32 B1 4096 dense", 1, 32, 32, 128, [4096], 32),
@@ -71,32 +70,13 @@ def main(out: str) -> None:
     timer = GraphTimer(dev, reps=20)
     gen = torch.Generator().manual_seed(0)
     rows = []
-    for name, b, hq, hkv, d, spec, k in CASES:
-        lens, kc, vc, bt, q, sl, ht = paged_case(spec, b, hq, hkv, d, k, gen)
-        out_t = torch.empty_like(q)
-        row = {"case": name, "floor_us": attention_floor_ms(sum(lens), k, d, 2, bw) * 1e3, "us_in_graph": {},
-               "plans": {}}
-        ref = None
-        variants = VARIANTS[padded_head_dim(d)]
-        for key, (config, resident) in variants.items():
-            plan, info = runtime_plan(lens, k, head_dim=d, resident=resident)
-            fn = lambda: _launch(q, kc, vc, bt, sl, ht, d**-0.5, out_t, plan, config, pdl=True)  # noqa: E731
-            fn()
-            torch.cuda.synchronize()
-            if ref is None:
-                ref = out_t.clone()
-            elif (out_t.float() - ref.float()).abs().max().item() > 2e-2:  # other cuts sum in another order
-                print("MISMATCH", name, key, flush=True)
-            row["plans"][key] = info
-            row["us_in_graph"][key] = timer.in_graph(fn) * 1e3
-        if k == hkv and len(set(lens)) == 1:  # every head, equal lengths: SDPA over a contiguous cache
-            row["us_in_graph"]["sdpa"] = sdpa_in_graph_us(timer, q, hkv, lens[0])
+    for case in CASES:
+        variants = {key: (config, {"resident": r}) for key, (config, r) in VARIANTS[padded_head_dim(case[4])].items()}
+        row = variants_row(case, variants, timer, bw, gen)
         g = row["us_in_graph"]
-        print(f"{name:22} floor {row['floor_us']:6.1f} | " + " ".join(f"{key} {t:6.1f}" for key, t in g.items())
+        print(f"{case[0]:22} floor {row['floor_us']:6.1f} | " + " ".join(f"{key} {t:6.1f}" for key, t in g.items())
               + " | items " + " ".join(str(p["items"]) for p in row["plans"].values()), flush=True)
         rows.append(row)
-        del kc, vc
-        torch.cuda.empty_cache()
     for variants in VARIANTS.values():
         base = next(iter(variants))
         for key in list(variants)[1:]:

@@ -17,12 +17,11 @@ import sys
 
 import torch
 
-from benchmarks.kernel_bench import _copy_tbps, runtime_plan
-from benchmarks.kernel_grid import attention_floor_ms
-from benchmarks.plan_waves_ab import paged_case, sdpa_in_graph_us
+from benchmarks.kernel_bench import _copy_tbps
+from benchmarks.plan_waves_ab import variants_row
 from kernels.attention_plan import padded_head_dim, tile_split
 from kernels.graph_timer import GraphTimer
-from kernels.select_attention import AttentionConfig, _launch
+from kernels.select_attention import AttentionConfig
 
 CASES = [  # name, B, Hq, Hkv, D, lengths ("mixed": 512-6144), k
     ("opt-2.7b B16 1920 dense", 16, 32, 32, 80, [1920] * 16, 32),
@@ -42,16 +41,17 @@ CASES = [  # name, B, Hq, Hkv, D, lengths ("mixed": 512-6144), k
 
 
 def variants(d: int) -> dict:
-    """{name: (kernel config, programs per SM the plan is cut for)}."""
-    padded = padded_head_dim(d)
-    wide = {"pad": (AttentionConfig(tiles=(padded, 0)), 4 if padded == 128 else 3)}  # the build before the split
+    """{name: (kernel config, programs per SM the plan is cut for)}: the padded tile first (the
+    build before the split), the reference the others' outputs and times are taken against."""
+    padded, split = padded_head_dim(d), tile_split(d)
     if padded == 128:
-        return wide | {"split/r4": (AttentionConfig(tiles=tile_split(d)), 4),
-                       "split/r5": (AttentionConfig(tiles=tile_split(d)), 5),
-                       "split s3/r4": (AttentionConfig(tiles=tile_split(d), num_stages=3), 4)}
+        return {"pad": (AttentionConfig(tiles=(padded, 0)), 4),
+                "split/r4": (AttentionConfig(tiles=split), 4),
+                "split/r5": (AttentionConfig(tiles=split), 5),
+                "split s3/r4": (AttentionConfig(tiles=split, num_stages=3), 4)}
     return {"pad": (AttentionConfig(block_n=32, num_stages=3, tiles=(padded, 0)), 3),
-            "split/r3": (AttentionConfig(block_n=32, num_stages=3, tiles=tile_split(d)), 3),
-            "split/r4": (AttentionConfig(block_n=32, num_stages=3, tiles=tile_split(d)), 4)}
+            "split/r3": (AttentionConfig(block_n=32, num_stages=3, tiles=split), 3),
+            "split/r4": (AttentionConfig(block_n=32, num_stages=3, tiles=split), 4)}
 
 
 def main(out: str) -> None:
@@ -60,31 +60,13 @@ def main(out: str) -> None:
     timer = GraphTimer(dev, reps=20)
     gen = torch.Generator().manual_seed(0)
     rows = []
-    for name, b, hq, hkv, d, spec, k in CASES:
-        lens, kc, vc, bt, q, sl, ht = paged_case(spec, b, hq, hkv, d, k, gen)
-        out_t = torch.empty_like(q)
-        row = {"case": name, "floor_us": attention_floor_ms(sum(lens), k, d, 2, bw) * 1e3, "us_in_graph": {},
-               "plans": {}}
-        ref = None
-        for key, (config, resident) in variants(d).items():
-            plan, info = runtime_plan(lens, k, head_dim=d, resident=resident)
-            fn = lambda: _launch(q, kc, vc, bt, sl, ht, d**-0.5, out_t, plan, config, pdl=True)  # noqa: E731
-            fn()
-            torch.cuda.synchronize()
-            if ref is None:
-                ref = out_t.clone()
-            elif (out_t.float() - ref.float()).abs().max().item() > 2e-2:  # other cuts sum in another order
-                print("MISMATCH", name, key, flush=True)
-            row["plans"][key] = info
-            row["us_in_graph"][key] = timer.in_graph(fn) * 1e3
-        if k == hkv and len(set(lens)) == 1:  # every head, equal lengths: SDPA over a contiguous cache
-            row["us_in_graph"]["sdpa"] = sdpa_in_graph_us(timer, q, hkv, lens[0])
+    for case in CASES:
+        row = variants_row(case, {key: (config, {"resident": r}) for key, (config, r) in variants(case[4]).items()},
+                           timer, bw, gen)
         g = row["us_in_graph"]
-        print(f"{name:26} floor {row['floor_us']:7.1f} | " + " ".join(f"{key} {t:7.1f}" for key, t in g.items())
+        print(f"{case[0]:26} floor {row['floor_us']:7.1f} | " + " ".join(f"{key} {t:7.1f}" for key, t in g.items())
               + " | % of floor " + " ".join(f"{100 * row['floor_us'] / t:.0f}" for t in g.values()), flush=True)
         rows.append(row)
-        del kc, vc
-        torch.cuda.empty_cache()
     for key in ("split/r4", "split/r5", "split s3/r4", "split/r3", "sdpa"):
         ratios = [r["us_in_graph"][key] / r["us_in_graph"]["pad"] for r in rows if key in r["us_in_graph"]]
         if ratios:

@@ -18,12 +18,10 @@ import time
 import numpy as np
 import torch
 
-from benchmarks.kernel_bench import _copy_tbps, runtime_plan
-from benchmarks.kernel_grid import attention_floor_ms
-from benchmarks.plan_waves_ab import CASES, paged_case
+from benchmarks.kernel_bench import _copy_tbps
+from benchmarks.plan_waves_ab import CASES, variants_row
 from kernels.attention_plan import StepPlanner
 from kernels.graph_timer import GraphTimer
-from kernels.select_attention import _launch, default_config
 
 MORE = [  # name, B, Hq, Hkv, D, lengths, k: unequal lengths at more batches and densities
     ("l3-8b B64 mixed dense", 64, 32, 8, 128, "mixed", 8),
@@ -55,29 +53,14 @@ def main(out: str) -> None:
     timer = GraphTimer(dev, reps=20)
     gen = torch.Generator().manual_seed(0)
     rows = []
-    for name, b, hq, hkv, d, spec, k in CASES + MORE:
-        lens, kc, vc, bt, q, sl, ht = paged_case(spec, b, hq, hkv, d, k, gen)
-        out_t = torch.empty_like(q)
-        row = {"case": name, "floor_us": attention_floor_ms(sum(lens), k, d, 2, bw) * 1e3, "us_in_graph": {}, "plans": {}}
-        ref = None
-        for order, longest_first in ORDERS.items():
-            plan, info = runtime_plan(lens, k, head_dim=d, longest_first=longest_first)
-            fn = lambda: _launch(q, kc, vc, bt, sl, ht, d**-0.5, out_t, plan, default_config(d), pdl=True)  # noqa: E731
-            fn()
-            torch.cuda.synchronize()
-            if ref is None:
-                ref = out_t.clone()
-            elif not torch.equal(out_t, ref):  # the same pieces, merged in the same order: the same bits
-                print("MISMATCH", name, order, (out_t.float() - ref.float()).abs().max().item(), flush=True)
-            row["plans"][order] = info
-            row["us_in_graph"][order] = timer.in_graph(fn) * 1e3
+    variants = {order: (None, {"longest_first": longest_first}) for order, longest_first in ORDERS.items()}
+    for case in CASES + MORE:  # the same pieces, merged in the same order: the same bits
+        row = variants_row(case, variants, timer, bw, gen, tol=0.0, sdpa=False)
         g = row["us_in_graph"]
-        print(f"{name:24} floor {row['floor_us']:6.1f} index {g['index']:6.1f} longest first "
+        print(f"{case[0]:24} floor {row['floor_us']:6.1f} index {g['index']:6.1f} longest first "
               f"{g['longest_first']:6.1f} ({g['longest_first'] / g['index']:.3f}x; {row['plans']['index']['items']} "
               f"items)", flush=True)
         rows.append(row)
-        del kc, vc
-        torch.cuda.empty_cache()
     ratios = [r["us_in_graph"]["longest_first"] / r["us_in_graph"]["index"] for r in rows]
     host = {order: host_us(longest_first) for order, longest_first in ORDERS.items()}
     print(f"longest first / index: median {statistics.median(ratios):.3f} min {min(ratios):.3f} max "

@@ -84,6 +84,37 @@ def sdpa_in_graph_us(timer: GraphTimer, q: torch.Tensor, hkv: int, length: int) 
                                                                  enable_gqa=hq != hkv)) * 1e3
 
 
+def variants_row(case: tuple, variants: dict, timer: GraphTimer, bw: float, gen: torch.Generator, *,
+                 tol: float = 2e-2, sdpa: bool = True) -> dict:
+    """One row of an attention A/B: the case (name, B, Hq, Hkv, D, lengths, k) timed in a graph
+    under each variant {name: (AttentionConfig or None for default_config, runtime_plan's rule:
+    resident=, programs_per_sm=, longest_first=, ...)}; every output checked against the first
+    variant's within `tol` (other cuts sum in another order: 2e-2; 0 for the same pieces); and
+    with `sdpa`, torch SDPA over a contiguous cache where every head is read at equal lengths."""
+    name, b, hq, hkv, d, spec, k = case
+    lens, kc, vc, bt, q, sl, ht = paged_case(spec, b, hq, hkv, d, k, gen)
+    out_t = torch.empty_like(q)
+    row = {"case": name, "floor_us": attention_floor_ms(sum(lens), k, d, 2, bw) * 1e3, "us_in_graph": {}, "plans": {}}
+    ref = None
+    for key, (config, rule) in variants.items():
+        plan, info = runtime_plan(lens, k, head_dim=d, **rule)
+        config = config or default_config(d)
+        fn = lambda: _launch(q, kc, vc, bt, sl, ht, d**-0.5, out_t, plan, config, pdl=True)  # noqa: E731
+        fn()
+        torch.cuda.synchronize()
+        if ref is None:
+            ref = out_t.clone()
+        elif (out_t.float() - ref.float()).abs().max().item() > tol:
+            print("MISMATCH", name, key, (out_t.float() - ref.float()).abs().max().item(), flush=True)
+        row["plans"][key] = info
+        row["us_in_graph"][key] = timer.in_graph(fn) * 1e3
+    if sdpa and k == hkv and len(set(lens)) == 1:
+        row["us_in_graph"]["sdpa"] = sdpa_in_graph_us(timer, q, hkv, lens[0])
+    del kc, vc
+    torch.cuda.empty_cache()
+    return row
+
+
 def programs_per_sm(regs: int, smem_bytes: int, warps: int) -> int:
     """Programs of a kernel one sm_90 SM holds: 64K registers (allocated per warp in units of
     256), 228 KiB of shared memory with 1 KiB of it reserved per program, at most 32."""
@@ -110,33 +141,16 @@ def main(out, min_chunks):
     timer = GraphTimer(dev, reps=20)
     gen = torch.Generator().manual_seed(0)
     rows = []
-    for name, b, hq, hkv, d, spec, k in CASES:
-        lens, kc, vc, bt, q, sl, ht = paged_case(spec, b, hq, hkv, d, k, gen)
-        out_t = torch.empty_like(q)
-        floor_us = attention_floor_ms(sum(lens), k, d, 2, bw) * 1e3
-        variants = {"wave": {}}
-        variants.update({f"{p}/{c}": {"programs_per_sm": p, "min_chunk": c} for p in PER_SM for c in min_chunks})
-        ref = None
-        row = {"case": name, "floor_us": floor_us, "us_in_graph": {}, "plans": {}}
-        for key, rule in variants.items():
-            plan, info = runtime_plan(lens, k, head_dim=d, **rule)
-            fn = lambda: _launch(q, kc, vc, bt, sl, ht, d**-0.5, out_t, plan, default_config(d), pdl=True)
-            fn(); torch.cuda.synchronize()
-            if ref is None:
-                ref = out_t.clone()
-            elif (out_t.float() - ref.float()).abs().max().item() > 2e-2:
-                print("MISMATCH", name, key, flush=True)
-            row["plans"][key] = info
-            row["us_in_graph"][key] = timer.in_graph(fn) * 1e3
+    rules = {"wave": {}} | {f"{p}/{c}": {"programs_per_sm": p, "min_chunk": c} for p in PER_SM for c in min_chunks}
+    for case in CASES:
+        row = variants_row(case, {key: (None, rule) for key, rule in rules.items()}, timer, bw, gen, sdpa=False)
         g = row["us_in_graph"]
         old = g["16/256"] if "16/256" in g else g[f"16/{min_chunks[0]}"]
         best = min(g, key=g.get)
-        print(f"{name:24} floor {floor_us:6.1f} wave {g['wave']:6.1f} ({g['wave'] / old:.3f}x of 16/SM, "
+        print(f"{case[0]:24} floor {row['floor_us']:6.1f} wave {g['wave']:6.1f} ({g['wave'] / old:.3f}x of 16/SM, "
               f"{row['plans']['wave']['items']} items) best {best} {g[best]:6.1f} | "
               + " ".join(f"{p}:{g[f'{p}/{min_chunks[0]}']:6.1f}" for p in PER_SM), flush=True)
         rows.append(row)
-        del kc, vc
-        torch.cuda.empty_cache()
     occ = occupancy()
     print("occupancy", occ, flush=True)
     json.dump({"device": torch.cuda.get_device_name(), "copy_TBps": bw, "occupancy": occ, "rows": rows},
