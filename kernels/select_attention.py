@@ -224,19 +224,19 @@ def _attend_group(q_row, k_base, v_base, bt_row, o_row, o_part_ptr, m_part_ptr, 
     tail tile (attention_plan.tile_split: 96 = 64 + 32): two dots a step, no padded columns read.
     A sequence cut into n_parts pieces: each piece writes fp32 partials, and the last of the
     (sequence, slot)'s pieces to finish merges them into the output (kernels/arrivals.py)."""
-    TAIL: tl.constexpr = D_B > 0
-    W_B: tl.constexpr = D_B if D_B > 0 else 16  # the tail's registers when there is none: never used
+    TAIL: tl.constexpr = D_B > 0  # a constexpr branch: without a tail none of its code or registers exist
     rows = tl.arange(0, G_PAD)
     cols_a = tl.arange(0, D_A)
-    cols_b = D_A + tl.arange(0, W_B)
     row_mask = (rows < G)[:, None]  # [G_PAD, 1]
     offs_n = tl.arange(0, BLOCK_N)
     q_a = _head_cols(q_row, rows, stride_qh, row_mask, 0, D_A, D, UPCAST)  # [G_PAD, D_A]
-    q_b = _head_cols(q_row, rows, stride_qh, row_mask, D_A, W_B, D, UPCAST)  # [G_PAD, W_B]; no tail: 0s
     m_i = tl.full([G_PAD], float("-inf"), tl.float32)  # running max, log2 domain
     l_i = tl.zeros([G_PAD], tl.float32)  # running softmax denominator
     acc_a = tl.zeros([G_PAD, D_A], tl.float32)  # columns past D stay 0 (V's are loaded as 0)
-    acc_b = tl.zeros([G_PAD, W_B], tl.float32)
+    if TAIL:
+        cols_b = D_A + tl.arange(0, D_B)
+        q_b = _head_cols(q_row, rows, stride_qh, row_mask, D_A, D_B, D, UPCAST)  # [G_PAD, D_B]
+        acc_b = tl.zeros([G_PAD, D_B], tl.float32)
     page_next = tl.load(bt_row + (start + offs_n) // BLOCK_SIZE, mask=start + offs_n < end, other=0)
     for n0 in range(start, end, BLOCK_N):
         pos = n0 + offs_n
@@ -248,8 +248,8 @@ def _attend_group(q_row, k_base, v_base, bt_row, o_row, o_part_ptr, m_part_ptr, 
         v_a = _rows(v_base, page, tok, valid, stride_vb, stride_vt, 0, D_A, D, UPCAST)
         qk = tl.dot(q_a, tl.trans(k_a))  # [G_PAD, BLOCK_N], fp32
         if TAIL:
-            k_b = _rows(k_base, page, tok, valid, stride_kb, stride_kt, D_A, W_B, D, UPCAST)  # [BLOCK_N, W_B]
-            v_b = _rows(v_base, page, tok, valid, stride_vb, stride_vt, D_A, W_B, D, UPCAST)
+            k_b = _rows(k_base, page, tok, valid, stride_kb, stride_kt, D_A, D_B, D, UPCAST)  # [BLOCK_N, D_B]
+            v_b = _rows(v_base, page, tok, valid, stride_vb, stride_vt, D_A, D_B, D, UPCAST)
             qk += tl.dot(q_b, tl.trans(k_b))
         qk = tl.where(valid[None, :], qk * scale_log2, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
@@ -401,8 +401,9 @@ def _launch(q, k_cache, v_cache, block_tables, seq_lens, head_table, scale, out,
         out = torch.empty_like(q)  # the launch writes every element, the 0s included
     if batch == 0:
         return out
-    tiles = config.tiles or tile_split(d)
-    if not (tiles[0] + tiles[1] >= d and all(w == 0 or (w >= 16 and w & (w - 1) == 0) for w in tiles) and tiles[0]):
+    tiles = tile_split(d) if config.tiles is None else config.tiles
+    if config.tiles is not None and not (sum(tiles) >= d and all(w == 0 or (w >= 16 and w & (w - 1) == 0)
+                                                                  for w in tiles) and tiles[0]):
         raise ValueError(f"config.tiles {tiles} must be a power-of-two main tile >= 16 and a tail of 0 or a power "
                          f"of two >= 16 covering head dim {d}; leave it None for tile_split's")
     if plan is None:
