@@ -13,7 +13,8 @@ import json
 import sys
 import torch
 from benchmarks.kernel_bench import _paged_kv, _block_table, _head_table, runtime_plan, BLOCK_SIZE, _copy_tbps
-from kernels.select_attention import AttentionConfig, _launch
+from kernels.attention_builds import AttentionConfig
+from kernels.select_attention import _launch
 from kernels.graph_timer import GraphTimer
 
 CONFIGS = {"bn64_w4_st3": AttentionConfig(), "bn64_w4_st2": AttentionConfig(num_stages=2),

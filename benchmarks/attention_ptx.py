@@ -35,8 +35,8 @@ def main() -> None:
 
     from benchmarks.gather_gemm_ptx import compile_stats
     from benchmarks.plan_waves_ab import programs_per_sm
-    from kernels.attention_plan import padded_head_dim, resident_per_sm, tile_split
-    from kernels.select_attention import _select_attention_kernel, default_config
+    from kernels.attention_builds import default_config, padded_head_dim, resident_per_sm, tile_split
+    from kernels.select_attention import _select_attention_kernel
 
     ptrs = {name: "*bf16" for name in ("q_ptr", "k_ptr", "v_ptr", "out_ptr")}
     ptrs.update({name: "*i32" for name in ("bt_ptr", "seq_lens_ptr", "ht_ptr", "count_ptr", "items_ptr", "seqs_ptr",

@@ -21,9 +21,8 @@ import torch
 
 from benchmarks.kernel_bench import _copy_tbps
 from benchmarks.plan_waves_ab import variants_row, occupancy
-from kernels.attention_plan import padded_head_dim
+from kernels.attention_builds import AttentionConfig, padded_head_dim
 from kernels.graph_timer import GraphTimer
-from kernels.select_attention import AttentionConfig
 
 CASES = [  # name, B, Hq, Hkv, D, lengths ("mixed": 512-6144), k
     ("mha32 B1 4096 dense", 1, 32, 32, 128, [4096], 32),

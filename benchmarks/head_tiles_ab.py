@@ -1,6 +1,6 @@
 """Decode attention at head dims between powers of two (80: OPT-2.7B, 96): one masked tile as
 wide as the next power of two (the build before the split) against a 64-wide main and a 32-wide
-tail tile (attention_plan.tile_split), the split's plans cut for 4 and 5 programs per SM (ptxas:
+tail tile (attention_builds.tile_split), the split's plans cut for 4 and 5 programs per SM (ptxas:
 96-116 registers, 29 KiB, 4-5 per SM; the masked 128-wide build 124-128 registers, 4) and in 3
 stages; torch SDPA over a contiguous cache where every head is read. Timed in a graph
 (GraphTimer.in_graph, L2 flushed before each call); outputs checked against the first variant's.
@@ -19,9 +19,8 @@ import torch
 
 from benchmarks.kernel_bench import _copy_tbps
 from benchmarks.plan_waves_ab import variants_row
-from kernels.attention_plan import padded_head_dim, tile_split
+from kernels.attention_builds import AttentionConfig, padded_head_dim, tile_split
 from kernels.graph_timer import GraphTimer
-from kernels.select_attention import AttentionConfig
 
 CASES = [  # name, B, Hq, Hkv, D, lengths ("mixed": 512-6144), k
     ("opt-2.7b B16 1920 dense", 16, 32, 32, 80, [1920] * 16, 32),

@@ -138,7 +138,8 @@ def runtime_plan(lens: list[int], k: int, device="cuda", head_dim: int = 128, **
     """The attention work plan as the runtime's CUDA-graph path passes it (the bucket's static
     capacity, partials for all of it), and what it holds; `rule`: plan_attention's chunk_tokens
     (forces the cut), programs_per_sm (the fixed-count rule), min_chunk."""
-    from kernels.attention_plan import PROGRAMS_PER_SM, num_sms, plan_attention, plan_capacity, resident_per_sm
+    from kernels.attention_builds import resident_per_sm
+    from kernels.attention_plan import PROGRAMS_PER_SM, num_sms, plan_attention, plan_capacity
 
     sms = num_sms(torch.device(device))
     rule.setdefault("resident", resident_per_sm(head_dim))
@@ -159,7 +160,8 @@ def _row_adder(rows: list, op: str, shape: dict):
 
 
 def bench_attention(name, b, hq, hkv, n, densities, bw, rows, sweep=False):
-    from kernels.select_attention import AttentionConfig, _launch, default_config, select_attention
+    from kernels.attention_builds import AttentionConfig, default_config
+    from kernels.select_attention import _launch, select_attention
 
     gen = torch.Generator().manual_seed(0)
     g = hq // hkv

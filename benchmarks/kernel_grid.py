@@ -244,7 +244,7 @@ def plan_variants(case: AttnCase, k: int) -> list[tuple[str, dict]]:
     if case.family == "attn-4k" and round(0.3 * case.heads.hkv) <= k <= round(0.5 * case.heads.hkv):
         out += list(PLAN_SWEEP.items())
     if case.family in ("attn-4k", "attn-d64"):  # the A/B of the grid: persistent, 2 programs per SM
-        from kernels.select_attention import AttentionConfig
+        from kernels.attention_builds import AttentionConfig
 
         out.append(("persistent_grid", {"config": AttentionConfig(resident_per_sm=2)}))
     return out

@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from benchmarks.kernel_bench import BLOCK_SIZE, _block_table, _copy_tbps, _head_table, _paged_kv, runtime_plan
 from kernels.graph_timer import GraphTimer, l2_bytes
 from kernels.norms import add_rms_norm
-from kernels.select_attention import _launch, default_config
+from kernels.attention_builds import default_config
+from kernels.select_attention import _launch
 from kernels.silu_mul import silu_mul
 from kernels.pdl import launch_options, wait_then_release
 import triton

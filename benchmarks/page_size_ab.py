@@ -21,7 +21,8 @@ from benchmarks.kernel_bench import _block_table, _copy_tbps, _head_table, runti
 from benchmarks.kernel_grid import attention_floor_ms
 from benchmarks.plan_waves_ab import _lengths, sdpa_in_graph_us
 from kernels.graph_timer import GraphTimer
-from kernels.select_attention import _launch, default_config
+from kernels.attention_builds import default_config
+from kernels.select_attention import _launch
 
 PAGES = (16, 32, 64, 128)
 CASES = [  # name, B, Hq, Hkv, D, lengths, k

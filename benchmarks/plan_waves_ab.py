@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from benchmarks.kernel_bench import BLOCK_SIZE, _block_table, _copy_tbps, _head_table, _paged_kv, runtime_plan
 from benchmarks.kernel_grid import attention_floor_ms
 from kernels.graph_timer import GraphTimer
-from kernels.select_attention import _launch, _select_attention_kernel, default_config
+from kernels.attention_builds import default_config
+from kernels.select_attention import _launch, _select_attention_kernel
 
 CASES = [  # name, B, Hq, Hkv, D, lengths ("mixed": 512-6144, "spread": 10-100% of 4096, "one_long"), k
     ("l2-7b B8 2048 k16", 8, 32, 32, 128, [2048] * 8, 16),

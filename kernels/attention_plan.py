@@ -17,8 +17,9 @@ their programs exit at once.
 Rule (measured: benchmarks/KERNELS_NOTES.md, "Work plan" and "Attention programs in whole waves"):
 chunks of at least `min_chunk` tokens (a shorter chunk spends more on its partial and the merge
 than it gains in parallelism), cut so the step's (item, slot) programs fill whole waves of the
-GPU's resident slots: the kernel holds `resident_per_sm` programs per SM at once, and a last
-wave that fills few of them runs at a fraction of the bandwidth, nearly as long as a full one.
+GPU's resident slots: the kernel holds `resident_per_sm` programs per SM at once
+(kernels/attention_builds.py), and a last wave that fills few of them runs at a fraction of the
+bandwidth, nearly as long as a full one.
 The cut is chosen among 1..5 waves' worth of programs by a cost model (`_wave_cost`: the partial
 last wave, and how much the pieces' sizes vary; ties: fewer waves).
 `programs_per_sm` forces the older rule, a fixed program count per SM (the A/B scripts compare).
@@ -34,27 +35,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from kernels.attention_builds import RESIDENT_PER_SM, resident_per_sm
+
 PROGRAMS_PER_SM = 16  # the most programs per SM a plan aims at: plan_capacity's bound
 MIN_CHUNK_TOKENS = 256
-# Attention programs one SM holds at once, by (tile width, query heads per group padded to
-# a power of two >= 16), for the kernel's default build there (kernels/select_attention.py,
-# default_config). Groups of <= 16 heads, measured on the H200: 64 wide, 3 stages of a 64-token
-# K and V tile, 36 KiB of shared memory and 72 registers: 6; 128 wide, 2 stages, 38 KiB and 128
-# registers: 4, the registers binding (runs 48 and 72, benchmarks/KERNELS_NOTES.md). Wider
-# groups hold more rows of q, the scores and the output per program: read with ptxas
-# (benchmarks/attention_ptx.py, no GPU), 32 heads take 84-188 registers, 64 heads 127-255. A
-# plan cut for more programs than fit runs in part-empty extra waves (1.24x at a 1.2-wave cut,
-# run 72).
-RESIDENT_PER_SM = {  # by tile_width; 16, 32, 96, 160, 192 wide: ptxas only (registers bind)
-    (16, 16): 5, (32, 16): 9, (64, 16): 6, (96, 16): 4, (128, 16): 4, (160, 16): 3, (192, 16): 3, (256, 16): 3,
-    (16, 32): 5, (32, 32): 4, (64, 32): 5, (96, 32): 2, (128, 32): 3, (160, 32): 2, (192, 32): 2, (256, 32): 2,
-    (16, 64): 5, (32, 64): 5, (64, 64): 4, (96, 64): 2, (128, 64): 2, (160, 64): 2, (192, 64): 2, (256, 64): 1,
-}
-# The split widths (tile_split) hold the fewest programs any head dim and group they serve
-# compiles to: 96 wide (64 + 32) at head dims 72-80, 3 stages: 96-116 registers, 53 KiB (4 per
-# SM); at 96, 2 stages: 88-96 registers, 29 KiB (5 by ptxas; cut for 4 it ran 0.77-1.00x of a cut
-# for 5, H200 run 79). 160 and 192 wide 94-128 registers (4 per SM) up to 8 heads a group,
-# 139-142 (3) at 9-16.
 # Cost model of a cut (runs 47-53, fit by benchmarks/plan_model_fit.py): a last wave that fills a fraction f of the slots takes
 # f + (1 - f) * IDLE_SHARE of a whole wave's time (29% full: as long as 62% of a wave); with
 # unequal lengths the pieces differ and the step takes at least J + IMBALANCE * cv waves, for J
@@ -132,40 +116,6 @@ def plan_views(flat: torch.Tensor, capacity: int, batch: int, num_parts: int) ->
     """An AttentionPlan over a flat int32 buffer laid out as HostPlan.flat()."""
     seqs = flat[1 + capacity:1 + capacity + SEQ_FIELDS * batch].view(batch, SEQ_FIELDS)
     return AttentionPlan(flat[:1], flat[1:1 + capacity], seqs, num_parts)
-
-
-def padded_head_dim(head_dim: int) -> int:
-    """The next power of two of a head dim, at least 16: the width of the kernel's fp32 partials
-    and of its merge (kernels/select_attention.py)."""
-    return max(16, 1 << (head_dim - 1).bit_length())
-
-
-def tile_split(head_dim: int) -> tuple[int, int]:
-    """The decode kernel's K/V tile columns for a head dim as (main, tail): a power-of-two main
-    tile and, where one tile would carry many padded columns, a power-of-two tail tile of at least
-    32 columns (tl.arange needs powers of two; 16-wide tails compile to 143-185 registers, 2-3
-    programs an SM, where 32-wide ones take 96: benchmarks/attention_ptx.py). 80 -> (64, 32) masked
-    to 16 tail columns, 96 -> (64, 32), 160 -> (128, 32), 192 -> (128, 64); a split no narrower
-    than the padded tile keeps that tile (48 -> 64, 112 -> 128). The tail's masked columns are
-    never read from memory; a 128-wide tile at head dim 80 also moves them through shared memory
-    and the MMAs (1.6x the head's columns)."""
-    pad = padded_head_dim(head_dim)
-    main = pad // 2
-    tail = max(32, 1 << (head_dim - main - 1).bit_length())
-    return (pad, 0) if pad == head_dim or main + tail >= pad else (main, tail)
-
-
-def tile_width(head_dim: int) -> int:
-    """Columns of the kernel's K/V tiles at a head dim: main + tail of tile_split."""
-    return sum(tile_split(head_dim))
-
-
-def resident_per_sm(head_dim: int, group: int = 1) -> int:
-    """Attention programs an SM holds at once at this head dim and this many query heads per KV
-    group: the kernel's tiles are tile_width(head_dim) wide (80 -> 64 + 32 columns) and max(16,
-    next power of two of group) rows tall; past the table's 64 rows, 1."""
-    rows = max(16, 1 << (max(1, group) - 1).bit_length())
-    return RESIDENT_PER_SM.get((tile_width(head_dim), rows), 1)
 
 
 def _wave_cost(programs: float, slots: int, cv: float = 0.0, slack: float = 0.0, *,

@@ -23,19 +23,19 @@ captures into a CUDA graph; empty plan rows and slots whose head_table entry is 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
 from kernels import arrivals
-from kernels.attention_plan import (SEQ_FIELDS, AttentionPlan, num_sms, padded_head_dim, plan_attention,
-                                    resident_per_sm, tile_split)
+from kernels.attention_builds import (AttentionConfig, default_config, padded_head_dim, resident_per_sm,
+                                      tile_split)
+from kernels.attention_plan import SEQ_FIELDS, AttentionPlan, num_sms, plan_attention
 from kernels.pdl import launch_options, wait_then_release
 
 # Head dims: any up to MAX_HEAD_DIM. tl.arange lengths are powers of two (>= 16 for tl.dot), so
-# a head dim between powers of two is tiled as a main and a tail tile (attention_plan.tile_split:
+# a head dim between powers of two is tiled as a main and a tail tile (attention_builds.tile_split:
 # 96 = 64 + 32, 80 = 64 + 32 masked to 16), each K/V tile loaded and multiplied on its own;
 # columns past D are never read or written (the masks exist only in those builds).
 # The fp32 partials and their merge are D_PAD = padded_head_dim(D) wide. The torch reference
@@ -48,48 +48,8 @@ def head_dim_supported(head_dim: int) -> bool:
     return 1 <= head_dim <= MAX_HEAD_DIM
 
 
-@dataclass(frozen=True)
-class AttentionConfig:
-    block_n: int = 64  # tokens per K/V tile; 64 x 128 fp16 = 16 KiB per tile and stage
-    num_warps: int = 4
-    # Pipeline depth asked of Triton. Compiled for a real launch (every stride divisible by 16
-    # marked so), the K/V tiles are 16-byte cp.async copies into a shared-memory pipeline of this
-    # depth. 128-wide heads, 64-token tiles: 2 stages take 38 KiB and 127-128 registers, so 4
-    # programs per SM (the registers bind), against 3 stages' 70 KiB and 3; with the plan cut for
-    # 4 per SM it is 0.93-0.99x of 3 stages' time at every measured shape, B 1 to 128, MHA and
-    # GQA, equal and mixed lengths (H200 runs 72-73, benchmarks/attention_stages_ab.py): fewer
-    # part-empty last waves. 64-wide heads keep 3 stages (36 KiB, 6 per SM; 2 stages there
-    # 1.00x at the median, up to 1.06x slower). No other config wins across shapes (runs 28, 42,
-    # 72-73): 8 warps, 32- or 128-token tiles, register caps that buy a fifth program per SM
-    # (they spill: 1.16x) are slower at most rows.
-    num_stages: int = 2
-    # ptxas register cap (None: Triton's own, see above).
-    maxnreg: int | None = None
-    # Persistent grid: this many programs per SM stride over the plan's real work; None: one
-    # program per work item of the plan's capacity, whose empty rows exit at once.
-    resident_per_sm: int | None = None
-    # K/V tile columns as (main, tail); None: attention_plan.tile_split(head_dim). (padded, 0)
-    # is the one masked tile every head dim ran before the split (benchmarks/head_tiles_ab.py).
-    tiles: tuple[int, int] | None = None
-
-
 # The interpreter runs one numpy pass per program and tile: larger tiles keep CPU tests fast.
 _INTERPRETER_CONFIG = AttentionConfig(block_n=64, num_warps=4, num_stages=1)
-
-
-def default_config(head_dim: int) -> AttentionConfig:
-    """The measured config by K/V tile (attention_plan.tile_split; see AttentionConfig.num_stages):
-    up to 64 wide, 3 stages; 64 + 32 wide, 3 stages where the tail is masked (80: 0.91x of 2
-    stages' time at B 64, 0.86-0.99x across run 79's cases) and 2 where it is full (96: 3 stages
-    1.02-1.04x at equal lengths); 128 (and the head dims 97-127 padded to it), 2 stages; wider
-    (160-256), 32-token K/V tiles in 3 stages, the shared memory of 64-token tiles at 128 in 3
-    stages (not tuned)."""
-    main, tail = tile_split(head_dim)
-    width = main + tail
-    if width > 128:
-        return AttentionConfig(block_n=32, num_stages=3)
-    masked_tail = tail > 0 and width > head_dim
-    return AttentionConfig(num_stages=3 if width <= 64 or masked_tail else 2)
 
 
 @triton.jit
@@ -221,7 +181,7 @@ def _attend_group(q_row, k_base, v_base, bt_row, o_row, o_part_ptr, m_part_ptr, 
     no MMA, ran at 55-65% of the floor where this path runs at ~100%: the reductions over D and
     over tokens cross threads and warps; benchmarks/KERNELS_NOTES.md, "Work plan".)
     The head's columns are a D_A-wide main tile and, where D is not a power of two, a D_B-wide
-    tail tile (attention_plan.tile_split: 96 = 64 + 32): two dots a step, no padded columns read.
+    tail tile (attention_builds.tile_split: 96 = 64 + 32): two dots a step, no padded columns read.
     A sequence cut into n_parts pieces: each piece writes fp32 partials, and the last of the
     (sequence, slot)'s pieces to finish merges them into the output (kernels/arrivals.py)."""
     TAIL: tl.constexpr = D_B > 0  # a constexpr branch: without a tail none of its code or registers exist

@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from kernels import arrivals
-from kernels.attention_plan import (IDLE_SHARE, KEPT_ROOM, StepPlanner, _wave_cost, padded_head_dim, plan_attention,
-                                    plan_capacity, resident_per_sm, tile_split, tile_width)
-from kernels.select_attention import AttentionConfig, _launch, select_attention, select_attention_ref
+from kernels.attention_builds import AttentionConfig, padded_head_dim, resident_per_sm, tile_split, tile_width
+from kernels.attention_plan import IDLE_SHARE, KEPT_ROOM, StepPlanner, _wave_cost, plan_attention, plan_capacity
+from kernels.select_attention import _launch, select_attention, select_attention_ref
 from support.tolerance import assert_close_to_reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
