@@ -54,12 +54,13 @@ def main() -> None:
             r = compile_stats(_select_attention_kernel, ptrs, c, config.num_warps, config.num_stages, div16,
                               scalar_types={"scale_log2": "fp32"})
             fits = programs_per_sm(r["regs"], round(r["smem_KiB"] * 1024), config.num_warps)
+            plan = resident_per_sm(d, g)
             tiles = f"{main}+{tail}" if tail else str(main)
             print(f"D {d:3} {tiles:>6} G {g:2} BLOCK_N {config.block_n} stages {config.num_stages}: "
-                  f"{r['regs']:3} registers, spills {r['spill_bytes']} B, shared {r['smem_KiB']:.1f} KiB, mma {r['mma']} -> {fits} per SM "
-                  f"(plan: {resident_per_sm(d, g)})", flush=True)
-            if resident_per_sm(d, g) > fits:
-                over.append(f"D {d} G {g}: plan {resident_per_sm(d, g)} > {fits}")
+                  f"{r['regs']:3} registers, spills {r['spill_bytes']} B, shared {r['smem_KiB']:.1f} KiB, "
+                  f"mma {r['mma']} -> {fits} per SM (plan: {plan})", flush=True)
+            if plan > fits:
+                over.append(f"D {d} G {g}: plan {plan} > {fits}")
     if args.check and over:
         sys.exit("the plan counts more programs per SM than fit: " + "; ".join(over))
 

@@ -84,10 +84,10 @@ def test_matches_reference(dtype, d, hq, hkv, k_max, chunk):
 
 # Head dims between powers of two (OPT-2.7B's 80; 72, 96, 160, 192; 24 and 200 at the ends): the
 # kernel runs a main and a tail tile (80 = 64 + 32) or one tile as wide as the next power of two
-# (24, 200) and must read and write only the real columns. q and
-# out are row-strided views with NaN in the 8 columns past the head dim, and the caches end in
-# NaN right after the last physical block, which a sequence uses: a pad column read shows up as
-# NaN in the output, a pad column written as a changed NaN.
+# (24, 200) and must read and write only the real columns. q and out are row-strided views with
+# NaN in the 8 columns past the head dim, and the caches end in NaN right after the last physical
+# block, which a sequence uses: a pad column read shows up as NaN in the output, a pad column
+# written as a changed NaN.
 @pytest.mark.parametrize("d", [24, 72, 80, 96, 160, 192, 200])
 @pytest.mark.parametrize("hq,hkv,k_max", [(4, 4, 3), (8, 2, 2)])
 @pytest.mark.parametrize("chunk", [None, 16])  # whole sequences; cut (partials and the merge)
