@@ -1,5 +1,5 @@
-"""A benchmark's results over the ranks and replicas of one job (world = dp x tp), shared by
-benchmarks/decode_throughput.py and benchmarks/throughput.py.
+"""A benchmark's results over the ranks and replicas of one job (world = dp x tp), as
+benchmarks/throughput.py gathers them.
 
     comm = timed_comm(ctx)                                   # before the model is built (None at tp = 1)
     comm_ms, calls = comm_pass(comm, steps, run_step, ctx.device)          # per case, on every rank

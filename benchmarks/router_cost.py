@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.decode_throughput import WARMUP_STEPS, decode_steps  # noqa: E402
+from benchmarks.throughput import WARMUP_STEPS, decode_steps  # noqa: E402
 from polar_dist.cli import add_config_args, config_from_args, run_main  # noqa: E402
 from polar_dist.engine.kv_cache import blocks_needed  # noqa: E402
 from polar_dist.parallel.context import init_parallel  # noqa: E402
@@ -54,7 +54,7 @@ def _step_ms(cfg, batch: int, context: int, steps: int) -> tuple[float, object]:
         k.normal_()
         v.normal_()
     times = []
-    for i, step in enumerate(decode_steps(rt, batch, context, steps + WARMUP_STEPS)):
+    for i, step in enumerate(decode_steps(rt, [context] * batch, steps + WARMUP_STEPS)):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         rt.runner.execute(step)

@@ -5,7 +5,7 @@
     python launch/cluster.py --cluster configs/cluster/one-node-tp4-dp2.yaml --config configs/llama-3.1-8b.yaml \
         --run -- generate --prompt "Hello" --max-new-tokens 32
 
-ENTRY is serve, generate, calibrate, throughput (benchmarks/decode_throughput.py) or a script
+ENTRY is serve, generate, calibrate, throughput (benchmarks/throughput.py) or a script
 path; the arguments after it go to the entry point. With --config the run config and the
 cluster's layout (--set parallel.tp / parallel.dp / parallel.timeout_s) are passed on. Without
 --run it prints one shell line per node (mpirun: one, for the first node), with `# node i

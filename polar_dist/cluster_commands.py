@@ -42,7 +42,7 @@ ENTRIES = {
     "serve": "launch/serve.py",
     "generate": "launch/generate.py",
     "calibrate": "launch/calibrate.py",
-    "throughput": "benchmarks/decode_throughput.py",
+    "throughput": "benchmarks/throughput.py",
 }
 
 

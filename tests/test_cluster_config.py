@@ -95,7 +95,7 @@ def test_deepspeed_commands_need_no_ssh() -> None:
     for i, cmd in enumerate(cmds):
         assert cmd.argv[:9] == ["deepspeed", "--hostfile", "/tmp/h", "--no_ssh", "--node_rank", str(i),
                                 "--master_addr", "10.0.0.1", "--master_port"]
-        assert cmd.argv[-3:] == ["benchmarks/decode_throughput.py", "--batch", "1"]  # no run config: args as given
+        assert cmd.argv[-3:] == ["benchmarks/throughput.py", "--batch", "1"]  # no run config: args as given
 
 
 def test_cluster_cli_prints_commands_and_rejects_unknown_entries() -> None:

@@ -72,6 +72,15 @@ def test_llama_dense_sparse_and_mixed(tmp_path: Path) -> None:
     assert dense["weight_bytes_read"] == (params - (256 - 4) * 64) * 4
     mixed = by(rows, variant="ours_dense", batch=4, context="mixed 20-60")[0]
     assert 20 <= mixed["mean_context"] <= 60
+    # the README's table over this file: one line per sparse row, each against its own case's dense row
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.throughput_table import table_lines
+
+    lines = table_lines(tmp_path / "throughput-tiny-llama.json")
+    assert len(lines) == 4
+    line = next(x for x in lines if "| 4 | 40 |" in x)
+    assert f"{dense['ms_per_step']:.3f} ({dense['ms_per_step'] / dense['floor_ms']:.2f}x)" in line
+    assert f"{sparse['ms_per_step']:.3f} ({sparse['ms_per_step'] / sparse['floor_ms']:.2f}x)" in line
 
 
 def test_opt_mlp_sparsity_reads_fewer_weights(tmp_path: Path) -> None:
