@@ -161,3 +161,27 @@ def test_torchrun_two_nodes_on_loopback(run_config: Path, single: list[dict], tm
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert proc.stderr.count("--rdzv-backend c10d") == 2  # each node's command, as started
     check_tokens([(proc.stdout, proc.stderr)], single, ("127.0.0.1", "127.0.0.2"))
+
+
+def test_throughput_over_two_nodes_on_loopback(run_config: Path, tmp_path: Path) -> None:
+    """The multi-node throughput benchmark as a cluster runs it: `launch/cluster.py --run --
+    throughput` starts one torchrun node on 127.0.0.1 and one on 127.0.0.2 (one job, two replicas
+    of tp 2, each inside one node); global rank 0 gets every rank's timings and sums tokens/s."""
+    cluster = cluster_file(tmp_path, ["127.0.0.1", "127.0.0.2"], 2, 2, "torchrun")
+    out = tmp_path / "results"
+    proc = subprocess.run([sys.executable, str(ROOT / "launch/cluster.py"), "--cluster", str(cluster), "--config",
+                           str(run_config), "--run", "--", "throughput", "--batch", "2", "--context", "24",
+                           "--steps", "2", "--density", "1.0", "0.5", "--out", str(out)], env=env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stderr.count("--rdzv-backend c10d") == 2  # each node's command, as started
+    result = json.loads((out / f"throughput-{run_config.stem}.json").read_text())
+    layout = result["layout"]
+    assert (layout["tp"], layout["dp"], layout["world_size"], layout["launcher"]) == (2, 2, 4, "torchrun")
+    assert [r["ranks"] for r in result["replicas"]] == [[0, 1], [2, 3]]
+    assert [(t["variant"], t["density"]) for t in result["total"]] == [("ours_dense", 1.0), ("ours_sparse", 0.5)]
+    for i, total in enumerate(result["total"]):
+        rows = [rep["rows"][i] for rep in result["replicas"]]
+        assert total["tokens_per_s"] == pytest.approx(sum(r["tokens_per_s"] for r in rows))
+        for row in rows:  # tp 2 inside each replica: every rank timed its all-reduces
+            assert len(row["per_rank"]) == 2 and all(r["comm_ms"] > 0 for r in row["per_rank"])
