@@ -9,7 +9,10 @@ For a parameter setting, each case's cut is the one the model rates fastest amon
 candidates (1..5 waves' worth of programs); its time is the measured one with the same item count,
 or, where that cut was never timed, the fixed rule's (so unmeasured choices count as no change).
 Printed: the geometric mean of time / fixed rule's time over the cases, how many are > 3%
-slower, how many choices were unmeasured; best settings first, then the committed one.
+slower, how many choices were unmeasured; best settings first, then the committed one; then the
+runtime's own cut (plan_attention, which also cuts finer where a step is under one wave), and
+the fastest measured cut of each case (what any rule could reach on these cuts). Twice: on the
+cuts timed at 3 programs per SM (runs 40-52) and on run 80's grid (2 stages, 4 per SM).
 """
 from __future__ import annotations
 
@@ -30,6 +33,7 @@ SMS = 132
 # Programs per SM of the builds these runs timed (3 stages at 128: 3 per SM; run 72 moved the
 # runtime to 2 stages, 4 per SM, and the fit has not been re-run on cuts timed with it).
 MEASURED_RESIDENT = {64: 6, 128: 3}
+CURRENT_RESIDENT = {64: 6, 128: 4}  # the builds of run 80's grid (head dim 64: 3 stages, 128: 2 stages)
 SWEEP_47 = [  # run 47's cases (head dim 128), in the script's order at the time
     ("l2-7b B8 2048 k16", 8, 32, [2048] * 8, 16), ("l2-7b B16 2048 k16", 16, 32, [2048] * 16, 16),
     ("l2-7b B16 2048 dense", 16, 32, [2048] * 16, 32), ("l2-7b B32 2048 k16", 32, 32, [2048] * 32, 16),
@@ -116,10 +120,40 @@ def grid_cases() -> list[tuple]:
     return out
 
 
-def candidates(lens: list[int], k: int, head_dim: int) -> tuple[bool, list[tuple[float, float, int]]]:
+def current_grid_cases() -> list[tuple]:
+    """The committed grid's attention rows (results/nvidia-h200/kernels_grid.json, run 80: the
+    2-stage build, 4 programs per SM at head dim 128) where the fixed counts 8 / 16 / 32 per SM
+    and the shortest chunks 128 / 512 were timed beside the rule: (name, lengths, k, head dim,
+    us by item count, the 16-per-SM rule's us)."""
+    grid = json.loads((AB.parent / "kernels_grid.json").read_text())
+    timed: dict[tuple, list] = {}
+    for r in grid["rows"]:
+        if r["op"] == "attention" and r["variant"] not in ("sdpa_dense", "persistent_grid"):
+            timed.setdefault(_key(r), []).append(r)
+    out = []
+    for i, case in enumerate(kg.attention_cases()):
+        if kg.skip_reason(case):
+            continue
+        lens = kg.lengths(case, torch.Generator().manual_seed(i))
+        for k in kg.k_groups(case):
+            key = (case.family, case.heads.name, case.batch, case.dist, case.longest, case.table_tokens, case.dtype,
+                   round(k / case.heads.hkv, 4))
+            rows = {r["variant"]: r for r in timed.get(key, [])}
+            if "plan_pps16" not in rows:
+                continue
+            times: dict[int, list[float]] = {}
+            for r in rows.values():
+                times.setdefault(r["plan"]["items"], []).append(r["ms_in_graph"] * 1e3)
+            by_items = {n: statistics.median(v) for n, v in times.items()}
+            out.append((f"grid80 {key}", lens, k, case.heads.d, by_items, rows["plan_pps16"]["ms_in_graph"] * 1e3))
+    return out
+
+
+def candidates(lens: list[int], k: int, head_dim: int,
+               resident: dict[int, int] = MEASURED_RESIDENT) -> tuple[bool, list[tuple[float, float, int]]]:
     """(equal lengths, [(programs per slot J, cv of piece sizes, items)] for the rule's 1..W waves)."""
     fl = np.asarray(lens, dtype=np.float64)
-    slots = MEASURED_RESIDENT[head_dim] * SMS
+    slots = resident[head_dim] * SMS
     equal = bool(fl.min() == fl.max())
     out = []
     for w in range(1, max(1, 16 * SMS // slots) + 1):
@@ -149,8 +183,28 @@ def score(cases: list[tuple], idle: float, imbalance: float, slack: float) -> tu
     return math.exp(statistics.mean(logs)), slower, unmeasured
 
 
+def runtime_score(cases: list[tuple], resident: dict[int, int]) -> tuple[float, int, int]:
+    """score() of the runtime's own cut (plan_attention as committed, the sub-wave rule included)."""
+    logs, slower, unmeasured = [], 0, 0
+    for _, lens, k, d, times, fixed in cases:
+        t = times.get(plan_attention(lens, groups=k, num_sms=SMS, resident=resident[d]).num_items)
+        if t is None:
+            unmeasured, t = unmeasured + 1, fixed
+        logs.append(math.log(t / fixed))
+        slower += t > 1.03 * fixed
+    return math.exp(statistics.mean(logs)), slower, unmeasured
+
+
 def main() -> None:
-    cases = [(*candidates(lens, k, d), times, fixed) for _, lens, k, d, times, fixed in sweep_cases() + grid_cases()]
+    for title, cases, resident in (("3 per SM (runs 40-52)", sweep_cases() + grid_cases(), MEASURED_RESIDENT),
+                                   ("4 per SM (run 80's grid)", current_grid_cases(), CURRENT_RESIDENT)):
+        print(f"== {title}")
+        fit([(*candidates(lens, k, d, resident), times, fixed) for _, lens, k, d, times, fixed in cases])
+        print("the runtime's cut (the wave rule with the committed constants, finer under one wave): "
+              + " ".join(str(round(x, 4)) for x in runtime_score(cases, resident)))
+
+
+def fit(cases: list[tuple]) -> None:
     print(f"{len(cases)} cases")
     results = [(score(cases, *p), p) for p in itertools.product((0.3, 0.46, 0.6), (0.0, 0.25, 0.5, 1.0),
                                                                   (0.0, 0.02, 0.05))]
@@ -163,6 +217,8 @@ def main() -> None:
     print(f"committed {committed}: {geo:.4f} {slower} {unmeasured}")
     no_cv = (0.46, 0.0, 0.02)
     print(f"without the cv term {no_cv}: " + " ".join(str(round(x, 4)) for x in score(cases, *no_cv)))
+    best = math.exp(statistics.mean(math.log(min(times.values()) / fixed) for _, _, times, fixed in cases))
+    print(f"the fastest measured cut of each case: {best:.4f}")
 
 
 if __name__ == "__main__":

@@ -21,7 +21,9 @@ GPU's resident slots: the kernel holds `resident_per_sm` programs per SM at once
 (kernels/attention_builds.py), and a last wave that fills few of them runs at a fraction of the
 bandwidth, nearly as long as a full one.
 The cut is chosen among 1..5 waves' worth of programs by a cost model (`_wave_cost`: the partial
-last wave, and how much the pieces' sizes vary; ties: fewer waves).
+last wave, and how much the pieces' sizes vary; ties: fewer waves). A step with less than one
+wave's work even at `min_chunk` is latency-bound rather than bandwidth-bound: it is cut into
+chunks down to SUB_WAVE_CHUNK_TOKENS where those still fit in one wave.
 `programs_per_sm` forces the older rule, a fixed program count per SM (the A/B scripts compare).
 """
 
@@ -39,6 +41,12 @@ from kernels.attention_builds import RESIDENT_PER_SM, resident_per_sm
 
 PROGRAMS_PER_SM = 16  # the most programs per SM a plan aims at: plan_capacity's bound
 MIN_CHUNK_TOKENS = 256
+# A step whose every program fits in one wave at MIN_CHUNK_TOKENS is latency-bound: each SM holds
+# few programs, so few bytes are in flight. There the cut takes chunks down to this size while
+# its programs still fit in one wave (run 80's grid, 2-stage build, 4 per SM, in a graph: 15
+# such cases at B 1-64, MHA and GQA, 0.82-0.95x, median 0.90x; a cut of 128-token chunks that
+# spilled into a second wave was 1.04-1.19x at 5 cases, which this rule never makes).
+SUB_WAVE_CHUNK_TOKENS = 128
 # Cost model of a cut (runs 47-53, fit by benchmarks/plan_model_fit.py): a last wave that fills a fraction f of the slots takes
 # f + (1 - f) * IDLE_SHARE of a whole wave's time (29% full: as long as 62% of a wave); with
 # unequal lengths the pieces differ and the step takes at least J + IMBALANCE * cv waves, for J
@@ -135,13 +143,16 @@ def _wave_cost(programs: float, slots: int, cv: float = 0.0, slack: float = 0.0,
 
 
 def _wave_chunk(flens: np.ndarray, groups: int, slots: int, min_chunk: int, max_programs: int,
-                equal_len: int | None) -> tuple[int, np.ndarray | None]:
+                equal_len: int | None, sub_wave_chunk: int = SUB_WAVE_CHUNK_TOKENS) -> tuple[int, np.ndarray | None]:
     """The chunk size whose cut `_wave_cost` rates fastest among 1, 2, ... waves' worth of
     programs (no more than max_programs; ties: fewer waves), and the (B,) pieces per sequence
-    of that cut (None where they are all the same). flens: (B,) float64 lengths; equal_len:
+    of that cut (None where they are all the same); where the whole step is under one wave at
+    min_chunk, the finer cut `_sub_wave_chunk` gives. flens: (B,) float64 lengths; equal_len:
     their one length if they are all equal."""
     batch = flens.shape[0]
     work = float(flens.sum()) * groups
+    if work <= min_chunk * slots:  # at most one wave even at min_chunk: every candidate is min_chunk
+        return _sub_wave_chunk(flens, groups, slots, min_chunk, sub_wave_chunk, equal_len)
     chunks = [max(min_chunk, math.ceil(work / (w * slots))) for w in range(1, max(1, max_programs // slots) + 1)]
     if equal_len is not None:  # equal pieces: scalar arithmetic, no array pass
         costs = [_wave_cost(batch * max(1.0, math.floor(equal_len / c + 0.5)) * groups, slots) for c in chunks]
@@ -157,6 +168,23 @@ def _wave_chunk(flens: np.ndarray, groups: int, slots: int, min_chunk: int, max_
         costs.append(_wave_cost(n * groups, slots, cv, OVERFLOW_SLACK))
     best = costs.index(min(costs))
     return chunks[best], pieces[best]
+
+
+def _sub_wave_chunk(flens: np.ndarray, groups: int, slots: int, min_chunk: int, sub_wave_chunk: int,
+                    equal_len: int | None) -> tuple[int, np.ndarray | None]:
+    """A step that needs at most one wave of programs: the finer of min_chunk and sub_wave_chunk
+    whose cut still fits in one wave (more programs, more bytes in flight; one wave all the
+    same), and its (B,) pieces (None where they are all the same)."""
+    for chunk in (sub_wave_chunk, min_chunk) if sub_wave_chunk < min_chunk else (min_chunk,):
+        if equal_len is not None:
+            each = max(1.0, math.floor(equal_len / chunk + 0.5))
+            if flens.shape[0] * each * groups <= slots or chunk == min_chunk:
+                return chunk, None
+            continue
+        pieces = np.maximum(np.floor(flens * (1.0 / chunk) + 0.5), 1.0)  # (B,), rounded as the cut does
+        if float(pieces.sum()) * groups <= slots or chunk == min_chunk:
+            return chunk, pieces
+    raise AssertionError("unreachable: the min_chunk candidate is always returned")
 
 
 def plan_capacity(batch: int, groups: int, num_sms: int, programs_per_sm: int = PROGRAMS_PER_SM) -> int:

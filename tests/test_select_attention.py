@@ -288,6 +288,26 @@ def test_planner_fills_whole_waves_of_resident_programs():
     assert dense.num_parts == 0 and dense.num_items == 32
 
 
+def test_planner_cuts_finer_where_a_step_is_under_one_wave():
+    """A step whose programs fill under one wave at 256-token chunks is cut into 128-token chunks
+    where those still fit in one wave (run 80's grid: 0.82-0.95x at B 1-64), and keeps 256 where
+    they would spill into a second (128-token cuts that spilled were 1.04-1.19x); steps of more
+    than a wave's work are cut as before."""
+    slots = resident_per_sm(128) * 132
+    b1 = plan_attention([4096], groups=2, num_sms=132)  # 32 x 2 programs at 128 tokens
+    assert (b1.chunk_tokens, b1.num_items) == (128, 32)
+    one_long = plan_attention([4096] + [300] * 7, groups=2, num_sms=132)
+    assert one_long.chunk_tokens == 128 and one_long.num_items == 32 + 7 * 2
+    spill = plan_attention([4096] * 8, groups=4, num_sms=132)  # 128-token chunks: 1024 programs > 528
+    assert (spill.chunk_tokens, spill.num_items) == (256, 128)
+    for lens, groups in (([4096] * 8, 2), ([4096] + [300] * 7, 8), ([1000] * 40, 4), ([4096], 32)):
+        plan = plan_attention(lens, groups=groups, num_sms=132)
+        assert plan.num_items * groups <= slots, (lens[:2], groups)
+        assert all((c == 1).all() for c in _covered(plan, lens))
+    big = plan_attention([4096] * 32, groups=8, num_sms=132)  # 2 waves' worth at 256: the wave rule's cut
+    assert big.chunk_tokens > 256
+
+
 def test_wave_cost_prices_a_small_last_wave_as_a_fuller_one():
     assert _wave_cost(396, 396) < _wave_cost(768, 396) < _wave_cost(512, 396)
     assert _wave_cost(396 + 100, 396) == pytest.approx((1 + 0.25 + 0.75 * IDLE_SHARE) / (496 / 396), rel=1e-2)
