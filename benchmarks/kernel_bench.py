@@ -136,13 +136,15 @@ CONFIG_ROWS = {  # (name, B, k_max): chunk sizes to time each CONFIG_SWEEP confi
 
 def runtime_plan(lens: list[int], k: int, device="cuda", head_dim: int = 128, **rule) -> tuple[object, dict]:
     """The attention work plan as the runtime's CUDA-graph path passes it (the bucket's static
-    capacity, partials for all of it), and what it holds; `rule`: plan_attention's chunk_tokens
-    (forces the cut), programs_per_sm (the fixed-count rule), min_chunk."""
+    capacity, partials for all of it, the room StepPlanner's cuts leave), and what it holds;
+    `rule`: plan_attention's chunk_tokens (forces the cut), programs_per_sm (the fixed-count
+    rule), min_chunk, room."""
     from kernels.attention_builds import resident_per_sm
-    from kernels.attention_plan import PROGRAMS_PER_SM, num_sms, plan_attention, plan_capacity
+    from kernels.attention_plan import KEPT_ROOM, PROGRAMS_PER_SM, num_sms, plan_attention, plan_capacity
 
     sms = num_sms(torch.device(device))
     rule.setdefault("resident", resident_per_sm(head_dim))
+    rule.setdefault("room", KEPT_ROOM)
     cap = plan_capacity(len(lens), k, sms, rule.get("programs_per_sm") or PROGRAMS_PER_SM)
     if rule.get("chunk_tokens") is not None:
         cap = max(cap, sum(-(-n // rule["chunk_tokens"]) for n in lens))

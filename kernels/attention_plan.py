@@ -143,16 +143,13 @@ def _wave_cost(programs: float, slots: int, cv: float = 0.0, slack: float = 0.0,
 
 
 def _wave_chunk(flens: np.ndarray, groups: int, slots: int, min_chunk: int, max_programs: int,
-                equal_len: int | None, sub_wave_chunk: int = SUB_WAVE_CHUNK_TOKENS) -> tuple[int, np.ndarray | None]:
+                equal_len: int | None) -> tuple[int, np.ndarray | None]:
     """The chunk size whose cut `_wave_cost` rates fastest among 1, 2, ... waves' worth of
     programs (no more than max_programs; ties: fewer waves), and the (B,) pieces per sequence
-    of that cut (None where they are all the same); where the whole step is under one wave at
-    min_chunk, the finer cut `_sub_wave_chunk` gives. flens: (B,) float64 lengths; equal_len:
+    of that cut (None where they are all the same). flens: (B,) float64 lengths; equal_len:
     their one length if they are all equal."""
     batch = flens.shape[0]
     work = float(flens.sum()) * groups
-    if work <= min_chunk * slots:  # at most one wave even at min_chunk: every candidate is min_chunk
-        return _sub_wave_chunk(flens, groups, slots, min_chunk, sub_wave_chunk, equal_len)
     chunks = [max(min_chunk, math.ceil(work / (w * slots))) for w in range(1, max(1, max_programs // slots) + 1)]
     if equal_len is not None:  # equal pieces: scalar arithmetic, no array pass
         costs = [_wave_cost(batch * max(1.0, math.floor(equal_len / c + 0.5)) * groups, slots) for c in chunks]
@@ -170,21 +167,37 @@ def _wave_chunk(flens: np.ndarray, groups: int, slots: int, min_chunk: int, max_
     return chunks[best], pieces[best]
 
 
-def _sub_wave_chunk(flens: np.ndarray, groups: int, slots: int, min_chunk: int, sub_wave_chunk: int,
-                    equal_len: int | None) -> tuple[int, np.ndarray | None]:
-    """A step that needs at most one wave of programs: the finer of min_chunk and sub_wave_chunk
-    whose cut still fits in one wave (more programs, more bytes in flight; one wave all the
-    same), and its (B,) pieces (None where they are all the same)."""
-    for chunk in (sub_wave_chunk, min_chunk) if sub_wave_chunk < min_chunk else (min_chunk,):
-        if equal_len is not None:
-            each = max(1.0, math.floor(equal_len / chunk + 0.5))
-            if flens.shape[0] * each * groups <= slots or chunk == min_chunk:
-                return chunk, None
-            continue
-        pieces = np.maximum(np.floor(flens * (1.0 / chunk) + 0.5), 1.0)  # (B,), rounded as the cut does
-        if float(pieces.sum()) * groups <= slots or chunk == min_chunk:
-            return chunk, pieces
-    raise AssertionError("unreachable: the min_chunk candidate is always returned")
+def _piece_sizes(flens: np.ndarray, pieces: np.ndarray, chunk: int, room: int,
+                 block_n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(B,) tokens per item (whole tiles) and (B,) items of the cut into `pieces` per sequence,
+    each sequence's items holding its length + room where that costs no pieces.
+
+    Pieces are whole tiles, so a length rarely splits into exactly `pieces` of them: rounding
+    the size up never makes more items than pieces but can make far fewer (4,097 tokens in 16
+    pieces: 13 of 320 tokens, in 32: 22 of 192; 4,096 + 64 of room in 16: 13), and then the cut
+    the rule chose (its programs against the GPU's slots) is not the one that runs. So the size
+    is a tile smaller where that gives a count nearer `pieces` (4,097 in 16: 17 of 256; 4,096 in
+    16: 16 of 256, with no room: StepPlanner cuts again when the sequence outgrows it) and at
+    most floor(length / chunk) + 1 items (what plan_capacity allows)."""
+    target = (flens + room) / (pieces * block_n)  # (B,) tiles per piece, unrounded
+    size = np.ceil(target) * block_n  # (B,)
+    counts = np.ceil(flens / size)  # (B,) items, <= pieces
+    short = counts * size < flens + room  # (B,) where fewer items than pieces leave less room
+    while short.any():  # size those for the room too
+        size = np.where(short, np.ceil((flens + room) / (counts * block_n)) * block_n, size)
+        counts = np.ceil(flens / size)  # never more than before, so this ends
+        short = counts * size < flens + room
+    if (counts == pieces).all():  # the usual case where pieces are many tiles long
+        return size, counts
+    # without the room: the tile sizes either side of length / pieces
+    tiles = flens / (pieces * block_n)  # (B,)
+    up = np.ceil(tiles) * block_n  # (B,) <= pieces items
+    down = np.maximum(np.floor(tiles), 1.0) * block_n  # (B,) >= pieces items
+    up_counts, down_counts = np.ceil(flens / up), np.ceil(flens / down)
+    take_down = (down_counts - pieces < pieces - up_counts) & (down_counts <= np.floor(flens * (1.0 / chunk)) + 1.0)
+    alt, alt_counts = np.where(take_down, down, up), np.where(take_down, down_counts, up_counts)
+    nearer = np.abs(alt_counts - pieces) < pieces - counts  # (B,) counts <= pieces
+    return np.where(nearer, alt, size), np.where(nearer, alt_counts, counts)
 
 
 def plan_capacity(batch: int, groups: int, num_sms: int, programs_per_sm: int = PROGRAMS_PER_SM) -> int:
@@ -211,8 +224,9 @@ def plan_attention(seq_lens: Sequence[int] | np.ndarray, *, groups: int, num_sms
     GPU, which starts programs in the order of their ids, leaves the shortest for the launch's
     tail (H200 run 69, benchmarks/plan_order_ab.py: 0.94-0.97x at unequal lengths and batch
     64-256, within +-1% elsewhere); else in sequence order. room: tokens a cut sequence's pieces
-    hold beyond its length (sized for length + room, so a plan kept while the sequences grow
-    lasts that many steps; the last piece is that much shorter). Host time matters (once per
+    hold beyond its length where that costs none of the rule's pieces (sized for length + room,
+    so a plan kept while the sequences grow lasts that many steps; the last piece is that much
+    shorter; `_piece_sizes`). Host time matters (once per
     step): a few vector operations, no per-sequence Python."""
     lens = np.asarray(seq_lens, dtype=np.int64)  # (B,)
     if lens.ndim != 1:
@@ -238,13 +252,14 @@ def plan_attention(seq_lens: Sequence[int] | np.ndarray, *, groups: int, num_sms
     # numpy's integer division is several times slower, and these values are exact in a float64.)
     if pieces is None:
         pieces = np.maximum(np.floor(flens * (1.0 / chunk) + 0.5), 1.0)  # (B,)
-    size = np.ceil((flens + room) / (pieces * block_n)) * block_n  # (B,) tokens per item: whole tiles
-    counts = np.ceil(flens / size)  # (B,) items, <= the rounded count
-    short = counts * size < flens + room  # (B,) where fewer items than pieces leave less room
-    while short.any():  # size those for the room too
-        size = np.where(short, np.ceil((flens + room) / (counts * block_n)) * block_n, size)
-        counts = np.ceil(flens / size)  # never more than before, so this ends
-        short = counts * size < flens + room
+    size, counts = _piece_sizes(flens, pieces, chunk, room, block_n)  # (B,) tokens per item, (B,) items
+    slots, width = resident * num_sms, max(1, groups)
+    if (batch and chunk_tokens is None and programs_per_sm is None and SUB_WAVE_CHUNK_TOKENS < chunk == min_chunk
+            and float(counts.sum()) * width <= slots):  # under one wave: finer, if that still fits in one
+        fine = np.maximum(np.floor(flens * (1.0 / SUB_WAVE_CHUNK_TOKENS) + 0.5), 1.0)
+        fine_size, fine_counts = _piece_sizes(flens, fine, SUB_WAVE_CHUNK_TOKENS, room, block_n)
+        if float(fine_counts.sum()) * width <= slots:
+            chunk, size, counts = SUB_WAVE_CHUNK_TOKENS, fine_size, fine_counts
     counts = counts.astype(np.int64)
     total = int(counts.sum())
     if capacity is None:
@@ -290,11 +305,13 @@ class StepPlanner:
     returned while it still covers every length: a whole sequence's item takes any length
     (WHOLE_TOKENS), a cut sequence's last piece grows until it is full; only a sequence that
     outgrows its pieces, or one shorter than them (another sequence in its row), cuts afresh.
-    The cuts leave each cut sequence `room` tokens (KEPT_ROOM) of growth, so a plan lasts at
-    least that many steps: at batch 256 over 100-8192 tokens, 1,000 consecutive steps cut afresh
-    20 times with 4 or 8 groups, each time because the chunk was chosen again (without room:
-    435 and 648 times, a cut's last piece then having < 64 x pieces tokens to spare), and a kept
-    step takes ~9 us of host time against ~45 for a fresh cut (development machine)."""
+    The cuts leave each cut sequence `room` tokens (KEPT_ROOM) of growth where that costs none
+    of the rule's pieces, so a plan lasts that many steps: at batch 256 over 100-8192 tokens,
+    1,000 consecutive steps cut afresh 21 times with 4 or 8 groups, each time because the chunk
+    was chosen again (without room: 435 and 648 times, a cut's last piece then having < 64 x
+    pieces tokens to spare), and a kept step takes ~9 us of host time against ~45-60 for a fresh
+    cut (development machine). Small batches, whose chunks are a few tiles, give up the room
+    more often (batch 8, 2 groups: 89 fresh cuts in 1,000 steps, 19 us a step on average)."""
 
     groups: int
     num_sms: int

@@ -308,6 +308,25 @@ def test_planner_cuts_finer_where_a_step_is_under_one_wave():
     assert big.chunk_tokens > 256
 
 
+def test_cut_realizes_the_rules_piece_count():
+    """Pieces are whole tiles; rounding their size up alone made far fewer items than the rule's
+    count past a tile multiple (4,097 tokens in 16 pieces: 13 of 320), so the programs the rule
+    fitted to the GPU's slots were not the ones that ran. Now a tile smaller is taken where that
+    is nearer: within one item of the rule's count per sequence, never past floor(len / chunk) + 1."""
+    assert plan_attention([4097], groups=1, num_sms=132, chunk_tokens=256).num_items == 17  # 16 x 256 + 1
+    assert plan_attention([4096], groups=1, num_sms=132, chunk_tokens=256).num_items == 16
+    assert plan_attention([4096], groups=1, num_sms=132, chunk_tokens=256, room=KEPT_ROOM).num_items == 16
+    rng = np.random.default_rng(3)
+    for _ in range(200):
+        lens = rng.integers(1, int(rng.choice([600, 5000, 40000])), int(rng.integers(1, 65)))
+        chunk = int(rng.choice([128, 256, 384, 1000]))
+        plan = plan_attention(lens, groups=1, num_sms=132, chunk_tokens=chunk, room=int(rng.choice([0, KEPT_ROOM])))
+        counts = np.bincount(plan.items[:plan.num_items], minlength=len(lens))
+        pieces = np.maximum(np.floor(lens / chunk + 0.5), 1)
+        assert (np.abs(counts - pieces) <= 1).all() and (counts <= lens // chunk + 1).all()
+        assert all((c == 1).all() for c in _covered(plan, lens))
+
+
 def test_wave_cost_prices_a_small_last_wave_as_a_fuller_one():
     assert _wave_cost(396, 396) < _wave_cost(768, 396) < _wave_cost(512, 396)
     assert _wave_cost(396 + 100, 396) == pytest.approx((1 + 0.25 + 0.75 * IDLE_SHARE) / (496 / 396), rel=1e-2)
@@ -389,15 +408,28 @@ def test_step_planner_keeps_its_plan_while_every_sequence_fits(longest_first):
 
 
 def test_step_planner_cuts_leave_room_to_grow():
-    """A cut sequence's pieces hold KEPT_ROOM tokens past its length (also where fewer items than
-    pieces cover it), so under decode growth alone the planner cuts afresh only when it chooses
-    the chunk again (tokens moved > 1%), and never leaves an item empty."""
+    """A cut sequence's pieces hold KEPT_ROOM tokens past its length wherever that costs none of
+    the rule's pieces (also where fewer items than pieces cover it); where it would, the cut is
+    nearer the rule's piece count. So under decode growth alone the planner of a large batch cuts
+    afresh only when it chooses the chunk again (tokens moved > 1%), and never leaves an item
+    empty."""
     rng = np.random.default_rng(5)
+    given_up = 0
     for _ in range(100):
         lens = rng.integers(1, int(rng.choice([300, 4096, 40000])), int(rng.integers(1, 257)))
         plan = plan_attention(lens, groups=int(rng.choice([1, 4, 8, 32])), num_sms=132, room=KEPT_ROOM)
+        assert _fits(plan, lens)
         size, parts = plan.seqs[:, 1].astype(np.int64), plan.seqs[:, 3].astype(np.int64)
-        assert (parts * size - lens >= KEPT_ROOM)[parts > 1].all() and _fits(plan, lens)
+        pieces = np.maximum(np.floor(lens / plan.chunk_tokens + 0.5), 1).astype(np.int64)  # the rule's
+        # the most items (<= pieces) of any whole-tile size that hold the room, by brute force
+        tiles = np.arange(64, int(lens.max()) + KEPT_ROOM + 64, 64)[None, :]  # (1, T)
+        items = -(-lens[:, None] // tiles)  # (B, T)
+        roomy = np.where((items * tiles >= lens[:, None] + KEPT_ROOM) & (items <= pieces[:, None]), items, 0).max(1)
+        cut, held = parts > 1, parts * size - lens >= KEPT_ROOM
+        assert held[cut & (roomy == pieces)].all()  # the room costs no piece: it is held
+        assert (np.abs(parts - pieces) < pieces - roomy)[cut & ~held].all()  # given up only for a nearer count
+        given_up += int((cut & ~held).sum())
+    assert given_up > 0  # the lengths above include cuts where holding the room would cost pieces
     lens = rng.integers(100, 8193, 256)
     planner = StepPlanner(4, 132)
     cap = planner.capacity(256)
