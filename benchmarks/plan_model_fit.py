@@ -88,35 +88,50 @@ def _key(r: dict) -> tuple:
             round(r["density"], 4))
 
 
-def grid_cases() -> list[tuple]:
-    old = json.loads((AB / "grid_run40" / "kernels_grid.json").read_text())
-    new = json.loads((AB / "grid_run51" / "kernels_grid.json").read_text())
-    fixed = {_key(r): r for r in old["rows"] if r["op"] == "attention" and r["variant"] == "ours"}
+def _timed_rows(path: Path) -> dict[tuple, list[dict]]:
+    """A grid file's attention rows of the planner's variants (not SDPA, not other builds), by case."""
     timed: dict[tuple, list] = {}
-    for r in new["rows"]:
+    for r in json.loads(path.read_text())["rows"]:
         if r["op"] == "attention" and r["variant"] not in ("sdpa_dense", "persistent_grid"):
             timed.setdefault(_key(r), []).append(r)
-    # run 40 and run 51 ran on different machines: scale run 40's times by the ratio of same-cut rows
-    scale = statistics.median(r["ms_in_graph"] / fixed[k]["ms_in_graph"] for k, rs in timed.items() for r in rs
-                              if r["variant"] == "ours" and k in fixed
-                              and r["plan"]["items"] == fixed[k]["plan"]["items"])
-    out = []
+    return timed
+
+
+def _us_by_items(rows: list[dict]) -> dict[int, float]:
+    times: dict[int, list[float]] = {}
+    for r in rows:
+        times.setdefault(r["plan"]["items"], []).append(r["ms_in_graph"] * 1e3)
+    return {n: statistics.median(v) for n, v in times.items()}
+
+
+def _grid_keys():  # noqa: ANN202 - yields (key, lengths, k, head dim)
+    """Every attention case of the grid (benchmarks/kernel_grid.py) with the lengths it drew."""
     for i, case in enumerate(kg.attention_cases()):
         if kg.skip_reason(case):
             continue
         lens = kg.lengths(case, torch.Generator().manual_seed(i))
         for k in kg.k_groups(case):
-            key = (case.family, case.heads.name, case.batch, case.dist, case.longest, case.table_tokens, case.dtype,
-                   round(k / case.heads.hkv, 4))
-            if key not in timed or key not in fixed:
-                continue
-            times: dict[int, list[float]] = {}
-            for r in timed[key]:
-                times.setdefault(r["plan"]["items"], []).append(r["ms_in_graph"] * 1e3)
-            old_items = fixed[key]["plan"]["items"]
-            times.setdefault(old_items, [fixed[key]["ms_in_graph"] * 1e3 * scale])
-            by_items = {n: statistics.median(v) for n, v in times.items()}
-            out.append((f"grid {key}", lens, k, case.heads.d, by_items, by_items[old_items]))
+            yield ((case.family, case.heads.name, case.batch, case.dist, case.longest, case.table_tokens, case.dtype,
+                    round(k / case.heads.hkv, 4)), lens, k, case.heads.d)
+
+
+def grid_cases() -> list[tuple]:
+    fixed = {k: r for k, rs in _timed_rows(AB / "grid_run40" / "kernels_grid.json").items() for r in rs
+             if r["variant"] == "ours"}
+    timed = _timed_rows(AB / "grid_run51" / "kernels_grid.json")
+    # run 40 and run 51 ran on different machines: scale run 40's times by the ratio of same-cut rows
+    scale = statistics.median(r["ms_in_graph"] / fixed[k]["ms_in_graph"] for k, rs in timed.items() for r in rs
+                              if r["variant"] == "ours" and k in fixed
+                              and r["plan"]["items"] == fixed[k]["plan"]["items"])
+    out = []
+    for key, lens, k, d in _grid_keys():
+        if key not in timed or key not in fixed:
+            continue
+        old_items = fixed[key]["plan"]["items"]
+        rows = timed[key] + ([] if any(r["plan"]["items"] == old_items for r in timed[key]) else
+                             [{"plan": {"items": old_items}, "ms_in_graph": fixed[key]["ms_in_graph"] * scale}])
+        by_items = _us_by_items(rows)
+        out.append((f"grid {key}", lens, k, d, by_items, by_items[old_items]))
     return out
 
 
@@ -125,27 +140,13 @@ def current_grid_cases() -> list[tuple]:
     2-stage build, 4 programs per SM at head dim 128) where the fixed counts 8 / 16 / 32 per SM
     and the shortest chunks 128 / 512 were timed beside the rule: (name, lengths, k, head dim,
     us by item count, the 16-per-SM rule's us)."""
-    grid = json.loads((AB.parent / "kernels_grid.json").read_text())
-    timed: dict[tuple, list] = {}
-    for r in grid["rows"]:
-        if r["op"] == "attention" and r["variant"] not in ("sdpa_dense", "persistent_grid"):
-            timed.setdefault(_key(r), []).append(r)
+    timed = _timed_rows(AB.parent / "kernels_grid.json")
     out = []
-    for i, case in enumerate(kg.attention_cases()):
-        if kg.skip_reason(case):
-            continue
-        lens = kg.lengths(case, torch.Generator().manual_seed(i))
-        for k in kg.k_groups(case):
-            key = (case.family, case.heads.name, case.batch, case.dist, case.longest, case.table_tokens, case.dtype,
-                   round(k / case.heads.hkv, 4))
-            rows = {r["variant"]: r for r in timed.get(key, [])}
-            if "plan_pps16" not in rows:
-                continue
-            times: dict[int, list[float]] = {}
-            for r in rows.values():
-                times.setdefault(r["plan"]["items"], []).append(r["ms_in_graph"] * 1e3)
-            by_items = {n: statistics.median(v) for n, v in times.items()}
-            out.append((f"grid80 {key}", lens, k, case.heads.d, by_items, rows["plan_pps16"]["ms_in_graph"] * 1e3))
+    for key, lens, k, d in _grid_keys():
+        rows = {r["variant"]: r for r in timed.get(key, [])}
+        if "plan_pps16" in rows:
+            out.append((f"grid80 {key}", lens, k, d, _us_by_items(list(rows.values())),
+                        rows["plan_pps16"]["ms_in_graph"] * 1e3))
     return out
 
 
