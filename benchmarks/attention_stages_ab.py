@@ -13,16 +13,12 @@ Why: at 2.6 waves (MHA-32 B 32 4096, GQA-32/8 B 128 4096, density 1.0) the kerne
 SDPA and 2% behind it at 5+ waves (the committed grid): a launch whose last wave is part-empty
 leaves bandwidth unused, and more programs per SM shrink that tail.
 """
-import json
 import statistics
 import sys
 
-import torch
 
-from benchmarks.kernel_bench import _copy_tbps
-from benchmarks.plan_waves_ab import variants_row, occupancy
+from benchmarks.plan_waves_ab import occupancy, time_cases, write_rows
 from kernels.attention_builds import AttentionConfig, padded_head_dim
-from kernels.graph_timer import GraphTimer
 
 CASES = [  # name, B, Hq, Hkv, D, lengths ("mixed": 512-6144), k
     ("mha32 B1 4096 dense", 1, 32, 32, 128, [4096], 32),
@@ -64,18 +60,15 @@ VARIANTS = {  # padded head dim: {name: (kernel config, resident programs per SM
 
 
 def main(out: str) -> None:
-    dev = torch.device("cuda")
-    bw = _copy_tbps()
-    timer = GraphTimer(dev, reps=20)
-    gen = torch.Generator().manual_seed(0)
-    rows = []
-    for case in CASES:
-        variants = {key: (config, {"resident": r}) for key, (config, r) in VARIANTS[padded_head_dim(case[4])].items()}
-        row = variants_row(case, variants, timer, bw, gen)
+    def variants_of(case: tuple) -> dict:
+        return {key: (config, {"resident": r}) for key, (config, r) in VARIANTS[padded_head_dim(case[4])].items()}
+
+    def describe(case: tuple, row: dict) -> str:
         g = row["us_in_graph"]
-        print(f"{case[0]:22} floor {row['floor_us']:6.1f} | " + " ".join(f"{key} {t:6.1f}" for key, t in g.items())
-              + " | items " + " ".join(str(p["items"]) for p in row["plans"].values()), flush=True)
-        rows.append(row)
+        return (f"{case[0]:22} floor {row['floor_us']:6.1f} | " + " ".join(f"{key} {t:6.1f}" for key, t in g.items())
+                + " | items " + " ".join(str(p["items"]) for p in row["plans"].values()))
+
+    bw, rows = time_cases(CASES, variants_of, describe)
     for variants in VARIANTS.values():
         base = next(iter(variants))
         for key in list(variants)[1:]:
@@ -85,8 +78,7 @@ def main(out: str) -> None:
     builds = occupancy()
     for build in builds:
         print(build, flush=True)
-    json.dump({"device": torch.cuda.get_device_name(), "copy_TBps": bw, "builds": builds, "rows": rows},
-              open(out, "w"), indent=1)
+    write_rows(out, bw, rows, builds=builds)
 
 
 if __name__ == "__main__":

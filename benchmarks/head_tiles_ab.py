@@ -11,16 +11,12 @@ Why: the grid's head-dim rows (run 78) ran at 61-86% of the floor at head dim 80
 where 128-wide heads run at 95-108%: the 128-wide tile moves 1.6x (80) and 1.33x (96) the head's
 columns through shared memory, registers and the MMAs for every byte read from HBM.
 """
-import json
 import statistics
 import sys
 
-import torch
 
-from benchmarks.kernel_bench import _copy_tbps
-from benchmarks.plan_waves_ab import variants_row
+from benchmarks.plan_waves_ab import time_cases, write_rows
 from kernels.attention_builds import AttentionConfig, padded_head_dim, tile_split
-from kernels.graph_timer import GraphTimer
 
 CASES = [  # name, B, Hq, Hkv, D, lengths ("mixed": 512-6144), k
     ("opt-2.7b B16 1920 dense", 16, 32, 32, 80, [1920] * 16, 32),
@@ -54,24 +50,19 @@ def variants(d: int) -> dict:
 
 
 def main(out: str) -> None:
-    dev = torch.device("cuda")
-    bw = _copy_tbps()
-    timer = GraphTimer(dev, reps=20)
-    gen = torch.Generator().manual_seed(0)
-    rows = []
-    for case in CASES:
-        row = variants_row(case, {key: (config, {"resident": r}) for key, (config, r) in variants(case[4]).items()},
-                           timer, bw, gen)
+    def describe(case: tuple, row: dict) -> str:
         g = row["us_in_graph"]
-        print(f"{case[0]:26} floor {row['floor_us']:7.1f} | " + " ".join(f"{key} {t:7.1f}" for key, t in g.items())
-              + " | % of floor " + " ".join(f"{100 * row['floor_us'] / t:.0f}" for t in g.values()), flush=True)
-        rows.append(row)
+        return (f"{case[0]:26} floor {row['floor_us']:7.1f} | " + " ".join(f"{key} {t:7.1f}" for key, t in g.items())
+                + " | % of floor " + " ".join(f"{100 * row['floor_us'] / t:.0f}" for t in g.values()))
+
+    bw, rows = time_cases(CASES, lambda case: {key: (config, {"resident": r})
+                                               for key, (config, r) in variants(case[4]).items()}, describe)
     for key in ("split/r4", "split/r5", "split s3/r4", "split/r3", "sdpa"):
         ratios = [r["us_in_graph"][key] / r["us_in_graph"]["pad"] for r in rows if key in r["us_in_graph"]]
         if ratios:
             print(f"{key} / pad: median {statistics.median(ratios):.3f} min {min(ratios):.3f} "
                   f"max {max(ratios):.3f} over {len(ratios)}", flush=True)
-    json.dump({"device": torch.cuda.get_device_name(), "copy_TBps": bw, "rows": rows}, open(out, "w"), indent=1)
+    write_rows(out, bw, rows)
 
 
 if __name__ == "__main__":

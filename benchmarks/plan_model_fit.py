@@ -172,28 +172,27 @@ def cost(waves: float, cv: float, equal: bool, idle: float, imbalance: float, sl
     return _wave_cost(waves, 1, cv, 0.0 if equal else slack, idle_share=idle, imbalance=imbalance)
 
 
+def _summary(picked: list[tuple[float | None, float]]) -> tuple[float, int, int]:
+    """(geometric mean of time / the fixed rule's, cases > 3% slower, picks never timed) over
+    (the picked cut's us or None where it was never timed, the fixed rule's us); an untimed pick
+    counts as the fixed rule's time."""
+    logs = [math.log((t if t is not None else fixed) / fixed) for t, fixed in picked]
+    slower = sum(t is not None and t > 1.03 * fixed for t, fixed in picked)
+    return math.exp(statistics.mean(logs)), slower, sum(t is None for t, _ in picked)
+
+
 def score(cases: list[tuple], idle: float, imbalance: float, slack: float) -> tuple[float, int, int]:
-    logs, slower, unmeasured = [], 0, 0
+    picked = []
     for equal, cands, times, fixed_us in cases:
         costs = [cost(j, cv, equal, idle, imbalance, slack) for j, cv, _ in cands]
-        t = times.get(cands[costs.index(min(costs))][2])
-        if t is None:
-            unmeasured, t = unmeasured + 1, fixed_us
-        logs.append(math.log(t / fixed_us))
-        slower += t > 1.03 * fixed_us
-    return math.exp(statistics.mean(logs)), slower, unmeasured
+        picked.append((times.get(cands[costs.index(min(costs))][2]), fixed_us))
+    return _summary(picked)
 
 
 def runtime_score(cases: list[tuple], resident: dict[int, int]) -> tuple[float, int, int]:
     """score() of the runtime's own cut (plan_attention as committed, the sub-wave rule included)."""
-    logs, slower, unmeasured = [], 0, 0
-    for _, lens, k, d, times, fixed in cases:
-        t = times.get(plan_attention(lens, groups=k, num_sms=SMS, resident=resident[d]).num_items)
-        if t is None:
-            unmeasured, t = unmeasured + 1, fixed
-        logs.append(math.log(t / fixed))
-        slower += t > 1.03 * fixed
-    return math.exp(statistics.mean(logs)), slower, unmeasured
+    return _summary([(times.get(plan_attention(lens, groups=k, num_sms=SMS, resident=resident[d]).num_items), fixed)
+                     for _, lens, k, d, times, fixed in cases])
 
 
 def main() -> None:

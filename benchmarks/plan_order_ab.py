@@ -10,18 +10,14 @@ Why: the GPU starts a launch's programs in the order of their ids, so with unequ
 ones that start last decide when the launch ends; longest first leaves short pieces for that
 tail (list scheduling, longest processing time first).
 """
-import json
 import statistics
 import sys
 import time
 
 import numpy as np
-import torch
 
-from benchmarks.kernel_bench import _copy_tbps
-from benchmarks.plan_waves_ab import CASES, variants_row
+from benchmarks.plan_waves_ab import CASES, time_cases, write_rows
 from kernels.attention_plan import StepPlanner
-from kernels.graph_timer import GraphTimer
 
 MORE = [  # name, B, Hq, Hkv, D, lengths, k: unequal lengths at more batches and densities
     ("l3-8b B64 mixed dense", 64, 32, 8, 128, "mixed", 8),
@@ -48,25 +44,20 @@ def host_us(longest_first: bool, batch: int = 256, repeats: int = 500) -> float:
 
 
 def main(out: str) -> None:
-    dev = torch.device("cuda")
-    bw = _copy_tbps()
-    timer = GraphTimer(dev, reps=20)
-    gen = torch.Generator().manual_seed(0)
-    rows = []
-    variants = {order: (None, {"longest_first": longest_first}) for order, longest_first in ORDERS.items()}
-    for case in CASES + MORE:  # the same pieces, merged in the same order: the same bits
-        row = variants_row(case, variants, timer, bw, gen, tol=0.0, sdpa=False)
+    def describe(case: tuple, row: dict) -> str:
         g = row["us_in_graph"]
-        print(f"{case[0]:24} floor {row['floor_us']:6.1f} index {g['index']:6.1f} longest first "
-              f"{g['longest_first']:6.1f} ({g['longest_first'] / g['index']:.3f}x; {row['plans']['index']['items']} "
-              f"items)", flush=True)
-        rows.append(row)
+        return (f"{case[0]:24} floor {row['floor_us']:6.1f} index {g['index']:6.1f} longest first "
+                f"{g['longest_first']:6.1f} ({g['longest_first'] / g['index']:.3f}x; {row['plans']['index']['items']} "
+                f"items)")
+
+    variants = {order: (None, {"longest_first": longest_first}) for order, longest_first in ORDERS.items()}
+    # the same pieces, merged in the same order: the same bits
+    bw, rows = time_cases(CASES + MORE, lambda case: variants, describe, tol=0.0, sdpa=False)
     ratios = [r["us_in_graph"]["longest_first"] / r["us_in_graph"]["index"] for r in rows]
     host = {order: host_us(longest_first) for order, longest_first in ORDERS.items()}
     print(f"longest first / index: median {statistics.median(ratios):.3f} min {min(ratios):.3f} max "
           f"{max(ratios):.3f}; host us at B 256: {host}", flush=True)
-    json.dump({"device": torch.cuda.get_device_name(), "copy_TBps": bw, "host_us_b256": host, "rows": rows},
-              open(out, "w"), indent=1)
+    write_rows(out, bw, rows, host_us_b256=host)
 
 
 if __name__ == "__main__":

@@ -116,6 +116,27 @@ def variants_row(case: tuple, variants: dict, timer: GraphTimer, bw: float, gen:
     return row
 
 
+def time_cases(cases: list[tuple], variants_of, describe, **row_kw) -> tuple[float, list[dict]]:  # noqa: ANN001
+    """Every case timed under its variants (variants_row(case, variants_of(case), ...)), each
+    printed as describe(case, row); returns the copy bandwidth (TB/s) and the rows. The A/B
+    scripts' one loop: one timer, one generator drawn case after case."""
+    bw = _copy_tbps()
+    timer = GraphTimer(torch.device("cuda"), reps=20)
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    for case in cases:
+        row = variants_row(case, variants_of(case), timer, bw, gen, **row_kw)
+        print(describe(case, row), flush=True)
+        rows.append(row)
+    return bw, rows
+
+
+def write_rows(out: str, bw: float, rows: list[dict], **extra) -> None:
+    """The A/B scripts' JSON: device, copy bandwidth, `extra`, the rows."""
+    with open(out, "w") as f:
+        json.dump({"device": torch.cuda.get_device_name(), "copy_TBps": bw, **extra, "rows": rows}, f, indent=1)
+
+
 def programs_per_sm(regs: int, smem_bytes: int, warps: int) -> int:
     """Programs of a kernel one sm_90 SM holds: 64K registers (allocated per warp in units of
     256), 228 KiB of shared memory with 1 KiB of it reserved per program, at most 32."""
@@ -137,25 +158,21 @@ def occupancy() -> list[dict]:
 
 
 def main(out, min_chunks):
-    dev = torch.device("cuda")
-    bw = _copy_tbps()
-    timer = GraphTimer(dev, reps=20)
-    gen = torch.Generator().manual_seed(0)
-    rows = []
     rules = {"wave": {}} | {f"{p}/{c}": {"programs_per_sm": p, "min_chunk": c} for p in PER_SM for c in min_chunks}
-    for case in CASES:
-        row = variants_row(case, {key: (None, rule) for key, rule in rules.items()}, timer, bw, gen, sdpa=False)
+
+    def describe(case: tuple, row: dict) -> str:
         g = row["us_in_graph"]
         old = g["16/256"] if "16/256" in g else g[f"16/{min_chunks[0]}"]
         best = min(g, key=g.get)
-        print(f"{case[0]:24} floor {row['floor_us']:6.1f} wave {g['wave']:6.1f} ({g['wave'] / old:.3f}x of 16/SM, "
-              f"{row['plans']['wave']['items']} items) best {best} {g[best]:6.1f} | "
-              + " ".join(f"{p}:{g[f'{p}/{min_chunks[0]}']:6.1f}" for p in PER_SM), flush=True)
-        rows.append(row)
+        return (f"{case[0]:24} floor {row['floor_us']:6.1f} wave {g['wave']:6.1f} ({g['wave'] / old:.3f}x of 16/SM, "
+                f"{row['plans']['wave']['items']} items) best {best} {g[best]:6.1f} | "
+                + " ".join(f"{p}:{g[f'{p}/{min_chunks[0]}']:6.1f}" for p in PER_SM))
+
+    bw, rows = time_cases(CASES, lambda case: {key: (None, rule) for key, rule in rules.items()}, describe,
+                          sdpa=False)
     occ = occupancy()
     print("occupancy", occ, flush=True)
-    json.dump({"device": torch.cuda.get_device_name(), "copy_TBps": bw, "occupancy": occ, "rows": rows},
-              open(out, "w"), indent=1)
+    write_rows(out, bw, rows, occupancy=occ)
 
 
 if __name__ == "__main__":

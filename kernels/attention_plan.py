@@ -226,8 +226,8 @@ def plan_attention(seq_lens: Sequence[int] | np.ndarray, *, groups: int, num_sms
     64-256, within +-1% elsewhere); else in sequence order. room: tokens a cut sequence's pieces
     hold beyond its length where that costs none of the rule's pieces (sized for length + room,
     so a plan kept while the sequences grow lasts that many steps; the last piece is that much
-    shorter; `_piece_sizes`). Host time matters (once per
-    step): a few vector operations, no per-sequence Python."""
+    shorter; `_piece_sizes`). Host time matters (once per step): a few vector operations, no
+    per-sequence Python."""
     lens = np.asarray(seq_lens, dtype=np.int64)  # (B,)
     if lens.ndim != 1:
         raise ValueError(f"seq_lens must be one length per sequence, got shape {lens.shape}")
@@ -236,24 +236,25 @@ def plan_attention(seq_lens: Sequence[int] | np.ndarray, *, groups: int, num_sms
     if batch and shortest < 1:
         raise ValueError(f"every decode sequence has >= 1 cached token; got a length of {shortest}")
     flens = lens.astype(np.float64)
+    width, slots = max(1, groups), resident * num_sms  # head-table slots a sequence; resident programs
     pieces = None
     if chunk_tokens is None and programs_per_sm is not None:
         want = programs_per_sm * num_sms  # (item, slot) programs wanted for the step
-        chunk = max(min_chunk, -(-int(lens.sum()) * max(1, groups) // want))
+        chunk = max(min_chunk, -(-int(lens.sum()) * width // want))
     elif chunk_tokens is None:
-        chunk, pieces = _wave_chunk(flens, max(1, groups), resident * num_sms, min_chunk, PROGRAMS_PER_SM * num_sms,
+        chunk, pieces = _wave_chunk(flens, width, slots, min_chunk, PROGRAMS_PER_SM * num_sms,
                                     shortest if shortest == int(lens.max()) else None) if batch else (min_chunk, None)
     elif chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
     else:
         chunk = chunk_tokens
     # Pieces per sequence, rounded: a sequence a little longer than a chunk stays whole rather
-    # than becoming one chunk and a sliver. Then even pieces of whole tiles. (Float arithmetic:
-    # numpy's integer division is several times slower, and these values are exact in a float64.)
+    # than becoming one chunk and a sliver. Then even pieces of whole tiles (_piece_sizes). (Float
+    # arithmetic: numpy's integer division is several times slower, and these values are exact in
+    # a float64.)
     if pieces is None:
         pieces = np.maximum(np.floor(flens * (1.0 / chunk) + 0.5), 1.0)  # (B,)
     size, counts = _piece_sizes(flens, pieces, chunk, room, block_n)  # (B,) tokens per item, (B,) items
-    slots, width = resident * num_sms, max(1, groups)
     if (batch and chunk_tokens is None and programs_per_sm is None and SUB_WAVE_CHUNK_TOKENS < chunk == min_chunk
             and float(counts.sum()) * width <= slots):  # under one wave: finer, if that still fits in one
         fine = np.maximum(np.floor(flens * (1.0 / SUB_WAVE_CHUNK_TOKENS) + 0.5), 1.0)
